@@ -1,0 +1,38 @@
+# ebpf-net: `make` builds every bpf/*.c into build/bpf/*.o for loading by hand with tc;
+# `make demo` and `make test` install what is missing, build, and run.
+
+CLANG ?= clang
+ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -Iinclude
+BPF_SRCS := $(wildcard bpf/*.c)
+BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
+HEADERS := $(wildcard include/*.h)
+CARGO ?= cargo
+
+.PHONY: all setup demo test bench clean
+
+all: $(BPF_OBJS)
+
+build/bpf/%.o: bpf/%.c $(HEADERS) | build/bpf
+	$(CLANG) $(BPF_CFLAGS) -c $< -o $@
+
+build/bpf:
+	mkdir -p $@
+
+setup:
+	scripts/setup
+
+demo: setup
+	$(CARGO) build --release
+	scripts/demo target/release/ebpf-net
+
+test: setup all
+	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) test --release -- --test-threads=4
+
+bench: setup
+	$(CARGO) bench --bench per_packet
+
+clean:
+	rm -rf build
+	$(CARGO) clean

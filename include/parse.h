@@ -1,0 +1,151 @@
+/* Bounds-checked packet parsing shared by every program: Ethernet (+VLAN), IPv4, IPv6 + extension headers, L4. */
+#pragma once
+
+#include "common.h"
+
+/* Walks a packet from data to data_end; every step checks bounds before it moves. */
+struct cursor {
+	void *pos;
+	void *end;
+};
+
+static __always_inline void cursor_init(struct cursor *c, void *data, void *data_end)
+{
+	c->pos = data;
+	c->end = data_end;
+}
+
+/* Ethernet header plus up to two VLAN tags; *proto is the inner EtherType (network order). */
+static __always_inline bool parse_eth(struct cursor *c, struct ethhdr **eth, __be16 *proto)
+{
+	struct ethhdr *h = c->pos;
+
+	if ((void *)(h + 1) > c->end)
+		return false;
+	*eth = h;
+	*proto = h->h_proto;
+	c->pos = h + 1;
+
+#pragma unroll
+	for (int i = 0; i < 2; i++) {
+		struct vlan_hdr *vlan = c->pos;
+
+		if (*proto != bpf_htons(ETH_P_8021Q) && *proto != bpf_htons(ETH_P_8021AD))
+			break;
+		if ((void *)(vlan + 1) > c->end)
+			return false;
+		*proto = vlan->h_vlan_encapsulated_proto;
+		c->pos = vlan + 1;
+	}
+	return true;
+}
+
+/* IPv4 header including options (IHL-aware). */
+static __always_inline bool parse_ipv4(struct cursor *c, struct iphdr **ip)
+{
+	struct iphdr *h = c->pos;
+	__u32 hdr_len;
+
+	if ((void *)(h + 1) > c->end)
+		return false;
+	hdr_len = h->ihl * 4;
+	if (h->version != 4 || hdr_len < sizeof(*h))
+		return false;
+	if (c->pos + hdr_len > c->end)
+		return false;
+	*ip = h;
+	c->pos += hdr_len;
+	return true;
+}
+
+static __always_inline bool parse_ipv6(struct cursor *c, struct ipv6hdr **ip6)
+{
+	struct ipv6hdr *h = c->pos;
+
+	if ((void *)(h + 1) > c->end)
+		return false;
+	if (h->version != 6)
+		return false;
+	*ip6 = h;
+	c->pos = h + 1;
+	return true;
+}
+
+#define IPV6_MAX_EXT_HDRS 8
+
+/* Where the upper-layer protocol of an IPv6 packet starts. */
+struct ipv6_l4 {
+	__u8 proto;
+	/* a fragment other than the first: no L4 header in this packet */
+	bool later_fragment;
+};
+
+/*
+ * Walks the extension-header chain after the fixed IPv6 header, leaving the cursor at
+ * the upper-layer header. False when the chain is longer than we walk or truncated.
+ */
+static __always_inline bool parse_ipv6_ext(struct cursor *c, __u8 nexthdr, struct ipv6_l4 *l4)
+{
+	l4->later_fragment = false;
+
+#pragma unroll
+	for (int i = 0; i < IPV6_MAX_EXT_HDRS; i++) {
+		struct ipv6_opt_hdr *opt = c->pos;
+		struct frag_hdr *frag = c->pos;
+
+		switch (nexthdr) {
+		case NEXTHDR_HOP:
+		case NEXTHDR_ROUTING:
+		case NEXTHDR_DEST:
+			if ((void *)(opt + 1) > c->end)
+				return false;
+			nexthdr = opt->nexthdr;
+			c->pos += (opt->hdrlen + 1) * 8;
+			break;
+		case NEXTHDR_AUTH:
+			if ((void *)(opt + 1) > c->end)
+				return false;
+			nexthdr = opt->nexthdr;
+			c->pos += (opt->hdrlen + 2) * 4;
+			break;
+		case NEXTHDR_FRAGMENT:
+			if ((void *)(frag + 1) > c->end)
+				return false;
+			nexthdr = frag->nexthdr;
+			c->pos = frag + 1;
+			if (frag->frag_off & bpf_htons(0xFFF8)) {
+				l4->proto = nexthdr;
+				l4->later_fragment = true;
+				return true;
+			}
+			break;
+		default:
+			l4->proto = nexthdr;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Offset of the L4 checksum field for protocols whose checksum covers a pseudo-header; 0 if none. */
+static __always_inline __u32 l4_csum_offset(__u8 proto)
+{
+	switch (proto) {
+	case IPPROTO_TCP:
+		return offsetof(struct tcphdr, check);
+	case IPPROTO_UDP:
+		return offsetof(struct udphdr, check);
+	case NEXTHDR_ICMP:
+		return offsetof(struct icmp6hdr, icmp6_cksum);
+	default:
+		return 0;
+	}
+}
+
+static __always_inline bool ipv6_addr_equal(const struct in6_addr *a, const struct in6_addr *b)
+{
+	return a->in6_u.u6_addr32[0] == b->in6_u.u6_addr32[0] &&
+	       a->in6_u.u6_addr32[1] == b->in6_u.u6_addr32[1] &&
+	       a->in6_u.u6_addr32[2] == b->in6_u.u6_addr32[2] &&
+	       a->in6_u.u6_addr32[3] == b->in6_u.u6_addr32[3];
+}

@@ -1,0 +1,100 @@
+//! Parsing what users type: interface names and addresses.
+
+use std::ffi::{CStr, CString};
+use std::net::Ipv6Addr;
+
+use anyhow::{bail, Result};
+
+/// A network interface of the current namespace, resolved once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interface {
+    pub name: String,
+    pub index: u32,
+}
+
+impl Interface {
+    /// Resolves a name in the current network namespace.
+    pub fn by_name(name: &str) -> Result<Self> {
+        if name.is_empty() || name.len() >= libc::IF_NAMESIZE || name.contains(['/', ' ']) {
+            bail!("invalid interface name '{name}'");
+        }
+        let c_name = CString::new(name)?;
+        // SAFETY: c_name is a valid NUL-terminated string.
+        let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+        if index == 0 {
+            bail!("unknown interface '{name}' in this network namespace");
+        }
+        Ok(Self {
+            name: name.to_string(),
+            index,
+        })
+    }
+
+    /// Every interface of the current network namespace.
+    pub fn all() -> Vec<Self> {
+        let mut found = Vec::new();
+        // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+        unsafe {
+            let list = libc::if_nameindex();
+            if list.is_null() {
+                return found;
+            }
+            let mut entry = list;
+            while (*entry).if_index != 0 {
+                let name = CStr::from_ptr((*entry).if_name)
+                    .to_string_lossy()
+                    .into_owned();
+                found.push(Self {
+                    name,
+                    index: (*entry).if_index,
+                });
+                entry = entry.add(1);
+            }
+            libc::if_freenameindex(list);
+        }
+        found
+    }
+
+    /// The name of an interface index in the current namespace, if it still exists.
+    pub fn name_of(index: u32) -> Option<String> {
+        Self::all()
+            .into_iter()
+            .find(|iface| iface.index == index)
+            .map(|iface| iface.name)
+    }
+}
+
+/// An IPv6 address for a flag; says which flag and why when it is not one.
+pub fn parse_ipv6(flag: &str, text: &str) -> Result<Ipv6Addr> {
+    match text.parse::<Ipv6Addr>() {
+        Ok(addr) if addr.is_unspecified() || addr.is_multicast() => {
+            bail!("{flag} {text}: must be a unicast IPv6 address")
+        }
+        Ok(addr) => Ok(addr),
+        Err(_) if text.parse::<std::net::Ipv4Addr>().is_ok() => {
+            bail!("{flag} {text}: an IPv4 address where an IPv6 address is needed")
+        }
+        Err(_) => bail!("{flag} {text}: not an IPv6 address"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_flags_reject_what_is_not_a_unicast_ipv6_address() {
+        assert!(parse_ipv6("--global", "2001:db8::1").is_ok());
+        for bad in ["10.0.0.1", "fe80::1::2", "ff02::1", "::", "", "eth0"] {
+            let err = parse_ipv6("--global", bad).unwrap_err().to_string();
+            assert!(err.starts_with("--global"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn loopback_resolves_and_nonsense_does_not() {
+        assert_eq!(Interface::by_name("lo").unwrap().index, 1);
+        assert!(Interface::by_name("no-such-if0").is_err());
+        assert!(Interface::by_name("a/b").is_err());
+    }
+}

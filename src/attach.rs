@@ -1,0 +1,201 @@
+//! Attach lifecycles: tcx links on an interface as owned values that detach on drop, and
+//! what the kernel reports as attached.
+
+use std::ffi::CStr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::Path;
+use std::ptr::NonNull;
+
+use anyhow::{Context, Result};
+use libbpf_rs::{AsRawLibbpf, Link, MapCore, OpenProgramMut, Program, ProgramAttachType};
+
+use crate::addr::Interface;
+
+/// Which side of an interface a tc program sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcDirection {
+    Ingress,
+    Egress,
+}
+
+impl TcDirection {
+    pub const BOTH: [TcDirection; 2] = [TcDirection::Ingress, TcDirection::Egress];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            TcDirection::Ingress => "ingress",
+            TcDirection::Egress => "egress",
+        }
+    }
+
+    fn attach_type(self) -> ProgramAttachType {
+        match self {
+            TcDirection::Ingress => ProgramAttachType::TcxIngress,
+            TcDirection::Egress => ProgramAttachType::TcxEgress,
+        }
+    }
+
+    /// Ingress programs go first and egress programs last, so the rest of the chain (a
+    /// CNI's datapath, say) sees translated addresses in both directions.
+    fn placement(self) -> u32 {
+        match self {
+            TcDirection::Ingress => libbpf_sys::BPF_F_BEFORE,
+            TcDirection::Egress => libbpf_sys::BPF_F_AFTER,
+        }
+    }
+}
+
+/// Marks an opened program for tcx before load: libbpf takes the link's attach type from it.
+pub fn prepare_tcx(prog: &mut OpenProgramMut<'_>, direction: TcDirection) {
+    prog.set_attach_type(direction.attach_type());
+}
+
+/// One of our programs on one side of an interface, through a tcx link (Linux 6.6). The
+/// link is the attachment: dropping it detaches, unless it was pinned. tcx leaves a clsact
+/// qdisc and its filters alone; they run after the tcx chain.
+pub struct TcxAttachment {
+    link: Link,
+    pub iface: Interface,
+    pub direction: TcDirection,
+}
+
+impl TcxAttachment {
+    pub fn attach(prog: &Program<'_>, iface: &Interface, direction: TcDirection) -> Result<Self> {
+        let opts = libbpf_sys::bpf_tcx_opts {
+            sz: size_of::<libbpf_sys::bpf_tcx_opts>() as _,
+            flags: direction.placement(),
+            ..Default::default()
+        };
+        // SAFETY: a loaded program and options of the right size.
+        let raw = unsafe {
+            libbpf_sys::bpf_program__attach_tcx(
+                prog.as_libbpf_object().as_ptr(),
+                iface.index as i32,
+                &opts,
+            )
+        };
+        let raw = NonNull::new(raw)
+            .ok_or_else(std::io::Error::last_os_error)
+            .with_context(|| {
+                format!(
+                    "attaching {} to {} {} (tcx needs Linux 6.6 or later)",
+                    prog.name().to_string_lossy(),
+                    iface.name,
+                    direction.name()
+                )
+            })?;
+        // SAFETY: libbpf returned a valid link that we now own.
+        let link = unsafe { Link::from_ptr(raw) };
+        Ok(Self {
+            link,
+            iface: iface.clone(),
+            direction,
+        })
+    }
+
+    /// Pins the link so the attachment outlives this process.
+    pub fn pin(mut self, path: &Path) -> Result<()> {
+        self.link
+            .pin(path)
+            .with_context(|| format!("pinning link at {}", path.display()))
+    }
+}
+
+/// A program the kernel reports on a hook.
+#[derive(Debug, Clone)]
+pub struct AttachedProgram {
+    pub id: u32,
+    pub name: String,
+}
+
+/// The programs in the tcx chain of one side of an interface, in order.
+pub fn tcx_programs(ifindex: u32, direction: TcDirection) -> Result<Vec<AttachedProgram>> {
+    let attach_type = match direction {
+        TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
+        TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
+    };
+    let mut ids = [0u32; 64];
+    let mut opts = libbpf_sys::bpf_prog_query_opts {
+        sz: size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
+        prog_ids: ids.as_mut_ptr(),
+        ..Default::default()
+    };
+    opts.__bindgen_anon_1.count = ids.len() as u32;
+    // SAFETY: opts points at a buffer of `count` ids.
+    let ret = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, attach_type, &mut opts) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret))
+            .with_context(|| format!("querying tcx {} of ifindex {ifindex}", direction.name()));
+    }
+    // SAFETY: the kernel set count to the number of ids it wrote.
+    let count = unsafe { opts.__bindgen_anon_1.count } as usize;
+    ids[..count.min(ids.len())]
+        .iter()
+        .map(|&id| {
+            Ok(AttachedProgram {
+                id,
+                name: program_info(id)?.0,
+            })
+        })
+        .collect()
+}
+
+/// Name and map ids of a loaded program.
+pub fn program_info(id: u32) -> Result<(String, Vec<u32>)> {
+    let fd = Program::fd_from_id(id).with_context(|| format!("opening program {id}"))?;
+    program_info_by_fd(fd.as_fd())
+}
+
+fn program_info_by_fd(fd: BorrowedFd<'_>) -> Result<(String, Vec<u32>)> {
+    let mut map_ids = [0u32; 32];
+    let mut info = libbpf_sys::bpf_prog_info {
+        nr_map_ids: map_ids.len() as u32,
+        map_ids: map_ids.as_mut_ptr() as u64,
+        ..Default::default()
+    };
+    let mut len = size_of_val(&info) as u32;
+    // SAFETY: info and its map_ids buffer are valid for the kernel to fill.
+    let ret = unsafe { libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    if ret != 0 {
+        return Err(std::io::Error::from_raw_os_error(-ret)).context("reading program info");
+    }
+    // SAFETY: the kernel NUL-terminates names.
+    let name = unsafe { CStr::from_ptr(info.name.as_ptr()) }
+        .to_string_lossy()
+        .into_owned();
+    let count = (info.nr_map_ids as usize).min(map_ids.len());
+    Ok((name, map_ids[..count].to_vec()))
+}
+
+/// Name of a map by id.
+pub fn map_name(id: u32) -> Result<String> {
+    let map = libbpf_rs::MapHandle::from_map_id(id).with_context(|| format!("opening map {id}"))?;
+    Ok(map.name().to_string_lossy().into_owned())
+}
+
+/// What a pinned tcx link reports: the program in it and the interface it is on (0 once
+/// that interface or its namespace is gone).
+pub struct PinnedLink {
+    pub link: Link,
+    pub prog_id: u32,
+    pub ifindex: u32,
+}
+
+impl PinnedLink {
+    pub fn open(path: &Path) -> Result<Self> {
+        let link =
+            Link::open(path).with_context(|| format!("opening pinned link {}", path.display()))?;
+        let info = link
+            .info()
+            .with_context(|| format!("reading link {}", path.display()))?;
+        let ifindex = match info.info {
+            libbpf_rs::query::LinkTypeInfo::Tcx(tcx) => tcx.ifindex,
+            _ => 0,
+        };
+        Ok(Self {
+            link,
+            prog_id: info.prog_id,
+            ifindex,
+        })
+    }
+}

@@ -1,0 +1,400 @@
+//! `ebpf-net ipv6-hp`: the Azure SLB IPv6 health-probe fix on tc ingress and egress.
+//!
+//! Probes arrive from a link-local source the node cannot answer through its CNI; ingress
+//! rewrites that source to a global address and egress rewrites replies back, in place of
+//! the nft table `ip6 azureSLBProbe`.
+
+use std::mem::MaybeUninit;
+use std::net::Ipv6Addr;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, Program};
+use serde_json::{json, Value};
+
+use crate::addr::{parse_ipv6, Interface};
+use crate::attach::{self, prepare_tcx, PinnedLink, TcDirection, TcxAttachment};
+use crate::pin::PinDir;
+use crate::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
+use crate::{probe, run};
+
+pub const SUBCOMMAND: &str = "ipv6-hp";
+pub const DEFAULT_LINK_LOCAL: &str = "fe80::1234:5678:9abc";
+pub const DEFAULT_GLOBAL: &str = "2603:1062:0:1:fe80:1234:5678:9abc";
+/// The nft table this datapath replaces.
+const NFT_TABLE: [&str; 2] = ["ip6", "azureSLBProbe"];
+/// Program names as the kernel reports them, ingress then egress.
+pub const PROGRAMS: [&str; 2] = ["ipv6_hp_ingress", "ipv6_hp_egress"];
+
+// SAFETY: both are plain C structs of integers and byte arrays from include/ipv6_hp.h.
+unsafe impl plain::Plain for ipv6_hp_stats {}
+unsafe impl plain::Plain for Ipv6HpConfig {}
+
+#[derive(clap::Args, Debug)]
+pub struct Ipv6HpArgs {
+    /// interface the health probes arrive on
+    #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+    pub iface: String,
+    /// source address of the probes on the wire
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LINK_LOCAL)]
+    pub link_local: String,
+    /// address the node sees the probes coming from
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_GLOBAL)]
+    pub global: String,
+    /// also delete the nft table `ip6 azureSLBProbe` this replaces, if present
+    #[arg(long)]
+    pub remove_nft_table: bool,
+    /// attach, pin under /sys/fs/bpf/ebpf-net/ipv6-hp/, print ready and exit; run again to update in place
+    #[arg(long)]
+    pub persist: bool,
+}
+
+/// The address pair both programs are built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeAddresses {
+    pub link_local: Ipv6Addr,
+    pub global: Ipv6Addr,
+}
+
+impl ProbeAddresses {
+    pub fn from_args(args: &Ipv6HpArgs) -> Result<Self> {
+        let link_local = parse_ipv6("--link-local", &args.link_local)?;
+        let global = parse_ipv6("--global", &args.global)?;
+        if link_local == global {
+            bail!("--link-local and --global are both {link_local}; they must differ");
+        }
+        Ok(Self { link_local, global })
+    }
+}
+
+/// Opens one of the two ipv6-hp skeletons, sets its constants and loads it. A macro
+/// because the two skeletons are distinct generated types with the same shape.
+macro_rules! load_hp_skeleton {
+    ($module:ident, $builder:ident, $prog:ident, $direction:expr, $storage:expr, $addrs:expr, $csum_flag:expr, $stats_pin:expr) => {{
+        use crate::skel::$module::{types::in6_addr, $builder};
+        let mut open = $builder::default()
+            .open($storage)
+            .with_context(|| format!("opening the {} program", stringify!($prog)))?;
+        let rodata = open
+            .maps
+            .rodata_data
+            .as_deref_mut()
+            .expect("ipv6_hp.h declares constants");
+        // SAFETY: in6_addr is the 16-byte C union of include/vmlinux.h.
+        rodata.link_local_addr =
+            unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.link_local.octets()) };
+        rodata.global_addr =
+            unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.global.octets()) };
+        rodata.l4_csum_ipv6_flag = $csum_flag;
+        prepare_tcx(&mut open.progs.$prog, $direction);
+        if let Some(path) = $stats_pin {
+            // libbpf reuses the pinned counters when they exist, so an update keeps counting.
+            open.maps.ipv6_hp_stats.set_pin_path(path)?;
+        }
+        open.load()
+            .with_context(|| format!("loading the {} program", stringify!($prog)))?
+    }};
+}
+
+fn stats_pin_name(direction: TcDirection) -> String {
+    format!("stats_{}", direction.name())
+}
+
+fn link_pin_name(direction: TcDirection) -> String {
+    format!("link_{}", direction.name())
+}
+
+pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
+    let addrs = ProbeAddresses::from_args(args)?;
+    let iface = Interface::by_name(&args.iface)?;
+    let csum_flag = probe::l4_csum_ipv6_flag();
+    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+
+    if args.persist {
+        return persist(args, &addrs, &iface, &pins, csum_flag);
+    }
+    if pins.exists() {
+        bail!("ipv6-hp is persisted on {} (see `ebpf-net status`); run `ebpf-net down ipv6-hp -i {}` first", iface.name, iface.name);
+    }
+    refuse_if_attached(&iface, &pins)?;
+
+    let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    let no_pin: Option<&Path> = None;
+    let ingress = load_hp_skeleton!(
+        ingress,
+        IngressSkelBuilder,
+        ipv6_hp_ingress,
+        TcDirection::Ingress,
+        &mut ingress_obj,
+        addrs,
+        csum_flag,
+        no_pin
+    );
+    let egress = load_hp_skeleton!(
+        egress,
+        EgressSkelBuilder,
+        ipv6_hp_egress,
+        TcDirection::Egress,
+        &mut egress_obj,
+        addrs,
+        csum_flag,
+        no_pin
+    );
+
+    let attachments = [
+        TcxAttachment::attach(&ingress.progs.ipv6_hp_ingress, &iface, TcDirection::Ingress)?,
+        TcxAttachment::attach(&egress.progs.ipv6_hp_egress, &iface, TcDirection::Egress)?,
+    ];
+    if args.remove_nft_table {
+        eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
+    }
+    run::announce_ready(SUBCOMMAND, &describe_pair(&iface, &addrs, csum_flag));
+    run::wait_for_shutdown()?;
+    drop(attachments);
+
+    let ingress_stats: ipv6_hp_stats = run::sum_percpu_counters(&ingress.maps.ipv6_hp_stats, 0)?;
+    let egress_stats: ipv6_hp_stats = run::sum_percpu_counters(&egress.maps.ipv6_hp_stats, 0)?;
+    eprintln!(
+        "{SUBCOMMAND}: detached from {}; ingress {}; egress {}",
+        iface.name,
+        stats_summary(&ingress_stats),
+        stats_summary(&egress_stats)
+    );
+    Ok(())
+}
+
+fn describe_pair(iface: &Interface, addrs: &ProbeAddresses, csum_flag: u64) -> String {
+    format!(
+        "{} ingress {} -> {}, egress {} -> {} (tcx{})",
+        iface.name,
+        addrs.link_local,
+        addrs.global,
+        addrs.global,
+        addrs.link_local,
+        if csum_flag != 0 { ", BPF_F_IPV6" } else { "" }
+    )
+}
+
+fn stats_summary(stats: &ipv6_hp_stats) -> String {
+    format!(
+        "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}",
+        stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped
+    )
+}
+
+/// Another ebpf-net already running here would fight us for the same packets.
+fn refuse_if_attached(iface: &Interface, pins: &PinDir) -> Result<()> {
+    let pinned: Vec<u32> = pins
+        .links()
+        .iter()
+        .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
+        .collect();
+    for direction in TcDirection::BOTH {
+        for prog in attach::tcx_programs(iface.index, direction)? {
+            if PROGRAMS.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {
+                bail!(
+                    "another ebpf-net ipv6-hp is already attached to {} {} (program {}); stop it first",
+                    iface.name,
+                    direction.name(),
+                    prog.id
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Attaches and pins, or, when pinned state exists, swaps the new programs into the
+/// existing links atomically: no moment without translation.
+fn persist(
+    args: &Ipv6HpArgs,
+    addrs: &ProbeAddresses,
+    iface: &Interface,
+    pins: &PinDir,
+    csum_flag: u64,
+) -> Result<()> {
+    refuse_if_attached(iface, pins)?;
+    let fresh = !pins.exists();
+    pins.create()?;
+    let result = persist_into(addrs, iface, pins, csum_flag);
+    if result.is_err() && fresh {
+        let _ = pins.remove();
+    }
+    let updated = result?;
+    if args.remove_nft_table {
+        eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
+    }
+    let verb = if updated {
+        "updated in place"
+    } else {
+        "pinned"
+    };
+    run::announce_ready(
+        SUBCOMMAND,
+        &format!("{verb}: {}", describe_pair(iface, addrs, csum_flag)),
+    );
+    Ok(())
+}
+
+/// Returns whether existing links were updated (true) or new ones pinned (false).
+fn persist_into(
+    addrs: &ProbeAddresses,
+    iface: &Interface,
+    pins: &PinDir,
+    csum_flag: u64,
+) -> Result<bool> {
+    let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    let ingress_stats = pins.file(&stats_pin_name(TcDirection::Ingress));
+    let egress_stats = pins.file(&stats_pin_name(TcDirection::Egress));
+    let ingress = load_hp_skeleton!(
+        ingress,
+        IngressSkelBuilder,
+        ipv6_hp_ingress,
+        TcDirection::Ingress,
+        &mut ingress_obj,
+        addrs,
+        csum_flag,
+        Some(&ingress_stats)
+    );
+    let egress = load_hp_skeleton!(
+        egress,
+        EgressSkelBuilder,
+        ipv6_hp_egress,
+        TcDirection::Egress,
+        &mut egress_obj,
+        addrs,
+        csum_flag,
+        Some(&egress_stats)
+    );
+
+    let programs: [(&Program, TcDirection); 2] = [
+        (&ingress.progs.ipv6_hp_ingress, TcDirection::Ingress),
+        (&egress.progs.ipv6_hp_egress, TcDirection::Egress),
+    ];
+    let mut updated = false;
+    for (prog, direction) in programs {
+        let link_path = pins.file(&link_pin_name(direction));
+        if link_path.exists() {
+            let mut link = Link::open(&link_path)
+                .with_context(|| format!("opening {}", link_path.display()))?;
+            link.update_prog(prog)
+                .with_context(|| format!("replacing the program in {}", link_path.display()))?;
+            updated = true;
+        } else {
+            TcxAttachment::attach(prog, iface, direction)?.pin(&link_path)?;
+        }
+    }
+    Ok(updated)
+}
+
+fn remove_nft_table() -> Result<String> {
+    let table = NFT_TABLE.join(" ");
+    let listed = match Command::new("nft")
+        .arg("list")
+        .arg("table")
+        .args(NFT_TABLE)
+        .output()
+    {
+        Ok(output) => output,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(format!(
+                "nft is not installed, so there is no nft table {table} to remove"
+            ))
+        }
+        Err(err) => return Err(err).context("running nft"),
+    };
+    if !listed.status.success() {
+        return Ok(format!("nft table {table} not present, nothing to remove"));
+    }
+    let deleted = Command::new("nft")
+        .arg("delete")
+        .arg("table")
+        .args(NFT_TABLE)
+        .output()
+        .context("running nft")?;
+    if !deleted.status.success() {
+        bail!(
+            "nft delete table {table}: {}",
+            String::from_utf8_lossy(&deleted.stderr).trim()
+        );
+    }
+    Ok(format!(
+        "removed nft table {table}, which ebpf-net now replaces"
+    ))
+}
+
+/// What `status` shows of one persisted ipv6-hp directory.
+pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
+    let mut sides = serde_json::Map::new();
+    let mut addresses = None;
+    for direction in TcDirection::BOTH {
+        let link = PinnedLink::open(&pins.file(&link_pin_name(direction)))?;
+        let stats_map = MapHandle::from_pinned_path(pins.file(&stats_pin_name(direction)))?;
+        let stats: ipv6_hp_stats = run::sum_percpu_counters(&stats_map, 0)?;
+        if addresses.is_none() {
+            addresses = program_addresses(link.prog_id).ok();
+        }
+        sides.insert(
+            direction.name().into(),
+            json!({
+                "attached": link.ifindex != 0,
+                "ifindex": link.ifindex,
+                "prog_id": link.prog_id,
+                "rewritten_packets": stats.rewritten_packets,
+                "rewritten_bytes": stats.rewritten_bytes,
+                "l4_checksum_fixed": stats.l4_fixed,
+                "skipped": stats.skipped,
+            }),
+        );
+    }
+    let (link_local, global) = addresses
+        .map(|a| (a.link_local.to_string(), a.global.to_string()))
+        .unzip();
+    Ok(
+        json!({ "link_local": link_local, "global": global, "ingress": sides["ingress"], "egress": sides["egress"] }),
+    )
+}
+
+pub fn summarize(details: &Value) -> String {
+    let side = |name: &str| {
+        let side = &details[name];
+        format!(
+            "{name} rewrote {} packets ({} skipped)",
+            side["rewritten_packets"], side["skipped"]
+        )
+    };
+    format!(
+        "{} <-> {}; {}; {}",
+        details["link_local"].as_str().unwrap_or("?"),
+        details["global"].as_str().unwrap_or("?"),
+        side("ingress"),
+        side("egress")
+    )
+}
+
+/// The addresses a loaded ipv6-hp program was built with, read back from its constants.
+fn program_addresses(prog_id: u32) -> Result<ProbeAddresses> {
+    let (_, map_ids) = attach::program_info(prog_id)?;
+    for id in map_ids {
+        if !attach::map_name(id)?.ends_with(".rodata") {
+            continue;
+        }
+        let map = MapHandle::from_map_id(id)?;
+        let bytes = map
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .context("empty .rodata")?;
+        // SAFETY: a C struct of integers and byte arrays, for which all zeroes is valid.
+        let mut config: Ipv6HpConfig = unsafe { std::mem::zeroed() };
+        plain::copy_from_bytes(&mut config, &bytes)
+            .map_err(|err| anyhow::anyhow!("rodata layout: {err:?}"))?;
+        // SAFETY: in6_addr is 16 bytes of address.
+        let octets = |addr| unsafe { std::mem::transmute::<_, [u8; 16]>(addr) };
+        return Ok(ProbeAddresses {
+            link_local: Ipv6Addr::from(octets(config.link_local_addr)),
+            global: Ipv6Addr::from(octets(config.global_addr)),
+        });
+    }
+    bail!("program {prog_id} has no .rodata map")
+}

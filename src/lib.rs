@@ -1,0 +1,11 @@
+//! ebpf-net: eBPF service networking for a Linux node, one module per concern.
+
+pub mod addr;
+pub mod attach;
+pub mod ipv6_hp;
+pub mod netns;
+pub mod pin;
+pub mod probe;
+pub mod run;
+pub mod skel;
+pub mod status;

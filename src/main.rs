@@ -1,0 +1,105 @@
+//! The `ebpf-net` command line: parse, check privileges, enter the namespace, dispatch.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
+use ebpf_net::{netns, probe, status};
+
+/// eBPF service networking for a Linux node.
+#[derive(Parser, Debug)]
+#[command(name = "ebpf-net", version, about)]
+struct Cli {
+    /// work inside this network namespace (like `ip -n`), keeping the host's /sys/fs/bpf
+    #[arg(short = 'n', long, global = true, value_name = "NAME")]
+    netns: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Azure SLB IPv6 health-probe fix: link-local probe source <-> global address
+    #[command(name = "ipv6-hp")]
+    Ipv6Hp(Ipv6HpArgs),
+    /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
+    Status {
+        /// machine-readable output
+        #[arg(long)]
+        json: bool,
+    },
+    /// remove persisted state of this namespace, or of one subcommand / interface
+    Down {
+        /// only this datapath
+        subcommand: Option<Datapath>,
+        /// only this interface (or cgroup target)
+        #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+        iface: Option<String>,
+        /// every namespace, including ones that no longer exist
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum Datapath {
+    #[value(name = "ipv6-hp")]
+    Ipv6Hp,
+}
+
+impl Datapath {
+    fn subcommand(self) -> &'static str {
+        match self {
+            Datapath::Ipv6Hp => ipv6_hp::SUBCOMMAND,
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    probe::require_privileges()?;
+    if let Some(name) = &cli.netns {
+        netns::enter(name)?;
+    }
+    let netns_key = netns::current_key()?;
+    match &cli.command {
+        Command::Ipv6Hp(args) => ipv6_hp::run(args, &netns_key),
+        Command::Status { json } => status::status(*json, &netns_key),
+        Command::Down {
+            subcommand,
+            iface,
+            all,
+        } => status::down(
+            subcommand.map(Datapath::subcommand),
+            iface.as_deref(),
+            *all,
+            &netns_key,
+        ),
+    }
+}
+
+fn main() -> ExitCode {
+    // Behave like other CLI tools when piped into `head`: die quietly on SIGPIPE.
+    // SAFETY: restoring a default signal disposition before any thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            // One line naming the problem; clap's usage hints follow on later lines.
+            let rendered = err.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid arguments");
+            eprintln!("ebpf-net: {}", first.trim_start_matches("error: ").trim());
+            eprintln!("ebpf-net: see `ebpf-net --help`");
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("ebpf-net: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! The libbpf-rs skeletons build.rs generates, one module per bpf/*.c.
+#![allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_snake_case,
+    dead_code
+)]
+
+pub mod ingress {
+    include!(concat!(env!("OUT_DIR"), "/ingress.skel.rs"));
+}
+pub mod egress {
+    include!(concat!(env!("OUT_DIR"), "/egress.skel.rs"));
+}
+pub mod noop {
+    include!(concat!(env!("OUT_DIR"), "/noop.skel.rs"));
+}
+pub mod probe {
+    include!(concat!(env!("OUT_DIR"), "/probe.skel.rs"));
+}

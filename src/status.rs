@@ -1,0 +1,166 @@
+//! `ebpf-net status` and `ebpf-net down`: what is persisted (every namespace), what is attached
+//! here, and removing it.
+
+use anyhow::Result;
+use serde_json::{json, Value};
+
+use crate::addr::Interface;
+use crate::attach::{self, PinnedLink, TcDirection};
+use crate::pin::{PinDir, PIN_ROOT};
+use crate::{ipv6_hp, netns};
+
+/// Every program name ebpf-net loads onto a hook, to recognise ours among others.
+fn is_ours(name: &str) -> bool {
+    ipv6_hp::PROGRAMS.contains(&name)
+}
+
+fn describe(pins: &PinDir) -> Result<Value> {
+    match pins.subcommand.as_str() {
+        ipv6_hp::SUBCOMMAND => ipv6_hp::describe_persisted(pins),
+        other => anyhow::bail!("unknown subcommand directory '{other}'"),
+    }
+}
+
+fn summarize(subcommand: &str, details: &Value) -> String {
+    match subcommand {
+        ipv6_hp::SUBCOMMAND => ipv6_hp::summarize(details),
+        _ => details.to_string(),
+    }
+}
+
+/// Whether a persisted entry still does its job, and if not, why.
+fn health(pins: &PinDir) -> String {
+    if netns::key_exists(&pins.netns) == Some(false) {
+        return format!("orphaned: network namespace '{}' is gone", pins.netns);
+    }
+    let links = pins.links();
+    if links.is_empty() {
+        return "orphaned: nothing attached".into();
+    }
+    for (name, path) in links {
+        match PinnedLink::open(&path) {
+            Ok(link) if link.ifindex == 0 => {
+                return format!("orphaned: {name} link lost its interface")
+            }
+            Ok(_) => {}
+            Err(err) => return format!("broken: {err:#}"),
+        }
+    }
+    "active".into()
+}
+
+pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
+    let persisted: Vec<Value> = PinDir::all()
+        .iter()
+        .map(|pins| {
+            let (details, error) = match describe(pins) {
+                Ok(details) => (details, None),
+                Err(err) => (Value::Null, Some(format!("{err:#}"))),
+            };
+            json!({
+                "subcommand": pins.subcommand,
+                "netns": pins.netns,
+                "target": pins.target,
+                "path": pins.path,
+                "state": health(pins),
+                "details": details,
+                "error": error,
+            })
+        })
+        .collect();
+
+    let pinned_prog_ids: Vec<u32> = PinDir::all()
+        .iter()
+        .filter(|pins| pins.netns == netns_key)
+        .flat_map(|pins| pins.links())
+        .filter_map(|(_, path)| PinnedLink::open(&path).ok().map(|link| link.prog_id))
+        .collect();
+    let mut attached = Vec::new();
+    for iface in Interface::all() {
+        for direction in TcDirection::BOTH {
+            // An interface without tcx support or gone meanwhile simply has nothing to show.
+            for prog in attach::tcx_programs(iface.index, direction).unwrap_or_default() {
+                if is_ours(&prog.name) {
+                    attached.push(json!({
+                        "interface": iface.name,
+                        "hook": format!("tcx/{}", direction.name()),
+                        "program": prog.name,
+                        "prog_id": prog.id,
+                        "owner": if pinned_prog_ids.contains(&prog.id) { "persisted" } else { "foreground process" },
+                    }));
+                }
+            }
+        }
+    }
+
+    if json_output {
+        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached });
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    if persisted.is_empty() {
+        println!("persisted: none under {PIN_ROOT}");
+    } else {
+        println!("persisted (all namespaces, {PIN_ROOT}):");
+        for entry in &persisted {
+            let subcommand = entry["subcommand"].as_str().unwrap_or_default();
+            let detail = match entry["error"].as_str() {
+                Some(error) => format!("unreadable: {error}"),
+                None => summarize(subcommand, &entry["details"]),
+            };
+            println!(
+                "  {subcommand:<9} netns {:<12} {:<12} {:<10} {detail}",
+                entry["netns"].as_str().unwrap_or_default(),
+                entry["target"].as_str().unwrap_or_default(),
+                entry["state"].as_str().unwrap_or_default(),
+            );
+        }
+    }
+    if attached.is_empty() {
+        println!("attached in network namespace {netns_key}: none");
+    } else {
+        println!("attached in network namespace {netns_key}:");
+        for entry in &attached {
+            println!(
+                "  {:<12} {:<12} {:<18} prog {:<6} {}",
+                entry["interface"].as_str().unwrap_or_default(),
+                entry["hook"].as_str().unwrap_or_default(),
+                entry["program"].as_str().unwrap_or_default(),
+                entry["prog_id"],
+                entry["owner"].as_str().unwrap_or_default(),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Removes persisted state of this namespace (or of every namespace with `all`), optionally
+/// only of one subcommand and/or one target.
+pub fn down(
+    subcommand: Option<&str>,
+    target: Option<&str>,
+    all: bool,
+    netns_key: &str,
+) -> Result<()> {
+    let mut removed = 0;
+    for pins in PinDir::all() {
+        if !all && pins.netns != netns_key {
+            continue;
+        }
+        if subcommand.is_some_and(|name| name != pins.subcommand)
+            || target.is_some_and(|name| name != pins.target)
+        {
+            continue;
+        }
+        pins.remove()?;
+        eprintln!(
+            "down: removed {} on {} (netns {})",
+            pins.subcommand, pins.target, pins.netns
+        );
+        removed += 1;
+    }
+    if removed == 0 {
+        eprintln!("down: nothing persisted to remove in network namespace {netns_key}");
+    }
+    Ok(())
+}
