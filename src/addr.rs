@@ -41,9 +41,7 @@ impl Interface {
             }
             let mut entry = list;
             while (*entry).if_index != 0 {
-                let name = CStr::from_ptr((*entry).if_name)
-                    .to_string_lossy()
-                    .into_owned();
+                let name = CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned();
                 found.push(Self {
                     name,
                     index: (*entry).if_index,

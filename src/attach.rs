@@ -68,11 +68,7 @@ impl TcxAttachment {
         };
         // SAFETY: a loaded program and options of the right size.
         let raw = unsafe {
-            libbpf_sys::bpf_program__attach_tcx(
-                prog.as_libbpf_object().as_ptr(),
-                iface.index as i32,
-                &opts,
-            )
+            libbpf_sys::bpf_program__attach_tcx(prog.as_libbpf_object().as_ptr(), iface.index as i32, &opts)
         };
         let raw = NonNull::new(raw)
             .ok_or_else(std::io::Error::last_os_error)
@@ -183,8 +179,7 @@ pub struct PinnedLink {
 
 impl PinnedLink {
     pub fn open(path: &Path) -> Result<Self> {
-        let link =
-            Link::open(path).with_context(|| format!("opening pinned link {}", path.display()))?;
+        let link = Link::open(path).with_context(|| format!("opening pinned link {}", path.display()))?;
         let info = link
             .info()
             .with_context(|| format!("reading link {}", path.display()))?;

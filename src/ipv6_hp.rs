@@ -11,13 +11,15 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, Program};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject, Program};
 use serde_json::{json, Value};
 
 use crate::addr::{parse_ipv6, Interface};
 use crate::attach::{self, prepare_tcx, PinnedLink, TcDirection, TcxAttachment};
 use crate::pin::PinDir;
+use crate::skel::egress::EgressSkel;
 use crate::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
+use crate::skel::ingress::IngressSkel;
 use crate::{probe, run};
 
 pub const SUBCOMMAND: &str = "ipv6-hp";
@@ -85,17 +87,56 @@ macro_rules! load_hp_skeleton {
         // SAFETY: in6_addr is the 16-byte C union of include/vmlinux.h.
         rodata.link_local_addr =
             unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.link_local.octets()) };
-        rodata.global_addr =
-            unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.global.octets()) };
+        rodata.global_addr = unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.global.octets()) };
         rodata.l4_csum_ipv6_flag = $csum_flag;
         prepare_tcx(&mut open.progs.$prog, $direction);
         if let Some(path) = $stats_pin {
             // libbpf reuses the pinned counters when they exist, so an update keeps counting.
             open.maps.ipv6_hp_stats.set_pin_path(path)?;
         }
-        open.load()
-            .with_context(|| format!("loading the {} program", stringify!($prog)))?
+        Ok(open
+            .load()
+            .with_context(|| format!("loading the {} program", stringify!($prog)))?)
     }};
+}
+
+/// Loads the ingress program (source link-local -> global); `stats_pin` shares its counters
+/// through bpffs. Nothing is attached.
+pub fn load_ingress<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    addrs: &ProbeAddresses,
+    csum_flag: u64,
+    stats_pin: Option<&Path>,
+) -> Result<IngressSkel<'obj>> {
+    load_hp_skeleton!(
+        ingress,
+        IngressSkelBuilder,
+        ipv6_hp_ingress,
+        TcDirection::Ingress,
+        storage,
+        addrs,
+        csum_flag,
+        stats_pin
+    )
+}
+
+/// Loads the egress program (destination global -> link-local), like [`load_ingress`].
+pub fn load_egress<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    addrs: &ProbeAddresses,
+    csum_flag: u64,
+    stats_pin: Option<&Path>,
+) -> Result<EgressSkel<'obj>> {
+    load_hp_skeleton!(
+        egress,
+        EgressSkelBuilder,
+        ipv6_hp_egress,
+        TcDirection::Egress,
+        storage,
+        addrs,
+        csum_flag,
+        stats_pin
+    )
 }
 
 fn stats_pin_name(direction: TcDirection) -> String {
@@ -116,32 +157,17 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
         return persist(args, &addrs, &iface, &pins, csum_flag);
     }
     if pins.exists() {
-        bail!("ipv6-hp is persisted on {} (see `ebpf-net status`); run `ebpf-net down ipv6-hp -i {}` first", iface.name, iface.name);
+        bail!(
+            "ipv6-hp is persisted on {} (see `ebpf-net status`); run `ebpf-net down ipv6-hp -i {}` first",
+            iface.name,
+            iface.name
+        );
     }
     refuse_if_attached(&iface, &pins)?;
 
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    let no_pin: Option<&Path> = None;
-    let ingress = load_hp_skeleton!(
-        ingress,
-        IngressSkelBuilder,
-        ipv6_hp_ingress,
-        TcDirection::Ingress,
-        &mut ingress_obj,
-        addrs,
-        csum_flag,
-        no_pin
-    );
-    let egress = load_hp_skeleton!(
-        egress,
-        EgressSkelBuilder,
-        ipv6_hp_egress,
-        TcDirection::Egress,
-        &mut egress_obj,
-        addrs,
-        csum_flag,
-        no_pin
-    );
+    let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
+    let egress = load_egress(&mut egress_obj, &addrs, csum_flag, None)?;
 
     let attachments = [
         TcxAttachment::attach(&ingress.progs.ipv6_hp_ingress, &iface, TcDirection::Ingress)?,
@@ -226,11 +252,7 @@ fn persist(
     if args.remove_nft_table {
         eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
     }
-    let verb = if updated {
-        "updated in place"
-    } else {
-        "pinned"
-    };
+    let verb = if updated { "updated in place" } else { "pinned" };
     run::announce_ready(
         SUBCOMMAND,
         &format!("{verb}: {}", describe_pair(iface, addrs, csum_flag)),
@@ -239,35 +261,12 @@ fn persist(
 }
 
 /// Returns whether existing links were updated (true) or new ones pinned (false).
-fn persist_into(
-    addrs: &ProbeAddresses,
-    iface: &Interface,
-    pins: &PinDir,
-    csum_flag: u64,
-) -> Result<bool> {
+fn persist_into(addrs: &ProbeAddresses, iface: &Interface, pins: &PinDir, csum_flag: u64) -> Result<bool> {
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     let ingress_stats = pins.file(&stats_pin_name(TcDirection::Ingress));
     let egress_stats = pins.file(&stats_pin_name(TcDirection::Egress));
-    let ingress = load_hp_skeleton!(
-        ingress,
-        IngressSkelBuilder,
-        ipv6_hp_ingress,
-        TcDirection::Ingress,
-        &mut ingress_obj,
-        addrs,
-        csum_flag,
-        Some(&ingress_stats)
-    );
-    let egress = load_hp_skeleton!(
-        egress,
-        EgressSkelBuilder,
-        ipv6_hp_egress,
-        TcDirection::Egress,
-        &mut egress_obj,
-        addrs,
-        csum_flag,
-        Some(&egress_stats)
-    );
+    let ingress = load_ingress(&mut ingress_obj, addrs, csum_flag, Some(&ingress_stats))?;
+    let egress = load_egress(&mut egress_obj, addrs, csum_flag, Some(&egress_stats))?;
 
     let programs: [(&Program, TcDirection); 2] = [
         (&ingress.progs.ipv6_hp_ingress, TcDirection::Ingress),
@@ -277,8 +276,8 @@ fn persist_into(
     for (prog, direction) in programs {
         let link_path = pins.file(&link_pin_name(direction));
         if link_path.exists() {
-            let mut link = Link::open(&link_path)
-                .with_context(|| format!("opening {}", link_path.display()))?;
+            let mut link =
+                Link::open(&link_path).with_context(|| format!("opening {}", link_path.display()))?;
             link.update_prog(prog)
                 .with_context(|| format!("replacing the program in {}", link_path.display()))?;
             updated = true;
@@ -320,9 +319,7 @@ fn remove_nft_table() -> Result<String> {
             String::from_utf8_lossy(&deleted.stderr).trim()
         );
     }
-    Ok(format!(
-        "removed nft table {table}, which ebpf-net now replaces"
-    ))
+    Ok(format!("removed nft table {table}, which ebpf-net now replaces"))
 }
 
 /// What `status` shows of one persisted ipv6-hp directory.

@@ -22,10 +22,7 @@ pub struct PinDir {
 
 impl PinDir {
     pub fn new(subcommand: &str, netns: &str, target: &str) -> Self {
-        let path = Path::new(PIN_ROOT)
-            .join(subcommand)
-            .join(netns)
-            .join(target);
+        let path = Path::new(PIN_ROOT).join(subcommand).join(netns).join(target);
         Self {
             subcommand: subcommand.into(),
             netns: netns.into(),
@@ -53,11 +50,7 @@ impl PinDir {
         let mut links: Vec<_> = entries(&self.path)
             .into_iter()
             .filter_map(|path| {
-                let name = path
-                    .file_name()?
-                    .to_str()?
-                    .strip_prefix("link_")?
-                    .to_string();
+                let name = path.file_name()?.to_str()?.strip_prefix("link_")?.to_string();
                 Some((name, path))
             })
             .collect();

@@ -22,10 +22,7 @@ pub fn wait_for_shutdown() -> Result<()> {
 }
 
 /// Sums a per-CPU value made only of u64 counters over all CPUs, field by field.
-pub fn sum_percpu_counters<T: plain::Plain + Default + Copy>(
-    map: &impl MapCore,
-    key: u32,
-) -> Result<T> {
+pub fn sum_percpu_counters<T: plain::Plain + Default + Copy>(map: &impl MapCore, key: u32) -> Result<T> {
     let per_cpu = map
         .lookup_percpu(&key.to_ne_bytes(), MapFlags::ANY)
         .context("reading per-CPU counters")?
@@ -38,7 +35,6 @@ pub fn sum_percpu_counters<T: plain::Plain + Default + Copy>(
     }
     let bytes: Vec<u8> = sums.iter().flat_map(|sum| sum.to_ne_bytes()).collect();
     let mut value = T::default();
-    plain::copy_from_bytes(&mut value, &bytes)
-        .map_err(|err| anyhow::anyhow!("counter layout: {err:?}"))?;
+    plain::copy_from_bytes(&mut value, &bytes).map_err(|err| anyhow::anyhow!("counter layout: {err:?}"))?;
     Ok(value)
 }

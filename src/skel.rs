@@ -1,11 +1,5 @@
 //! The libbpf-rs skeletons build.rs generates, one module per bpf/*.c.
-#![allow(
-    clippy::all,
-    missing_docs,
-    non_camel_case_types,
-    non_snake_case,
-    dead_code
-)]
+#![allow(clippy::all, missing_docs, non_camel_case_types, non_snake_case, dead_code)]
 
 pub mod ingress {
     include!(concat!(env!("OUT_DIR"), "/ingress.skel.rs"));

@@ -39,9 +39,7 @@ fn health(pins: &PinDir) -> String {
     }
     for (name, path) in links {
         match PinnedLink::open(&path) {
-            Ok(link) if link.ifindex == 0 => {
-                return format!("orphaned: {name} link lost its interface")
-            }
+            Ok(link) if link.ifindex == 0 => return format!("orphaned: {name} link lost its interface"),
             Ok(_) => {}
             Err(err) => return format!("broken: {err:#}"),
         }
@@ -136,12 +134,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
 
 /// Removes persisted state of this namespace (or of every namespace with `all`), optionally
 /// only of one subcommand and/or one target.
-pub fn down(
-    subcommand: Option<&str>,
-    target: Option<&str>,
-    all: bool,
-    netns_key: &str,
-) -> Result<()> {
+pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key: &str) -> Result<()> {
     let mut removed = 0;
     for pins in PinDir::all() {
         if !all && pins.netns != netns_key {

@@ -1,0 +1,5 @@
+//! Shared test helpers: packet building and checking, netns topologies, driving the binary.
+#![allow(dead_code)]
+
+pub mod packets;
+pub mod topology;

@@ -1,0 +1,245 @@
+//! Frames for test_run tables built with etherparse, and checksum checks by etherparse's
+//! own parser, independent of the BPF code under test.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use etherparse::{
+    IpNumber, Ipv6Extensions, Ipv6Header, NetHeaders, NetSlice, PacketBuilder, SlicedPacket, TcpSlice,
+    TransportSlice,
+};
+use libbpf_rs::{ProgramInput, ProgramMut};
+
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+pub const SERVER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+pub const PAYLOAD: &[u8] = b"health probe payload";
+
+/// L4 of a test frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum L4 {
+    Tcp,
+    Udp,
+    Icmpv6Echo,
+}
+
+/// An Ethernet + IPv6 (+ extension headers) + L4 frame with correct checksums.
+pub fn ipv6_frame(src: Ipv6Addr, dst: Ipv6Addr, exts: Ipv6Extensions, l4: L4) -> Vec<u8> {
+    let header = Ipv6Header {
+        source: src.octets(),
+        destination: dst.octets(),
+        hop_limit: 64,
+        ..Default::default()
+    };
+    let builder =
+        PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC).ip(etherparse::IpHeaders::Ipv6(header, exts));
+    let mut frame = Vec::new();
+    match l4 {
+        L4::Tcp => builder
+            .tcp(40000, 80, 1234, 64240)
+            .syn()
+            .write(&mut frame, PAYLOAD),
+        L4::Udp => builder.udp(40000, 53).write(&mut frame, PAYLOAD),
+        L4::Icmpv6Echo => builder.icmpv6_echo_request(7, 1).write(&mut frame, PAYLOAD),
+    }
+    .expect("building frame");
+    frame
+}
+
+/// An IPv6 frame whose payload is raw bytes behind the given extension headers and protocol.
+pub fn ipv6_raw_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    exts: Ipv6Extensions,
+    proto: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    let header = Ipv6Header {
+        source: src.octets(),
+        destination: dst.octets(),
+        hop_limit: 64,
+        ..Default::default()
+    };
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ip(etherparse::IpHeaders::Ipv6(header, exts))
+        .write(&mut frame, IpNumber(proto), payload)
+        .expect("building frame");
+    frame
+}
+
+/// The same frame with an 802.1Q tag (VLAN 100) between the MACs and the EtherType.
+pub fn with_vlan(frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
+}
+
+/// A plain IPv4 TCP frame.
+pub fn ipv4_tcp_frame() -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+        .tcp(40000, 80, 1, 64240)
+        .write(&mut frame, PAYLOAD)
+        .unwrap();
+    frame
+}
+
+/// Offset of the L4 checksum in a frame built by [`ipv6_frame`] without extension headers.
+pub fn ipv6_udp_checksum_offset() -> usize {
+    14 + 40 + 6
+}
+
+/// Checks the L4 checksum of a frame the way a receiver would. A zero UDP checksum is
+/// accepted only when `allow_zero_udp`.
+pub fn verify_l4_checksum(frame: &[u8], allow_zero_udp: bool) -> Result<(), String> {
+    let packet = SlicedPacket::from_ethernet(frame).map_err(|err| format!("unparsable: {err}"))?;
+    let (src, dst): (IpAddr, IpAddr) = match &packet.net {
+        Some(NetSlice::Ipv6(ip)) => (
+            ip.header().source_addr().into(),
+            ip.header().destination_addr().into(),
+        ),
+        Some(NetSlice::Ipv4(ip)) => {
+            let header = ip.header();
+            if header.to_header().calc_header_checksum() != header.header_checksum() {
+                return Err("bad IPv4 header checksum".into());
+            }
+            (header.source_addr().into(), header.destination_addr().into())
+        }
+        _ => return Err("no IP header".into()),
+    };
+    let (computed, found) = match (&packet.transport, src, dst) {
+        (Some(TransportSlice::Tcp(tcp)), IpAddr::V6(s), IpAddr::V6(d)) => (
+            tcp.calc_checksum_ipv6(s.octets(), d.octets()).unwrap(),
+            tcp.checksum(),
+        ),
+        (Some(TransportSlice::Tcp(tcp)), IpAddr::V4(s), IpAddr::V4(d)) => (
+            tcp.calc_checksum_ipv4(s.octets(), d.octets()).unwrap(),
+            tcp.checksum(),
+        ),
+        (Some(TransportSlice::Udp(udp)), s, d) => {
+            if udp.checksum() == 0 {
+                return if allow_zero_udp {
+                    Ok(())
+                } else {
+                    Err("UDP checksum is zero".into())
+                };
+            }
+            let header = udp.to_header();
+            let computed = match (s, d) {
+                (IpAddr::V6(s), IpAddr::V6(d)) => header
+                    .calc_checksum_ipv6_raw(s.octets(), d.octets(), udp.payload())
+                    .unwrap(),
+                (IpAddr::V4(s), IpAddr::V4(d)) => header
+                    .calc_checksum_ipv4_raw(s.octets(), d.octets(), udp.payload())
+                    .unwrap(),
+                _ => unreachable!(),
+            };
+            (computed, udp.checksum())
+        }
+        (Some(TransportSlice::Icmpv6(icmp)), IpAddr::V6(s), IpAddr::V6(d)) => {
+            return if icmp.is_checksum_valid(s.octets(), d.octets()) {
+                Ok(())
+            } else {
+                Err("bad ICMPv6 checksum".into())
+            };
+        }
+        (None, IpAddr::V6(s), IpAddr::V6(d)) => return verify_fragment_tcp(frame, s, d),
+        (other, _, _) => return Err(format!("no checksummed transport: {other:?}")),
+    };
+    if computed != found {
+        return Err(format!("L4 checksum {found:#06x}, should be {computed:#06x}"));
+    }
+    Ok(())
+}
+
+/// etherparse leaves the transport of a fragment undecoded; a first fragment that holds a
+/// whole TCP segment is still checkable.
+fn verify_fragment_tcp(frame: &[u8], src: Ipv6Addr, dst: Ipv6Addr) -> Result<(), String> {
+    let (headers, payload) = etherparse::PacketHeaders::from_ethernet_slice(frame)
+        .map_err(|err| format!("{err}"))
+        .map(|h| {
+            let payload = h.payload.slice().to_vec();
+            (h, payload)
+        })?;
+    match headers.net {
+        Some(NetHeaders::Ipv6(_, _)) => {}
+        _ => return Err("not IPv6".into()),
+    }
+    let tcp = TcpSlice::from_slice(&payload).map_err(|err| format!("fragment payload: {err}"))?;
+    let computed = tcp.calc_checksum_ipv6(src.octets(), dst.octets()).unwrap();
+    if computed != tcp.checksum() {
+        return Err(format!(
+            "fragment TCP checksum {:#06x}, should be {computed:#06x}",
+            tcp.checksum()
+        ));
+    }
+    Ok(())
+}
+
+/// One row of a test_run table.
+pub struct Case {
+    pub name: &'static str,
+    pub input: Vec<u8>,
+    /// program return value as the kernel reports it (TC_ACT_UNSPEC is -1)
+    pub verdict: i32,
+    pub output: Vec<u8>,
+    /// whether the output's L4 checksum must verify (false for packets we pass untouched
+    /// or whose L4 header is elsewhere)
+    pub check_l4: bool,
+}
+
+pub const TC_PASS_ON: i32 = -1;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join("")
+}
+
+/// Runs every case through the program and reports all mismatches at once.
+pub fn run_table(prog: &ProgramMut<'_>, cases: &[Case]) {
+    let mut failures = Vec::new();
+    for case in cases {
+        let mut out = vec![0u8; case.input.len() + 256];
+        let input = ProgramInput {
+            data_in: Some(&case.input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let result = prog
+            .test_run(input)
+            .unwrap_or_else(|err| panic!("{}: test_run: {err}", case.name));
+        let verdict = result.return_value as i32;
+        let got = result.data.map(|data| data.to_vec()).unwrap_or_default();
+        let mut problems = Vec::new();
+        if verdict != case.verdict {
+            problems.push(format!("verdict {verdict}, expected {}", case.verdict));
+        }
+        if got != case.output {
+            problems.push(format!(
+                "output differs\n    input    {}\n    expected {}\n    got      {}",
+                hex(&case.input),
+                hex(&case.output),
+                hex(&got)
+            ));
+        }
+        if case.check_l4 {
+            if let Err(err) = verify_l4_checksum(&got, true) {
+                problems.push(format!("checksum: {err}"));
+            }
+        }
+        if !problems.is_empty() {
+            failures.push(format!("{}: {}", case.name, problems.join("; ")));
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+}

@@ -1,0 +1,192 @@
+//! Throwaway topologies: network namespaces and veth pairs that remove themselves on drop
+//! (also when a test panics), and the real `ebpf-net` binary run inside them.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_ebpf-net");
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and panics with its output when it fails.
+pub fn sh(cmd: &str) -> String {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("running sh");
+    assert!(
+        output.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A network namespace named uniquely for this test process; deleted on drop together with
+/// its interfaces and any state ebpf-net persisted for it.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// `tag` goes into the name to tell which test left something behind, were it to.
+    pub fn new(tag: &str) -> Self {
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        let name = format!("ebn-{tag}-{}-{id}", std::process::id());
+        sh(&format!("ip netns add {name}"));
+        let netns = Self { name };
+        // no duplicate address detection: addresses are usable at once
+        netns.exec("sysctl -qw net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0");
+        netns.exec("ip link set lo up");
+        netns
+    }
+
+    /// Runs a shell command inside; panics on failure.
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!(
+            "ip netns exec {} sh -c '{}'",
+            self.name,
+            cmd.replace('\'', "'\\''")
+        ))
+    }
+
+    /// Runs `f` on a thread that entered this namespace: sockets it makes live here.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+                    // SAFETY: setns on a valid fd affects only this thread.
+                    assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                    f()
+                })
+                .join()
+                .expect("thread in netns panicked")
+        })
+    }
+
+    /// Runs `ebpf-net --netns NAME ARGS` to completion.
+    pub fn ebpf_net(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--netns")
+            .arg(&self.name)
+            .args(args)
+            .output()
+            .expect("running ebpf-net")
+    }
+
+    /// Starts `ebpf-net --netns NAME ARGS` in the foreground and waits for `ready`.
+    pub fn ebpf_net_daemon(&self, args: &[&str]) -> Daemon {
+        let mut full = vec!["--netns", &self.name];
+        full.extend_from_slice(args);
+        Daemon::start(&full)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN).args(["--netns", &self.name, "down"]).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// A veth pair between two namespaces, addresses up, transmit checksum offload off on both
+/// ends so every checksum is computed by the sender and verified by the receiver.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    sh(&format!(
+        "ip -n {} link add {a_if} type veth peer name {b_if} netns {}",
+        a.name, b.name
+    ));
+    for (ns, dev) in [(a, a_if), (b, b_if)] {
+        ns.exec(&format!(
+            "ip link set {dev} up && ethtool -K {dev} tx off >/dev/null"
+        ));
+    }
+}
+
+/// A running `ebpf-net` in the foreground; SIGTERM and reaped on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting ebpf-net");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let lines = Arc::clone(&stderr);
+        let pipe = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if line.contains("ready") {
+                    let _ = ready_tx.send(());
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let mut daemon = Self {
+            child: Some(child),
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ready_rx.recv_timeout(Duration::from_millis(50)).is_err() {
+            let exited = daemon.child.as_mut().unwrap().try_wait().unwrap();
+            if exited.is_some() || Instant::now() > deadline {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!(
+                    "ebpf-net {args:?} never became ready ({exited:?}): {:?}",
+                    daemon.stderr()
+                );
+            }
+        }
+        daemon
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, wait (bounded), and return the exit code and everything it logged.
+    pub fn stop(mut self) -> (Option<i32>, Vec<String>) {
+        let code = self.terminate();
+        std::thread::sleep(Duration::from_millis(50));
+        (code, self.stderr())
+    }
+
+    fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}

@@ -1,0 +1,235 @@
+//! test_run table for the ipv6-hp programs: exact output bytes, checksums checked by etherparse.
+
+mod common;
+
+use std::mem::MaybeUninit;
+use std::net::Ipv6Addr;
+
+use common::packets::*;
+use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
+use etherparse::{
+    IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6RawExtHeader, Ipv6RoutingExtensions,
+};
+
+fn azure() -> ProbeAddresses {
+    ProbeAddresses {
+        link_local: DEFAULT_LINK_LOCAL.parse().unwrap(),
+        global: DEFAULT_GLOBAL.parse().unwrap(),
+    }
+}
+
+fn node() -> Ipv6Addr {
+    "2001:db8:1::10".parse().unwrap()
+}
+
+fn other() -> Ipv6Addr {
+    "fe80::1".parse().unwrap()
+}
+
+fn no_exts() -> Ipv6Extensions {
+    Ipv6Extensions::default()
+}
+
+/// Hop-by-hop, routing (with final destination options) and destination options before L4.
+fn ext_chain() -> Ipv6Extensions {
+    let pad = [0u8; 6];
+    Ipv6Extensions {
+        hop_by_hop_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
+        destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &[0u8; 14]).unwrap()),
+        routing: Some(Ipv6RoutingExtensions {
+            routing: Ipv6RawExtHeader::new_raw(IpNumber(0), &[0, 0, 0, 0, 0, 0]).unwrap(),
+            final_destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
+        }),
+        ..Default::default()
+    }
+}
+
+fn fragment(offset_units: u16, more: bool) -> Ipv6Extensions {
+    Ipv6Extensions {
+        fragment: Some(Ipv6FragmentHeader::new(
+            IpNumber(0),
+            IpFragOffset::try_new(offset_units).unwrap(),
+            more,
+            0x1234,
+        )),
+        ..Default::default()
+    }
+}
+
+fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = ipv6_udp_checksum_offset();
+    frame[at..at + 2].copy_from_slice(&[0, 0]);
+    frame
+}
+
+/// A frame rewritten: same packet built with the other address, so checksums are etherparse's.
+fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
+    Case {
+        name,
+        input,
+        verdict: TC_PASS_ON,
+        output,
+        check_l4: true,
+    }
+}
+
+fn untouched(name: &'static str, input: Vec<u8>) -> Case {
+    Case {
+        name,
+        output: input.clone(),
+        input,
+        verdict: TC_PASS_ON,
+        check_l4: false,
+    }
+}
+
+fn ingress_cases(hp: &ProbeAddresses) -> Vec<Case> {
+    let (ll, global) = (hp.link_local, hp.global);
+    let mut cases = Vec::new();
+    for (name, l4) in [
+        ("tcp", L4::Tcp),
+        ("udp", L4::Udp),
+        ("icmpv6 echo", L4::Icmpv6Echo),
+    ] {
+        cases.push(rewritten(
+            name,
+            ipv6_frame(ll, node(), no_exts(), l4),
+            ipv6_frame(global, node(), no_exts(), l4),
+        ));
+    }
+    cases.push(Case {
+        check_l4: true,
+        ..rewritten(
+            "udp zero checksum stays zero",
+            zero_udp_checksum(ipv6_frame(ll, node(), no_exts(), L4::Udp)),
+            zero_udp_checksum(ipv6_frame(global, node(), no_exts(), L4::Udp)),
+        )
+    });
+    cases.push(rewritten(
+        "extension-header chain before tcp",
+        ipv6_frame(ll, node(), ext_chain(), L4::Tcp),
+        ipv6_frame(global, node(), ext_chain(), L4::Tcp),
+    ));
+    cases.push(rewritten(
+        "first fragment: tcp checksum fixed",
+        ipv6_frame(ll, node(), fragment(0, true), L4::Tcp),
+        ipv6_frame(global, node(), fragment(0, true), L4::Tcp),
+    ));
+    cases.push(Case {
+        check_l4: false,
+        ..rewritten(
+            "later fragment: address only",
+            ipv6_raw_frame(ll, node(), fragment(3, false), 6, PAYLOAD),
+            ipv6_raw_frame(global, node(), fragment(3, false), 6, PAYLOAD),
+        )
+    });
+    cases.push(Case {
+        check_l4: false,
+        ..rewritten(
+            "sctp: address only",
+            ipv6_raw_frame(ll, node(), no_exts(), 132, PAYLOAD),
+            ipv6_raw_frame(global, node(), no_exts(), 132, PAYLOAD),
+        )
+    });
+    cases.push(untouched(
+        "other link-local source",
+        ipv6_frame(other(), node(), no_exts(), L4::Tcp),
+    ));
+    cases.push(untouched(
+        "probe address as destination",
+        ipv6_frame(node(), ll, no_exts(), L4::Tcp),
+    ));
+    cases.push(untouched("ipv4", ipv4_tcp_frame()));
+    let full = ipv6_frame(ll, node(), no_exts(), L4::Tcp);
+    // test_run refuses an untagged IPv6 frame shorter than its IPv6 header; a VLAN tag hides it
+    cases.push(untouched(
+        "vlan-tagged, ipv6 header cut short",
+        with_vlan(&full)[..18 + 30].to_vec(),
+    ));
+    cases.push(rewritten(
+        "vlan-tagged tcp",
+        with_vlan(&full),
+        with_vlan(&ipv6_frame(global, node(), no_exts(), L4::Tcp)),
+    ));
+    cases.push(untouched(
+        "truncated tcp before checksum",
+        full[..14 + 40 + 12].to_vec(),
+    ));
+    let chained = ipv6_frame(ll, node(), ext_chain(), L4::Tcp);
+    cases.push(untouched(
+        "truncated inside extension chain",
+        chained[..14 + 40 + 12].to_vec(),
+    ));
+    cases
+}
+
+fn egress_cases(hp: &ProbeAddresses) -> Vec<Case> {
+    let (ll, global) = (hp.link_local, hp.global);
+    let mut cases = Vec::new();
+    for (name, l4) in [
+        ("tcp", L4::Tcp),
+        ("udp", L4::Udp),
+        ("icmpv6 echo", L4::Icmpv6Echo),
+    ] {
+        cases.push(rewritten(
+            name,
+            ipv6_frame(node(), global, no_exts(), l4),
+            ipv6_frame(node(), ll, no_exts(), l4),
+        ));
+    }
+    cases.push(rewritten(
+        "extension-header chain before udp",
+        ipv6_frame(node(), global, ext_chain(), L4::Udp),
+        ipv6_frame(node(), ll, ext_chain(), L4::Udp),
+    ));
+    cases.push(untouched(
+        "other destination",
+        ipv6_frame(node(), "2001:db8::99".parse().unwrap(), no_exts(), L4::Udp),
+    ));
+    cases.push(untouched(
+        "global address as source",
+        ipv6_frame(global, node(), no_exts(), L4::Udp),
+    ));
+    cases.push(untouched("ipv4", ipv4_tcp_frame()));
+    let full = ipv6_frame(node(), global, no_exts(), L4::Udp);
+    cases.push(untouched(
+        "truncated udp before checksum",
+        full[..14 + 40 + 4].to_vec(),
+    ));
+    cases
+}
+
+#[test]
+fn ingress_rewrites_probe_source_with_azure_defaults() {
+    let mut object = MaybeUninit::uninit();
+    let skel = load_ingress(&mut object, &azure(), ebpf_net::probe::l4_csum_ipv6_flag(), None).unwrap();
+    run_table(&skel.progs.ipv6_hp_ingress, &ingress_cases(&azure()));
+}
+
+#[test]
+fn egress_rewrites_reply_destination_with_azure_defaults() {
+    let mut object = MaybeUninit::uninit();
+    let skel = load_egress(&mut object, &azure(), ebpf_net::probe::l4_csum_ipv6_flag(), None).unwrap();
+    run_table(&skel.progs.ipv6_hp_egress, &egress_cases(&azure()));
+}
+
+#[test]
+fn configured_addresses_replace_the_defaults() {
+    let custom = ProbeAddresses {
+        link_local: "fe80::aa".parse().unwrap(),
+        global: "2001:db8:ffff::aa".parse().unwrap(),
+    };
+    let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
+    let ingress = load_ingress(&mut ingress_obj, &custom, 0, None).unwrap();
+    let egress = load_egress(&mut egress_obj, &custom, 0, None).unwrap();
+    run_table(&ingress.progs.ipv6_hp_ingress, &ingress_cases(&custom));
+    run_table(&egress.progs.ipv6_hp_egress, &egress_cases(&custom));
+    // and the Azure defaults no longer match
+    run_table(
+        &ingress.progs.ipv6_hp_ingress,
+        &[untouched(
+            "default address when configured otherwise",
+            ipv6_frame(azure().link_local, node(), no_exts(), L4::Tcp),
+        )],
+    );
+}
