@@ -87,11 +87,14 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(),
         Err(err) => {
-            // One line naming the problem; clap's usage hints follow on later lines.
+            // One line naming the problem, without clap's usage and tip lines.
             let rendered = err.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("ebpf-net: {}", first.trim_start_matches("error: ").trim());
-            eprintln!("ebpf-net: see `ebpf-net --help`");
+            let problem: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("ebpf-net: {}", problem.join(" ").trim_start_matches("error: "));
             return ExitCode::from(2);
         }
     };
