@@ -33,7 +33,11 @@ fn tcp6(src: &str, dst: &str) -> Vec<u8> {
 fn median_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
     let mut samples: Vec<Duration> = (0..RUNS)
         .map(|_| {
-            let input = ProgramInput { data_in: Some(frame), repeat: 1, ..Default::default() };
+            let input = ProgramInput {
+                data_in: Some(frame),
+                repeat: 1,
+                ..Default::default()
+            };
             prog.test_run(input).expect("test_run").duration
         })
         .collect();
@@ -44,7 +48,11 @@ fn median_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
 /// Kernel-measured average over one run with `repeat`: only valid where the program leaves
 /// the packet as it found it.
 fn repeated_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
-    let input = ProgramInput { data_in: Some(frame), repeat: 1_000_000, ..Default::default() };
+    let input = ProgramInput {
+        data_in: Some(frame),
+        repeat: 1_000_000,
+        ..Default::default()
+    };
     prog.test_run(input).expect("test_run").duration.as_nanos() as f64
 }
 
@@ -55,10 +63,21 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn main() {
     // `cargo bench` passes --bench; nothing to parse.
-    let addrs = ProbeAddresses { link_local: DEFAULT_LINK_LOCAL.parse().unwrap(), global: DEFAULT_GLOBAL.parse().unwrap() };
+    let addrs = ProbeAddresses {
+        link_local: DEFAULT_LINK_LOCAL.parse().unwrap(),
+        global: DEFAULT_GLOBAL.parse().unwrap(),
+    };
     let flag = ebpf_net::probe::l4_csum_ipv6_flag();
-    let (mut noop_obj, mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit(), MaybeUninit::uninit());
-    let noop = NoopSkelBuilder::default().open(&mut noop_obj).unwrap().load().unwrap();
+    let (mut noop_obj, mut ingress_obj, mut egress_obj) = (
+        MaybeUninit::uninit(),
+        MaybeUninit::uninit(),
+        MaybeUninit::uninit(),
+    );
+    let noop = NoopSkelBuilder::default()
+        .open(&mut noop_obj)
+        .unwrap()
+        .load()
+        .unwrap();
     let ingress = load_ingress(&mut ingress_obj, &addrs, flag, None).unwrap();
     let egress = load_egress(&mut egress_obj, &addrs, flag, None).unwrap();
 
@@ -67,10 +86,26 @@ fn main() {
     let other = tcp6("2001:db8::20", "2001:db8::10");
     let rows: [(&str, &ProgramMut<'_>, &[u8]); 5] = [
         ("noop_tc (baseline)", &noop.progs.noop_tc, &probe),
-        ("ipv6_hp_ingress, probe rewritten", &ingress.progs.ipv6_hp_ingress, &probe),
-        ("ipv6_hp_egress, reply rewritten", &egress.progs.ipv6_hp_egress, &reply),
-        ("ipv6_hp_ingress, other traffic", &ingress.progs.ipv6_hp_ingress, &other),
-        ("ipv6_hp_egress, other traffic", &egress.progs.ipv6_hp_egress, &other),
+        (
+            "ipv6_hp_ingress, probe rewritten",
+            &ingress.progs.ipv6_hp_ingress,
+            &probe,
+        ),
+        (
+            "ipv6_hp_egress, reply rewritten",
+            &egress.progs.ipv6_hp_egress,
+            &reply,
+        ),
+        (
+            "ipv6_hp_ingress, other traffic",
+            &ingress.progs.ipv6_hp_ingress,
+            &other,
+        ),
+        (
+            "ipv6_hp_egress, other traffic",
+            &egress.progs.ipv6_hp_egress,
+            &other,
+        ),
     ];
     // Rounds interleave the programs so machine noise hits all of them alike.
     let mut results = vec![Vec::new(); rows.len()];
@@ -80,7 +115,9 @@ fn main() {
         }
     }
     let baseline = median(results[0].clone());
-    println!("## Per-packet cost, tc programs (BPF_PROG_TEST_RUN, median of {ROUNDS} rounds x {RUNS} runs)\n");
+    println!(
+        "## Per-packet cost, tc programs (BPF_PROG_TEST_RUN, median of {ROUNDS} rounds x {RUNS} runs)\n"
+    );
     println!("| program, path | ns/packet | vs noop_tc |");
     println!("|---|---:|---:|");
     for ((name, _, _), samples) in rows.iter().zip(results) {
@@ -89,10 +126,21 @@ fn main() {
     }
 
     // Untouched traffic, the common case, without the timer in every sample.
-    let noop_fast = median((0..ROUNDS).map(|_| repeated_ns(&noop.progs.noop_tc, &other)).collect());
-    let ingress_fast = median((0..ROUNDS).map(|_| repeated_ns(&ingress.progs.ipv6_hp_ingress, &other)).collect());
+    let noop_fast = median(
+        (0..ROUNDS)
+            .map(|_| repeated_ns(&noop.progs.noop_tc, &other))
+            .collect(),
+    );
+    let ingress_fast = median(
+        (0..ROUNDS)
+            .map(|_| repeated_ns(&ingress.progs.ipv6_hp_ingress, &other))
+            .collect(),
+    );
     println!("\n| untouched traffic, repeat 1,000,000 | ns/packet | vs noop_tc |");
     println!("|---|---:|---:|");
     println!("| noop_tc (baseline) | {noop_fast:.1} | 1.00x |");
-    println!("| ipv6_hp_ingress, other traffic | {ingress_fast:.1} | {:.2}x |", ingress_fast / noop_fast);
+    println!(
+        "| ipv6_hp_ingress, other traffic | {ingress_fast:.1} | {:.2}x |",
+        ingress_fast / noop_fast
+    );
 }

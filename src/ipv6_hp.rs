@@ -94,9 +94,8 @@ macro_rules! load_hp_skeleton {
             // libbpf reuses the pinned counters when they exist, so an update keeps counting.
             open.maps.ipv6_hp_stats.set_pin_path(path)?;
         }
-        Ok(open
-            .load()
-            .with_context(|| format!("loading the {} program", stringify!($prog)))?)
+        open.load()
+            .with_context(|| format!("loading the {} program", stringify!($prog)))
     }};
 }
 

@@ -33,6 +33,7 @@ pub fn require_privileges() -> Result<()> {
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
+#[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every arch
 fn is_bpffs(c_path: &CStr) -> bool {
     let mut stat = MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: valid path and a buffer of the right type.
