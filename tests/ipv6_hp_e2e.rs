@@ -341,3 +341,36 @@ fn leaves_an_existing_clsact_qdisc_and_filters_alone() {
     assert!(lab.node.exec("tc qdisc show dev eth0").contains("clsact"));
     assert_eq!(exchange_all(&lab), [link_local(); 3]);
 }
+
+#[test]
+fn remove_nft_table_deletes_the_table_it_replaces() {
+    let lab = lab("hp-nft");
+    lab.node.exec(&format!(
+        "nft add table ip6 azureSLBProbe && nft add chain ip6 azureSLBProbe prerouting {{ type filter hook prerouting priority -300 \\; }} && nft add rule ip6 azureSLBProbe prerouting ip6 saddr {LINK_LOCAL} ip6 saddr set {GLOBAL}"
+    ));
+    let daemon = lab
+        .node
+        .ebpf_net_daemon(&["ipv6-hp", "-i", "eth0", "--remove-nft-table"]);
+    assert!(
+        daemon
+            .stderr()
+            .iter()
+            .any(|line| line.contains("removed nft table ip6 azureSLBProbe")),
+        "{:?}",
+        daemon.stderr()
+    );
+    let tables = lab.node.exec("nft list tables");
+    assert!(!tables.contains("azureSLBProbe"), "{tables}");
+    assert_eq!(exchange_all(&lab), [global(); 3]);
+    drop(daemon);
+
+    // absent table: said so, not an error
+    let daemon = lab
+        .node
+        .ebpf_net_daemon(&["ipv6-hp", "-i", "eth0", "--remove-nft-table"]);
+    assert!(
+        daemon.stderr().iter().any(|line| line.contains("not present")),
+        "{:?}",
+        daemon.stderr()
+    );
+}
