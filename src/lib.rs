@@ -3,6 +3,7 @@
 pub mod addr;
 pub mod attach;
 pub mod ipv6_hp;
+pub mod monitor;
 pub mod netns;
 pub mod pin;
 pub mod probe;

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
 use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
+use ebpf_net::monitor::{self, MonitorArgs};
 use ebpf_net::{netns, probe, status};
 
 /// eBPF service networking for a Linux node.
@@ -24,6 +25,8 @@ enum Command {
     /// Azure SLB IPv6 health-probe fix: link-local probe source <-> global address
     #[command(name = "ipv6-hp")]
     Ipv6Hp(Ipv6HpArgs),
+    /// live per-flow packet and byte counters of an interface
+    Monitor(MonitorArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -65,6 +68,7 @@ fn run(cli: Cli) -> Result<()> {
     let netns_key = netns::current_key()?;
     match &cli.command {
         Command::Ipv6Hp(args) => ipv6_hp::run(args, &netns_key),
+        Command::Monitor(args) => monitor::run(args),
         Command::Status { json } => status::status(*json, &netns_key),
         Command::Down {
             subcommand,

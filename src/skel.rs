@@ -13,3 +13,6 @@ pub mod noop {
 pub mod probe {
     include!(concat!(env!("OUT_DIR"), "/probe.skel.rs"));
 }
+pub mod monitor {
+    include!(concat!(env!("OUT_DIR"), "/monitor.skel.rs"));
+}

@@ -7,11 +7,11 @@ use serde_json::{json, Value};
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
 use crate::pin::{PinDir, PIN_ROOT};
-use crate::{ipv6_hp, netns};
+use crate::{ipv6_hp, monitor, netns};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
-    ipv6_hp::PROGRAMS.contains(&name)
+    ipv6_hp::PROGRAMS.contains(&name) || monitor::PROGRAMS.contains(&name)
 }
 
 fn describe(pins: &PinDir) -> Result<Value> {

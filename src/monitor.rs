@@ -1,0 +1,332 @@
+//! `ebpf-net monitor`: a live per-flow view of an interface (like iftop), counted by tc
+//! programs into a per-CPU LRU flow table and printed every interval.
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use serde_json::json;
+
+use crate::addr::Interface;
+use crate::attach::{TcDirection, TcxAttachment};
+use crate::run::{self, Shutdown};
+use crate::skel::monitor::types::{flow_counters, flow_key};
+use crate::skel::monitor::MonitorSkelBuilder;
+
+pub const SUBCOMMAND: &str = "monitor";
+pub const PROGRAMS: [&str; 2] = ["monitor_ingress", "monitor_egress"];
+/// Rows of the text table; --json always has every flow.
+const TOP_ROWS: usize = 25;
+
+// SAFETY: plain C structs of integers from include/monitor.h.
+unsafe impl plain::Plain for flow_key {}
+unsafe impl plain::Plain for flow_counters {}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Directions {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl Directions {
+    fn tc(self) -> Vec<TcDirection> {
+        match self {
+            Directions::Ingress => vec![TcDirection::Ingress],
+            Directions::Egress => vec![TcDirection::Egress],
+            Directions::Both => TcDirection::BOTH.to_vec(),
+        }
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MonitorArgs {
+    /// interface to watch
+    #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+    pub iface: String,
+    /// which side of the interface to count
+    #[arg(long, value_enum, default_value = "both")]
+    pub direction: Directions,
+    /// seconds between reports (fractions allowed)
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
+    pub interval: f64,
+    /// exit after this many reports
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// one JSON object per report instead of a table
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && (0.05..=86400.0).contains(&secs) => Ok(secs),
+        _ => Err("must be a number of seconds between 0.05 and 86400".into()),
+    }
+}
+
+/// A flow decoded from the kernel's key, as shown to users.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub direction: &'static str,
+    pub proto: u8,
+    pub src: IpAddr,
+    pub sport: u16,
+    pub dst: IpAddr,
+    pub dport: u16,
+}
+
+impl Flow {
+    fn from_key(key: &flow_key) -> Self {
+        let addr = |words: [u32; 4]| -> IpAddr {
+            let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
+            if key.family == 2 {
+                Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+            } else {
+                Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()).into()
+            }
+        };
+        Self {
+            direction: if key.direction == 0 { "ingress" } else { "egress" },
+            proto: key.proto,
+            src: addr(key.src),
+            sport: key.sport,
+            dst: addr(key.dst),
+            dport: key.dport,
+        }
+    }
+
+    pub fn proto_name(&self) -> String {
+        match self.proto {
+            1 => "icmp".into(),
+            6 => "tcp".into(),
+            17 => "udp".into(),
+            58 => "icmpv6".into(),
+            other => format!("ip-{other}"),
+        }
+    }
+
+    fn has_ports(&self) -> bool {
+        matches!(self.proto, 6 | 17)
+    }
+
+    fn endpoint(&self, addr: IpAddr, port: u16) -> String {
+        match (addr, self.has_ports()) {
+            (IpAddr::V6(v6), true) => format!("[{v6}]:{port}"),
+            (addr, true) => format!("{addr}:{port}"),
+            (addr, false) => addr.to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads the whole flow table, summing each flow's per-CPU counters.
+pub fn read_flows(map: &impl MapCore) -> Result<HashMap<Flow, Counters>> {
+    let mut flows = HashMap::new();
+    for key_bytes in map.keys() {
+        let Some(per_cpu) = map
+            .lookup_percpu(&key_bytes, MapFlags::ANY)
+            .context("reading a flow")?
+        else {
+            continue; // evicted between listing and reading
+        };
+        let mut key = flow_key::default();
+        plain::copy_from_bytes(&mut key, &key_bytes).map_err(|err| anyhow::anyhow!("flow key: {err:?}"))?;
+        let mut sum = Counters::default();
+        for cpu in per_cpu {
+            let mut value = flow_counters::default();
+            plain::copy_from_bytes(&mut value, &cpu).map_err(|err| anyhow::anyhow!("flow value: {err:?}"))?;
+            sum.packets += value.packets;
+            sum.bytes += value.bytes;
+        }
+        flows.insert(Flow::from_key(&key), sum);
+    }
+    Ok(flows)
+}
+
+pub fn run(args: &MonitorArgs) -> Result<()> {
+    let iface = Interface::by_name(&args.iface)?;
+    if args.count == Some(0) {
+        bail!("--count 0 would report nothing; give at least 1");
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = MonitorSkelBuilder::default()
+        .open(&mut object)
+        .context("opening the monitor programs")?
+        .load()
+        .context("loading the monitor programs")?;
+    let mut attachments = Vec::new();
+    for direction in args.direction.tc() {
+        let prog = match direction {
+            TcDirection::Ingress => &skel.progs.monitor_ingress,
+            TcDirection::Egress => &skel.progs.monitor_egress,
+        };
+        attachments.push(TcxAttachment::attach(prog, &iface, direction)?);
+    }
+    let shutdown = Shutdown::install()?;
+    let sides: Vec<&str> = args.direction.tc().iter().map(|d| d.name()).collect();
+    run::announce_ready(
+        SUBCOMMAND,
+        &format!("{} {} every {}s", iface.name, sides.join("+"), args.interval),
+    );
+
+    let map = MapHandle::try_from(&skel.maps.monitor_flows).context("flow table handle")?;
+    let interval = Duration::from_secs_f64(args.interval);
+    let mut previous: HashMap<Flow, Counters> = HashMap::new();
+    let mut last = Instant::now();
+    let mut reports = 0;
+    while !shutdown.wait_timeout(interval) {
+        let flows = read_flows(&map)?;
+        let elapsed = last.elapsed().as_secs_f64();
+        last = Instant::now();
+        if args.json {
+            println!("{}", json_report(&flows));
+        } else {
+            print!("{}", text_report(&iface.name, &flows, &previous, elapsed));
+        }
+        previous = flows;
+        reports += 1;
+        if args.count.is_some_and(|count| reports >= count) {
+            break;
+        }
+    }
+    drop(attachments);
+    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
+    Ok(())
+}
+
+fn sorted_by_bytes(flows: &HashMap<Flow, Counters>) -> Vec<(&Flow, &Counters)> {
+    let mut rows: Vec<_> = flows.iter().collect();
+    rows.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(b.1.packets.cmp(&a.1.packets)));
+    rows
+}
+
+pub fn json_report(flows: &HashMap<Flow, Counters>) -> serde_json::Value {
+    let rows: Vec<_> = sorted_by_bytes(flows)
+        .into_iter()
+        .map(|(flow, counters)| {
+            json!({
+                "direction": flow.direction,
+                "proto": flow.proto_name(),
+                "src": flow.src.to_string(),
+                "sport": flow.sport,
+                "dst": flow.dst.to_string(),
+                "dport": flow.dport,
+                "packets": counters.packets,
+                "bytes": counters.bytes,
+            })
+        })
+        .collect();
+    json!({ "flows": rows })
+}
+
+fn text_report(
+    iface: &str,
+    flows: &HashMap<Flow, Counters>,
+    previous: &HashMap<Flow, Counters>,
+    elapsed: f64,
+) -> String {
+    let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / elapsed.max(1e-3);
+    let total = flows.values().fold(Counters::default(), |sum, c| Counters {
+        packets: sum.packets + c.packets,
+        bytes: sum.bytes + c.bytes,
+    });
+    let total_before = previous.values().fold(Counters::default(), |sum, c| Counters {
+        packets: sum.packets + c.packets,
+        bytes: sum.bytes + c.bytes,
+    });
+    let mut out = format!(
+        "\n{iface}: {} flows, {} packets, {} ({}/s, {})\n",
+        flows.len(),
+        total.packets,
+        human_bytes(total.bytes as f64),
+        human_count(rate(total.packets, total_before.packets)),
+        human_bits(8.0 * rate(total.bytes, total_before.bytes)),
+    );
+    out += &format!(
+        "{:<8} {:<13} {:<45} {:<45} {:>10} {:>10} {:>8} {:>11}\n",
+        "DIR", "PROTO", "SOURCE", "DESTINATION", "PACKETS", "BYTES", "PKT/S", "RATE"
+    );
+    let rows = sorted_by_bytes(flows);
+    for (flow, counters) in rows.iter().take(TOP_ROWS) {
+        let before = previous.get(flow).copied().unwrap_or_default();
+        let proto = match flow.proto {
+            1 | 58 => format!("{} {}/{}", flow.proto_name(), flow.sport, flow.dport),
+            _ => flow.proto_name(),
+        };
+        out += &format!(
+            "{:<8} {:<13} {:<45} {:<45} {:>10} {:>10} {:>8} {:>11}\n",
+            flow.direction,
+            proto,
+            flow.endpoint(flow.src, flow.sport),
+            flow.endpoint(flow.dst, flow.dport),
+            counters.packets,
+            human_bytes(counters.bytes as f64),
+            human_count(rate(counters.packets, before.packets)),
+            human_bits(8.0 * rate(counters.bytes, before.bytes)),
+        );
+    }
+    if rows.len() > TOP_ROWS {
+        out += &format!("({} more flows; --json lists all)\n", rows.len() - TOP_ROWS);
+    }
+    out
+}
+
+fn scaled(value: f64, base: f64, units: &[&str]) -> String {
+    let mut value = value;
+    let mut unit = 0;
+    while value >= base && unit + 1 < units.len() {
+        value /= base;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{value:.0} {}", units[0])
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+pub fn human_bytes(bytes: f64) -> String {
+    scaled(bytes, 1024.0, &["B", "KiB", "MiB", "GiB", "TiB"])
+}
+
+pub fn human_bits(bits_per_sec: f64) -> String {
+    scaled(bits_per_sec, 1000.0, &["b/s", "kb/s", "Mb/s", "Gb/s", "Tb/s"])
+}
+
+fn human_count(per_sec: f64) -> String {
+    scaled(per_sec, 1000.0, &["", "k", "M", "G"])
+        .trim_end()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(512.0), "512 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bits(2_500_000.0), "2.5 Mb/s");
+        assert_eq!(human_count(12.0), "12");
+        assert_eq!(human_count(12_345.0), "12.3 k");
+    }
+
+    #[test]
+    fn interval_bounds() {
+        assert!(parse_interval("0.5").is_ok());
+        for bad in ["0", "-1", "nan", "inf", "x", "100000"] {
+            assert!(parse_interval(bad).is_err(), "{bad}");
+        }
+    }
+}
