@@ -159,6 +159,30 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits (bounded) for it to exit on its own; returns the exit code, stdout and stderr.
+    pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String, Vec<String>) {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        let code = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stdout = String::new();
+        if let Some(mut pipe) = child.stdout.take() {
+            use std::io::Read;
+            let _ = pipe.read_to_string(&mut stdout);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        (code, stdout, self.stderr())
+    }
+
     /// SIGTERM, wait (bounded), and return the exit code and everything it logged.
     pub fn stop(mut self) -> (Option<i32>, Vec<String>) {
         let code = self.terminate();
