@@ -47,3 +47,36 @@ static __always_inline int rewrite_ipv6_addr(struct __sk_buff *skb, __u32 addr_o
 	}
 	return bpf_skb_store_bytes(skb, addr_off, new_addr, sizeof(*new_addr), 0);
 }
+
+/* Replaces a 16-bit L4 port at port_off, fixing the L4 checksum at l4_csum_off. */
+static __always_inline int rewrite_l4_port(struct __sk_buff *skb, __u32 port_off, __u32 l4_csum_off,
+					   __be16 old_port, __be16 new_port, bool is_udp)
+{
+	__u64 flags = sizeof(new_port) | (is_udp ? BPF_F_MARK_MANGLED_0 : 0);
+	int err;
+
+	err = bpf_l4_csum_replace(skb, l4_csum_off, old_port, new_port, flags);
+	if (err)
+		return err;
+	return bpf_skb_store_bytes(skb, port_off, &new_port, sizeof(new_port), 0);
+}
+
+/*
+ * Replaces an IPv4 address at addr_off, fixing the IP header checksum at ip_csum_off and
+ * the L4 checksum (pseudo-header) at l4_csum_off. A zero UDP checksum stays zero.
+ */
+static __always_inline int rewrite_ipv4_addr(struct __sk_buff *skb, __u32 addr_off, __u32 ip_csum_off,
+					     __u32 l4_csum_off, __be32 old_addr, __be32 new_addr,
+					     bool is_udp)
+{
+	__u64 l4_flags = BPF_F_PSEUDO_HDR | sizeof(new_addr) | (is_udp ? BPF_F_MARK_MANGLED_0 : 0);
+	int err;
+
+	err = bpf_l4_csum_replace(skb, l4_csum_off, old_addr, new_addr, l4_flags);
+	if (err)
+		return err;
+	err = bpf_l3_csum_replace(skb, ip_csum_off, old_addr, new_addr, sizeof(new_addr));
+	if (err)
+		return err;
+	return bpf_skb_store_bytes(skb, addr_off, &new_addr, sizeof(new_addr), 0);
+}

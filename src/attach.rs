@@ -194,3 +194,49 @@ impl PinnedLink {
         })
     }
 }
+
+/// Persists `prog` on one side of an interface: swaps it atomically into the link pinned at
+/// `link_path` when there is one (true), else attaches and pins a new link (false).
+pub fn attach_or_update_pinned(
+    prog: &Program<'_>,
+    iface: &Interface,
+    direction: TcDirection,
+    link_path: &Path,
+) -> Result<bool> {
+    if link_path.exists() {
+        let mut link = Link::open(link_path).with_context(|| format!("opening {}", link_path.display()))?;
+        link.update_prog(prog)
+            .with_context(|| format!("replacing the program in {}", link_path.display()))?;
+        return Ok(true);
+    }
+    TcxAttachment::attach(prog, iface, direction)?.pin(link_path)?;
+    Ok(false)
+}
+
+/// Refuses when one of `programs` is already on the interface and not one of the links
+/// pinned in `pins`: another ebpf-net would fight us for the same packets.
+pub fn refuse_if_attached(
+    subcommand: &str,
+    programs: &[&str],
+    iface: &Interface,
+    pins: &crate::pin::PinDir,
+) -> Result<()> {
+    let pinned: Vec<u32> = pins
+        .links()
+        .iter()
+        .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
+        .collect();
+    for direction in TcDirection::BOTH {
+        for prog in tcx_programs(iface.index, direction)? {
+            if programs.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {
+                anyhow::bail!(
+                    "another ebpf-net {subcommand} is already attached to {} {} (program {}); stop it first",
+                    iface.name,
+                    direction.name(),
+                    prog.id
+                );
+            }
+        }
+    }
+    Ok(())
+}

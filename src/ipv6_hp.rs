@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, OpenObject, Program};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, Program};
 use serde_json::{json, Value};
 
 use crate::addr::{parse_ipv6, Interface};
@@ -142,10 +142,6 @@ fn stats_pin_name(direction: TcDirection) -> String {
     format!("stats_{}", direction.name())
 }
 
-fn link_pin_name(direction: TcDirection) -> String {
-    format!("link_{}", direction.name())
-}
-
 pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
     let addrs = ProbeAddresses::from_args(args)?;
     let iface = Interface::by_name(&args.iface)?;
@@ -162,7 +158,7 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
             iface.name
         );
     }
-    refuse_if_attached(&iface, &pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
 
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
@@ -209,28 +205,6 @@ fn stats_summary(stats: &ipv6_hp_stats) -> String {
     )
 }
 
-/// Another ebpf-net already running here would fight us for the same packets.
-fn refuse_if_attached(iface: &Interface, pins: &PinDir) -> Result<()> {
-    let pinned: Vec<u32> = pins
-        .links()
-        .iter()
-        .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
-        .collect();
-    for direction in TcDirection::BOTH {
-        for prog in attach::tcx_programs(iface.index, direction)? {
-            if PROGRAMS.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {
-                bail!(
-                    "another ebpf-net ipv6-hp is already attached to {} {} (program {}); stop it first",
-                    iface.name,
-                    direction.name(),
-                    prog.id
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
 /// Attaches and pins, or, when pinned state exists, swaps the new programs into the
 /// existing links atomically: no moment without translation.
 fn persist(
@@ -240,7 +214,7 @@ fn persist(
     pins: &PinDir,
     csum_flag: u64,
 ) -> Result<()> {
-    refuse_if_attached(iface, pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, iface, pins)?;
     let fresh = !pins.exists();
     pins.create()?;
     let result = persist_into(addrs, iface, pins, csum_flag);
@@ -273,16 +247,7 @@ fn persist_into(addrs: &ProbeAddresses, iface: &Interface, pins: &PinDir, csum_f
     ];
     let mut updated = false;
     for (prog, direction) in programs {
-        let link_path = pins.file(&link_pin_name(direction));
-        if link_path.exists() {
-            let mut link =
-                Link::open(&link_path).with_context(|| format!("opening {}", link_path.display()))?;
-            link.update_prog(prog)
-                .with_context(|| format!("replacing the program in {}", link_path.display()))?;
-            updated = true;
-        } else {
-            TcxAttachment::attach(prog, iface, direction)?.pin(&link_path)?;
-        }
+        updated |= attach::attach_or_update_pinned(prog, iface, direction, &pins.link_file(direction))?;
     }
     Ok(updated)
 }
@@ -326,7 +291,7 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
     let mut sides = serde_json::Map::new();
     let mut addresses = None;
     for direction in TcDirection::BOTH {
-        let link = PinnedLink::open(&pins.file(&link_pin_name(direction)))?;
+        let link = PinnedLink::open(&pins.link_file(direction))?;
         let stats_map = MapHandle::from_pinned_path(pins.file(&stats_pin_name(direction)))?;
         let stats: ipv6_hp_stats = run::sum_percpu_counters(&stats_map, 0)?;
         if addresses.is_none() {

@@ -7,6 +7,7 @@ pub mod monitor;
 pub mod netns;
 pub mod pin;
 pub mod probe;
+pub mod proxy;
 pub mod run;
 pub mod skel;
 pub mod status;

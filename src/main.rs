@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
 use ebpf_net::monitor::{self, MonitorArgs};
+use ebpf_net::proxy::{self, ProxyArgs};
 use ebpf_net::{netns, probe, status};
 
 /// eBPF service networking for a Linux node.
@@ -27,6 +28,8 @@ enum Command {
     Ipv6Hp(Ipv6HpArgs),
     /// live per-flow packet and byte counters of an interface
     Monitor(MonitorArgs),
+    /// rewrite destination ip:port of outgoing packets per rule, and the replies back
+    Proxy(ProxyArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -50,12 +53,14 @@ enum Command {
 enum Datapath {
     #[value(name = "ipv6-hp")]
     Ipv6Hp,
+    Proxy,
 }
 
 impl Datapath {
     fn subcommand(self) -> &'static str {
         match self {
             Datapath::Ipv6Hp => ipv6_hp::SUBCOMMAND,
+            Datapath::Proxy => proxy::SUBCOMMAND,
         }
     }
 }
@@ -69,6 +74,7 @@ fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Ipv6Hp(args) => ipv6_hp::run(args, &netns_key),
         Command::Monitor(args) => monitor::run(args),
+        Command::Proxy(args) => proxy::run(args, &netns_key),
         Command::Status { json } => status::status(*json, &netns_key),
         Command::Down {
             subcommand,

@@ -35,6 +35,11 @@ impl PinDir {
         self.path.join(name)
     }
 
+    /// Where the link of one side of an interface is pinned.
+    pub fn link_file(&self, direction: crate::attach::TcDirection) -> PathBuf {
+        self.file(&format!("link_{}", direction.name()))
+    }
+
     pub fn exists(&self) -> bool {
         self.path.is_dir()
     }

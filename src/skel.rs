@@ -16,3 +16,6 @@ pub mod probe {
 pub mod monitor {
     include!(concat!(env!("OUT_DIR"), "/monitor.skel.rs"));
 }
+pub mod proxy {
+    include!(concat!(env!("OUT_DIR"), "/proxy.skel.rs"));
+}

@@ -7,16 +7,17 @@ use serde_json::{json, Value};
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
 use crate::pin::{PinDir, PIN_ROOT};
-use crate::{ipv6_hp, monitor, netns};
+use crate::{ipv6_hp, monitor, netns, proxy};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
-    ipv6_hp::PROGRAMS.contains(&name) || monitor::PROGRAMS.contains(&name)
+    ipv6_hp::PROGRAMS.contains(&name) || monitor::PROGRAMS.contains(&name) || proxy::PROGRAMS.contains(&name)
 }
 
 fn describe(pins: &PinDir) -> Result<Value> {
     match pins.subcommand.as_str() {
         ipv6_hp::SUBCOMMAND => ipv6_hp::describe_persisted(pins),
+        proxy::SUBCOMMAND => proxy::describe_persisted(pins),
         other => anyhow::bail!("unknown subcommand directory '{other}'"),
     }
 }
@@ -24,6 +25,7 @@ fn describe(pins: &PinDir) -> Result<Value> {
 fn summarize(subcommand: &str, details: &Value) -> String {
     match subcommand {
         ipv6_hp::SUBCOMMAND => ipv6_hp::summarize(details),
+        proxy::SUBCOMMAND => proxy::summarize(details),
         _ => details.to_string(),
     }
 }

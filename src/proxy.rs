@@ -1,0 +1,371 @@
+//! `ebpf-net proxy`: transparent destination rewriting at tc. Egress sends packets for FROM
+//! to TO (re-routed, MACs rewritten); ingress makes TO's replies come from FROM, per flow.
+
+use std::collections::{BTreeMap, HashSet};
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use serde_json::{json, Value};
+
+use crate::addr::Interface;
+use crate::attach::{self, TcDirection, TcxAttachment};
+use crate::pin::PinDir;
+use crate::run::{self, Shutdown};
+use crate::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
+use crate::skel::proxy::{ProxySkel, ProxySkelBuilder};
+
+pub const SUBCOMMAND: &str = "proxy";
+pub const PROGRAMS: [&str; 2] = ["proxy_egress", "proxy_ingress"];
+/// include/proxy.h PROXY_MAX_RULES
+const MAX_RULES: usize = 4096;
+const PIN_RULES: &str = "rules";
+const PIN_FLOWS: &str = "flows";
+const PIN_STATS: &str = "stats";
+
+// SAFETY: plain C structs of integers from include/proxy.h.
+unsafe impl plain::Plain for proxy_endpoint {}
+unsafe impl plain::Plain for proxy_target {}
+unsafe impl plain::Plain for proxy_stats {}
+
+#[derive(clap::Args, Debug)]
+pub struct ProxyArgs {
+    /// interface the clients' traffic leaves by
+    #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+    pub iface: String,
+    /// FROM_IP:PORT=TO_IP:PORT, repeatable; IPv6 in brackets: [2001:db8::1]:80=[2001:db8::2]:8080
+    #[arg(long = "map", value_name = "FROM=TO", required = true)]
+    pub maps: Vec<String>,
+    /// attach, pin under /sys/fs/bpf/ebpf-net/proxy/, print ready and exit; run again to update rules in place
+    #[arg(long)]
+    pub persist: bool,
+}
+
+/// One `--map`: TCP and UDP packets to `from` go to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+}
+
+fn parse_endpoint(rule: &str, text: &str) -> Result<SocketAddr> {
+    let addr: SocketAddr = text.parse().with_context(|| {
+        format!("--map {rule}: '{text}' is not IP:PORT (IPv6 goes in brackets: [2001:db8::1]:80)")
+    })?;
+    if addr.port() == 0 {
+        bail!("--map {rule}: port 0 in '{text}'");
+    }
+    if addr.ip().is_unspecified() || addr.ip().is_multicast() {
+        bail!("--map {rule}: '{}' is not a unicast address", addr.ip());
+    }
+    Ok(addr)
+}
+
+/// Parses and checks every `--map`: one family per rule, FROM never twice, FROM != TO.
+pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
+    let mut seen = HashSet::new();
+    let mut rules = Vec::new();
+    for text in maps {
+        let (from, to) = text
+            .split_once('=')
+            .with_context(|| format!("--map {text}: expected FROM_IP:PORT=TO_IP:PORT"))?;
+        let rule = Rule {
+            from: parse_endpoint(text, from)?,
+            to: parse_endpoint(text, to)?,
+        };
+        if rule.from.is_ipv4() != rule.to.is_ipv4() {
+            bail!("--map {text}: FROM and TO are of different address families");
+        }
+        if rule.from == rule.to {
+            bail!("--map {text}: FROM and TO are the same");
+        }
+        if !seen.insert(rule.from) {
+            bail!("--map {text}: FROM {} is mapped twice", rule.from);
+        }
+        rules.push(rule);
+    }
+    if rules.len() > MAX_RULES {
+        bail!("{} rules; at most {MAX_RULES}", rules.len());
+    }
+    Ok(rules)
+}
+
+fn endpoint(addr: SocketAddr) -> proxy_endpoint {
+    let mut words = [0u32; 4];
+    let family = match addr.ip() {
+        IpAddr::V4(v4) => {
+            words[0] = u32::from_ne_bytes(v4.octets());
+            2
+        }
+        IpAddr::V6(v6) => {
+            for (word, chunk) in words.iter_mut().zip(v6.octets().chunks_exact(4)) {
+                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+            }
+            10
+        }
+    };
+    proxy_endpoint {
+        addr: words,
+        port: addr.port().to_be(),
+        family,
+        ..Default::default()
+    }
+}
+
+fn socket_addr(endpoint: &proxy_endpoint) -> SocketAddr {
+    let bytes: Vec<u8> = endpoint.addr.iter().flat_map(|word| word.to_ne_bytes()).collect();
+    let ip: IpAddr = if endpoint.family == 2 {
+        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+    } else {
+        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()).into()
+    };
+    SocketAddr::new(ip, u16::from_be(endpoint.port))
+}
+
+fn as_bytes<T: plain::Plain>(value: &T) -> &[u8] {
+    // SAFETY: Plain types are plain old data.
+    unsafe { plain::as_bytes(value) }
+}
+
+/// The rules in the kernel map now: FROM -> (TO, rule id).
+fn installed_rules(rules: &impl MapCore) -> Result<BTreeMap<SocketAddr, (SocketAddr, u32)>> {
+    let mut installed = BTreeMap::new();
+    for key in rules.keys() {
+        let Some(value) = rules.lookup(&key, MapFlags::ANY)? else {
+            continue;
+        };
+        let mut from = proxy_endpoint::default();
+        let mut target = proxy_target::default();
+        plain::copy_from_bytes(&mut from, &key).map_err(|err| anyhow::anyhow!("rule key: {err:?}"))?;
+        plain::copy_from_bytes(&mut target, &value).map_err(|err| anyhow::anyhow!("rule: {err:?}"))?;
+        installed.insert(socket_addr(&from), (socket_addr(&target.to), target.rule_id));
+    }
+    Ok(installed)
+}
+
+/// Makes the rule map say exactly `rules`: new and changed rules are written before removed
+/// ones are deleted, and a rule keeps its id (and so its counters) while its FROM stays.
+fn sync_rules(rules_map: &impl MapCore, stats_map: &impl MapCore, rules: &[Rule]) -> Result<()> {
+    let installed = installed_rules(rules_map)?;
+    let mut used: HashSet<u32> = installed
+        .iter()
+        .filter(|(from, _)| rules.iter().any(|rule| rule.from == **from))
+        .map(|(_, (_, id))| *id)
+        .collect();
+    let mut next_free = (0..MAX_RULES as u32)
+        .filter(|id| !used.contains(id))
+        .collect::<Vec<_>>()
+        .into_iter();
+    let zero_stats = vec![vec![0u8; size_of::<proxy_stats>()]; libbpf_rs::num_possible_cpus()?];
+    for rule in rules {
+        let rule_id = match installed.get(&rule.from) {
+            Some((_, id)) => *id,
+            None => {
+                let id = next_free.next().context("no free rule id")?;
+                // a reused id starts counting from zero
+                stats_map.update_percpu(&id.to_ne_bytes(), &zero_stats, MapFlags::ANY)?;
+                used.insert(id);
+                id
+            }
+        };
+        let target = proxy_target {
+            to: endpoint(rule.to),
+            rule_id,
+            ..Default::default()
+        };
+        rules_map
+            .update(as_bytes(&endpoint(rule.from)), as_bytes(&target), MapFlags::ANY)
+            .with_context(|| format!("writing rule {} -> {}", rule.from, rule.to))?;
+    }
+    for from in installed.keys() {
+        if !rules.iter().any(|rule| rule.from == *from) {
+            rules_map
+                .delete(as_bytes(&endpoint(*from)))
+                .with_context(|| format!("removing rule {from}"))?;
+        }
+    }
+    Ok(())
+}
+
+fn load<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    pins: Option<&PinDir>,
+) -> Result<ProxySkel<'obj>> {
+    let mut open = ProxySkelBuilder::default()
+        .open(storage)
+        .context("opening the proxy programs")?;
+    if let Some(pins) = pins {
+        // libbpf reuses these when pinned already: a re-run updates the live tables
+        open.maps.proxy_rules.set_pin_path(pins.file(PIN_RULES))?;
+        open.maps.proxy_flows.set_pin_path(pins.file(PIN_FLOWS))?;
+        open.maps.proxy_stats.set_pin_path(pins.file(PIN_STATS))?;
+    }
+    open.load().context("loading the proxy programs")
+}
+
+/// Loads the programs with `rules` installed, nothing attached; for tests and benchmarks.
+pub fn load_with_rules<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    rules: &[Rule],
+) -> Result<ProxySkel<'obj>> {
+    let skel = load(storage, None)?;
+    sync_rules(&skel.maps.proxy_rules, &skel.maps.proxy_stats, rules)?;
+    Ok(skel)
+}
+
+fn describe_rules(rules: &[Rule]) -> String {
+    rules
+        .iter()
+        .map(|rule| format!("{} -> {}", rule.from, rule.to))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
+    let rules = parse_rules(&args.maps)?;
+    let iface = Interface::by_name(&args.iface)?;
+    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
+    if args.persist {
+        return persist(&rules, &iface, &pins);
+    }
+    if pins.exists() {
+        bail!(
+            "proxy is persisted on {} (see `ebpf-net status`); run `ebpf-net down proxy -i {}` first",
+            iface.name,
+            iface.name
+        );
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load_with_rules(&mut object, &rules)?;
+    let attachments = [
+        TcxAttachment::attach(&skel.progs.proxy_egress, &iface, TcDirection::Egress)?,
+        TcxAttachment::attach(&skel.progs.proxy_ingress, &iface, TcDirection::Ingress)?,
+    ];
+    let shutdown = Shutdown::install()?;
+    run::announce_ready(SUBCOMMAND, &format!("{}: {}", iface.name, describe_rules(&rules)));
+    shutdown.wait();
+    drop(attachments);
+    for entry in rule_report(&skel.maps.proxy_rules, &skel.maps.proxy_stats)? {
+        eprintln!("{SUBCOMMAND}: {}", summarize_rule(&entry));
+    }
+    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
+    Ok(())
+}
+
+fn persist(rules: &[Rule], iface: &Interface, pins: &PinDir) -> Result<()> {
+    let fresh = !pins.exists();
+    pins.create()?;
+    let result = (|| -> Result<bool> {
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, Some(pins))?;
+        // the new rules are in place before any (new) program sees a packet
+        sync_rules(&skel.maps.proxy_rules, &skel.maps.proxy_stats, rules)?;
+        let mut updated = false;
+        for (prog, direction) in [
+            (&skel.progs.proxy_egress, TcDirection::Egress),
+            (&skel.progs.proxy_ingress, TcDirection::Ingress),
+        ] {
+            updated |= attach::attach_or_update_pinned(prog, iface, direction, &pins.link_file(direction))?;
+        }
+        Ok(updated)
+    })();
+    if result.is_err() && fresh {
+        let _ = pins.remove();
+    }
+    let verb = if result? { "updated in place" } else { "pinned" };
+    run::announce_ready(
+        SUBCOMMAND,
+        &format!("{verb}: {}: {}", iface.name, describe_rules(rules)),
+    );
+    Ok(())
+}
+
+/// Every rule with its counters, for `status` and the exit summary.
+fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec<Value>> {
+    let mut report = Vec::new();
+    for (from, (to, rule_id)) in installed_rules(rules_map)? {
+        let stats: proxy_stats = run::sum_percpu_counters(stats_map, rule_id)?;
+        report.push(json!({
+            "from": from.to_string(),
+            "to": to.to_string(),
+            "packets": stats.packets,
+            "bytes": stats.bytes,
+            "replies": stats.replies,
+            "reply_bytes": stats.reply_bytes,
+            "rerouted": stats.rerouted,
+        }));
+    }
+    Ok(report)
+}
+
+fn summarize_rule(rule: &Value) -> String {
+    format!(
+        "{} -> {}: {} packets out ({} re-routed), {} replies back",
+        rule["from"].as_str().unwrap_or("?"),
+        rule["to"].as_str().unwrap_or("?"),
+        rule["packets"],
+        rule["rerouted"],
+        rule["replies"]
+    )
+}
+
+/// What `status` shows of one persisted proxy directory.
+pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
+    let rules = MapHandle::from_pinned_path(pins.file(PIN_RULES))?;
+    let stats = MapHandle::from_pinned_path(pins.file(PIN_STATS))?;
+    let flows = MapHandle::from_pinned_path(pins.file(PIN_FLOWS))?;
+    Ok(json!({ "rules": rule_report(&rules, &stats)?, "flows": flows.keys().count() }))
+}
+
+pub fn summarize(details: &Value) -> String {
+    let rules: Vec<String> = details["rules"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(summarize_rule)
+        .collect();
+    format!("{} tracked flows; {}", details["flows"], rules.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn maps(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn rules_parse_both_families() {
+        let rules = parse_rules(&maps(&[
+            "10.0.0.1:80=10.0.0.2:8080",
+            "[2001:db8::1]:53=[2001:db8::2]:5353",
+        ]))
+        .unwrap();
+        assert_eq!(rules[0].to, "10.0.0.2:8080".parse().unwrap());
+        assert_eq!(rules[1].from, "[2001:db8::1]:53".parse().unwrap());
+        assert_eq!(socket_addr(&endpoint(rules[1].to)), rules[1].to);
+        assert_eq!(socket_addr(&endpoint(rules[0].from)), rules[0].from);
+    }
+
+    #[test]
+    fn bad_rules_say_what_is_wrong() {
+        for (bad, needle) in [
+            ("10.0.0.1:80", "expected FROM_IP:PORT=TO_IP:PORT"),
+            ("10.0.0.1=10.0.0.2:80", "not IP:PORT"),
+            ("2001:db8::1:80=[2001:db8::2]:80", "brackets"),
+            ("10.0.0.1:80=[2001:db8::2]:80", "different address families"),
+            ("10.0.0.1:80=10.0.0.1:80", "the same"),
+            ("10.0.0.1:0=10.0.0.2:80", "port 0"),
+            ("0.0.0.0:80=10.0.0.2:80", "unicast"),
+        ] {
+            let err = parse_rules(&maps(&[bad])).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        let err = parse_rules(&maps(&["10.0.0.1:80=10.0.0.2:80", "10.0.0.1:80=10.0.0.3:80"])).unwrap_err();
+        assert!(err.to_string().contains("mapped twice"), "{err}");
+    }
+}
