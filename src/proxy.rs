@@ -173,7 +173,6 @@ fn sync_rules(rules_map: &impl MapCore, stats_map: &impl MapCore, rules: &[Rule]
         let target = proxy_target {
             to: endpoint(rule.to),
             rule_id,
-            ..Default::default()
         };
         rules_map
             .update(as_bytes(&endpoint(rule.from)), as_bytes(&target), MapFlags::ANY)
