@@ -21,26 +21,61 @@ pub enum L4 {
     Icmpv6Echo,
 }
 
-/// An Ethernet + IPv6 (+ extension headers) + L4 frame with correct checksums.
+/// An Ethernet + IPv6 (+ extension headers) + L4 frame with correct checksums, from port
+/// 40000 to 80 (TCP) or 53 (UDP).
 pub fn ipv6_frame(src: Ipv6Addr, dst: Ipv6Addr, exts: Ipv6Extensions, l4: L4) -> Vec<u8> {
-    let header = Ipv6Header {
-        source: src.octets(),
-        destination: dst.octets(),
-        hop_limit: 64,
-        ..Default::default()
+    let dport = if l4 == L4::Udp { 53 } else { 80 };
+    ip_frame(IpAddr::V6(src), 40000, IpAddr::V6(dst), dport, exts, &[], l4)
+}
+
+/// Any IP frame with correct checksums; `options` (a multiple of 4 bytes) go into an IPv4
+/// header, `exts` into an IPv6 one.
+pub fn ip_frame(
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+    exts: Ipv6Extensions,
+    options: &[u8],
+    l4: L4,
+) -> Vec<u8> {
+    let headers = match (src, dst) {
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let header = Ipv6Header {
+                source: src.octets(),
+                destination: dst.octets(),
+                hop_limit: 64,
+                ..Default::default()
+            };
+            etherparse::IpHeaders::Ipv6(header, exts)
+        }
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let mut header =
+                etherparse::Ipv4Header::new(0, 64, IpNumber::TCP, src.octets(), dst.octets()).unwrap();
+            header.options = options.try_into().expect("IPv4 options");
+            etherparse::IpHeaders::Ipv4(header, Default::default())
+        }
+        _ => panic!("mixed families"),
     };
-    let builder =
-        PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC).ip(etherparse::IpHeaders::Ipv6(header, exts));
+    let builder = PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC).ip(headers);
     let mut frame = Vec::new();
     match l4 {
         L4::Tcp => builder
-            .tcp(40000, 80, 1234, 64240)
+            .tcp(sport, dport, 1234, 64240)
             .syn()
             .write(&mut frame, PAYLOAD),
-        L4::Udp => builder.udp(40000, 53).write(&mut frame, PAYLOAD),
+        L4::Udp => builder.udp(sport, dport).write(&mut frame, PAYLOAD),
         L4::Icmpv6Echo => builder.icmpv6_echo_request(7, 1).write(&mut frame, PAYLOAD),
     }
     .expect("building frame");
+    frame
+}
+
+/// Zeroes the UDP checksum of a frame without VLAN tags or IP options/extensions.
+pub fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
+    let ip_len = if frame[12..14] == [0x86, 0xdd] { 40 } else { 20 };
+    let at = 14 + ip_len + 6;
+    frame[at..at + 2].copy_from_slice(&[0, 0]);
     frame
 }
 
@@ -83,11 +118,6 @@ pub fn ipv4_tcp_frame() -> Vec<u8> {
         .write(&mut frame, PAYLOAD)
         .unwrap();
     frame
-}
-
-/// Offset of the L4 checksum in a frame built by [`ipv6_frame`] without extension headers.
-pub fn ipv6_udp_checksum_offset() -> usize {
-    14 + 40 + 6
 }
 
 /// Checks the L4 checksum of a frame the way a receiver would. A zero UDP checksum is
