@@ -167,6 +167,12 @@ static __always_inline int reroute(struct __sk_buff *skb, struct l4_packet *pkt,
 		stats->rerouted++;
 		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
 	}
+	if (rc == BPF_FIB_LKUP_RET_FWD_DISABLED) {
+		/* bpf_fib_lookup wants forwarding on even for output lookups (a client host
+		 * has it off); the kernel's own route and neighbour lookup does not */
+		stats->rerouted++;
+		return bpf_redirect_neigh(skb->ifindex, NULL, 0, 0);
+	}
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_PASS_ON; /* no route from here: leave it to the stack */
 

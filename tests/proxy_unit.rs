@@ -1,6 +1,7 @@
 //! test_run table for the proxy programs: exact output bytes, checksums checked by etherparse.
-//! Runs inside an empty namespace so the FIB lookup after a rewrite finds no route and the
-//! output is the rewrite alone; re-routing is covered end to end.
+//! Runs inside an empty namespace, where forwarding is off: a rewritten packet is handed to
+//! the kernel's route and neighbour lookup (TC_ACT_REDIRECT) with its MACs as they were, so
+//! the output is the rewrite alone. Re-routing itself is covered end to end.
 
 mod common;
 
@@ -42,6 +43,7 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
 }
 
+/// A reply rewritten on ingress: passed on up the stack.
 fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
     Case {
         name,
@@ -49,6 +51,14 @@ fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
         verdict: TC_PASS_ON,
         output,
         check_l4: true,
+    }
+}
+
+/// A request rewritten on egress: re-routed.
+fn redirected(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
+    Case {
+        verdict: TC_ACT_REDIRECT,
+        ..rewritten(name, input, output)
     }
 }
 
@@ -90,32 +100,32 @@ fn egress_rewrites_destination_and_ingress_rewrites_replies() {
         };
 
         let egress = vec![
-            rewritten(
+            redirected(
                 "v4 tcp",
                 frame(client4, rules[0].from, L4::Tcp),
                 frame(client4, rules[0].to, L4::Tcp),
             ),
-            rewritten(
+            redirected(
                 "v4 udp",
                 frame(client4, rules[1].from, L4::Udp),
                 frame(client4, rules[1].to, L4::Udp),
             ),
-            rewritten(
+            redirected(
                 "v4 udp, zero checksum stays zero",
                 zero_udp_checksum(frame(client4, rules[1].from, L4::Udp)),
                 zero_udp_checksum(frame(client4, rules[1].to, L4::Udp)),
             ),
-            rewritten(
+            redirected(
                 "v4 tcp with IP options",
                 with_options(client4, rules[0].from),
                 with_options(client4, rules[0].to),
             ),
-            rewritten(
+            redirected(
                 "v6 tcp",
                 frame(client6, rules[2].from, L4::Tcp),
                 frame(client6, rules[2].to, L4::Tcp),
             ),
-            rewritten(
+            redirected(
                 "v6 udp, same port on both sides",
                 frame(client6, rules[3].from, L4::Udp),
                 frame(client6, rules[3].to, L4::Udp),

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod packets;
+pub mod servers;
 pub mod topology;

@@ -220,6 +220,7 @@ pub struct Case {
 }
 
 pub const TC_PASS_ON: i32 = -1;
+pub const TC_ACT_REDIRECT: i32 = 7;
 
 fn hex(bytes: &[u8]) -> String {
     bytes
