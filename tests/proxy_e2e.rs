@@ -98,10 +98,10 @@ fn tcp_and_udp_through_the_proxy_v4_and_v6_on_link_and_behind_a_router() {
     let daemon = lab
         .client
         .ebpf_net_daemon(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    for i in 0..4 {
+    for (i, server) in SERVERS.iter().enumerate() {
         let (seen, local, peer) = tcp_echo(&lab.client, service(i), b"request");
         assert_eq!(peer, service(i), "the client's peer is FROM");
-        assert_eq!(seen, local, "the server sees the client ({})", SERVERS[i]);
+        assert_eq!(seen, local, "the server sees the client ({server})");
         assert_eq!(seen.ip(), client_ip(i));
 
         let (seen, from, local) = udp_echo(&lab.client, service(i));
