@@ -32,6 +32,7 @@ test: setup all
 
 bench: setup
 	$(CARGO) bench --bench per_packet
+	$(CARGO) bench --bench proxy_paths
 
 clean:
 	rm -rf build

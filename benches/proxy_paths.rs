@@ -1,0 +1,239 @@
+//! Connect rate and bulk TCP throughput from a client netns to a server netns: direct, through
+//! an nftables DNAT rule, and through `ebpf-net proxy`, in interleaved rounds of one run.
+//! Prints a Markdown table with medians and ratios to direct.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::net::{SocketAddr, TcpListener};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::topology::{veth, Netns};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const ROUNDS: usize = 5;
+const CONNECT_SECS: f64 = 1.5;
+const WARMUP_SECS: f64 = 0.3;
+const IPERF_SECS: u32 = 2;
+const SERVER: &str = "10.70.0.2";
+
+/// What a path sends to, for the connect server (port 7000) and iperf3 (5201).
+struct Path {
+    name: &'static str,
+    addr: &'static str,
+}
+
+const PATHS: [Path; 3] = [
+    Path {
+        name: "direct",
+        addr: SERVER,
+    },
+    Path {
+        name: "nftables DNAT",
+        addr: "10.97.0.1",
+    },
+    Path {
+        name: "ebpf-net proxy",
+        addr: "10.96.0.1",
+    },
+];
+
+/// Accepts and closes at once, until dropped.
+struct AcceptServer {
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+    netns: String,
+}
+
+impl AcceptServer {
+    fn start(netns: &Netns) -> Self {
+        let listener = netns.enter(|| TcpListener::bind(format!("{SERVER}:7000")).unwrap());
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                drop(stream);
+            }
+        });
+        Self {
+            stop,
+            addr,
+            netns: netns.name.clone(),
+        }
+    }
+}
+
+impl Drop for AcceptServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // wake the blocking accept
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.netns,
+                "sh",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{}/{}", self.addr.ip(), self.addr.port()),
+            ])
+            .status();
+    }
+}
+
+/// Connections per second and median connect latency (µs), bounded by `secs`. Each
+/// connection is torn down by RST (SO_LINGER 0), as load generators do, so TIME_WAIT does
+/// not run out of ports.
+fn connect_rate(client: &Netns, addr: &str, secs: f64) -> (f64, f64) {
+    let target: SocketAddr = format!("{addr}:7000").parse().unwrap();
+    client.enter(|| {
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        while start.elapsed().as_secs_f64() < secs && latencies.len() < 200_000 {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            let began = Instant::now();
+            socket
+                .connect_timeout(&target.into(), Duration::from_secs(2))
+                .expect("connect");
+            latencies.push(began.elapsed().as_secs_f64() * 1e6);
+        }
+        let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        (rate, latencies[latencies.len() / 2])
+    })
+}
+
+/// Gbit/s received by the server over one iperf3 run.
+fn throughput(client: &Netns, addr: &str) -> f64 {
+    let output = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client.name,
+            "iperf3",
+            "-c",
+            addr,
+            "-t",
+            &IPERF_SECS.to_string(),
+            "-J",
+        ])
+        .output()
+        .expect("iperf3");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 result")
+        / 1e9
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+/// Runs `measure` with the path's rewrite in place, and takes it away again.
+fn with_path<T>(client: &Netns, path: &Path, measure: impl FnOnce() -> T) -> T {
+    match path.name {
+        "nftables DNAT" => {
+            client.exec(&format!(
+                "nft add table ip ebnbench && \
+                 nft add chain ip ebnbench out {{ type nat hook output priority -100 \\; }} && \
+                 nft add rule ip ebnbench out ip daddr {0} tcp dport {{ 7000, 5201 }} dnat to {SERVER}",
+                path.addr
+            ));
+            let result = measure();
+            client.exec("nft delete table ip ebnbench");
+            result
+        }
+        "ebpf-net proxy" => {
+            let map7000 = format!("{}:7000={SERVER}:7000", path.addr);
+            let map5201 = format!("{}:5201={SERVER}:5201", path.addr);
+            let daemon = client.ebpf_net_daemon(&["proxy", "-i", "c0", "--map", &map7000, "--map", &map5201]);
+            let result = measure();
+            drop(daemon);
+            result
+        }
+        _ => measure(),
+    }
+}
+
+struct Iperf(Child);
+
+impl Drop for Iperf {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn main() {
+    let client = Netns::new("bench-c");
+    let server = Netns::new("bench-s");
+    veth(&client, "c0", &server, "s0");
+    // offloads back on: the benchmark measures the path as a node would run it
+    client.exec("ethtool -K c0 tx on >/dev/null && ip addr add 10.70.0.1/24 dev c0 && ip route add default via 10.70.0.2");
+    // a node forwards: the proxy then takes its bpf_fib_lookup fast path
+    client.exec("sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.ip_forward=1");
+    server.exec(&format!(
+        "ethtool -K s0 tx on >/dev/null && ip addr add {SERVER}/24 dev s0"
+    ));
+    let _accept = AcceptServer::start(&server);
+    let _iperf = Iperf(
+        Command::new("ip")
+            .args(["netns", "exec", &server.name, "iperf3", "-s", "-B", SERVER])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    let mut rates = vec![Vec::new(); PATHS.len()];
+    let mut latencies = vec![Vec::new(); PATHS.len()];
+    let mut gbits = vec![Vec::new(); PATHS.len()];
+    for round in 0..ROUNDS {
+        // each path goes first once: whatever runs first after a change runs cold
+        for i in (0..PATHS.len()).map(|k| (k + round) % PATHS.len()) {
+            let path = &PATHS[i];
+            let (rate, latency, bulk) = with_path(&client, path, || {
+                connect_rate(&client, path.addr, WARMUP_SECS); // discarded
+                let (rate, latency) = connect_rate(&client, path.addr, CONNECT_SECS);
+                (rate, latency, throughput(&client, path.addr))
+            });
+            rates[i].push(rate);
+            latencies[i].push(latency);
+            gbits[i].push(bulk);
+        }
+    }
+
+    println!("## proxy vs nftables DNAT vs direct (client netns with forwarding on -> server netns over veth, median of {ROUNDS} rounds, order rotated)\n");
+    println!("| path | connections/s | per round | vs direct | vs nftables | connect p50 (µs) | TCP Gbit/s | vs direct | vs nftables |");
+    println!("|---|---:|---|---:|---:|---:|---:|---:|---:|");
+    let rate_of = |i: usize| median(rates[i].clone());
+    let gbits_of = |i: usize| median(gbits[i].clone());
+    for (i, path) in PATHS.iter().enumerate() {
+        let per_round: Vec<String> = rates[i]
+            .iter()
+            .map(|rate| format!("{:.1}k", rate / 1000.0))
+            .collect();
+        println!(
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.1} | {:.2} | {:.2} | {:.2} |",
+            path.name,
+            rate_of(i),
+            per_round.join(" "),
+            rate_of(i) / rate_of(0),
+            rate_of(i) / rate_of(1),
+            median(latencies[i].clone()),
+            gbits_of(i),
+            gbits_of(i) / gbits_of(0),
+            gbits_of(i) / gbits_of(1),
+        );
+    }
+}
