@@ -56,27 +56,6 @@ fn fragment(offset_units: u16, more: bool) -> Ipv6Extensions {
     }
 }
 
-/// A frame rewritten: same packet built with the other address, so checksums are etherparse's.
-fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
-    Case {
-        name,
-        input,
-        verdict: TC_PASS_ON,
-        output,
-        check_l4: true,
-    }
-}
-
-fn untouched(name: &'static str, input: Vec<u8>) -> Case {
-    Case {
-        name,
-        output: input.clone(),
-        input,
-        verdict: TC_PASS_ON,
-        check_l4: false,
-    }
-}
-
 fn ingress_cases(hp: &ProbeAddresses) -> Vec<Case> {
     let (ll, global) = (hp.link_local, hp.global);
     let mut cases = Vec::new();

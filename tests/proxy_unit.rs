@@ -43,32 +43,11 @@ fn sock(addr: &str, port: u16) -> SocketAddr {
     SocketAddr::new(ip(addr), port)
 }
 
-/// A reply rewritten on ingress: passed on up the stack.
-fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
-    Case {
-        name,
-        input,
-        verdict: TC_PASS_ON,
-        output,
-        check_l4: true,
-    }
-}
-
 /// A request rewritten on egress: re-routed.
 fn redirected(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
     Case {
         verdict: TC_ACT_REDIRECT,
         ..rewritten(name, input, output)
-    }
-}
-
-fn untouched(name: &'static str, input: Vec<u8>) -> Case {
-    Case {
-        name,
-        output: input.clone(),
-        input,
-        verdict: TC_PASS_ON,
-        check_l4: false,
     }
 }
 

@@ -219,6 +219,29 @@ pub struct Case {
     pub check_l4: bool,
 }
 
+/// A rewritten frame passed on; `output` is built like `input` but with the new addresses,
+/// so its checksums are etherparse's.
+pub fn rewritten(name: &'static str, input: Vec<u8>, output: Vec<u8>) -> Case {
+    Case {
+        name,
+        input,
+        verdict: TC_PASS_ON,
+        output,
+        check_l4: true,
+    }
+}
+
+/// A frame the program must pass on byte for byte.
+pub fn untouched(name: &'static str, input: Vec<u8>) -> Case {
+    Case {
+        name,
+        output: input.clone(),
+        input,
+        verdict: TC_PASS_ON,
+        check_l4: false,
+    }
+}
+
 pub const TC_PASS_ON: i32 = -1;
 pub const TC_ACT_REDIRECT: i32 = 7;
 

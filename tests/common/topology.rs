@@ -162,18 +162,7 @@ impl Daemon {
     /// Waits (bounded) for it to exit on its own; returns the exit code, stdout and stderr.
     pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String, Vec<String>) {
         let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + timeout;
-        let code = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
+        let code = reap_within(&mut child, timeout);
         let mut stdout = String::new();
         if let Some(mut pipe) = child.stdout.take() {
             use std::io::Read;
@@ -194,18 +183,23 @@ impl Daemon {
         let mut child = self.child.take()?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status.code();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        reap_within(&mut child, Duration::from_secs(5))
+    }
+}
+
+/// Waits for a child's exit code; kills it (and returns None) once `timeout` has passed.
+fn reap_within(child: &mut Child, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
         }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
