@@ -2,9 +2,6 @@
 /* monitor: per-flow packet and byte counters on tc ingress and egress, IPv4 and IPv6. */
 #include "monitor.h"
 
-#define AF_INET 2
-#define AF_INET6 10
-
 /* Per-flow counters, per CPU so the hot path takes no lock; LRU so a full table evicts the
  * oldest flows instead of ignoring new ones. Written here, read and summed by user space. */
 struct {

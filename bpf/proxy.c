@@ -2,9 +2,6 @@
 /* proxy: egress rewrites FROM ip:port to TO ip:port and re-routes; ingress makes replies come from FROM. */
 #include "proxy.h"
 
-#define AF_INET 2
-#define AF_INET6 10
-
 /* FROM endpoint -> TO endpoint and rule id; written by user space, read on egress. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

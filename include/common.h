@@ -6,6 +6,8 @@
 #include <bpf/bpf_endian.h>
 
 #define ETH_ALEN 6
+#define AF_INET 2
+#define AF_INET6 10
 #define ETH_P_IP 0x0800
 #define ETH_P_IPV6 0x86DD
 #define ETH_P_8021Q 0x8100

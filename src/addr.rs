@@ -1,7 +1,7 @@
 //! Parsing what users type: interface names and addresses.
 
 use std::ffi::{CStr, CString};
-use std::net::Ipv6Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, Result};
 
@@ -62,6 +62,30 @@ impl Interface {
     }
 }
 
+/// An address as the BPF headers hold it: four 32-bit words in network byte order (IPv4 in
+/// the first) plus an address family.
+pub fn ip_from_words(family: u8, words: [u32; 4]) -> IpAddr {
+    let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
+    if i32::from(family) == libc::AF_INET {
+        Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
+    } else {
+        Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()).into()
+    }
+}
+
+/// The inverse of [`ip_from_words`].
+pub fn ip_to_words(ip: IpAddr) -> (u8, [u32; 4]) {
+    let mut words = [0u32; 4];
+    let (family, octets) = match ip {
+        IpAddr::V4(v4) => (libc::AF_INET, v4.octets().to_vec()),
+        IpAddr::V6(v6) => (libc::AF_INET6, v6.octets().to_vec()),
+    };
+    for (word, chunk) in words.iter_mut().zip(octets.chunks_exact(4)) {
+        *word = u32::from_ne_bytes(chunk.try_into().unwrap());
+    }
+    (family as u8, words)
+}
+
 /// An IPv6 address for a flag; says which flag and why when it is not one.
 pub fn parse_ipv6(flag: &str, text: &str) -> Result<Ipv6Addr> {
     match text.parse::<Ipv6Addr>() {
@@ -87,6 +111,20 @@ mod tests {
             let err = parse_ipv6("--global", bad).unwrap_err().to_string();
             assert!(err.starts_with("--global"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn address_words_round_trip() {
+        for ip in ["10.1.2.3", "2001:db8::1", "fe80::1234:5678:9abc"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let (family, words) = ip_to_words(ip);
+            assert_eq!(ip_from_words(family, words), ip);
+        }
+        // network order in memory: the first byte of the address is the first byte stored
+        assert_eq!(
+            ip_to_words("10.1.2.3".parse().unwrap()).1[0].to_ne_bytes(),
+            [10, 1, 2, 3]
+        );
     }
 
     #[test]

@@ -55,8 +55,6 @@ pub fn prepare_tcx(prog: &mut OpenProgramMut<'_>, direction: TcDirection) {
 /// qdisc and its filters alone; they run after the tcx chain.
 pub struct TcxAttachment {
     link: Link,
-    pub iface: Interface,
-    pub direction: TcDirection,
 }
 
 impl TcxAttachment {
@@ -82,11 +80,7 @@ impl TcxAttachment {
             })?;
         // SAFETY: libbpf returned a valid link that we now own.
         let link = unsafe { Link::from_ptr(raw) };
-        Ok(Self {
-            link,
-            iface: iface.clone(),
-            direction,
-        })
+        Ok(Self { link })
     }
 
     /// Pins the link so the attachment outlives this process.

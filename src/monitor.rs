@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -11,7 +11,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
-use crate::addr::Interface;
+use crate::addr::{ip_from_words, Interface};
 use crate::attach::{TcDirection, TcxAttachment};
 use crate::run::{self, Shutdown};
 use crate::skel::monitor::types::{flow_counters, flow_key};
@@ -82,20 +82,12 @@ pub struct Flow {
 
 impl Flow {
     fn from_key(key: &flow_key) -> Self {
-        let addr = |words: [u32; 4]| -> IpAddr {
-            let bytes: Vec<u8> = words.iter().flat_map(|word| word.to_ne_bytes()).collect();
-            if key.family == 2 {
-                Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
-            } else {
-                Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()).into()
-            }
-        };
         Self {
             direction: if key.direction == 0 { "ingress" } else { "egress" },
             proto: key.proto,
-            src: addr(key.src),
+            src: ip_from_words(key.family, key.src),
             sport: key.sport,
-            dst: addr(key.dst),
+            dst: ip_from_words(key.family, key.dst),
             dport: key.dport,
         }
     }
@@ -236,14 +228,7 @@ fn text_report(
     elapsed: f64,
 ) -> String {
     let rate = |now: u64, before: u64| now.saturating_sub(before) as f64 / elapsed.max(1e-3);
-    let total = flows.values().fold(Counters::default(), |sum, c| Counters {
-        packets: sum.packets + c.packets,
-        bytes: sum.bytes + c.bytes,
-    });
-    let total_before = previous.values().fold(Counters::default(), |sum, c| Counters {
-        packets: sum.packets + c.packets,
-        bytes: sum.bytes + c.bytes,
-    });
+    let (total, total_before) = (sum_counters(flows), sum_counters(previous));
     let mut out = format!(
         "\n{iface}: {} flows, {} packets, {} ({}/s, {})\n",
         flows.len(),
@@ -279,6 +264,13 @@ fn text_report(
         out += &format!("({} more flows; --json lists all)\n", rows.len() - TOP_ROWS);
     }
     out
+}
+
+fn sum_counters(flows: &HashMap<Flow, Counters>) -> Counters {
+    flows.values().fold(Counters::default(), |sum, c| Counters {
+        packets: sum.packets + c.packets,
+        bytes: sum.bytes + c.bytes,
+    })
 }
 
 fn scaled(value: f64, base: f64, units: &[&str]) -> String {

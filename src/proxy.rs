@@ -3,14 +3,14 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
-use crate::addr::Interface;
+use crate::addr::{ip_from_words, ip_to_words, Interface};
 use crate::attach::{self, TcDirection, TcxAttachment};
 use crate::pin::PinDir;
 use crate::run::{self, Shutdown};
@@ -93,19 +93,7 @@ pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
 }
 
 fn endpoint(addr: SocketAddr) -> proxy_endpoint {
-    let mut words = [0u32; 4];
-    let family = match addr.ip() {
-        IpAddr::V4(v4) => {
-            words[0] = u32::from_ne_bytes(v4.octets());
-            2
-        }
-        IpAddr::V6(v6) => {
-            for (word, chunk) in words.iter_mut().zip(v6.octets().chunks_exact(4)) {
-                *word = u32::from_ne_bytes(chunk.try_into().unwrap());
-            }
-            10
-        }
-    };
+    let (family, words) = ip_to_words(addr.ip());
     proxy_endpoint {
         addr: words,
         port: addr.port().to_be(),
@@ -115,13 +103,10 @@ fn endpoint(addr: SocketAddr) -> proxy_endpoint {
 }
 
 fn socket_addr(endpoint: &proxy_endpoint) -> SocketAddr {
-    let bytes: Vec<u8> = endpoint.addr.iter().flat_map(|word| word.to_ne_bytes()).collect();
-    let ip: IpAddr = if endpoint.family == 2 {
-        std::net::Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into()
-    } else {
-        std::net::Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()).into()
-    };
-    SocketAddr::new(ip, u16::from_be(endpoint.port))
+    SocketAddr::new(
+        ip_from_words(endpoint.family, endpoint.addr),
+        u16::from_be(endpoint.port),
+    )
 }
 
 fn as_bytes<T: plain::Plain>(value: &T) -> &[u8] {

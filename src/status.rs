@@ -50,7 +50,8 @@ fn health(pins: &PinDir) -> String {
 }
 
 pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
-    let persisted: Vec<Value> = PinDir::all()
+    let all_pins = PinDir::all();
+    let persisted: Vec<Value> = all_pins
         .iter()
         .map(|pins| {
             let (details, error) = match describe(pins) {
@@ -69,7 +70,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
         })
         .collect();
 
-    let pinned_prog_ids: Vec<u32> = PinDir::all()
+    let pinned_prog_ids: Vec<u32> = all_pins
         .iter()
         .filter(|pins| pins.netns == netns_key)
         .flat_map(|pins| pins.links())

@@ -11,11 +11,36 @@ use super::topology::Netns;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A server thread that polls `stop`; raised and joined on drop.
+struct ServerThread {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ServerThread {
+    fn spawn(serve: impl FnOnce(Arc<AtomicBool>) + Send + 'static) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        Self {
+            stop,
+            thread: Some(std::thread::spawn(move || serve(stopping))),
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// TCP: on accept writes "<peer>\n", then echoes everything until the client shuts down.
 pub struct TcpEchoServer {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
 impl TcpEchoServer {
@@ -23,9 +48,7 @@ impl TcpEchoServer {
         let listener = netns.enter(|| TcpListener::bind(bind).expect("binding TCP echo server"));
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
+        let thread = ServerThread::spawn(move |stopping| {
             while !stopping.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, peer)) => {
@@ -39,8 +62,7 @@ impl TcpEchoServer {
         });
         Self {
             addr,
-            stop,
-            thread: Some(thread),
+            _thread: thread,
         }
     }
 }
@@ -56,15 +78,6 @@ fn serve_tcp(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
             return Ok(());
         }
         stream.write_all(&buf[..n])?;
-    }
-}
-
-impl Drop for TcpEchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 
@@ -99,8 +112,7 @@ pub fn tcp_echo(netns: &Netns, target: SocketAddr, data: &[u8]) -> (SocketAddr, 
 /// UDP: answers each datagram with "<peer>|<datagram>".
 pub struct UdpEchoServer {
     pub addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _thread: ServerThread,
 }
 
 impl UdpEchoServer {
@@ -108,9 +120,7 @@ impl UdpEchoServer {
         let socket = netns.enter(|| UdpSocket::bind(bind).expect("binding UDP echo server"));
         socket.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
         let addr = socket.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
+        let thread = ServerThread::spawn(move |stopping| {
             let mut buf = [0u8; 2048];
             while !stopping.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
@@ -122,17 +132,7 @@ impl UdpEchoServer {
         });
         Self {
             addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for UdpEchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            _thread: thread,
         }
     }
 }
