@@ -86,6 +86,34 @@ pub fn ip_to_words(ip: IpAddr) -> (u8, [u32; 4]) {
     (family as u8, words)
 }
 
+/// `From` conversions between `SocketAddr` and a BPF endpoint struct of a skeleton, laid out
+/// as `{ addr: [u32; 4], port (network order), family, pad }` in the C headers.
+#[macro_export]
+macro_rules! endpoint_conversions {
+    ($ty:ty) => {
+        impl From<std::net::SocketAddr> for $ty {
+            fn from(addr: std::net::SocketAddr) -> Self {
+                let (family, words) = $crate::addr::ip_to_words(addr.ip());
+                Self {
+                    addr: words,
+                    port: addr.port().to_be(),
+                    family,
+                    ..Default::default()
+                }
+            }
+        }
+
+        impl From<&$ty> for std::net::SocketAddr {
+            fn from(endpoint: &$ty) -> Self {
+                std::net::SocketAddr::new(
+                    $crate::addr::ip_from_words(endpoint.family, endpoint.addr),
+                    u16::from_be(endpoint.port),
+                )
+            }
+        }
+    };
+}
+
 /// An IPv6 address for a flag; says which flag and why when it is not one.
 pub fn parse_ipv6(flag: &str, text: &str) -> Result<Ipv6Addr> {
     match text.parse::<Ipv6Addr>() {

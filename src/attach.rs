@@ -1,5 +1,5 @@
-//! Attach lifecycles: tcx links on an interface as owned values that detach on drop, and
-//! what the kernel reports as attached.
+//! Attach lifecycles: tcx links on an interface and cgroup links, as owned values that detach
+//! on drop, and what the kernel reports as attached.
 
 use std::ffi::CStr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
@@ -104,6 +104,19 @@ pub fn tcx_programs(ifindex: u32, direction: TcDirection) -> Result<Vec<Attached
         TcDirection::Ingress => libbpf_sys::BPF_TCX_INGRESS,
         TcDirection::Egress => libbpf_sys::BPF_TCX_EGRESS,
     };
+    query_programs(ifindex as i32, attach_type)
+        .with_context(|| format!("querying tcx {} of ifindex {ifindex}", direction.name()))
+}
+
+/// The programs attached directly to a cgroup (not inherited) at one hook.
+pub fn cgroup_programs(
+    cgroup: BorrowedFd<'_>,
+    attach_type: ProgramAttachType,
+) -> Result<Vec<AttachedProgram>> {
+    query_programs(cgroup.as_raw_fd(), attach_type as u32).context("querying cgroup attachments")
+}
+
+fn query_programs(target: i32, attach_type: u32) -> Result<Vec<AttachedProgram>> {
     let mut ids = [0u32; 64];
     let mut opts = libbpf_sys::bpf_prog_query_opts {
         sz: size_of::<libbpf_sys::bpf_prog_query_opts>() as _,
@@ -112,10 +125,9 @@ pub fn tcx_programs(ifindex: u32, direction: TcDirection) -> Result<Vec<Attached
     };
     opts.__bindgen_anon_1.count = ids.len() as u32;
     // SAFETY: opts points at a buffer of `count` ids.
-    let ret = unsafe { libbpf_sys::bpf_prog_query_opts(ifindex as i32, attach_type, &mut opts) };
+    let ret = unsafe { libbpf_sys::bpf_prog_query_opts(target, attach_type, &mut opts) };
     if ret != 0 {
-        return Err(std::io::Error::from_raw_os_error(-ret))
-            .with_context(|| format!("querying tcx {} of ifindex {ifindex}", direction.name()));
+        return Err(std::io::Error::from_raw_os_error(-ret).into());
     }
     // SAFETY: the kernel set count to the number of ids it wrote.
     let count = unsafe { opts.__bindgen_anon_1.count } as usize;
@@ -163,12 +175,32 @@ pub fn map_name(id: u32) -> Result<String> {
     Ok(map.name().to_string_lossy().into_owned())
 }
 
-/// What a pinned tcx link reports: the program in it and the interface it is on (0 once
-/// that interface or its namespace is gone).
+/// What a pinned link is attached to, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkTarget {
+    /// A tcx link on this interface index; 0 once the interface or its namespace is gone.
+    Interface(u32),
+    /// A cgroup link on the cgroup with this id; 0 once the cgroup is removed.
+    Cgroup(u64),
+    Other,
+}
+
+impl LinkTarget {
+    /// Why a link no longer does anything, if it does not.
+    pub fn lost(self) -> Option<&'static str> {
+        match self {
+            LinkTarget::Interface(0) => Some("lost its interface"),
+            LinkTarget::Cgroup(0) => Some("lost its cgroup"),
+            _ => None,
+        }
+    }
+}
+
+/// What a pinned link reports: the program in it and what it is attached to.
 pub struct PinnedLink {
     pub link: Link,
     pub prog_id: u32,
-    pub ifindex: u32,
+    pub target: LinkTarget,
 }
 
 impl PinnedLink {
@@ -177,16 +209,51 @@ impl PinnedLink {
         let info = link
             .info()
             .with_context(|| format!("reading link {}", path.display()))?;
-        let ifindex = match info.info {
-            libbpf_rs::query::LinkTypeInfo::Tcx(tcx) => tcx.ifindex,
-            _ => 0,
+        let target = match info.info {
+            libbpf_rs::query::LinkTypeInfo::Tcx(tcx) => LinkTarget::Interface(tcx.ifindex),
+            libbpf_rs::query::LinkTypeInfo::Cgroup(cgroup) => LinkTarget::Cgroup(cgroup.cgroup_id),
+            _ => LinkTarget::Other,
         };
         Ok(Self {
             link,
             prog_id: info.prog_id,
-            ifindex,
+            target,
         })
     }
+
+    /// The program ids of every link pinned in a directory.
+    pub fn prog_ids(pins: &crate::pin::PinDir) -> Vec<u32> {
+        pins.links()
+            .iter()
+            .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
+            .collect()
+    }
+}
+
+/// Swaps `prog` into the link pinned at `link_path` (atomically: the hook never runs
+/// without a program). False when nothing is pinned there yet.
+pub fn update_pinned(prog: &Program<'_>, link_path: &Path) -> Result<bool> {
+    if !link_path.exists() {
+        return Ok(false);
+    }
+    let mut link = Link::open(link_path).with_context(|| format!("opening {}", link_path.display()))?;
+    link.update_prog(prog)
+        .with_context(|| format!("replacing the program in {}", link_path.display()))?;
+    Ok(true)
+}
+
+/// Attaches `prog` to a cgroup at the hook its section names, through a link (multi-attach:
+/// other programs on the same cgroup stay and run too). Dropping the link detaches.
+pub fn attach_cgroup(prog: &Program<'_>, cgroup: BorrowedFd<'_>, what: &str) -> Result<Link> {
+    // SAFETY: a loaded program and an open cgroup directory.
+    let raw = unsafe {
+        libbpf_sys::bpf_program__attach_cgroup(prog.as_libbpf_object().as_ptr(), cgroup.as_raw_fd())
+    };
+    let raw = NonNull::new(raw)
+        .ok_or_else(std::io::Error::last_os_error)
+        .with_context(|| format!("attaching {} to cgroup {what}", prog.name().to_string_lossy()))?;
+    // SAFETY: libbpf returned a valid link that we now own.
+    Ok(unsafe { Link::from_ptr(raw) })
 }
 
 /// Persists `prog` on one side of an interface: swaps it atomically into the link pinned at
@@ -197,10 +264,7 @@ pub fn attach_or_update_pinned(
     direction: TcDirection,
     link_path: &Path,
 ) -> Result<bool> {
-    if link_path.exists() {
-        let mut link = Link::open(link_path).with_context(|| format!("opening {}", link_path.display()))?;
-        link.update_prog(prog)
-            .with_context(|| format!("replacing the program in {}", link_path.display()))?;
+    if update_pinned(prog, link_path)? {
         return Ok(true);
     }
     TcxAttachment::attach(prog, iface, direction)?.pin(link_path)?;
@@ -215,11 +279,7 @@ pub fn refuse_if_attached(
     iface: &Interface,
     pins: &crate::pin::PinDir,
 ) -> Result<()> {
-    let pinned: Vec<u32> = pins
-        .links()
-        .iter()
-        .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
-        .collect();
+    let pinned = PinnedLink::prog_ids(pins);
     for direction in TcDirection::BOTH {
         for prog in tcx_programs(iface.index, direction)? {
             if programs.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {

@@ -15,12 +15,12 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, Program};
 use serde_json::{json, Value};
 
 use crate::addr::{parse_ipv6, Interface};
-use crate::attach::{self, prepare_tcx, PinnedLink, TcDirection, TcxAttachment};
+use crate::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
 use crate::pin::PinDir;
 use crate::skel::egress::EgressSkel;
 use crate::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
 use crate::skel::ingress::IngressSkel;
-use crate::{probe, run};
+use crate::{maps, probe, run};
 
 pub const SUBCOMMAND: &str = "ipv6-hp";
 pub const DEFAULT_LINK_LOCAL: &str = "fe80::1234:5678:9abc";
@@ -175,8 +175,8 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
     run::wait_for_shutdown()?;
     drop(attachments);
 
-    let ingress_stats: ipv6_hp_stats = run::sum_percpu_counters(&ingress.maps.ipv6_hp_stats, 0)?;
-    let egress_stats: ipv6_hp_stats = run::sum_percpu_counters(&egress.maps.ipv6_hp_stats, 0)?;
+    let ingress_stats: ipv6_hp_stats = maps::sum_percpu_counters(&ingress.maps.ipv6_hp_stats, 0)?;
+    let egress_stats: ipv6_hp_stats = maps::sum_percpu_counters(&egress.maps.ipv6_hp_stats, 0)?;
     eprintln!(
         "{SUBCOMMAND}: detached from {}; ingress {}; egress {}",
         iface.name,
@@ -292,16 +292,20 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
     let mut addresses = None;
     for direction in TcDirection::BOTH {
         let link = PinnedLink::open(&pins.link_file(direction))?;
+        let ifindex = match link.target {
+            LinkTarget::Interface(ifindex) => ifindex,
+            _ => 0,
+        };
         let stats_map = MapHandle::from_pinned_path(pins.file(&stats_pin_name(direction)))?;
-        let stats: ipv6_hp_stats = run::sum_percpu_counters(&stats_map, 0)?;
+        let stats: ipv6_hp_stats = maps::sum_percpu_counters(&stats_map, 0)?;
         if addresses.is_none() {
             addresses = program_addresses(link.prog_id).ok();
         }
         sides.insert(
             direction.name().into(),
             json!({
-                "attached": link.ifindex != 0,
-                "ifindex": link.ifindex,
+                "attached": ifindex != 0,
+                "ifindex": ifindex,
                 "prog_id": link.prog_id,
                 "rewritten_packets": stats.rewritten_packets,
                 "rewritten_bytes": stats.rewritten_bytes,

@@ -2,12 +2,16 @@
 
 pub mod addr;
 pub mod attach;
+pub mod cgroup;
+pub mod clusterip;
 pub mod ipv6_hp;
+pub mod maps;
 pub mod monitor;
 pub mod netns;
 pub mod pin;
 pub mod probe;
 pub mod proxy;
 pub mod run;
+pub mod service;
 pub mod skel;
 pub mod status;

@@ -2,9 +2,10 @@
 
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use ebpf_net::clusterip::{self, ClusteripArgs};
 use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
 use ebpf_net::monitor::{self, MonitorArgs};
 use ebpf_net::proxy::{self, ProxyArgs};
@@ -30,6 +31,8 @@ enum Command {
     Monitor(MonitorArgs),
     /// rewrite destination ip:port of outgoing packets per rule, and the replies back
     Proxy(ProxyArgs),
+    /// ClusterIP at the socket: connects to a service VIP go straight to a backend
+    Clusterip(ClusteripArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -40,9 +43,17 @@ enum Command {
     Down {
         /// only this datapath
         subcommand: Option<Datapath>,
-        /// only this interface (or cgroup target)
-        #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+        /// only this interface
+        #[arg(
+            short = 'i',
+            long = "interface",
+            value_name = "IFACE",
+            conflicts_with = "cgroup"
+        )]
         iface: Option<String>,
+        /// only this cgroup (clusterip), absolute or relative to the cgroup2 mount
+        #[arg(long, value_name = "PATH")]
+        cgroup: Option<String>,
         /// every namespace, including ones that no longer exist
         #[arg(long)]
         all: bool,
@@ -54,6 +65,7 @@ enum Datapath {
     #[value(name = "ipv6-hp")]
     Ipv6Hp,
     Proxy,
+    Clusterip,
 }
 
 impl Datapath {
@@ -61,12 +73,16 @@ impl Datapath {
         match self {
             Datapath::Ipv6Hp => ipv6_hp::SUBCOMMAND,
             Datapath::Proxy => proxy::SUBCOMMAND,
+            Datapath::Clusterip => clusterip::SUBCOMMAND,
         }
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     probe::require_privileges()?;
+    if cli.netns.is_some() && matches!(cli.command, Command::Clusterip(_)) {
+        bail!("clusterip attaches to a cgroup, whose processes it serves in every network namespace; drop --netns");
+    }
     if let Some(name) = &cli.netns {
         netns::enter(name)?;
     }
@@ -75,17 +91,25 @@ fn run(cli: Cli) -> Result<()> {
         Command::Ipv6Hp(args) => ipv6_hp::run(args, &netns_key),
         Command::Monitor(args) => monitor::run(args),
         Command::Proxy(args) => proxy::run(args, &netns_key),
+        Command::Clusterip(args) => clusterip::run(args),
         Command::Status { json } => status::status(*json, &netns_key),
         Command::Down {
             subcommand,
             iface,
+            cgroup,
             all,
-        } => status::down(
-            subcommand.map(Datapath::subcommand),
-            iface.as_deref(),
-            *all,
-            &netns_key,
-        ),
+        } => {
+            let target = match cgroup {
+                Some(path) => Some(ebpf_net::cgroup::Cgroup::target_of(Some(path))?),
+                None => iface.clone(),
+            };
+            status::down(
+                subcommand.map(Datapath::subcommand),
+                target.as_deref(),
+                *all,
+                &netns_key,
+            )
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use serde_json::json;
 
 use crate::addr::{ip_from_words, Interface};
 use crate::attach::{TcDirection, TcxAttachment};
+use crate::maps;
 use crate::run::{self, Shutdown};
 use crate::skel::monitor::types::{flow_counters, flow_key};
 use crate::skel::monitor::MonitorSkelBuilder;
@@ -131,12 +132,10 @@ pub fn read_flows(map: &impl MapCore) -> Result<HashMap<Flow, Counters>> {
         else {
             continue; // evicted between listing and reading
         };
-        let mut key = flow_key::default();
-        plain::copy_from_bytes(&mut key, &key_bytes).map_err(|err| anyhow::anyhow!("flow key: {err:?}"))?;
+        let key: flow_key = maps::from_bytes("flow key", &key_bytes)?;
         let mut sum = Counters::default();
         for cpu in per_cpu {
-            let mut value = flow_counters::default();
-            plain::copy_from_bytes(&mut value, &cpu).map_err(|err| anyhow::anyhow!("flow value: {err:?}"))?;
+            let value: flow_counters = maps::from_bytes("flow counters", &cpu)?;
             sum.packets += value.packets;
             sum.bytes += value.bytes;
         }

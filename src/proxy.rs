@@ -10,8 +10,9 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
-use crate::addr::{ip_from_words, ip_to_words, Interface};
+use crate::addr::Interface;
 use crate::attach::{self, TcDirection, TcxAttachment};
+use crate::maps::{self, as_bytes};
 use crate::pin::PinDir;
 use crate::run::{self, Shutdown};
 use crate::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
@@ -92,27 +93,7 @@ pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
     Ok(rules)
 }
 
-fn endpoint(addr: SocketAddr) -> proxy_endpoint {
-    let (family, words) = ip_to_words(addr.ip());
-    proxy_endpoint {
-        addr: words,
-        port: addr.port().to_be(),
-        family,
-        ..Default::default()
-    }
-}
-
-fn socket_addr(endpoint: &proxy_endpoint) -> SocketAddr {
-    SocketAddr::new(
-        ip_from_words(endpoint.family, endpoint.addr),
-        u16::from_be(endpoint.port),
-    )
-}
-
-fn as_bytes<T: plain::Plain>(value: &T) -> &[u8] {
-    // SAFETY: Plain types are plain old data.
-    unsafe { plain::as_bytes(value) }
-}
+crate::endpoint_conversions!(proxy_endpoint);
 
 /// The rules in the kernel map now: FROM -> (TO, rule id).
 fn installed_rules(rules: &impl MapCore) -> Result<BTreeMap<SocketAddr, (SocketAddr, u32)>> {
@@ -121,11 +102,12 @@ fn installed_rules(rules: &impl MapCore) -> Result<BTreeMap<SocketAddr, (SocketA
         let Some(value) = rules.lookup(&key, MapFlags::ANY)? else {
             continue;
         };
-        let mut from = proxy_endpoint::default();
-        let mut target = proxy_target::default();
-        plain::copy_from_bytes(&mut from, &key).map_err(|err| anyhow::anyhow!("rule key: {err:?}"))?;
-        plain::copy_from_bytes(&mut target, &value).map_err(|err| anyhow::anyhow!("rule: {err:?}"))?;
-        installed.insert(socket_addr(&from), (socket_addr(&target.to), target.rule_id));
+        let from: proxy_endpoint = maps::from_bytes("proxy rule key", &key)?;
+        let target: proxy_target = maps::from_bytes("proxy rule", &value)?;
+        installed.insert(
+            SocketAddr::from(&from),
+            (SocketAddr::from(&target.to), target.rule_id),
+        );
     }
     Ok(installed)
 }
@@ -156,17 +138,21 @@ fn sync_rules(rules_map: &impl MapCore, stats_map: &impl MapCore, rules: &[Rule]
             }
         };
         let target = proxy_target {
-            to: endpoint(rule.to),
+            to: rule.to.into(),
             rule_id,
         };
         rules_map
-            .update(as_bytes(&endpoint(rule.from)), as_bytes(&target), MapFlags::ANY)
+            .update(
+                as_bytes(&proxy_endpoint::from(rule.from)),
+                as_bytes(&target),
+                MapFlags::ANY,
+            )
             .with_context(|| format!("writing rule {} -> {}", rule.from, rule.to))?;
     }
     for from in installed.keys() {
         if !rules.iter().any(|rule| rule.from == *from) {
             rules_map
-                .delete(as_bytes(&endpoint(*from)))
+                .delete(as_bytes(&proxy_endpoint::from(*from)))
                 .with_context(|| format!("removing rule {from}"))?;
         }
     }
@@ -271,7 +257,7 @@ fn persist(rules: &[Rule], iface: &Interface, pins: &PinDir) -> Result<()> {
 fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec<Value>> {
     let mut report = Vec::new();
     for (from, (to, rule_id)) in installed_rules(rules_map)? {
-        let stats: proxy_stats = run::sum_percpu_counters(stats_map, rule_id)?;
+        let stats: proxy_stats = maps::sum_percpu_counters(stats_map, rule_id)?;
         report.push(json!({
             "from": from.to_string(),
             "to": to.to_string(),
@@ -331,8 +317,11 @@ mod tests {
         .unwrap();
         assert_eq!(rules[0].to, "10.0.0.2:8080".parse().unwrap());
         assert_eq!(rules[1].from, "[2001:db8::1]:53".parse().unwrap());
-        assert_eq!(socket_addr(&endpoint(rules[1].to)), rules[1].to);
-        assert_eq!(socket_addr(&endpoint(rules[0].from)), rules[0].from);
+        assert_eq!(SocketAddr::from(&proxy_endpoint::from(rules[1].to)), rules[1].to);
+        assert_eq!(
+            SocketAddr::from(&proxy_endpoint::from(rules[0].from)),
+            rules[0].from
+        );
     }
 
     #[test]

@@ -7,17 +7,21 @@ use serde_json::{json, Value};
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
 use crate::pin::{PinDir, PIN_ROOT};
-use crate::{ipv6_hp, monitor, netns, proxy};
+use crate::{clusterip, ipv6_hp, monitor, netns, proxy};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
-    ipv6_hp::PROGRAMS.contains(&name) || monitor::PROGRAMS.contains(&name) || proxy::PROGRAMS.contains(&name)
+    ipv6_hp::PROGRAMS.contains(&name)
+        || monitor::PROGRAMS.contains(&name)
+        || proxy::PROGRAMS.contains(&name)
+        || clusterip::PROGRAMS.contains(&name)
 }
 
 fn describe(pins: &PinDir) -> Result<Value> {
     match pins.subcommand.as_str() {
         ipv6_hp::SUBCOMMAND => ipv6_hp::describe_persisted(pins),
         proxy::SUBCOMMAND => proxy::describe_persisted(pins),
+        clusterip::SUBCOMMAND => clusterip::describe_persisted(pins),
         other => anyhow::bail!("unknown subcommand directory '{other}'"),
     }
 }
@@ -26,6 +30,7 @@ fn summarize(subcommand: &str, details: &Value) -> String {
     match subcommand {
         ipv6_hp::SUBCOMMAND => ipv6_hp::summarize(details),
         proxy::SUBCOMMAND => proxy::summarize(details),
+        clusterip::SUBCOMMAND => clusterip::summarize(details),
         _ => details.to_string(),
     }
 }
@@ -41,8 +46,11 @@ fn health(pins: &PinDir) -> String {
     }
     for (name, path) in links {
         match PinnedLink::open(&path) {
-            Ok(link) if link.ifindex == 0 => return format!("orphaned: {name} link lost its interface"),
-            Ok(_) => {}
+            Ok(link) => {
+                if let Some(lost) = link.target.lost() {
+                    return format!("orphaned: {name} link {lost}");
+                }
+            }
             Err(err) => return format!("broken: {err:#}"),
         }
     }
@@ -72,10 +80,16 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
 
     let pinned_prog_ids: Vec<u32> = all_pins
         .iter()
-        .filter(|pins| pins.netns == netns_key)
-        .flat_map(|pins| pins.links())
-        .filter_map(|(_, path)| PinnedLink::open(&path).ok().map(|link| link.prog_id))
+        .filter(|pins| pins.netns == netns_key || pins.subcommand == clusterip::SUBCOMMAND)
+        .flat_map(PinnedLink::prog_ids)
         .collect();
+    let owner = |id: u32| {
+        if pinned_prog_ids.contains(&id) {
+            "persisted"
+        } else {
+            "foreground process"
+        }
+    };
     let mut attached = Vec::new();
     for iface in Interface::all() {
         for direction in TcDirection::BOTH {
@@ -87,11 +101,21 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                         "hook": format!("tcx/{}", direction.name()),
                         "program": prog.name,
                         "prog_id": prog.id,
-                        "owner": if pinned_prog_ids.contains(&prog.id) { "persisted" } else { "foreground process" },
+                        "owner": owner(prog.id),
                     }));
                 }
             }
         }
+    }
+    // cgroup hooks belong to no network namespace; the connect4 program stands for all eight
+    for (cgroup, program, prog_id) in clusterip::attached() {
+        attached.push(json!({
+            "cgroup": cgroup,
+            "hook": "cgroup/connect4 (+7 more)",
+            "program": program,
+            "prog_id": prog_id,
+            "owner": owner(prog_id),
+        }));
     }
 
     if json_output {
@@ -122,9 +146,13 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
     } else {
         println!("attached in network namespace {netns_key}:");
         for entry in &attached {
+            let target = match entry["cgroup"].as_str() {
+                Some(cgroup) => format!("cgroup {cgroup}"),
+                None => entry["interface"].as_str().unwrap_or_default().to_string(),
+            };
             println!(
                 "  {:<12} {:<12} {:<18} prog {:<6} {}",
-                entry["interface"].as_str().unwrap_or_default(),
+                target,
                 entry["hook"].as_str().unwrap_or_default(),
                 entry["program"].as_str().unwrap_or_default(),
                 entry["prog_id"],

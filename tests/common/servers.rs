@@ -1,4 +1,5 @@
-//! Echo servers that tell the client which peer address they saw; stopped and joined on drop.
+//! Echo servers that tell the client which peer address they saw and which address they
+//! answer on; stopped and joined on drop.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -37,7 +38,8 @@ impl Drop for ServerThread {
     }
 }
 
-/// TCP: on accept writes "<peer>\n", then echoes everything until the client shuts down.
+/// TCP: on accept writes "<peer> <own address>\n", then echoes everything until the client
+/// shuts down.
 pub struct TcpEchoServer {
     pub addr: SocketAddr,
     _thread: ServerThread,
@@ -70,7 +72,8 @@ impl TcpEchoServer {
 fn serve_tcp(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.write_all(format!("{peer}\n").as_bytes())?;
+    let own = stream.local_addr()?;
+    stream.write_all(format!("{peer} {own}\n").as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = stream.read(&mut buf)?;
@@ -81,16 +84,31 @@ fn serve_tcp(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     }
 }
 
-/// A TCP exchange: connects, reads the peer the server saw, sends `data`, reads it back.
-/// Returns (peer the server saw, the client's own address, the peer the client sees).
-pub fn tcp_echo(netns: &Netns, target: SocketAddr, data: &[u8]) -> (SocketAddr, SocketAddr, SocketAddr) {
-    let stream = netns.enter(|| TcpStream::connect_timeout(&target, TIMEOUT).expect("TCP connect"));
+/// What an echo server said about a request: the peer it saw and the address it answered on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Greeting {
+    pub seen: SocketAddr,
+    pub server: SocketAddr,
+}
+
+impl std::str::FromStr for Greeting {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (seen, server) = text.trim().split_once(' ').ok_or(format!("greeting '{text}'"))?;
+        Ok(Self {
+            seen: seen.parse().map_err(|_| format!("peer in '{text}'"))?,
+            server: server.parse().map_err(|_| format!("server in '{text}'"))?,
+        })
+    }
+}
+
+/// Reads the greeting of a connected stream, sends `data` and checks it comes back.
+pub fn tcp_talk(stream: &TcpStream, data: &[u8]) -> Greeting {
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let (local, peer) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut line = String::new();
     reader.read_line(&mut line).expect("server greeting");
-    let seen: SocketAddr = line.trim().parse().expect("peer address");
+    let greeting: Greeting = line.parse().expect("greeting format");
     let mut writer = stream.try_clone().unwrap();
     let to_send = data.to_vec();
     let sender = std::thread::spawn(move || {
@@ -106,10 +124,18 @@ pub fn tcp_echo(netns: &Netns, target: SocketAddr, data: &[u8]) -> (SocketAddr, 
         data.len(),
         echoed.len()
     );
-    (seen, local, peer)
+    greeting
 }
 
-/// UDP: answers each datagram with "<peer>|<datagram>".
+/// A TCP exchange: connects, reads the peer the server saw, sends `data`, reads it back.
+/// Returns (peer the server saw, the client's own address, the peer the client sees).
+pub fn tcp_echo(netns: &Netns, target: SocketAddr, data: &[u8]) -> (SocketAddr, SocketAddr, SocketAddr) {
+    let stream = netns.enter(|| TcpStream::connect_timeout(&target, TIMEOUT).expect("TCP connect"));
+    let (local, peer) = (stream.local_addr().unwrap(), stream.peer_addr().unwrap());
+    (tcp_talk(&stream, data).seen, local, peer)
+}
+
+/// UDP: answers each datagram with "<peer> <own address>|<datagram>".
 pub struct UdpEchoServer {
     pub addr: SocketAddr,
     _thread: ServerThread,
@@ -124,7 +150,7 @@ impl UdpEchoServer {
             let mut buf = [0u8; 2048];
             while !stopping.load(Ordering::Relaxed) {
                 if let Ok((n, peer)) = socket.recv_from(&mut buf) {
-                    let mut reply = format!("{peer}|").into_bytes();
+                    let mut reply = format!("{peer} {addr}|").into_bytes();
                     reply.extend_from_slice(&buf[..n]);
                     let _ = socket.send_to(&reply, peer);
                 }
@@ -137,28 +163,43 @@ impl UdpEchoServer {
     }
 }
 
-/// A UDP request/response from an unconnected socket. Returns (peer the server saw, where the
-/// reply came from, the client's own address).
-pub fn udp_echo(netns: &Netns, target: SocketAddr) -> (SocketAddr, SocketAddr, SocketAddr) {
-    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-        .parse()
-        .unwrap();
-    let socket = netns.enter(|| UdpSocket::bind(any).unwrap());
+/// One UDP request/response on `socket`, to `target` or, connected, to its peer; retried
+/// while the first packets may wait for ARP/ND. Returns the greeting and where the reply
+/// came from as recvfrom() reports it.
+pub fn udp_request(socket: &UdpSocket, target: Option<SocketAddr>) -> (Greeting, SocketAddr) {
     socket.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
     let deadline = Instant::now() + TIMEOUT;
     let mut buf = [0u8; 2048];
     loop {
-        socket.send_to(b"hello", target).unwrap();
+        match target {
+            Some(target) => socket.send_to(b"hello", target).unwrap(),
+            None => socket.send(b"hello").unwrap(),
+        };
         match socket.recv_from(&mut buf) {
             Ok((n, from)) => {
                 let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-                let (seen, payload) = text.split_once('|').expect("reply format");
+                let (greeting, payload) = text.split_once('|').expect("reply format");
                 assert_eq!(payload, "hello");
-                let local = socket.local_addr().unwrap();
-                return (seen.parse().unwrap(), from, local);
+                return (greeting.parse().expect("greeting format"), from);
             }
-            Err(_) if Instant::now() < deadline => continue, // first packet may wait for ARP/ND
-            Err(err) => panic!("no UDP reply from {target}: {err}"),
+            Err(_) if Instant::now() < deadline => continue,
+            Err(err) => panic!("no UDP reply from {target:?}: {err}"),
         }
     }
+}
+
+/// An unbound UDP socket of `target`'s family, on all addresses.
+pub fn udp_socket_for(target: SocketAddr) -> UdpSocket {
+    let any: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+        .parse()
+        .unwrap();
+    UdpSocket::bind(any).unwrap()
+}
+
+/// A UDP request/response from an unconnected socket. Returns (peer the server saw, where the
+/// reply came from, the client's own address).
+pub fn udp_echo(netns: &Netns, target: SocketAddr) -> (SocketAddr, SocketAddr, SocketAddr) {
+    let socket = netns.enter(|| udp_socket_for(target));
+    let (greeting, from) = udp_request(&socket, Some(target));
+    (greeting.seen, from, socket.local_addr().unwrap())
 }
