@@ -33,6 +33,7 @@ test: setup all
 bench: setup
 	$(CARGO) bench --bench per_packet
 	$(CARGO) bench --bench proxy_paths
+	$(CARGO) bench --bench service_paths
 
 clean:
 	rm -rf build
