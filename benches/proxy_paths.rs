@@ -5,12 +5,11 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::servers::AcceptServer;
 use common::topology::{veth, Netns};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -40,52 +39,6 @@ const PATHS: [Path; 3] = [
         addr: "10.96.0.1",
     },
 ];
-
-/// Accepts and closes at once, until dropped.
-struct AcceptServer {
-    stop: Arc<AtomicBool>,
-    addr: SocketAddr,
-    netns: String,
-}
-
-impl AcceptServer {
-    fn start(netns: &Netns) -> Self {
-        let listener = netns.enter(|| TcpListener::bind(format!("{SERVER}:7000")).unwrap());
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopping.load(Ordering::Relaxed) {
-                    break;
-                }
-                drop(stream);
-            }
-        });
-        Self {
-            stop,
-            addr,
-            netns: netns.name.clone(),
-        }
-    }
-}
-
-impl Drop for AcceptServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        // wake the blocking accept
-        let _ = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &self.netns,
-                "sh",
-                "-c",
-                &format!("exec 3<>/dev/tcp/{}/{}", self.addr.ip(), self.addr.port()),
-            ])
-            .status();
-    }
-}
 
 /// Connections per second and median connect latency (µs), bounded by `secs`. Each
 /// connection is torn down by RST (SO_LINGER 0), as load generators do, so TIME_WAIT does
@@ -182,9 +135,10 @@ fn main() {
     // a node forwards: the proxy then takes its bpf_fib_lookup fast path
     client.exec("sysctl -qw net.ipv4.ip_local_port_range='1024 65000' net.ipv4.ip_forward=1");
     server.exec(&format!(
-        "ethtool -K s0 tx on >/dev/null && ip addr add {SERVER}/24 dev s0"
+        "ethtool -K s0 tx on >/dev/null && ip addr add {SERVER}/24 dev s0 && \
+         sysctl -qw net.core.somaxconn=4096 net.ipv4.tcp_max_syn_backlog=4096"
     ));
-    let _accept = AcceptServer::start(&server);
+    let _accept = AcceptServer::start(&server, format!("{SERVER}:7000").parse().unwrap());
     let _iperf = Iperf(
         Command::new("ip")
             .args(["netns", "exec", &server.name, "iperf3", "-s", "-B", SERVER])

@@ -8,12 +8,11 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::cgroup::TestCgroup;
+use common::servers::AcceptServer;
 use common::topology::{veth, Daemon, Netns};
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -23,51 +22,17 @@ const CONNECT_SECS: f64 = 0.3;
 const WARMUP_SECS: f64 = 0.05;
 const BACKEND: &str = "10.70.0.2";
 const PORT: u16 = 7000;
-const PATHS: [&str; 4] = ["direct", "ebpf-net clusterip", "nftables DNAT (verdict map)", "iptables DNAT (linear chain)"];
+const PATHS: [&str; 4] = [
+    "direct",
+    "ebpf-net clusterip",
+    "nftables DNAT (verdict map)",
+    "iptables DNAT (linear chain)",
+];
 
 /// The VIP of service `i`; the benchmark connects to the last one, the worst case for a
 /// linear chain.
 fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8)
-}
-
-/// Accepts and closes at once until dropped.
-struct AcceptServer {
-    stop: Arc<AtomicBool>,
-    addr: SocketAddr,
-}
-
-impl AcceptServer {
-    fn start(netns: &Netns) -> Self {
-        // a deep accept queue: an overflow drops a SYN and costs a 1 s retransmit, which
-        // would swamp the rate
-        let listener: TcpListener = netns.enter(|| {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            socket.set_reuse_address(true).unwrap();
-            socket.bind(&SocketAddr::new(BACKEND.parse().unwrap(), PORT).into()).unwrap();
-            socket.listen(4096).unwrap();
-            socket.into()
-        });
-        let addr = listener.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                if stopping.load(Ordering::Relaxed) {
-                    break;
-                }
-                drop(stream);
-            }
-        });
-        Self { stop, addr }
-    }
-}
-
-impl Drop for AcceptServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_millis(100));
-    }
 }
 
 /// Moves this whole process into a cgroup (socket hooks act per process) and back on drop.
@@ -91,7 +56,10 @@ impl InCgroup {
 
 impl Drop for InCgroup {
     fn drop(&mut self) {
-        let _ = std::fs::write(format!("{}/cgroup.procs", self.home), std::process::id().to_string());
+        let _ = std::fs::write(
+            format!("{}/cgroup.procs", self.home),
+            std::process::id().to_string(),
+        );
     }
 }
 
@@ -143,12 +111,23 @@ fn nft_ruleset(services: usize) -> String {
     let target = format!("{BACKEND}:{PORT}");
     let mut rules = String::from("table ip ebnbench {\n");
     for i in 0..services - 1 {
-        let _ = writeln!(rules, " chain svc-{i} {{\n  meta l4proto tcp dnat to {target}\n }}");
+        let _ = writeln!(
+            rules,
+            " chain svc-{i} {{\n  meta l4proto tcp dnat to {target}\n }}"
+        );
     }
     let last = services - 1;
-    let _ = writeln!(rules, " chain sep-{last} {{\n  meta l4proto tcp dnat to {target}\n }}");
-    let _ = writeln!(rules, " chain svc-{last} {{\n  numgen random mod 1 vmap {{ 0 : goto sep-{last} }}\n }}");
-    rules.push_str(" map service-ips {\n  type ipv4_addr . inet_proto . inet_service : verdict\n  elements = {\n");
+    let _ = writeln!(
+        rules,
+        " chain sep-{last} {{\n  meta l4proto tcp dnat to {target}\n }}"
+    );
+    let _ = writeln!(
+        rules,
+        " chain svc-{last} {{\n  numgen random mod 1 vmap {{ 0 : goto sep-{last} }}\n }}"
+    );
+    rules.push_str(
+        " map service-ips {\n  type ipv4_addr . inet_proto . inet_service : verdict\n  elements = {\n",
+    );
     let elements: Vec<String> = (0..services)
         .map(|i| format!("   {} . tcp . {PORT} : goto svc-{i}", vip(i)))
         .collect();
@@ -198,11 +177,21 @@ fn load_rules(client: &Netns, tool: &str, rules: &str) {
 
 /// Runs `measure` with one path set up for `services` services; returns what it measured and
 /// how long the setup took.
-fn with_path<T>(client: &Netns, cgroup: &TestCgroup, path: &str, services: usize, measure: impl FnOnce() -> T) -> (T, f64) {
+fn with_path<T>(
+    client: &Netns,
+    cgroup: &TestCgroup,
+    path: &str,
+    services: usize,
+    measure: impl FnOnce() -> T,
+) -> (T, f64) {
     let began = Instant::now();
     match path {
         "ebpf-net clusterip" => {
-            let mut args = vec!["clusterip".to_string(), "--cgroup".into(), cgroup.path_str().into()];
+            let mut args = vec![
+                "clusterip".to_string(),
+                "--cgroup".into(),
+                cgroup.path_str().into(),
+            ];
             for i in 0..services {
                 args.push("--service".into());
                 args.push(format!("{}:{PORT}={BACKEND}:{PORT}", vip(i)));
@@ -249,7 +238,7 @@ fn main() {
         "ethtool -K s0 tx on >/dev/null && ip addr add {BACKEND}/24 dev s0 && \
          sysctl -qw net.core.somaxconn=4096 net.ipv4.tcp_max_syn_backlog=4096"
     ));
-    let _server = AcceptServer::start(&server);
+    let _server = AcceptServer::start(&server, SocketAddr::new(BACKEND.parse().unwrap(), PORT));
     let cgroup = TestCgroup::new("bench");
     let _inside = InCgroup::enter(&cgroup);
 
@@ -262,7 +251,11 @@ fn main() {
         let mut setup_secs = vec![0.0; PATHS.len()];
         for round in 0..ROUNDS {
             for i in (0..PATHS.len()).map(|k| (k + round) % PATHS.len()) {
-                let addr = if i == 0 { SocketAddr::new(BACKEND.parse().unwrap(), PORT) } else { target };
+                let addr = if i == 0 {
+                    SocketAddr::new(BACKEND.parse().unwrap(), PORT)
+                } else {
+                    target
+                };
                 let (sample, setup) = with_path(&client, &cgroup, PATHS[i], services, || {
                     connect_rate(&client, addr, WARMUP_SECS);
                     connect_rate(&client, addr, CONNECT_SECS)

@@ -549,12 +549,7 @@ pub fn summarize(details: &Value) -> String {
     if services.len() > SHOWN {
         parts.push(format!("and {} more (see --json)", services.len() - SHOWN));
     }
-    format!(
-        "cgroup {}: {} services; {}",
-        details["cgroup"].as_str().unwrap_or("?"),
-        services.len(),
-        parts.join("; ")
-    )
+    format!("{} services; {}", services.len(), parts.join("; "))
 }
 
 /// The clusterip programs attached anywhere in the cgroup hierarchy, as (cgroup, program

@@ -31,6 +31,15 @@ impl PinDir {
         }
     }
 
+    /// The target as users name it: an interface, or `cgroup /path` for a cgroup.
+    pub fn target_display(&self) -> String {
+        if self.target.starts_with("%2F") {
+            format!("cgroup {}", crate::cgroup::decode_target(&self.target))
+        } else {
+            self.target.clone()
+        }
+    }
+
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }

@@ -70,6 +70,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                 "subcommand": pins.subcommand,
                 "netns": pins.netns,
                 "target": pins.target,
+                "target_display": pins.target_display(),
                 "path": pins.path,
                 "state": health(pins),
                 "details": details,
@@ -136,7 +137,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
             println!(
                 "  {subcommand:<9} netns {:<12} {:<12} {:<10} {detail}",
                 entry["netns"].as_str().unwrap_or_default(),
-                entry["target"].as_str().unwrap_or_default(),
+                entry["target_display"].as_str().unwrap_or_default(),
                 entry["state"].as_str().unwrap_or_default(),
             );
         }
@@ -179,7 +180,9 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
         pins.remove()?;
         eprintln!(
             "down: removed {} on {} (netns {})",
-            pins.subcommand, pins.target, pins.netns
+            pins.subcommand,
+            pins.target_display(),
+            pins.netns
         );
         removed += 1;
     }

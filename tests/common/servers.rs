@@ -203,3 +203,42 @@ pub fn udp_echo(netns: &Netns, target: SocketAddr) -> (SocketAddr, SocketAddr, S
     let (greeting, from) = udp_request(&socket, Some(target));
     (greeting.seen, from, socket.local_addr().unwrap())
 }
+
+/// Accepts and closes at once until dropped, for connection-rate benchmarks. The accept
+/// queue is deep (also raise net.core.somaxconn in its namespace): an overflow drops a SYN
+/// and costs a 1 s retransmit, which would swamp any rate.
+pub struct AcceptServer {
+    pub addr: SocketAddr,
+    _thread: ServerThread,
+}
+
+impl AcceptServer {
+    pub fn start(netns: &Netns, bind: SocketAddr) -> Self {
+        let listener: TcpListener = netns.enter(|| {
+            let domain = if bind.is_ipv4() {
+                socket2::Domain::IPV4
+            } else {
+                socket2::Domain::IPV6
+            };
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
+            socket.set_reuse_address(true).unwrap();
+            socket.bind(&bind.into()).unwrap();
+            socket.listen(4096).unwrap();
+            socket.into()
+        });
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let thread = ServerThread::spawn(move |stopping| {
+            while !stopping.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => drop(stream),
+                    Err(_) => std::thread::sleep(Duration::from_micros(200)),
+                }
+            }
+        });
+        Self {
+            addr,
+            _thread: thread,
+        }
+    }
+}
