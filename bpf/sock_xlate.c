@@ -15,8 +15,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, CLUSTERIP_MAX_SERVICES);
-	__type(key, struct clusterip_endpoint);
-	__type(value, struct clusterip_service);
+	__type(key, struct service_endpoint);
+	__type(value, struct service_range);
 } clusterip_services SEC(".maps");
 
 /* slot -> backend; a service owns a contiguous range. */
@@ -24,7 +24,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CLUSTERIP_BACKEND_SLOTS);
 	__type(key, __u32);
-	__type(value, struct clusterip_endpoint);
+	__type(value, struct service_endpoint);
 } clusterip_backends SEC(".maps");
 
 /* (socket, backend) -> VIP, for the replies and getpeername of translated sockets. LRU:
@@ -33,7 +33,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, CLUSTERIP_MAX_REVERSE);
 	__type(key, struct clusterip_reverse_key);
-	__type(value, struct clusterip_endpoint);
+	__type(value, struct service_endpoint);
 } clusterip_reverse SEC(".maps");
 
 /* slot -> how often that backend was chosen. */
@@ -50,11 +50,11 @@ static __always_inline bool is_tcp_or_udp(const struct bpf_sock_addr *ctx)
 }
 
 /* A random backend of the service at `vip`; false when `vip` is no service. */
-static __always_inline bool pick_backend(const struct clusterip_endpoint *vip,
-					 struct clusterip_endpoint *backend, bool datagram)
+static __always_inline bool pick_backend(const struct service_endpoint *vip,
+					 struct service_endpoint *backend, bool datagram)
 {
-	struct clusterip_service *service, range;
-	struct clusterip_endpoint *found;
+	struct service_range *service, range;
+	struct service_endpoint *found;
 	struct clusterip_stats *stats;
 	__u32 slot;
 
@@ -79,8 +79,8 @@ static __always_inline bool pick_backend(const struct clusterip_endpoint *vip,
 	return true;
 }
 
-static __always_inline void remember(struct bpf_sock_addr *ctx, const struct clusterip_endpoint *backend,
-				     const struct clusterip_endpoint *vip)
+static __always_inline void remember(struct bpf_sock_addr *ctx, const struct service_endpoint *backend,
+				     const struct service_endpoint *vip)
 {
 	struct clusterip_reverse_key key;
 
@@ -90,8 +90,8 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct clu
 	bpf_map_update_elem(&clusterip_reverse, &key, vip, BPF_ANY);
 }
 
-static __always_inline const struct clusterip_endpoint *recall(struct bpf_sock_addr *ctx,
-							      const struct clusterip_endpoint *backend)
+static __always_inline const struct service_endpoint *recall(struct bpf_sock_addr *ctx,
+							      const struct service_endpoint *backend)
 {
 	struct clusterip_reverse_key key;
 
@@ -102,7 +102,7 @@ static __always_inline const struct clusterip_endpoint *recall(struct bpf_sock_a
 }
 
 /* The IPv4 destination (or source, on the way back) in the context as an endpoint. */
-static __always_inline void read4(const struct bpf_sock_addr *ctx, struct clusterip_endpoint *ep)
+static __always_inline void read4(const struct bpf_sock_addr *ctx, struct service_endpoint *ep)
 {
 	__builtin_memset(ep, 0, sizeof(*ep));
 	ep->addr[0] = ctx->user_ip4;
@@ -110,7 +110,7 @@ static __always_inline void read4(const struct bpf_sock_addr *ctx, struct cluste
 	ep->family = AF_INET;
 }
 
-static __always_inline void write4(struct bpf_sock_addr *ctx, const struct clusterip_endpoint *ep)
+static __always_inline void write4(struct bpf_sock_addr *ctx, const struct service_endpoint *ep)
 {
 	ctx->user_ip4 = ep->addr[0];
 	ctx->user_port = ep->port;
@@ -118,7 +118,7 @@ static __always_inline void write4(struct bpf_sock_addr *ctx, const struct clust
 
 /* The IPv6 address in the context; an IPv4-mapped one (::ffff:a.b.c.d, an IPv4 peer of a
  * dual-stack socket) becomes an AF_INET endpoint. */
-static __always_inline void read6(const struct bpf_sock_addr *ctx, struct clusterip_endpoint *ep)
+static __always_inline void read6(const struct bpf_sock_addr *ctx, struct service_endpoint *ep)
 {
 	__u32 a0 = ctx->user_ip6[0], a1 = ctx->user_ip6[1], a2 = ctx->user_ip6[2], a3 = ctx->user_ip6[3];
 
@@ -136,7 +136,7 @@ static __always_inline void read6(const struct bpf_sock_addr *ctx, struct cluste
 	ep->port = (__be16)ctx->user_port;
 }
 
-static __always_inline void write6(struct bpf_sock_addr *ctx, const struct clusterip_endpoint *ep)
+static __always_inline void write6(struct bpf_sock_addr *ctx, const struct service_endpoint *ep)
 {
 	if (ep->family == AF_INET) {
 		ctx->user_ip6[0] = 0;
@@ -155,7 +155,7 @@ static __always_inline void write6(struct bpf_sock_addr *ctx, const struct clust
 /* Destination VIP -> backend, for connect() and unconnected sendmsg(). */
 static __always_inline void forward(struct bpf_sock_addr *ctx, bool v6, bool datagram)
 {
-	struct clusterip_endpoint vip, backend;
+	struct service_endpoint vip, backend;
 
 	if (!is_tcp_or_udp(ctx))
 		return;
@@ -175,8 +175,8 @@ static __always_inline void forward(struct bpf_sock_addr *ctx, bool v6, bool dat
 /* Backend -> VIP for a socket we translated, for recvmsg() and getpeername(). */
 static __always_inline void reverse(struct bpf_sock_addr *ctx, bool v6)
 {
-	const struct clusterip_endpoint *vip;
-	struct clusterip_endpoint peer;
+	const struct service_endpoint *vip;
+	struct service_endpoint peer;
 
 	if (v6)
 		read6(ctx, &peer);

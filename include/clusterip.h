@@ -3,32 +3,18 @@
  * Addresses and ports are in network order; IPv4 uses addr[0]. */
 #pragma once
 
+#include "service.h"
+
 #define CLUSTERIP_MAX_SERVICES 65536
 #define CLUSTERIP_BACKEND_SLOTS 131072
 #define CLUSTERIP_MAX_BACKENDS_PER_SERVICE 16384
 #define CLUSTERIP_MAX_REVERSE 131072
 
-/* An address and port of one family; pad zeroed so equal endpoints hash equal. */
-struct clusterip_endpoint {
-	__u32 addr[4];
-	__be16 port;
-	__u8 family; /* AF_INET (2) or AF_INET6 (10) */
-	__u8 pad;
-};
-
-/* What a service VIP:PORT (the key) has: `count` backends in slots [base, base + count). A
- * changed backend list is written to fresh slots and then swapped in with one update of this
- * value, so a connect never sees a half-written list. */
-struct clusterip_service {
-	__u32 base;
-	__u32 count;
-};
-
 /* A socket that was sent to a backend instead of a VIP; its value is the VIP, for recvmsg and
  * getpeername. IPv4 endpoints are always stored as AF_INET, also for IPv4-mapped IPv6. */
 struct clusterip_reverse_key {
 	__u64 cookie; /* bpf_get_socket_cookie */
-	struct clusterip_endpoint backend;
+	struct service_endpoint backend;
 	__u32 pad; /* zeroed: no hole in a hashed key */
 };
 

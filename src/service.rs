@@ -1,9 +1,33 @@
-//! `--service VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]`, shared by the load-balancing datapaths.
+//! Services shared by the load-balancing datapaths: `--service VIP:PORT=BACKEND:PORT[,...]`
+//! parsing, and the service tables of include/service.h, kept in sync with what the user
+//! asked for without a moment where a VIP is missing.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+use serde_json::{json, Value};
+
+use crate::maps::{self, as_bytes};
+use crate::pin::PinDir;
+use crate::skel::sock_xlate::types::{service_endpoint, service_range};
+
+/// Longer than any program that read a service's old slot range before the swap can still
+/// be running, before that range is written again in the same update.
+const RANGE_REUSE_GRACE: Duration = Duration::from_millis(20);
+
+// SAFETY: plain C structs of integers from include/service.h.
+unsafe impl plain::Plain for service_endpoint {}
+unsafe impl plain::Plain for service_range {}
+
+crate::endpoint_conversions!(service_endpoint);
+
+/// The bytes of a service endpoint, the start of every backend value.
+pub fn endpoint_bytes(addr: SocketAddr) -> Vec<u8> {
+    as_bytes(&service_endpoint::from(addr)).to_vec()
+}
 
 /// A service: TCP and UDP to `vip` go to one of `backends`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +138,351 @@ pub fn describe(services: &[Service]) -> String {
     parts.join("; ")
 }
 
+/// The tables of include/service.h in one datapath's maps, from a fresh skeleton or pins:
+/// VIP:PORT -> slot range, slot -> backend (a struct that starts with its endpoint), and
+/// slot -> counters.
+pub struct ServiceTables {
+    pub services: MapHandle,
+    pub backends: MapHandle,
+    pub stats: MapHandle,
+    /// entries of the backend and counter arrays
+    pub slots: u32,
+}
+
+impl ServiceTables {
+    pub fn new(services: MapHandle, backends: MapHandle, stats: MapHandle) -> Self {
+        let slots = backends.max_entries();
+        Self {
+            services,
+            backends,
+            stats,
+            slots,
+        }
+    }
+
+    /// The tables pinned in `pins` under these names.
+    pub fn pinned(pins: &PinDir, names: [&str; 3]) -> Result<Self> {
+        let open = |name: &str| {
+            let path = pins.file(name);
+            MapHandle::from_pinned_path(&path).with_context(|| format!("opening {}", path.display()))
+        };
+        Ok(Self::new(open(names[0])?, open(names[1])?, open(names[2])?))
+    }
+}
+
+/// A service as the tables hold it: slots [base, base + backends.len()).
+#[derive(Debug, Clone)]
+struct Installed {
+    base: u32,
+    backends: Vec<SocketAddr>,
+}
+
+fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Installed>> {
+    let mut installed = BTreeMap::new();
+    for key in tables.services.keys() {
+        let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
+            continue;
+        };
+        let vip: service_endpoint = maps::from_bytes("service key", &key)?;
+        let range: service_range = maps::from_bytes("service range", &value)?;
+        let mut backends = Vec::with_capacity(range.count as usize);
+        for slot in range.base..range.base.saturating_add(range.count).min(tables.slots) {
+            let bytes = tables
+                .backends
+                .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
+                .context("backend slot out of range")?;
+            let backend: service_endpoint =
+                maps::from_bytes("backend", &bytes[..size_of::<service_endpoint>()])?;
+            backends.push(SocketAddr::from(&backend));
+        }
+        installed.insert(
+            SocketAddr::from(&vip),
+            Installed {
+                base: range.base,
+                backends,
+            },
+        );
+    }
+    Ok(installed)
+}
+
+/// First-fit allocation of contiguous backend slot ranges.
+struct SlotAllocator {
+    /// free (start, len), sorted by start
+    gaps: Vec<(u32, u32)>,
+}
+
+impl SlotAllocator {
+    fn new(total: u32, used: impl Iterator<Item = (u32, u32)>) -> Self {
+        let mut used: Vec<(u32, u32)> = used.collect();
+        used.sort();
+        let mut gaps = Vec::new();
+        let mut next = 0;
+        for (start, len) in used {
+            if start > next {
+                gaps.push((next, start - next));
+            }
+            next = next.max(start + len);
+        }
+        if next < total {
+            gaps.push((next, total - next));
+        }
+        Self { gaps }
+    }
+
+    fn alloc(&mut self, len: u32) -> Option<u32> {
+        let index = self.gaps.iter().position(|&(_, free)| free >= len)?;
+        let (start, free) = self.gaps[index];
+        if free == len {
+            self.gaps.remove(index);
+        } else {
+            self.gaps[index] = (start + len, free - len);
+        }
+        Some(start)
+    }
+
+    fn release(&mut self, start: u32, len: u32) {
+        self.gaps.push((start, len));
+        self.gaps.sort();
+        let mut merged: Vec<(u32, u32)> = Vec::with_capacity(self.gaps.len());
+        for &(start, len) in &self.gaps {
+            match merged.last_mut() {
+                Some((last_start, last_len)) if *last_start + *last_len == start => *last_len += len,
+                _ => merged.push((start, len)),
+            }
+        }
+        self.gaps = merged;
+    }
+
+    fn free(&self) -> u32 {
+        self.gaps.iter().map(|&(_, len)| len).sum()
+    }
+}
+
+/// What an update changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    pub added: usize,
+    pub changed: usize,
+    pub removed: usize,
+    pub unchanged: usize,
+}
+
+impl std::fmt::Display for SyncReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} added, {} changed, {} removed, {} unchanged",
+            self.added, self.changed, self.removed, self.unchanged
+        )
+    }
+}
+
+fn same_backends(a: &[SocketAddr], b: &[SocketAddr]) -> bool {
+    let (mut a, mut b) = (a.to_vec(), b.to_vec());
+    a.sort();
+    b.sort();
+    a == b
+}
+
+/// Makes the tables hold exactly `services`, touching only what differs. A changed backend
+/// list is written to free slots first and then swapped in with one update of the service's
+/// value, so every connect sees either the old list or the new one and a VIP is never
+/// missing; counters of backends that stay are carried over.
+pub fn sync_services(
+    tables: &ServiceTables,
+    services: &[Service],
+    backend_value: impl Fn(SocketAddr) -> Result<Vec<u8>>,
+) -> Result<SyncReport> {
+    let installed = read_installed(tables)?;
+    let mut report = SyncReport::default();
+    let mut allocator = SlotAllocator::new(
+        tables.slots,
+        installed
+            .values()
+            .map(|svc| (svc.base, svc.backends.len() as u32)),
+    );
+    let mut released = Vec::new();
+
+    let wanted: BTreeMap<SocketAddr, &Service> = services.iter().map(|svc| (svc.vip, svc)).collect();
+    for (vip, old) in &installed {
+        if !wanted.contains_key(vip) {
+            tables
+                .services
+                .delete(as_bytes(&service_endpoint::from(*vip)))
+                .with_context(|| format!("removing service {vip}"))?;
+            released.push((old.base, old.backends.len() as u32));
+            report.removed += 1;
+        }
+    }
+
+    let mut pending: Vec<&Service> = Vec::new();
+    for service in services {
+        match installed.get(&service.vip) {
+            Some(old) if same_backends(&old.backends, &service.backends) => report.unchanged += 1,
+            Some(_) => {
+                report.changed += 1;
+                pending.push(service);
+            }
+            None => {
+                report.added += 1;
+                pending.push(service);
+            }
+        }
+    }
+
+    while !pending.is_empty() {
+        let mut placed = Vec::new();
+        let mut deferred = Vec::new();
+        for service in pending {
+            match allocator.alloc(service.backends.len() as u32) {
+                Some(base) => placed.push((service, base)),
+                None => deferred.push(service),
+            }
+        }
+        write_ranges(tables, &installed, &placed, &backend_value)?;
+        for (service, _) in &placed {
+            if let Some(old) = installed.get(&service.vip) {
+                released.push((old.base, old.backends.len() as u32));
+            }
+        }
+        if !deferred.is_empty() && placed.is_empty() && released.is_empty() {
+            bail!(
+                "the backend table is full: {} more slots needed, {} of {} free",
+                deferred.iter().map(|svc| svc.backends.len()).sum::<usize>(),
+                allocator.free(),
+                tables.slots
+            );
+        }
+        if !deferred.is_empty() {
+            // Slots of lists swapped out above are written again only after every connect
+            // that may have read the old list is done.
+            std::thread::sleep(RANGE_REUSE_GRACE);
+            for (base, len) in released.drain(..) {
+                allocator.release(base, len);
+            }
+        }
+        pending = deferred;
+    }
+    Ok(report)
+}
+
+/// Writes each placed service's backends and counters to its new slots, then points the
+/// services at them (one batch per table).
+fn write_ranges(
+    tables: &ServiceTables,
+    installed: &BTreeMap<SocketAddr, Installed>,
+    placed: &[(&Service, u32)],
+    backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
+) -> Result<()> {
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let mut slot_keys = Vec::new();
+    let mut backend_values = Vec::new();
+    let mut stats_values = Vec::new();
+    let mut service_keys = Vec::new();
+    let mut service_values = Vec::new();
+    for (service, base) in placed {
+        let old = installed.get(&service.vip);
+        for (index, backend) in service.backends.iter().enumerate() {
+            let slot = base + index as u32;
+            slot_keys.extend_from_slice(&slot.to_ne_bytes());
+            backend_values.extend_from_slice(&backend_value(*backend)?);
+            let carried = old
+                .and_then(|old| {
+                    let at = old.backends.iter().position(|b| b == backend)?;
+                    tables
+                        .stats
+                        .lookup(&(old.base + at as u32).to_ne_bytes(), MapFlags::ANY)
+                        .ok()?
+                })
+                .unwrap_or_else(|| vec![0u8; tables.stats.value_size() as usize]);
+            stats_values.extend_from_slice(&carried);
+        }
+        service_keys.extend_from_slice(as_bytes(&service_endpoint::from(service.vip)));
+        let range = service_range {
+            base: *base,
+            count: service.backends.len() as u32,
+        };
+        service_values.extend_from_slice(as_bytes(&range));
+    }
+    let slots = (slot_keys.len() / 4) as u32;
+    tables
+        .backends
+        .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
+        .context("writing backends")?;
+    tables
+        .stats
+        .update_batch(&slot_keys, &stats_values, slots, MapFlags::ANY, MapFlags::ANY)
+        .context("writing backend counters")?;
+    tables
+        .services
+        .update_batch(
+            &service_keys,
+            &service_values,
+            placed.len() as u32,
+            MapFlags::ANY,
+            MapFlags::ANY,
+        )
+        .context("writing services")?;
+    Ok(())
+}
+
+/// Every service with its backends, each with the fields `stats` makes of its counters, for
+/// `status` and exit summaries.
+pub fn service_report(
+    tables: &ServiceTables,
+    stats: impl Fn(&[u8]) -> Result<serde_json::Map<String, Value>>,
+) -> Result<Vec<Value>> {
+    let mut report = Vec::new();
+    for (vip, installed) in read_installed(tables)? {
+        let mut backends = Vec::new();
+        for (index, backend) in installed.backends.iter().enumerate() {
+            let slot = installed.base + index as u32;
+            let counters = tables
+                .stats
+                .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
+                .unwrap_or_else(|| vec![0u8; tables.stats.value_size() as usize]);
+            let mut entry = stats(&counters)?;
+            entry.insert("backend".into(), json!(backend.to_string()));
+            backends.push(Value::Object(entry));
+        }
+        report.push(json!({ "vip": vip.to_string(), "backends": backends }));
+    }
+    Ok(report)
+}
+
+/// "VIP -> backend (counters), ..." of one service of a report; `counters` words them.
+pub fn summarize_service(service: &Value, counters: impl Fn(&Value) -> String) -> String {
+    let backends: Vec<String> = service["backends"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| format!("{} ({})", b["backend"].as_str().unwrap_or("?"), counters(b)))
+        .collect();
+    format!(
+        "{} -> {}",
+        service["vip"].as_str().unwrap_or("?"),
+        backends.join(", ")
+    )
+}
+
+/// The services of a report, the first few spelled out, for `status`.
+pub fn summarize_report(services: &Value, counters: impl Fn(&Value) -> String) -> String {
+    const SHOWN: usize = 10;
+    let services = services.as_array().cloned().unwrap_or_default();
+    let mut parts: Vec<String> = services
+        .iter()
+        .take(SHOWN)
+        .map(|service| summarize_service(service, &counters))
+        .collect();
+    if services.len() > SHOWN {
+        parts.push(format!("and {} more (see --json)", services.len() - SHOWN));
+    }
+    format!("{} services; {}", services.len(), parts.join("; "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,5 +549,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("6 backends in all; at most 5"), "{err}");
+    }
+
+    #[test]
+    fn allocator_fills_gaps_first_fit_and_merges_released_ranges() {
+        let mut slots = SlotAllocator::new(100, [(10, 10), (30, 5)].into_iter());
+        assert_eq!(slots.gaps, vec![(0, 10), (20, 10), (35, 65)]);
+        assert_eq!(slots.alloc(10), Some(0));
+        assert_eq!(slots.alloc(4), Some(20));
+        assert_eq!(slots.alloc(7), Some(35));
+        assert_eq!(slots.alloc(60), None);
+        assert_eq!(slots.free(), 6 + 58);
+        slots.release(10, 10);
+        slots.release(0, 10);
+        assert_eq!(slots.gaps[0], (0, 20));
+        assert_eq!(slots.alloc(20), Some(0));
+    }
+
+    #[test]
+    fn backend_order_does_not_make_a_change() {
+        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
+        assert!(same_backends(&[a, b], &[b, a]));
+        assert!(!same_backends(&[a], &[a, b]));
     }
 }
