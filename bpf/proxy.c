@@ -43,70 +43,6 @@ static __always_inline bool mac_equal(const __u8 *a, const __u8 *b)
 	return diff == 0;
 }
 
-/* The TCP or UDP packet in an skb, with the offsets a rewrite needs. */
-struct l4_packet {
-	__u32 saddr[4];
-	__u32 daddr[4];
-	__be16 sport;
-	__be16 dport;
-	__u8 family;
-	__u8 proto;
-	__u32 l3_off;
-	__u32 l4_off;
-	__u32 l4_csum_off;
-};
-
-static __always_inline bool parse_l4_packet(struct __sk_buff *skb, struct l4_packet *pkt)
-{
-	void *data = (void *)(long)skb->data;
-	struct ethhdr *eth;
-	struct cursor c;
-	__be16 proto;
-	__be16 *ports;
-
-	cursor_init(&c, data, (void *)(long)skb->data_end);
-	if (!parse_eth(&c, &eth, &proto))
-		return false;
-	pkt->l3_off = c.pos - data;
-
-	if (proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip;
-
-		if (!parse_ipv4(&c, &ip) || (ip->frag_off & bpf_htons(0x1FFF)))
-			return false;
-		pkt->family = AF_INET;
-		pkt->proto = ip->protocol;
-		pkt->saddr[0] = ip->saddr;
-		pkt->daddr[0] = ip->daddr;
-	} else if (proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6_l4 l4;
-		struct ipv6hdr *ip6;
-
-		if (!parse_ipv6(&c, &ip6))
-			return false;
-		__builtin_memcpy(pkt->saddr, &ip6->saddr, sizeof(pkt->saddr));
-		__builtin_memcpy(pkt->daddr, &ip6->daddr, sizeof(pkt->daddr));
-		if (!parse_ipv6_ext(&c, ip6->nexthdr, &l4) || l4.later_fragment)
-			return false;
-		pkt->family = AF_INET6;
-		pkt->proto = l4.proto;
-	} else {
-		return false;
-	}
-
-	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
-		return false;
-	/* ports and the checksum field must both be in this packet */
-	if (c.pos + l4_csum_offset(pkt->proto) + sizeof(__sum16) > c.end)
-		return false;
-	ports = c.pos;
-	pkt->sport = ports[0];
-	pkt->dport = ports[1];
-	pkt->l4_off = c.pos - data;
-	pkt->l4_csum_off = pkt->l4_off + l4_csum_offset(pkt->proto);
-	return true;
-}
-
 /* Rewrites the source (is_src) or destination address and port of a parsed packet. */
 static __always_inline int rewrite_endpoint(struct __sk_buff *skb, struct l4_packet *pkt, bool is_src,
 					    const struct proxy_endpoint *to)
@@ -197,7 +133,7 @@ int proxy_egress(struct __sk_buff *skb)
 	struct proxy_stats *stats;
 	struct l4_packet pkt = {};
 
-	if (!parse_l4_packet(skb, &pkt))
+	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
 		return TC_PASS_ON;
 	__builtin_memcpy(from.addr, pkt.daddr, sizeof(from.addr));
 	from.port = pkt.dport;
@@ -238,7 +174,7 @@ int proxy_ingress(struct __sk_buff *skb)
 	struct proxy_flow *flow;
 	struct l4_packet pkt = {};
 
-	if (!parse_l4_packet(skb, &pkt))
+	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
 		return TC_PASS_ON;
 	__builtin_memcpy(reply.saddr, pkt.saddr, sizeof(reply.saddr));
 	__builtin_memcpy(reply.daddr, pkt.daddr, sizeof(reply.daddr));

@@ -6,9 +6,6 @@
 #include "common.h"
 #include "clusterip.h"
 
-#define IPPROTO_TCP 6
-#define IPPROTO_UDP 17
-
 /* VIP:PORT -> backend slot range; written by user space. Not preallocated, so a replaced
  * value is freed only after every program that may still read it has finished. */
 struct {

@@ -149,3 +149,76 @@ static __always_inline bool ipv6_addr_equal(const struct in6_addr *a, const stru
 	       a->in6_u.u6_addr32[2] == b->in6_u.u6_addr32[2] &&
 	       a->in6_u.u6_addr32[3] == b->in6_u.u6_addr32[3];
 }
+
+/* A TCP or UDP packet (not a later fragment), with the offsets a rewrite needs. */
+struct l4_packet {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 family;
+	__u8 proto;
+	__u8 tcp_flags; /* TCP only */
+	__u32 l3_off;
+	__u32 l4_off;
+	__u32 l4_csum_off;
+};
+
+static __always_inline bool parse_l4_packet(void *data, void *data_end, struct l4_packet *pkt)
+{
+	struct ethhdr *eth;
+	struct cursor c;
+	__be16 proto;
+	__be16 *ports;
+
+	__builtin_memset(pkt, 0, sizeof(*pkt));
+	cursor_init(&c, data, data_end);
+	if (!parse_eth(&c, &eth, &proto))
+		return false;
+	pkt->l3_off = c.pos - data;
+
+	if (proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip;
+
+		if (!parse_ipv4(&c, &ip) || (ip->frag_off & bpf_htons(0x1FFF)))
+			return false;
+		pkt->family = AF_INET;
+		pkt->proto = ip->protocol;
+		pkt->saddr[0] = ip->saddr;
+		pkt->daddr[0] = ip->daddr;
+	} else if (proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6_l4 l4;
+		struct ipv6hdr *ip6;
+
+		if (!parse_ipv6(&c, &ip6))
+			return false;
+		__builtin_memcpy(pkt->saddr, &ip6->saddr, sizeof(pkt->saddr));
+		__builtin_memcpy(pkt->daddr, &ip6->daddr, sizeof(pkt->daddr));
+		if (!parse_ipv6_ext(&c, ip6->nexthdr, &l4) || l4.later_fragment)
+			return false;
+		pkt->family = AF_INET6;
+		pkt->proto = l4.proto;
+	} else {
+		return false;
+	}
+
+	if (pkt->proto != IPPROTO_TCP && pkt->proto != IPPROTO_UDP)
+		return false;
+	/* ports and the checksum field must both be in this packet */
+	if (c.pos + l4_csum_offset(pkt->proto) + sizeof(__sum16) > c.end)
+		return false;
+	ports = c.pos;
+	pkt->sport = ports[0];
+	pkt->dport = ports[1];
+	pkt->l4_off = c.pos - data;
+	pkt->l4_csum_off = pkt->l4_off + l4_csum_offset(pkt->proto);
+	pkt->tcp_flags = 0;
+	if (pkt->proto == IPPROTO_TCP) {
+		struct tcphdr *tcp = c.pos;
+
+		if ((void *)(tcp + 1) > c.end)
+			return false;
+		pkt->tcp_flags = ((__u8 *)tcp)[13];
+	}
+	return true;
+}

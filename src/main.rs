@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use ebpf_net::clusterip::{self, ClusteripArgs};
 use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
+use ebpf_net::lb::{self, LbArgs};
 use ebpf_net::monitor::{self, MonitorArgs};
 use ebpf_net::proxy::{self, ProxyArgs};
 use ebpf_net::{netns, probe, status};
@@ -33,6 +34,8 @@ enum Command {
     Proxy(ProxyArgs),
     /// ClusterIP at the socket: connects to a service VIP go straight to a backend
     Clusterip(ClusteripArgs),
+    /// L4 load balancer on the kernel's conntrack: tc makes the entry, conntrack NATs the flow
+    Lb(LbArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -66,6 +69,7 @@ enum Datapath {
     Ipv6Hp,
     Proxy,
     Clusterip,
+    Lb,
 }
 
 impl Datapath {
@@ -74,6 +78,7 @@ impl Datapath {
             Datapath::Ipv6Hp => ipv6_hp::SUBCOMMAND,
             Datapath::Proxy => proxy::SUBCOMMAND,
             Datapath::Clusterip => clusterip::SUBCOMMAND,
+            Datapath::Lb => lb::SUBCOMMAND,
         }
     }
 }
@@ -92,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Monitor(args) => monitor::run(args),
         Command::Proxy(args) => proxy::run(args, &netns_key),
         Command::Clusterip(args) => clusterip::run(args),
+        Command::Lb(args) => lb::run(args, &netns_key),
         Command::Status { json } => status::status(*json, &netns_key),
         Command::Down {
             subcommand,

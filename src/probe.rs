@@ -100,3 +100,79 @@ fn probe_csum_ipv6() -> Result<u64> {
         0
     })
 }
+
+/// Where the kernel's BTF is read from; tests point it at a BTF without the kfuncs to play a
+/// kernel that lacks them.
+pub const KERNEL_BTF_ENV: &str = "EBPF_NET_KERNEL_BTF";
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// Modules that may carry the conntrack and NAT kfuncs when not built in.
+const KFUNC_MODULES: [&str; 2] = ["nf_conntrack", "nf_nat"];
+
+/// Owned libbpf BTF, freed on drop.
+struct Btf(*mut libbpf_sys::btf);
+
+impl Btf {
+    fn parse(path: &Path, base: Option<&Btf>) -> Option<Self> {
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a valid path; base, when given, outlives the split BTF (dropped after it).
+        let raw = unsafe {
+            match base {
+                Some(base) => libbpf_sys::btf__parse_split(c_path.as_ptr(), base.0),
+                None => libbpf_sys::btf__parse(c_path.as_ptr(), std::ptr::null_mut()),
+            }
+        };
+        (!raw.is_null()).then_some(Self(raw))
+    }
+
+    fn has_func(&self, name: &str) -> bool {
+        let Ok(c_name) = CString::new(name) else {
+            return false;
+        };
+        // SAFETY: a live BTF object and a NUL-terminated name.
+        unsafe { libbpf_sys::btf__find_by_name_kind(self.0, c_name.as_ptr(), libbpf_sys::BTF_KIND_FUNC) >= 0 }
+    }
+}
+
+impl Drop for Btf {
+    fn drop(&mut self) {
+        // SAFETY: we own the object.
+        unsafe { libbpf_sys::btf__free(self.0) }
+    }
+}
+
+/// Fails with one clear line unless the kernel's BTF (vmlinux, or the conntrack and NAT
+/// modules) has every kfunc in `names`: a program calling a missing one cannot load.
+pub fn require_kfuncs(subcommand: &str, names: &[&str]) -> Result<()> {
+    let overridden = std::env::var_os(KERNEL_BTF_ENV);
+    let path = overridden
+        .as_deref()
+        .map(Path::new)
+        .unwrap_or(Path::new(VMLINUX_BTF));
+    let Some(vmlinux) = Btf::parse(path, None) else {
+        bail!(
+            "cannot read the kernel's BTF at {}: {subcommand} needs it to find the conntrack kfuncs",
+            path.display()
+        );
+    };
+    let modules: Vec<Btf> = if overridden.is_some() {
+        Vec::new()
+    } else {
+        KFUNC_MODULES
+            .iter()
+            .filter_map(|module| Btf::parse(&Path::new("/sys/kernel/btf").join(module), Some(&vmlinux)))
+            .collect()
+    };
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| !vmlinux.has_func(name) && !modules.iter().any(|btf| btf.has_func(name)))
+        .collect();
+    drop(modules);
+    if !missing.is_empty() {
+        bail!(
+            "this kernel lacks the conntrack kfuncs {subcommand} needs ({}); it needs Linux 6.1 or later with conntrack and NAT (CONFIG_NF_CONNTRACK, CONFIG_NF_NAT)",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}

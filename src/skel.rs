@@ -22,3 +22,6 @@ pub mod proxy {
 pub mod sock_xlate {
     include!(concat!(env!("OUT_DIR"), "/sock_xlate.skel.rs"));
 }
+pub mod lb {
+    include!(concat!(env!("OUT_DIR"), "/lb.skel.rs"));
+}

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
 use crate::pin::{PinDir, PIN_ROOT};
-use crate::{clusterip, ipv6_hp, monitor, netns, proxy};
+use crate::{clusterip, ipv6_hp, lb, monitor, netns, proxy};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
@@ -15,6 +15,7 @@ fn is_ours(name: &str) -> bool {
         || monitor::PROGRAMS.contains(&name)
         || proxy::PROGRAMS.contains(&name)
         || clusterip::PROGRAMS.contains(&name)
+        || lb::PROGRAMS.contains(&name)
 }
 
 fn describe(pins: &PinDir) -> Result<Value> {
@@ -22,6 +23,7 @@ fn describe(pins: &PinDir) -> Result<Value> {
         ipv6_hp::SUBCOMMAND => ipv6_hp::describe_persisted(pins),
         proxy::SUBCOMMAND => proxy::describe_persisted(pins),
         clusterip::SUBCOMMAND => clusterip::describe_persisted(pins),
+        lb::SUBCOMMAND => lb::describe_persisted(pins),
         other => anyhow::bail!("unknown subcommand directory '{other}'"),
     }
 }
@@ -31,6 +33,7 @@ fn summarize(subcommand: &str, details: &Value) -> String {
         ipv6_hp::SUBCOMMAND => ipv6_hp::summarize(details),
         proxy::SUBCOMMAND => proxy::summarize(details),
         clusterip::SUBCOMMAND => clusterip::summarize(details),
+        lb::SUBCOMMAND => lb::summarize(details),
         _ => details.to_string(),
     }
 }
@@ -185,6 +188,11 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             pins.netns
         );
         removed += 1;
+        if pins.subcommand == lb::SUBCOMMAND && pins.netns == netns_key {
+            for line in lb::release_namespace(netns_key)? {
+                eprintln!("down: {line}");
+            }
+        }
     }
     if removed == 0 {
         eprintln!("down: nothing persisted to remove in network namespace {netns_key}");

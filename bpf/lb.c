@@ -1,0 +1,218 @@
+// SPDX-License-Identifier: GPL-2.0
+/* lb: an L4 load balancer on the kernel's conntrack. The first packet of a flow to a service
+ * VIP:PORT gets a conntrack entry made here, with destination NAT to a backend chosen by a
+ * hash of the flow and, by default, source NAT to this node's address towards that backend;
+ * from then on conntrack and NAT translate every packet of the flow, both ways. */
+#include "common.h"
+#include "parse.h"
+#include "lb.h"
+
+#define BPF_F_CURRENT_NETNS (-1)
+/* opts__sz the conntrack kfuncs accept on every kernel that has them (6.1+) */
+#define CT_OPTS_SZ 12
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_ACK 0x10
+
+struct nf_conn___init *bpf_skb_ct_alloc(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+					struct bpf_ct_opts *opts, __u32 opts__sz) __ksym;
+struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+				  struct bpf_ct_opts *opts, __u32 opts__sz) __ksym;
+struct nf_conn *bpf_ct_insert_entry(struct nf_conn___init *nfct) __ksym;
+void bpf_ct_release(struct nf_conn *nfct) __ksym;
+void bpf_ct_set_timeout(struct nf_conn___init *nfct, __u32 timeout) __ksym;
+int bpf_ct_set_nat_info(struct nf_conn___init *nfct, union nf_inet_addr *addr, int port,
+			enum nf_nat_manip_type manip) __ksym;
+
+/* Set by user space before load: seeds the flow hash. */
+volatile const __u32 hash_seed = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, LB_MAX_SERVICES);
+	__type(key, struct service_endpoint);
+	__type(value, struct service_range);
+} lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_backend);
+} lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_stats);
+} lb_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_counters);
+} lb_counters SEC(".maps");
+
+static __always_inline __u32 rol32(__u32 word, unsigned int shift)
+{
+	return (word << shift) | (word >> ((-shift) & 31));
+}
+
+/* Mixes one word into a running hash (murmur3's block step). */
+static __always_inline __u32 mix(__u32 hash, __u32 word)
+{
+	word *= 0xcc9e2d51;
+	word = rol32(word, 15);
+	word *= 0x1b873593;
+	hash ^= word;
+	hash = rol32(hash, 13);
+	return hash * 5 + 0xe6546b64;
+}
+
+/* The flow's client side decides its backend: the same flow always hashes the same, and
+ * different clients and ports spread evenly. */
+static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
+{
+	__u32 hash = hash_seed;
+
+	hash = mix(hash, pkt->saddr[0]);
+	hash = mix(hash, pkt->saddr[1]);
+	hash = mix(hash, pkt->saddr[2]);
+	hash = mix(hash, pkt->saddr[3]);
+	hash = mix(hash, ((__u32)pkt->sport << 16) | pkt->proto);
+	/* murmur3's finaliser: every input bit reaches every output bit */
+	hash ^= hash >> 16;
+	hash *= 0x85ebca6b;
+	hash ^= hash >> 13;
+	hash *= 0xc2b2ae35;
+	hash ^= hash >> 16;
+	return hash;
+}
+
+static __always_inline struct lb_counters *counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&lb_counters, &zero);
+}
+
+/* The conntrack tuple of the packet as it arrived (client -> VIP) and its size. */
+static __always_inline __u32 fill_tuple(const struct l4_packet *pkt, struct bpf_sock_tuple *tuple)
+{
+	__builtin_memset(tuple, 0, sizeof(*tuple));
+	if (pkt->family == AF_INET) {
+		tuple->ipv4.saddr = pkt->saddr[0];
+		tuple->ipv4.daddr = pkt->daddr[0];
+		tuple->ipv4.sport = pkt->sport;
+		tuple->ipv4.dport = pkt->dport;
+		return sizeof(tuple->ipv4);
+	}
+	__builtin_memcpy(tuple->ipv6.saddr, pkt->saddr, sizeof(tuple->ipv6.saddr));
+	__builtin_memcpy(tuple->ipv6.daddr, pkt->daddr, sizeof(tuple->ipv6.daddr));
+	tuple->ipv6.sport = pkt->sport;
+	tuple->ipv6.dport = pkt->dport;
+	return sizeof(tuple->ipv6);
+}
+
+static __always_inline void to_inet_addr(const __u32 *addr, __u8 family, union nf_inet_addr *out)
+{
+	__builtin_memset(out, 0, sizeof(*out));
+	if (family == AF_INET)
+		out->ip = addr[0];
+	else
+		__builtin_memcpy(out->ip6, addr, sizeof(out->ip6));
+}
+
+static __always_inline bool has_snat(const struct lb_backend *backend)
+{
+	return backend->snat_addr[0] | backend->snat_addr[1] | backend->snat_addr[2] | backend->snat_addr[3];
+}
+
+SEC("tc/ingress")
+int lb_ingress(struct __sk_buff *skb)
+{
+	struct bpf_ct_opts opts = { .netns_id = BPF_F_CURRENT_NETNS };
+	struct service_endpoint vip = {};
+	struct service_range *service, range;
+	struct lb_counters *count;
+	struct lb_backend *backend;
+	struct bpf_sock_tuple tuple;
+	struct nf_conn___init *fresh;
+	union nf_inet_addr addr;
+	struct l4_packet pkt;
+	struct nf_conn *ct;
+	struct lb_stats *stats;
+	__u32 tuple_sz, slot;
+
+	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
+		return TC_PASS_ON;
+	/* only a packet that can open a flow: a TCP SYN, any UDP datagram; conntrack knows
+	 * every later TCP packet by itself */
+	if (pkt.proto == IPPROTO_TCP && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return TC_PASS_ON;
+	__builtin_memcpy(vip.addr, pkt.daddr, sizeof(vip.addr));
+	vip.port = pkt.dport;
+	vip.family = pkt.family;
+	service = bpf_map_lookup_elem(&lb_services, &vip);
+	if (!service)
+		return TC_PASS_ON;
+	range = *service;
+	if (range.count == 0 || range.count > LB_MAX_BACKENDS_PER_SERVICE)
+		return TC_PASS_ON;
+	count = counters();
+	if (!count)
+		return TC_PASS_ON;
+
+	tuple_sz = fill_tuple(&pkt, &tuple);
+	opts.l4proto = pkt.proto;
+	ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
+	if (ct) {
+		bpf_ct_release(ct);
+		count->known_flows++;
+		return TC_PASS_ON;
+	}
+
+	slot = range.base + flow_hash(&pkt) % range.count;
+	backend = bpf_map_lookup_elem(&lb_backends, &slot);
+	if (!backend || backend->endpoint.family != pkt.family)
+		return TC_PASS_ON;
+
+	opts.netns_id = BPF_F_CURRENT_NETNS;
+	opts.l4proto = pkt.proto;
+	opts.error = 0;
+	fresh = bpf_skb_ct_alloc(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
+	if (!fresh) {
+		count->alloc_failed++;
+		return TC_PASS_ON;
+	}
+	bpf_ct_set_timeout(fresh, pkt.proto == IPPROTO_TCP ? LB_TCP_NEW_TIMEOUT_MS : LB_UDP_NEW_TIMEOUT_MS);
+	/* destination first: the source NAT then picks a port unique towards the backend */
+	to_inet_addr(backend->endpoint.addr, pkt.family, &addr);
+	if (bpf_ct_set_nat_info(fresh, &addr, bpf_ntohs(backend->endpoint.port), NF_NAT_MANIP_DST)) {
+		count->nat_failed++;
+		/* an entry can only leave through insertion: make it die at once */
+		bpf_ct_set_timeout(fresh, 1);
+	} else if (has_snat(backend)) {
+		to_inet_addr(backend->snat_addr, pkt.family, &addr);
+		/* port 0: keep the client's port unless that tuple is taken */
+		if (bpf_ct_set_nat_info(fresh, &addr, 0, NF_NAT_MANIP_SRC)) {
+			count->nat_failed++;
+			bpf_ct_set_timeout(fresh, 1);
+		}
+	}
+	ct = bpf_ct_insert_entry(fresh);
+	if (!ct) {
+		count->insert_failed++;
+		return TC_PASS_ON;
+	}
+	bpf_ct_release(ct);
+	count->new_flows++;
+	stats = bpf_map_lookup_elem(&lb_stats, &slot);
+	if (stats)
+		__sync_fetch_and_add(&stats->new_flows, 1);
+	return TC_PASS_ON;
+}
+
+char LICENSE[] SEC("license") = "GPL";

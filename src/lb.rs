@@ -1,0 +1,461 @@
+//! `ebpf-net lb`: an L4 load balancer on the kernel's conntrack. tc ingress creates a
+//! conntrack entry with destination NAT (and by default source NAT) for the first packet of
+//! each flow to a service; conntrack translates the rest of the flow both ways.
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::MapHandle;
+use serde_json::{json, Value};
+
+use crate::addr::{ip_to_words, Interface};
+use crate::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
+use crate::maps::{self, as_bytes};
+use crate::pin::PinDir;
+use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
+use crate::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
+use crate::skel::lb::{LbSkel, LbSkelBuilder};
+use crate::{nft, probe, run};
+
+pub const SUBCOMMAND: &str = "lb";
+pub const PROGRAMS: [&str; 1] = ["lb_ingress"];
+/// Every conntrack kfunc bpf/lb.c calls.
+const KFUNCS: [&str; 6] = [
+    "bpf_skb_ct_alloc",
+    "bpf_skb_ct_lookup",
+    "bpf_ct_insert_entry",
+    "bpf_ct_release",
+    "bpf_ct_set_timeout",
+    "bpf_ct_set_nat_info",
+];
+/// include/lb.h
+pub const LIMITS: Limits = Limits {
+    services: 65536,
+    backends_per_service: 16384,
+    backends: 131072,
+};
+const PIN_SERVICES: &str = "services";
+const PIN_BACKENDS: &str = "backends";
+const PIN_STATS: &str = "stats";
+const PIN_COUNTERS: &str = "counters";
+/// The nft table (family inet) lb adds when this namespace lacks conntrack and NAT hooks.
+/// Its comment records what lb changed, so the last lb to stop can undo exactly that.
+pub const NFT_TABLE: &str = "ebpf_net_lb";
+
+// SAFETY: plain C structs of integers from include/lb.h.
+unsafe impl plain::Plain for lb_backend {}
+unsafe impl plain::Plain for lb_stats {}
+unsafe impl plain::Plain for lb_counters {}
+
+crate::endpoint_conversions!(service_endpoint);
+
+#[derive(clap::Args, Debug)]
+pub struct LbArgs {
+    /// interface the clients' packets arrive on
+    #[arg(short = 'i', long = "interface", value_name = "IFACE")]
+    pub iface: String,
+    /// VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], repeatable; TCP and UDP; IPv6 in brackets
+    #[arg(long = "service", value_name = "VIP=BACKENDS", required = true)]
+    pub services: Vec<String>,
+    /// keep the client's address towards the backends (for a load balancer that is their
+    /// gateway); by default the source becomes this node's address towards each backend
+    #[arg(long)]
+    pub no_snat: bool,
+    /// attach, pin under /sys/fs/bpf/ebpf-net/lb/, print ready and exit; run again to update
+    /// the services in place
+    #[arg(long)]
+    pub persist: bool,
+}
+
+/// The address this namespace sends from towards `ip`: what masquerade would pick.
+fn source_towards(ip: IpAddr) -> Result<IpAddr> {
+    let any: SocketAddr = match ip {
+        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
+        IpAddr::V6(_) => "[::]:0".parse()?,
+    };
+    let socket = UdpSocket::bind(any)?;
+    socket
+        .connect(SocketAddr::new(ip, 9))
+        .with_context(|| format!("no route to backend {ip} from this network namespace"))?;
+    Ok(socket.local_addr()?.ip())
+}
+
+/// Each backend's table value: its endpoint and the source NAT address towards it.
+fn backend_values(services: &[Service], snat: bool) -> Result<HashMap<SocketAddr, Vec<u8>>> {
+    let mut values = HashMap::new();
+    for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
+        if values.contains_key(backend) {
+            continue;
+        }
+        let source = source_towards(backend.ip())?;
+        let value = lb_backend {
+            endpoint: (*backend).into(),
+            snat_addr: if snat { ip_to_words(source).1 } else { [0; 4] },
+        };
+        values.insert(*backend, as_bytes(&value).to_vec());
+    }
+    Ok(values)
+}
+
+fn load<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    pins: Option<&PinDir>,
+) -> Result<LbSkel<'obj>> {
+    let mut open = LbSkelBuilder::default()
+        .open(storage)
+        .context("opening the lb program")?;
+    let mut seed = [0u8; 4];
+    // SAFETY: a 4-byte buffer we own.
+    if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != seed.len() as isize {
+        bail!("getrandom failed: {}", std::io::Error::last_os_error());
+    }
+    open.maps
+        .rodata_data
+        .as_deref_mut()
+        .expect("lb.c declares constants")
+        .hash_seed = u32::from_ne_bytes(seed);
+    prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
+    if let Some(pins) = pins {
+        // libbpf reuses these when pinned already: a re-run updates the live tables
+        open.maps.lb_services.set_pin_path(pins.file(PIN_SERVICES))?;
+        open.maps.lb_backends.set_pin_path(pins.file(PIN_BACKENDS))?;
+        open.maps.lb_stats.set_pin_path(pins.file(PIN_STATS))?;
+        open.maps.lb_counters.set_pin_path(pins.file(PIN_COUNTERS))?;
+    }
+    open.load().context("loading the lb program")
+}
+
+fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
+    Ok(ServiceTables::new(
+        MapHandle::try_from(&skel.maps.lb_services)?,
+        MapHandle::try_from(&skel.maps.lb_backends)?,
+        MapHandle::try_from(&skel.maps.lb_stats)?,
+    ))
+}
+
+fn sync(
+    tables: &ServiceTables,
+    services: &[Service],
+    values: &HashMap<SocketAddr, Vec<u8>>,
+) -> Result<SyncReport> {
+    service::sync_services(tables, services, |backend| {
+        values.get(&backend).cloned().context("backend without a value")
+    })
+}
+
+/// Loads the program with `services` installed, nothing attached; for tests and benchmarks.
+pub fn load_with_services<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    services: &[Service],
+    snat: bool,
+) -> Result<LbSkel<'obj>> {
+    let values = backend_values(services, snat)?;
+    let skel = load(storage, None)?;
+    sync(&tables(&skel)?, services, &values)?;
+    Ok(skel)
+}
+
+/// What lb changed in this namespace, as recorded in its nft table's comment.
+fn recorded_changes() -> Option<Vec<String>> {
+    let listing = nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?;
+    let comment = listing
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("comment \""))
+        .map(|rest| rest.trim_end_matches('"').to_string())
+        .unwrap_or_default();
+    Some(comment.split_whitespace().map(str::to_string).collect())
+}
+
+/// Whether the ruleset already registers conntrack (a rule using `ct`) and NAT hooks at
+/// prerouting and postrouting for every family in `families` ("ip" / "ip6").
+fn hooks_present(ruleset: &Value, families: &[&str]) -> bool {
+    let items = ruleset["nftables"].as_array().cloned().unwrap_or_default();
+    let nat_chain = |family: &str, hook: &str| {
+        items.iter().any(|item| {
+            let chain = &item["chain"];
+            chain["type"] == "nat"
+                && chain["hook"] == hook
+                && (chain["family"] == family || chain["family"] == "inet")
+        })
+    };
+    let uses_ct = items.iter().any(|item| {
+        item.get("rule")
+            .is_some_and(|rule| rule.to_string().contains("{\"ct\":"))
+    });
+    uses_ct
+        && families
+            .iter()
+            .all(|family| nat_chain(family, "prerouting") && nat_chain(family, "postrouting"))
+}
+
+const FORWARDING: [(&str, &str, bool); 2] = [
+    ("ipv4-forwarding", "/proc/sys/net/ipv4/ip_forward", true),
+    ("ipv6-forwarding", "/proc/sys/net/ipv6/conf/all/forwarding", false),
+];
+
+/// Makes this namespace apply the entries lb creates: conntrack and NAT hooks (an nft table,
+/// only if none registers them yet) and forwarding towards backends that are not local (only
+/// if off). Returns what it did, for the log.
+fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
+    let mut log = Vec::new();
+    let mut changed = Vec::new();
+    for (name, path, v4) in FORWARDING {
+        let forwards = services
+            .iter()
+            .filter(|svc| svc.vip.is_ipv4() == v4)
+            .flat_map(|svc| svc.backends.iter())
+            .any(|backend| source_towards(backend.ip()).ok() != Some(backend.ip()));
+        if !forwards {
+            continue;
+        }
+        let family = if v4 { "IPv4" } else { "IPv6" };
+        let value = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
+        if value.trim() == "0" {
+            std::fs::write(path, "1").with_context(|| format!("enabling {family} forwarding ({path})"))?;
+            changed.push(name.to_string());
+            log.push(format!(
+                "enabled {family} forwarding in this namespace: backends are behind it (off again when the last lb stops)"
+            ));
+        } else {
+            log.push(format!("{family} forwarding already on"));
+        }
+    }
+
+    if let Some(previous) = recorded_changes() {
+        log.push(format!(
+            "conntrack and NAT hooks: table inet {NFT_TABLE} already there ({})",
+            previous.join(" ")
+        ));
+        return Ok(log);
+    }
+    let ruleset = nft::ruleset().context("conntrack and NAT hooks")?;
+    let mut families = Vec::new();
+    if services.iter().any(|svc| svc.vip.is_ipv4()) {
+        families.push("ip");
+    }
+    if services.iter().any(|svc| svc.vip.is_ipv6()) {
+        families.push("ip6");
+    }
+    let add_hooks = !hooks_present(&ruleset, &families);
+    if !add_hooks {
+        log.push("conntrack and NAT hooks already registered in this namespace; added none".into());
+        if changed.is_empty() {
+            return Ok(log);
+        }
+    }
+    if add_hooks {
+        changed.push("nat-hooks".into());
+    }
+    let chains = if add_hooks {
+        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }\n\
+         \x20 chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n\
+         \x20 chain conntrack { type filter hook prerouting priority -150; policy accept; ct state invalid counter; }\n"
+    } else {
+        ""
+    };
+    // the table also records what lb changed, for the last lb to undo
+    nft::apply(&format!(
+        "table inet {NFT_TABLE} {{\n  comment \"{}\"\n{chains}}}\n",
+        changed.join(" ")
+    ))?;
+    if add_hooks {
+        log.push(format!(
+            "registered conntrack and NAT hooks: nft table inet {NFT_TABLE} (removed when the last lb stops)"
+        ));
+    }
+    Ok(log)
+}
+
+/// Undoes what lb changed in this namespace, once no lb is left in it: forwarding it
+/// enabled and its nft table.
+pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
+    let persisted = PinDir::all()
+        .into_iter()
+        .any(|pins| pins.subcommand == SUBCOMMAND && pins.netns == netns_key);
+    let attached = Interface::all().iter().any(|iface| {
+        attach::tcx_programs(iface.index, TcDirection::Ingress)
+            .unwrap_or_default()
+            .iter()
+            .any(|prog| PROGRAMS.contains(&prog.name.as_str()))
+    });
+    let Some(changes) = recorded_changes() else {
+        return Ok(Vec::new());
+    };
+    if persisted || attached {
+        return Ok(vec![format!(
+            "another lb still runs here: kept nft table inet {NFT_TABLE}"
+        )]);
+    }
+    let mut log = Vec::new();
+    for (name, path, v4) in FORWARDING {
+        if changes.iter().any(|change| change == name) {
+            std::fs::write(path, "0").with_context(|| format!("restoring {path}"))?;
+            log.push(format!(
+                "turned {} forwarding off again",
+                if v4 { "IPv4" } else { "IPv6" }
+            ));
+        }
+    }
+    nft::run(&["delete", "table", "inet", NFT_TABLE])?;
+    log.push(format!("removed nft table inet {NFT_TABLE}"));
+    Ok(log)
+}
+
+pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
+    let services = service::parse_services(&args.services, LIMITS)?;
+    probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
+    let iface = Interface::by_name(&args.iface)?;
+    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
+    let values = backend_values(&services, !args.no_snat)?;
+    if args.persist {
+        return persist(&services, &values, &iface, &pins);
+    }
+    if pins.exists() {
+        bail!(
+            "lb is persisted on {} (see `ebpf-net status`); run `ebpf-net down lb -i {}` first",
+            iface.name,
+            iface.name
+        );
+    }
+    let mut object = MaybeUninit::uninit();
+    let skel = load(&mut object, None)?;
+    let tables = tables(&skel)?;
+    sync(&tables, &services, &values)?;
+    let setup = prepare_namespace(&services)?;
+    let attachment = match TcxAttachment::attach(&skel.progs.lb_ingress, &iface, TcDirection::Ingress) {
+        Ok(attachment) => attachment,
+        Err(err) => {
+            let _ = release_namespace(netns_key);
+            return Err(err);
+        }
+    };
+    for line in &setup {
+        eprintln!("{SUBCOMMAND}: {line}");
+    }
+    let shutdown = run::Shutdown::install()?;
+    run::announce_ready(
+        SUBCOMMAND,
+        &format!(
+            "{}: {}{}",
+            iface.name,
+            service::describe(&services),
+            snat_note(args.no_snat)
+        ),
+    );
+    shutdown.wait();
+    drop(attachment);
+    let report = service_report(&tables)?;
+    for entry in report.iter().take(20) {
+        eprintln!("{SUBCOMMAND}: {}", service::summarize_service(entry, counters));
+    }
+    let totals: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
+    eprintln!("{SUBCOMMAND}: {}", describe_counters(&totals));
+    for line in release_namespace(netns_key)? {
+        eprintln!("{SUBCOMMAND}: {line}");
+    }
+    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
+    Ok(())
+}
+
+fn snat_note(no_snat: bool) -> &'static str {
+    if no_snat {
+        " (client addresses kept)"
+    } else {
+        " (source NAT to this node)"
+    }
+}
+
+fn persist(
+    services: &[Service],
+    values: &HashMap<SocketAddr, Vec<u8>>,
+    iface: &Interface,
+    pins: &PinDir,
+) -> Result<()> {
+    let fresh = !pins.exists();
+    pins.create()?;
+    let result = (|| -> Result<(bool, SyncReport, Vec<String>)> {
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, Some(pins))?;
+        // the tables are right before the (new) program sees a packet
+        let report = sync(&tables(&skel)?, services, values)?;
+        let setup = prepare_namespace(services)?;
+        let updated = attach::attach_or_update_pinned(
+            &skel.progs.lb_ingress,
+            iface,
+            TcDirection::Ingress,
+            &pins.link_file(TcDirection::Ingress),
+        )?;
+        Ok((updated, report, setup))
+    })();
+    if result.is_err() && fresh {
+        let _ = pins.remove();
+        let _ = release_namespace(&pins.netns);
+    }
+    let (updated, report, setup) = result?;
+    for line in &setup {
+        eprintln!("{SUBCOMMAND}: {line}");
+    }
+    let verb = if updated { "updated in place" } else { "pinned" };
+    run::announce_ready(
+        SUBCOMMAND,
+        &format!(
+            "{verb}: {}: {} ({report})",
+            iface.name,
+            service::describe(services)
+        ),
+    );
+    Ok(())
+}
+
+fn service_report(tables: &ServiceTables) -> Result<Vec<Value>> {
+    service::service_report(tables, |bytes| {
+        let stats: lb_stats = maps::from_bytes("lb counters", bytes)?;
+        let mut fields = serde_json::Map::new();
+        fields.insert("new_flows".into(), json!(stats.new_flows));
+        Ok(fields)
+    })
+}
+
+fn counters(backend: &Value) -> String {
+    format!("{} new flows", backend["new_flows"])
+}
+
+fn describe_counters(totals: &lb_counters) -> String {
+    format!(
+        "conntrack entries created {}, flow openers already tracked {}, failed: alloc {} nat {} insert {}",
+        totals.new_flows, totals.known_flows, totals.alloc_failed, totals.nat_failed, totals.insert_failed
+    )
+}
+
+/// What `status` shows of one persisted lb directory.
+pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
+    let tables = ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?;
+    let counters_map = MapHandle::from_pinned_path(pins.file(PIN_COUNTERS))?;
+    let totals: lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
+    Ok(json!({
+        "services": service_report(&tables)?,
+        "counters": {
+            "new_flows": totals.new_flows,
+            "known_flows": totals.known_flows,
+            "alloc_failed": totals.alloc_failed,
+            "nat_failed": totals.nat_failed,
+            "insert_failed": totals.insert_failed,
+        },
+    }))
+}
+
+pub fn summarize(details: &Value) -> String {
+    let c = &details["counters"];
+    format!(
+        "{}; conntrack entries created {}, failed {}",
+        service::summarize_report(&details["services"], counters),
+        c["new_flows"],
+        c["alloc_failed"].as_u64().unwrap_or(0)
+            + c["nat_failed"].as_u64().unwrap_or(0)
+            + c["insert_failed"].as_u64().unwrap_or(0)
+    )
+}

@@ -1,0 +1,476 @@
+//! lb end to end: a client netns, the load balancer's netns, and three backend netns each
+//! routed through the load balancer; the VIPs exist nowhere, so without lb nothing answers.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use common::servers::{
+    tcp_talk, udp_request, udp_socket_for, Greeting, TcpEchoServer, UdpEchoServer, TIMEOUT,
+};
+use common::topology::{veth, Daemon, Netns, BIN};
+use serde_json::Value;
+
+const VIP4: &str = "10.96.0.1:80";
+const VIP6: &str = "[fd96::1]:80";
+const CLIENT4: &str = "10.10.0.1";
+const CLIENT6: &str = "fd10::1";
+
+struct Lab {
+    client: Netns,
+    lb: Netns,
+    backends4: Vec<SocketAddr>,
+    backends6: Vec<SocketAddr>,
+    _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
+    _backends: Vec<Netns>,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Self {
+        let client = Netns::new(&format!("{tag}-c"));
+        let lb = Netns::new(&format!("{tag}-lb"));
+        veth(&client, "eth0", &lb, "eth0");
+        client.exec(&format!(
+            "ip addr add {CLIENT4}/24 dev eth0 && ip addr add {CLIENT6}/64 dev eth0 nodad && \
+             ip route add default via 10.10.0.2 && ip route add default via fd10::2"
+        ));
+        lb.exec("ip addr add 10.10.0.2/24 dev eth0 && ip addr add fd10::2/64 dev eth0 nodad");
+        let mut backends = Vec::new();
+        let mut servers = Vec::new();
+        let (mut backends4, mut backends6) = (Vec::new(), Vec::new());
+        for i in 0..3 {
+            let backend = Netns::new(&format!("{tag}-b{i}"));
+            veth(&lb, &format!("b{i}"), &backend, "eth0");
+            lb.exec(&format!(
+                "ip addr add 10.2{i}.0.1/24 dev b{i} && ip addr add fd2{i}::1/64 dev b{i} nodad"
+            ));
+            // routed back through the load balancer, so --no-snat works too
+            backend.exec(&format!(
+                "ip addr add 10.2{i}.0.2/24 dev eth0 && ip addr add fd2{i}::2/64 dev eth0 nodad && \
+                 ip route add default via 10.2{i}.0.1 && ip route add default via fd2{i}::1"
+            ));
+            for bind in [format!("10.2{i}.0.2:8080"), format!("[fd2{i}::2]:8080")] {
+                let bind: SocketAddr = bind.parse().unwrap();
+                servers.push((
+                    TcpEchoServer::start(&backend, bind),
+                    UdpEchoServer::start(&backend, bind),
+                ));
+                if bind.is_ipv4() {
+                    &mut backends4
+                } else {
+                    &mut backends6
+                }
+                .push(bind);
+            }
+            backends.push(backend);
+        }
+        Self {
+            client,
+            lb,
+            backends4,
+            backends6,
+            _servers: servers,
+            _backends: backends,
+        }
+    }
+
+    fn args(&self, backends4: &[SocketAddr], extra: &[&str]) -> Vec<String> {
+        let list = |backends: &[SocketAddr]| {
+            backends
+                .iter()
+                .map(|b| b.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut args: Vec<String> = vec![
+            "lb".into(),
+            "-i".into(),
+            "eth0".into(),
+            "--service".into(),
+            format!("{VIP4}={}", list(backends4)),
+            "--service".into(),
+            format!("{VIP6}={}", list(&self.backends6)),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn start(&self, args: &[String]) -> Daemon {
+        self.lb
+            .ebpf_net_daemon(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn ebpf_net(&self, args: &[String]) -> std::process::Output {
+        self.lb
+            .ebpf_net(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn tcp(&self, target: SocketAddr, data: &[u8]) -> (Greeting, SocketAddr) {
+        let stream = self
+            .client
+            .enter(|| TcpStream::connect_timeout(&target, TIMEOUT))
+            .unwrap_or_else(|err| panic!("connect {target}: {err}"));
+        let peer = stream.peer_addr().unwrap();
+        (tcp_talk(&stream, data), peer)
+    }
+
+    fn udp(&self, target: SocketAddr) -> (Greeting, SocketAddr) {
+        let socket = self.client.enter(|| udp_socket_for(target));
+        udp_request(&socket, Some(target))
+    }
+}
+
+fn vip(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// The address lb source-NATs to towards a backend: its own end of that backend's link.
+fn lb_side(backend: SocketAddr) -> std::net::IpAddr {
+    let text = backend.ip().to_string();
+    let own = if backend.is_ipv4() {
+        text.replace(".0.2", ".0.1")
+    } else {
+        text.replace("::2", "::1")
+    };
+    own.parse().unwrap()
+}
+
+#[test]
+fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
+    let lab = Lab::new("lbt");
+    let daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let bulk: Vec<u8> = (0..10 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    for (vip_text, backends) in [(VIP4, &lab.backends4), (VIP6, &lab.backends6)] {
+        let target = vip(vip_text);
+        let (greeting, peer) = lab.tcp(target, b"request");
+        assert!(
+            backends.contains(&greeting.server),
+            "TCP {vip_text} answered by {}",
+            greeting.server
+        );
+        assert_eq!(peer, target);
+        // source NAT: the backend sees the load balancer's address towards it
+        assert_eq!(
+            greeting.seen.ip(),
+            lb_side(greeting.server),
+            "TCP {vip_text}: {greeting:?}"
+        );
+        let (greeting, from) = lab.udp(target);
+        assert!(
+            backends.contains(&greeting.server),
+            "UDP {vip_text} answered by {}",
+            greeting.server
+        );
+        assert_eq!(from, target, "UDP reply to {vip_text} came from {from}");
+        assert_eq!(greeting.seen.ip(), lb_side(greeting.server));
+        let (greeting, _) = lab.tcp(target, &bulk);
+        assert!(backends.contains(&greeting.server));
+    }
+    let entries = lab.lb.exec("conntrack -L 2>/dev/null");
+    for needle in [
+        "dst=10.96.0.1 sport=",
+        "dport=80 src=10.2",
+        "dst=fd96::1 sport=",
+        "dport=80 src=fd2",
+    ] {
+        assert!(
+            entries.contains(needle),
+            "no '{needle}' in conntrack -L:\n{entries}"
+        );
+    }
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("registered conntrack and NAT hooks")),
+        "{log:?}"
+    );
+    // what it added is gone again
+    assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"));
+    assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "0");
+    assert_eq!(lab.lb.exec("sysctl -n net.ipv6.conf.all.forwarding").trim(), "0");
+}
+
+#[test]
+fn six_hundred_connections_spread_over_three_backends() {
+    let lab = Lab::new("lbs");
+    let _daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let mut per_backend: HashMap<SocketAddr, usize> = HashMap::new();
+    for n in 0..600 {
+        let (greeting, _) = lab.tcp(vip(VIP4), format!("c{n}").as_bytes());
+        *per_backend.entry(greeting.server).or_default() += 1;
+    }
+    for backend in &lab.backends4 {
+        let share = per_backend.get(backend).copied().unwrap_or(0) as f64 / 600.0;
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{backend}: {share:.3} ({per_backend:?})"
+        );
+    }
+}
+
+#[test]
+fn without_source_nat_backends_see_the_client() {
+    let lab = Lab::new("lbn");
+    let _daemon = lab.start(&lab.args(&lab.backends4, &["--no-snat"]));
+    let (greeting, _) = lab.tcp(vip(VIP4), b"hello");
+    assert_eq!(greeting.seen.ip().to_string(), CLIENT4);
+    let (greeting, from) = lab.udp(vip(VIP6));
+    assert_eq!(greeting.seen.ip().to_string(), CLIENT6);
+    assert_eq!(from, vip(VIP6));
+}
+
+fn status_backends(lab: &Lab) -> Vec<(SocketAddr, u64)> {
+    let output = lab.ebpf_net(&["status".into(), "--json".into()]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entry = report["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["subcommand"] == "lb" && e["netns"] == lab.lb.name.as_str())
+        .cloned()
+        .expect("lb in status");
+    assert_eq!(entry["state"], "active", "{entry}");
+    let service = entry["details"]["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["vip"] == VIP4)
+        .cloned()
+        .expect("v4 service");
+    service["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["backend"].as_str().unwrap().parse().unwrap(),
+                b["new_flows"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A connection that exchanges numbered lines and checks each echo.
+struct Chatter {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    sent: usize,
+}
+
+impl Chatter {
+    fn open(lab: &Lab) -> (Self, Greeting) {
+        let stream = lab
+            .client
+            .enter(|| TcpStream::connect_timeout(&vip(VIP4), TIMEOUT))
+            .unwrap();
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let chatter = Self {
+            reader,
+            writer: stream,
+            sent: 0,
+        };
+        (chatter, line.parse().unwrap())
+    }
+
+    fn exchange(&mut self) {
+        let message = format!("message {}\n", self.sent);
+        self.writer
+            .write_all(message.as_bytes())
+            .expect("sending on the long connection");
+        let mut echo = String::new();
+        self.reader
+            .read_line(&mut echo)
+            .expect("echo on the long connection");
+        assert_eq!(
+            echo, message,
+            "the long connection broke after {} messages",
+            self.sent
+        );
+        self.sent += 1;
+    }
+}
+
+#[test]
+fn a_long_connection_survives_updates_removing_another_backend_and_its_own() {
+    let lab = Lab::new("lbl");
+    let all = lab.backends4.clone();
+    let output = lab.ebpf_net(&lab.args(&all, &["--persist"]));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(status_backends(&lab).len(), 3);
+
+    let (mut chatter, greeting) = Chatter::open(&lab);
+    let own = greeting.server;
+    let other = *all.iter().find(|b| **b != own).unwrap();
+    // first another backend goes, then the connection's own
+    let stages = [
+        all.iter().copied().filter(|b| *b != other).collect::<Vec<_>>(),
+        all.iter()
+            .copied()
+            .filter(|b| *b != other && *b != own)
+            .collect::<Vec<_>>(),
+    ];
+    let start = Instant::now();
+    let mut applied = 0;
+    while start.elapsed() < Duration::from_secs(5) {
+        chatter.exchange();
+        let due = [Duration::from_millis(1500), Duration::from_millis(3000)];
+        if applied < stages.len() && start.elapsed() > due[applied] {
+            let output = lab.ebpf_net(&lab.args(&stages[applied], &["--persist"]));
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(
+                output.status.success() && stderr.contains("updated in place"),
+                "{stderr}"
+            );
+            let listed: Vec<SocketAddr> = status_backends(&lab).iter().map(|(b, _)| *b).collect();
+            assert_eq!(listed, stages[applied]);
+            applied += 1;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(applied, 2);
+    assert!(chatter.sent >= 40, "only {} messages in 5 s", chatter.sent);
+    // conntrack still holds the long connection on its backend, which is gone from the table
+    let entries = lab.lb.exec("conntrack -L -p tcp --dport 80 2>/dev/null");
+    assert!(entries.contains(&format!("src={} ", own.ip())), "{entries}");
+
+    let remaining = stages[1][0];
+    for _ in 0..20 {
+        let (greeting, _) = lab.tcp(vip(VIP4), b"after");
+        assert_eq!(
+            greeting.server, remaining,
+            "a removed backend got a new connection"
+        );
+    }
+    let new_flows: u64 = status_backends(&lab).iter().map(|(_, n)| n).sum();
+    assert!(
+        new_flows >= 20,
+        "counted {new_flows} new flows for the remaining backend"
+    );
+    let output = lab.ebpf_net(&["down".into(), "lb".into()]);
+    assert!(output.status.success());
+    assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"));
+    assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "0");
+}
+
+#[test]
+fn existing_conntrack_and_nat_hooks_are_used_and_left_alone() {
+    let lab = Lab::new("lbh");
+    lab.lb.exec(
+        "nft add table inet mine && \
+         nft add chain inet mine pre \"{ type nat hook prerouting priority dstnat; }\" && \
+         nft add chain inet mine post \"{ type nat hook postrouting priority srcnat; }\" && \
+         nft add rule inet mine pre ct state new counter && \
+         sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+    );
+    let daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let (greeting, _) = lab.tcp(vip(VIP4), b"hello");
+    assert!(lab.backends4.contains(&greeting.server));
+    let (_, log) = daemon.stop();
+    assert!(log.iter().any(|l| l.contains("already registered")), "{log:?}");
+    let tables = lab.lb.exec("nft list tables");
+    assert!(
+        tables.contains("inet mine") && !tables.contains("ebpf_net_lb"),
+        "{tables}"
+    );
+    assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "1");
+}
+
+/// A raw BTF blob with one integer type and no functions: a kernel without the kfuncs.
+fn btf_without_kfuncs() -> Vec<u8> {
+    let strings = b"\0int\0";
+    let mut types = Vec::new();
+    types.extend_from_slice(&1u32.to_le_bytes()); // name_off "int"
+    types.extend_from_slice(&(1u32 << 24).to_le_bytes()); // BTF_KIND_INT
+    types.extend_from_slice(&4u32.to_le_bytes()); // size
+    types.extend_from_slice(&32u32.to_le_bytes()); // 32 bits
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&0xeb9fu16.to_le_bytes());
+    blob.extend_from_slice(&[1, 0]); // version, flags
+    blob.extend_from_slice(&24u32.to_le_bytes()); // hdr_len
+    blob.extend_from_slice(&0u32.to_le_bytes()); // type_off
+    blob.extend_from_slice(&(types.len() as u32).to_le_bytes());
+    blob.extend_from_slice(&(types.len() as u32).to_le_bytes()); // str_off
+    blob.extend_from_slice(&(strings.len() as u32).to_le_bytes());
+    blob.extend_from_slice(&types);
+    blob.extend_from_slice(strings);
+    blob
+}
+
+#[test]
+fn bad_input_is_one_line_and_attaches_nothing() {
+    let lab = Lab::new("lbb");
+    let btf = std::env::temp_dir().join(format!("ebpf-net-nokfunc-{}.btf", std::process::id()));
+    std::fs::write(&btf, btf_without_kfuncs()).unwrap();
+    let good = format!("{VIP4}={}", lab.backends4[0]);
+    let cases: Vec<(Vec<&str>, &str, bool)> = vec![
+        (
+            vec!["lb", "-i", "eth0", "--service", "10.96.0.1:80"],
+            "expected VIP:PORT=BACKEND:PORT",
+            false,
+        ),
+        (
+            vec!["lb", "-i", "eth0", "--service", "10.96.0.1:80=10.20.0.2"],
+            "is not IP:PORT",
+            false,
+        ),
+        (
+            vec!["lb", "-i", "eth0", "--service", &good, "--service", &good],
+            "given twice",
+            false,
+        ),
+        (
+            vec!["lb", "-i", "nosuch0", "--service", &good],
+            "unknown interface 'nosuch0'",
+            false,
+        ),
+        (
+            vec!["lb", "-i", "eth0", "--service", "10.96.0.1:80=192.0.2.1:80"],
+            "no route to backend",
+            false,
+        ),
+        (
+            vec!["lb", "-i", "eth0", "--service", &good],
+            "lacks the conntrack kfuncs",
+            true,
+        ),
+    ];
+    for (args, needle, without_kfuncs) in cases {
+        let mut command = std::process::Command::new(BIN);
+        command.arg("--netns").arg(&lab.lb.name).args(&args);
+        if without_kfuncs {
+            command.env("EBPF_NET_KERNEL_BTF", &btf);
+        }
+        let output = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        let status: Value = serde_json::from_slice(&lab.lb.ebpf_net(&["status", "--json"]).stdout).unwrap();
+        assert_eq!(
+            status["attached"],
+            serde_json::json!([]),
+            "{args:?} left a program attached"
+        );
+        assert!(
+            !lab.lb.exec("nft list tables").contains("ebpf_net_lb"),
+            "{args:?} left its nft table"
+        );
+        assert_eq!(
+            lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(),
+            "0",
+            "{args:?} left forwarding on"
+        );
+    }
+    let _ = std::fs::remove_file(btf);
+}
