@@ -34,6 +34,7 @@ bench: setup
 	$(CARGO) bench --bench per_packet
 	$(CARGO) bench --bench proxy_paths
 	$(CARGO) bench --bench service_paths
+	$(CARGO) bench --bench lb_paths
 
 clean:
 	rm -rf build

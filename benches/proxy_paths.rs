@@ -6,12 +6,10 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
+use common::bench::{connect_rate, iperf3, median, IperfServer};
 use common::servers::AcceptServer;
 use common::topology::{veth, Netns};
-use socket2::{Domain, Protocol, Socket, Type};
 
 const ROUNDS: usize = 5;
 const CONNECT_SECS: f64 = 1.5;
@@ -40,57 +38,6 @@ const PATHS: [Path; 3] = [
     },
 ];
 
-/// Connections per second and median connect latency (µs), bounded by `secs`. Each
-/// connection is torn down by RST (SO_LINGER 0), as load generators do, so TIME_WAIT does
-/// not run out of ports.
-fn connect_rate(client: &Netns, addr: &str, secs: f64) -> (f64, f64) {
-    let target: SocketAddr = format!("{addr}:7000").parse().unwrap();
-    client.enter(|| {
-        let start = Instant::now();
-        let mut latencies = Vec::new();
-        while start.elapsed().as_secs_f64() < secs && latencies.len() < 200_000 {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            socket.set_linger(Some(Duration::ZERO)).unwrap();
-            let began = Instant::now();
-            socket
-                .connect_timeout(&target.into(), Duration::from_secs(2))
-                .expect("connect");
-            latencies.push(began.elapsed().as_secs_f64() * 1e6);
-        }
-        let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
-        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        (rate, latencies[latencies.len() / 2])
-    })
-}
-
-/// Gbit/s received by the server over one iperf3 run.
-fn throughput(client: &Netns, addr: &str) -> f64 {
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &client.name,
-            "iperf3",
-            "-c",
-            addr,
-            "-t",
-            &IPERF_SECS.to_string(),
-            "-J",
-        ])
-        .output()
-        .expect("iperf3");
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
-    report["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("iperf3 result")
-        / 1e9
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
-
 /// Runs `measure` with the path's rewrite in place, and takes it away again.
 fn with_path<T>(client: &Netns, path: &Path, measure: impl FnOnce() -> T) -> T {
     match path.name {
@@ -117,15 +64,6 @@ fn with_path<T>(client: &Netns, path: &Path, measure: impl FnOnce() -> T) -> T {
     }
 }
 
-struct Iperf(Child);
-
-impl Drop for Iperf {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() {
     let client = Netns::new("bench-c");
     let server = Netns::new("bench-s");
@@ -139,15 +77,7 @@ fn main() {
          sysctl -qw net.core.somaxconn=4096 net.ipv4.tcp_max_syn_backlog=4096"
     ));
     let _accept = AcceptServer::start(&server, format!("{SERVER}:7000").parse().unwrap());
-    let _iperf = Iperf(
-        Command::new("ip")
-            .args(["netns", "exec", &server.name, "iperf3", "-s", "-B", SERVER])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 -s"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let _iperf = IperfServer::start(&server, SERVER, 5201);
 
     let mut rates = vec![Vec::new(); PATHS.len()];
     let mut latencies = vec![Vec::new(); PATHS.len()];
@@ -157,9 +87,10 @@ fn main() {
         for i in (0..PATHS.len()).map(|k| (k + round) % PATHS.len()) {
             let path = &PATHS[i];
             let (rate, latency, bulk) = with_path(&client, path, || {
-                connect_rate(&client, path.addr, WARMUP_SECS); // discarded
-                let (rate, latency) = connect_rate(&client, path.addr, CONNECT_SECS);
-                (rate, latency, throughput(&client, path.addr))
+                let target: SocketAddr = format!("{}:7000", path.addr).parse().unwrap();
+                connect_rate(&client, target, WARMUP_SECS); // discarded
+                let sample = connect_rate(&client, target, CONNECT_SECS);
+                (sample.rate, sample.p50, iperf3(&client, path.addr, 5201, IPERF_SECS))
             });
             rates[i].push(rate);
             latencies[i].push(latency);

@@ -9,12 +9,12 @@ mod common;
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use common::bench::{connect_rate, median, paired_ratio, Sample};
 use common::cgroup::TestCgroup;
 use common::servers::AcceptServer;
 use common::topology::{veth, Daemon, Netns};
-use socket2::{Domain, Protocol, Socket, Type};
 
 const SIZES: [usize; 3] = [1, 1000, 10_000];
 const ROUNDS: usize = 15;
@@ -61,46 +61,6 @@ impl Drop for InCgroup {
             std::process::id().to_string(),
         );
     }
-}
-
-struct Sample {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-/// Connections per second and connect latency percentiles (µs), bounded by `secs`. Torn
-/// down by RST (SO_LINGER 0), as load generators do, so TIME_WAIT does not run out of ports.
-fn connect_rate(client: &Netns, target: SocketAddr, secs: f64) -> Sample {
-    client.enter(|| {
-        // one CPU for the client: fewer migrations, less noise between rounds
-        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        }
-        let start = Instant::now();
-        let mut latencies = Vec::new();
-        while start.elapsed().as_secs_f64() < secs && latencies.len() < 200_000 {
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
-            socket.set_linger(Some(Duration::ZERO)).unwrap();
-            let began = Instant::now();
-            socket
-                .connect_timeout(&target.into(), Duration::from_secs(2))
-                .expect("connect");
-            latencies.push(began.elapsed().as_secs_f64() * 1e6);
-        }
-        let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
-        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
-        Sample {
-            rate,
-            p50: latencies[latencies.len() / 2],
-            p99: latencies[latencies.len() * 99 / 100],
-            max: latencies[latencies.len() - 1],
-        }
-    })
 }
 
 /// kube-proxy's nftables layout: a verdict map from VIP . protocol . port to a service
@@ -221,11 +181,6 @@ fn with_path<T>(
     }
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
-
 fn main() {
     let client = Netns::new("bench-c");
     let server = Netns::new("bench-s");
@@ -276,15 +231,8 @@ fn main() {
     for (row, &services) in SIZES.iter().enumerate() {
         let rate = |i: usize| median(rows[row][i].iter().map(|s| s.rate).collect());
         // each round's rate over the same round's direct rate: drift between rounds cancels
-        let vs_direct = |i: usize| {
-            median(
-                rows[row][i]
-                    .iter()
-                    .zip(&rows[row][0])
-                    .map(|(path, direct)| path.rate / direct.rate)
-                    .collect(),
-            )
-        };
+        let rates = |i: usize| rows[row][i].iter().map(|s| s.rate).collect::<Vec<_>>();
+        let vs_direct = |i: usize| paired_ratio(&rates(i), &rates(0));
         for (i, path) in PATHS.iter().enumerate() {
             println!(
                 "| {services} | {path} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {:.2} |",
@@ -299,13 +247,8 @@ fn main() {
     }
     let clusterip = |row: usize| median(rows[row][1].iter().map(|s| s.rate).collect());
     let paired = |row: usize| {
-        median(
-            rows[row][1]
-                .iter()
-                .zip(&rows[row][0])
-                .map(|(path, direct)| path.rate / direct.rate)
-                .collect(),
-        )
+        let rates = |i: usize| rows[row][i].iter().map(|s| s.rate).collect::<Vec<_>>();
+        paired_ratio(&rates(1), &rates(0))
     };
     println!();
     for (row, &services) in SIZES.iter().enumerate() {

@@ -20,6 +20,7 @@ struct nf_conn *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *
 struct nf_conn *bpf_ct_insert_entry(struct nf_conn___init *nfct) __ksym;
 void bpf_ct_release(struct nf_conn *nfct) __ksym;
 void bpf_ct_set_timeout(struct nf_conn___init *nfct, __u32 timeout) __ksym;
+int bpf_ct_change_timeout(struct nf_conn *nfct, __u32 timeout) __ksym;
 int bpf_ct_set_nat_info(struct nf_conn___init *nfct, union nf_inet_addr *addr, int port,
 			enum nf_nat_manip_type manip) __ksym;
 
@@ -169,9 +170,31 @@ int lb_ingress(struct __sk_buff *skb)
 	opts.l4proto = pkt.proto;
 	ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
 	if (ct) {
+		/*
+		 * A SYN on an entry of a closed connection (a client reusing its port soon after
+		 * an RST or FIN) makes conntrack drop that entry and start a new one of its own,
+		 * without our NAT. Expire it here instead; the second lookup removes it.
+		 */
+		bool reopened = pkt.proto == IPPROTO_TCP && ct->proto.tcp.state >= TCP_CONNTRACK_TIME_WAIT &&
+				ct->proto.tcp.state <= TCP_CONNTRACK_CLOSE;
+
+		if (reopened)
+			bpf_ct_change_timeout(ct, 0);
 		bpf_ct_release(ct);
-		count->known_flows++;
-		return TC_PASS_ON;
+		if (!reopened) {
+			count->known_flows++;
+			return TC_PASS_ON;
+		}
+		count->reopened++;
+		opts.netns_id = BPF_F_CURRENT_NETNS;
+		opts.l4proto = pkt.proto;
+		opts.error = 0;
+		ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
+		if (ct) {
+			bpf_ct_release(ct);
+			count->insert_failed++;
+			return TC_PASS_ON;
+		}
 	}
 
 	slot = range.base + flow_hash(&pkt) % range.count;

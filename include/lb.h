@@ -28,6 +28,7 @@ struct lb_stats {
 struct lb_counters {
 	__u64 new_flows;     /* conntrack entries created */
 	__u64 known_flows;   /* a flow opener conntrack already knew: SYN retransmit, later UDP */
+	__u64 reopened;      /* a SYN on the entry of a closed connection, replaced by a new one */
 	__u64 alloc_failed;  /* bpf_skb_ct_alloc returned nothing (table full, bad tuple) */
 	__u64 nat_failed;    /* bpf_ct_set_nat_info failed; entry inserted with a 1 ms life */
 	__u64 insert_failed; /* lost a race with another CPU inserting the same flow */

@@ -23,12 +23,13 @@ use crate::{nft, probe, run};
 pub const SUBCOMMAND: &str = "lb";
 pub const PROGRAMS: [&str; 1] = ["lb_ingress"];
 /// Every conntrack kfunc bpf/lb.c calls.
-const KFUNCS: [&str; 6] = [
+const KFUNCS: [&str; 7] = [
     "bpf_skb_ct_alloc",
     "bpf_skb_ct_lookup",
     "bpf_ct_insert_entry",
     "bpf_ct_release",
     "bpf_ct_set_timeout",
+    "bpf_ct_change_timeout",
     "bpf_ct_set_nat_info",
 ];
 /// include/lb.h
@@ -169,26 +170,44 @@ fn recorded_changes() -> Option<Vec<String>> {
     Some(comment.split_whitespace().map(str::to_string).collect())
 }
 
-/// Whether the ruleset already registers conntrack (a rule using `ct`) and NAT hooks at
-/// prerouting and postrouting for every family in `families` ("ip" / "ip6").
-fn hooks_present(ruleset: &Value, families: &[&str]) -> bool {
-    let items = ruleset["nftables"].as_array().cloned().unwrap_or_default();
-    let nat_chain = |family: &str, hook: &str| {
-        items.iter().any(|item| {
-            let chain = &item["chain"];
-            chain["type"] == "nat"
-                && chain["hook"] == hook
-                && (chain["family"] == family || chain["family"] == "inet")
-        })
-    };
-    let uses_ct = items.iter().any(|item| {
-        item.get("rule")
-            .is_some_and(|rule| rule.to_string().contains("{\"ct\":"))
-    });
-    uses_ct
-        && families
+/// Which hooks this namespace still lacks for `families` ("ip" / "ip6"): NAT (nat chains
+/// at prerouting and postrouting) and conntrack (a rule using `ct` or NAT in one of those
+/// chains). Lists chains, then only the rules of nat base chains: listing a whole ruleset
+/// of a busy node (thousands of service chains) takes seconds.
+fn missing_hooks(families: &[&str]) -> Result<(bool, bool)> {
+    let chains = nft::run(&["-j", "list", "chains"])?;
+    let chains: Value = serde_json::from_str(&chains).context("parsing `nft -j list chains`")?;
+    let nat_chains: Vec<Value> = chains["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.get("chain"))
+        .filter(|chain| chain["type"] == "nat")
+        .cloned()
+        .collect();
+    let covers = |family: &str, hook: &str| {
+        nat_chains
             .iter()
-            .all(|family| nat_chain(family, "prerouting") && nat_chain(family, "postrouting"))
+            .any(|chain| chain["hook"] == hook && (chain["family"] == family || chain["family"] == "inet"))
+    };
+    let need_nat = !families
+        .iter()
+        .all(|family| covers(family, "prerouting") && covers(family, "postrouting"));
+    let need_conntrack = !nat_chains.iter().any(|chain| {
+        let listed = nft::run(&[
+            "-j",
+            "list",
+            "chain",
+            chain["family"].as_str().unwrap_or_default(),
+            chain["table"].as_str().unwrap_or_default(),
+            chain["name"].as_str().unwrap_or_default(),
+        ])
+        .unwrap_or_default();
+        ["{\"ct\":", "{\"dnat\":", "{\"snat\":", "{\"masquerade\":", "{\"redirect\":"]
+            .iter()
+            .any(|expr| listed.contains(expr))
+    });
+    Ok((need_nat, need_conntrack))
 }
 
 const FORWARDING: [(&str, &str, bool); 2] = [
@@ -231,7 +250,6 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
         ));
         return Ok(log);
     }
-    let ruleset = nft::ruleset().context("conntrack and NAT hooks")?;
     let mut families = Vec::new();
     if services.iter().any(|svc| svc.vip.is_ipv4()) {
         families.push("ip");
@@ -239,7 +257,8 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
     if services.iter().any(|svc| svc.vip.is_ipv6()) {
         families.push("ip6");
     }
-    let add_hooks = !hooks_present(&ruleset, &families);
+    let (need_nat, need_conntrack) = missing_hooks(&families).context("conntrack and NAT hooks")?;
+    let add_hooks = need_nat || need_conntrack;
     if !add_hooks {
         log.push("conntrack and NAT hooks already registered in this namespace; added none".into());
         if changed.is_empty() {
@@ -249,21 +268,32 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
     if add_hooks {
         changed.push("nat-hooks".into());
     }
-    let chains = if add_hooks {
-        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }\n\
-         \x20 chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n\
-         \x20 chain conntrack { type filter hook prerouting priority -150; policy accept; ct state invalid counter; }\n"
-    } else {
-        ""
-    };
+    let mut chains = String::new();
+    if need_nat {
+        chains.push_str(
+            "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }\n\
+             \x20 chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n",
+        );
+    }
+    if need_conntrack {
+        // any rule using ct makes the namespace track connections
+        chains.push_str(
+            "  chain conntrack { type filter hook prerouting priority -150; policy accept; ct state invalid counter; }\n",
+        );
+    }
     // the table also records what lb changed, for the last lb to undo
     nft::apply(&format!(
         "table inet {NFT_TABLE} {{\n  comment \"{}\"\n{chains}}}\n",
         changed.join(" ")
     ))?;
     if add_hooks {
+        let what = match (need_nat, need_conntrack) {
+            (true, true) => "conntrack and NAT hooks",
+            (true, false) => "NAT hooks (conntrack was on)",
+            _ => "conntrack (NAT hooks were there)",
+        };
         log.push(format!(
-            "registered conntrack and NAT hooks: nft table inet {NFT_TABLE} (removed when the last lb stops)"
+            "registered {what}: nft table inet {NFT_TABLE} (removed when the last lb stops)"
         ));
     }
     Ok(log)
@@ -426,8 +456,13 @@ fn counters(backend: &Value) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {}, flow openers already tracked {}, failed: alloc {} nat {} insert {}",
-        totals.new_flows, totals.known_flows, totals.alloc_failed, totals.nat_failed, totals.insert_failed
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed: alloc {} nat {} insert {}",
+        totals.new_flows,
+        totals.reopened,
+        totals.known_flows,
+        totals.alloc_failed,
+        totals.nat_failed,
+        totals.insert_failed
     )
 }
 
@@ -441,6 +476,7 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
         "counters": {
             "new_flows": totals.new_flows,
             "known_flows": totals.known_flows,
+            "reopened": totals.reopened,
             "alloc_failed": totals.alloc_failed,
             "nat_failed": totals.nat_failed,
             "insert_failed": totals.insert_failed,

@@ -47,9 +47,3 @@ pub fn apply(script: &str) -> Result<()> {
     }
     Ok(())
 }
-
-/// The whole ruleset of this namespace as nft's JSON.
-pub fn ruleset() -> Result<serde_json::Value> {
-    let text = run(&["-j", "list", "ruleset"])?;
-    serde_json::from_str(&text).context("parsing `nft -j list ruleset`")
-}

@@ -131,7 +131,7 @@ impl Daemon {
         let pipe = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains("ready") {
+                if line.contains(": ready: ") {
                     let _ = ready_tx.send(());
                 }
                 lines.lock().unwrap().push(line);

@@ -1,0 +1,106 @@
+//! Measuring helpers shared by the benchmarks: connection rate with latency percentiles,
+//! iperf3 throughput, medians.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use super::topology::Netns;
+
+/// One timed run of connections.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// connections per second
+    pub rate: f64,
+    /// connect latency percentiles and worst case, µs
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+/// Connects to `target` from `client` over and over for `secs` (at most 200,000 times) and
+/// returns the rate and connect latencies. The client thread stays on one CPU (fewer
+/// migrations, less noise between rounds); each connection is torn down by RST (SO_LINGER
+/// 0), as load generators do, so TIME_WAIT does not run out of ports.
+pub fn connect_rate(client: &Netns, target: SocketAddr, secs: f64) -> Sample {
+    client.enter(|| {
+        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        }
+        let domain = if target.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let start = Instant::now();
+        let mut latencies = Vec::new();
+        while start.elapsed().as_secs_f64() < secs && latencies.len() < 200_000 {
+            let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).unwrap();
+            socket.set_linger(Some(Duration::ZERO)).unwrap();
+            let began = Instant::now();
+            socket
+                .connect_timeout(&target.into(), Duration::from_secs(2))
+                .unwrap_or_else(|err| panic!("connect {target}: {err}"));
+            latencies.push(began.elapsed().as_secs_f64() * 1e6);
+        }
+        let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+        latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Sample {
+            rate,
+            p50: latencies[latencies.len() / 2],
+            p99: latencies[latencies.len() * 99 / 100],
+            max: latencies[latencies.len() - 1],
+        }
+    })
+}
+
+/// Gbit/s the server received over one iperf3 run of `secs` from `client` to `addr`.
+pub fn iperf3(client: &Netns, addr: &str, port: u16, secs: u32) -> f64 {
+    let output = Command::new("ip")
+        .args(["netns", "exec", &client.name, "iperf3", "-c", addr, "-p"])
+        .arg(port.to_string())
+        .args(["-t", &secs.to_string(), "-J"])
+        .output()
+        .expect("iperf3");
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
+    report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("iperf3 to {addr}:{port}: {report}"))
+        / 1e9
+}
+
+pub fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+/// The median over rounds of a path's value divided by the reference path's value in the
+/// same round: drift between rounds cancels.
+pub fn paired_ratio(path: &[f64], reference: &[f64]) -> f64 {
+    median(path.iter().zip(reference).map(|(p, r)| p / r).collect())
+}
+
+/// `iperf3 -s` in a namespace, killed on drop.
+pub struct IperfServer(std::process::Child);
+
+impl IperfServer {
+    pub fn start(netns: &Netns, bind: &str, port: u16) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns.name, "iperf3", "-s", "-B", bind, "-p"])
+            .arg(port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        std::thread::sleep(Duration::from_millis(200));
+        Self(child)
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
