@@ -19,12 +19,16 @@ const SIZES: [usize; 2] = [1, 10_000];
 const ROUNDS: usize = 9;
 const CONNECT_SECS: f64 = 0.4;
 const WARMUP_SECS: f64 = 0.05;
-const IPERF_SECS: u32 = 1;
+const IPERF_SECS: u32 = 2;
 const PORT: u16 = 7000;
 /// The service the throughput runs go through: one backend (iperf3's two connections must
 /// meet the same server).
 const BULK_VIP: &str = "10.95.0.1";
-const PATHS: [&str; 3] = ["direct (routed, no NAT)", "ebpf-net lb", "nftables DNAT (vmap + numgen)"];
+const PATHS: [&str; 3] = [
+    "direct (routed, no NAT)",
+    "ebpf-net lb",
+    "nftables DNAT (vmap + numgen)",
+];
 
 fn backend(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 81 + i as u8, 0, 2)
@@ -36,7 +40,10 @@ fn vip(i: usize) -> Ipv4Addr {
 }
 
 fn backend_list(port: u16) -> String {
-    (0..3).map(|i| format!("{}:{port}", backend(i))).collect::<Vec<_>>().join(",")
+    (0..3)
+        .map(|i| format!("{}:{port}", backend(i)))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn nft_ruleset(services: usize) -> String {
@@ -49,8 +56,14 @@ fn nft_ruleset(services: usize) -> String {
             choice.join(", ")
         );
     }
-    let _ = writeln!(rules, " chain svc-bulk {{\n  meta l4proto tcp dnat ip to {}:5201\n }}", backend(0));
-    rules.push_str(" map services {\n  type ipv4_addr . inet_proto . inet_service : verdict\n  elements = {\n");
+    let _ = writeln!(
+        rules,
+        " chain svc-bulk {{\n  meta l4proto tcp dnat ip to {}:5201\n }}",
+        backend(0)
+    );
+    rules.push_str(
+        " map services {\n  type ipv4_addr . inet_proto . inet_service : verdict\n  elements = {\n",
+    );
     let mut elements: Vec<String> = (0..services)
         .map(|i| format!("   {} . tcp . {PORT} : goto svc-{i}", vip(i)))
         .collect();
@@ -80,7 +93,13 @@ fn with_path<T>(lb: &Netns, path: &str, services: usize, measure: impl FnOnce() 
     let began = Instant::now();
     match path {
         "ebpf-net lb" => {
-            let mut args = vec!["--netns".to_string(), lb.name.clone(), "lb".into(), "-i".into(), "l0".into()];
+            let mut args = vec![
+                "--netns".to_string(),
+                lb.name.clone(),
+                "lb".into(),
+                "-i".into(),
+                "l0".into(),
+            ];
             for i in 0..services {
                 args.push("--service".into());
                 args.push(format!("{}:{PORT}={}", vip(i), backend_list(PORT)));
@@ -118,7 +137,10 @@ fn main() {
     for i in 0..3 {
         let ns = Netns::new(&format!("lbbench-b{i}"));
         veth(&lb, &format!("b{i}"), &ns, "eth0");
-        lb.exec(&format!("ethtool -K b{i} tx on >/dev/null && ip addr add 10.8{}.0.1/24 dev b{i}", i + 1));
+        lb.exec(&format!(
+            "ethtool -K b{i} tx on >/dev/null && ip addr add 10.8{}.0.1/24 dev b{i}",
+            i + 1
+        ));
         ns.exec(&format!(
             "ethtool -K eth0 tx on >/dev/null && ip addr add {}/24 dev eth0 && ip route add default via 10.8{}.0.1 && \
              sysctl -qw net.core.somaxconn=4096 net.ipv4.tcp_max_syn_backlog=4096",
@@ -176,7 +198,11 @@ fn main() {
                 setups[i],
             );
         }
-        verdicts.push((services, paired_ratio(&rates(1), &rates(2)), paired_ratio(&gbits[1], &gbits[2])));
+        verdicts.push((
+            services,
+            paired_ratio(&rates(1), &rates(2)),
+            paired_ratio(&gbits[1], &gbits[2]),
+        ));
     }
     println!();
     for (services, rate, bulk) in verdicts {

@@ -90,7 +90,11 @@ fn main() {
                 let target: SocketAddr = format!("{}:7000", path.addr).parse().unwrap();
                 connect_rate(&client, target, WARMUP_SECS); // discarded
                 let sample = connect_rate(&client, target, CONNECT_SECS);
-                (sample.rate, sample.p50, iperf3(&client, path.addr, 5201, IPERF_SECS))
+                (
+                    sample.rate,
+                    sample.p50,
+                    iperf3(&client, path.addr, 5201, IPERF_SECS),
+                )
             });
             rates[i].push(rate);
             latencies[i].push(latency);

@@ -203,9 +203,15 @@ fn missing_hooks(families: &[&str]) -> Result<(bool, bool)> {
             chain["name"].as_str().unwrap_or_default(),
         ])
         .unwrap_or_default();
-        ["{\"ct\":", "{\"dnat\":", "{\"snat\":", "{\"masquerade\":", "{\"redirect\":"]
-            .iter()
-            .any(|expr| listed.contains(expr))
+        [
+            "{\"ct\":",
+            "{\"dnat\":",
+            "{\"snat\":",
+            "{\"masquerade\":",
+            "{\"redirect\":",
+        ]
+        .iter()
+        .any(|expr| listed.contains(expr))
     });
     Ok((need_nat, need_conntrack))
 }
@@ -268,18 +274,19 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
     if add_hooks {
         changed.push("nat-hooks".into());
     }
-    let mut chains = String::new();
+    // Any rule using ct makes the namespace track connections; in a nat chain it only ever
+    // sees a flow's first packet, so it costs nothing per packet.
+    let conntrack_rule = if need_conntrack {
+        " ct state invalid counter;"
+    } else {
+        ""
+    };
+    let mut chains = format!(
+        "  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;{conntrack_rule} }}\n"
+    );
     if need_nat {
-        chains.push_str(
-            "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; }\n\
-             \x20 chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n",
-        );
-    }
-    if need_conntrack {
-        // any rule using ct makes the namespace track connections
-        chains.push_str(
-            "  chain conntrack { type filter hook prerouting priority -150; policy accept; ct state invalid counter; }\n",
-        );
+        chains
+            .push_str("  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n");
     }
     // the table also records what lb changed, for the last lb to undo
     nft::apply(&format!(

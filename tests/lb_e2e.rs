@@ -217,12 +217,20 @@ fn a_client_reusing_its_port_after_a_reset_gets_a_fresh_translated_flow() {
     let lab = Lab::new("lbr");
     let daemon = lab.start(&lab.args(&lab.backends4, &[]));
     for vip_text in [VIP4, VIP6] {
-        let local: SocketAddr = if vip_text == VIP4 { "10.10.0.1:40000" } else { "[fd10::1]:40000" }
-            .parse()
-            .unwrap();
+        let local: SocketAddr = if vip_text == VIP4 {
+            "10.10.0.1:40000"
+        } else {
+            "[fd10::1]:40000"
+        }
+        .parse()
+        .unwrap();
         for round in 0..3 {
             let stream = lab.client.enter(|| {
-                let domain = if local.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+                let domain = if local.is_ipv4() {
+                    socket2::Domain::IPV4
+                } else {
+                    socket2::Domain::IPV6
+                };
                 let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
                 socket.set_reuse_address(true).unwrap();
                 socket.bind(&local.into()).unwrap();
@@ -234,11 +242,17 @@ fn a_client_reusing_its_port_after_a_reset_gets_a_fresh_translated_flow() {
             let greeting = tcp_talk(&stream, b"again");
             assert!(lab.backends4.contains(&greeting.server) || lab.backends6.contains(&greeting.server));
             // an abortive close leaves conntrack's entry in CLOSE; the next SYN reopens it
-            socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)).unwrap();
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
         }
     }
     let (_, log) = daemon.stop();
-    assert!(log.iter().any(|l| l.contains("(4 replacing a closed connection's)")), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("(4 replacing a closed connection's)")),
+        "{log:?}"
+    );
 }
 
 #[test]

@@ -32,7 +32,11 @@ pub fn connect_rate(client: &Netns, target: SocketAddr, secs: f64) -> Sample {
             libc::CPU_SET(0, &mut set);
             libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
         }
-        let domain = if target.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let domain = if target.is_ipv4() {
+            Domain::IPV4
+        } else {
+            Domain::IPV6
+        };
         let start = Instant::now();
         let mut latencies = Vec::new();
         while start.elapsed().as_secs_f64() < secs && latencies.len() < 200_000 {
