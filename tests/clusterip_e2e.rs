@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::process::Command;
 
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
-use common::servers::{tcp_echo, TcpEchoServer, UdpEchoServer};
+use common::servers::{tcp_echo, EchoBackends, TcpEchoServer, UdpEchoServer};
 use common::topology::{veth, Daemon, Netns, BIN};
 use serde_json::Value;
 
@@ -29,6 +29,7 @@ struct Lab {
     node: Netns,
     backends4: Vec<SocketAddr>,
     backends6: Vec<SocketAddr>,
+    _backends: EchoBackends,
     _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
     _namespaces: Vec<Netns>,
 }
@@ -36,33 +37,9 @@ struct Lab {
 impl Lab {
     fn new(tag: &str) -> Self {
         let node = Netns::new(&format!("{tag}-n"));
+        let backends = EchoBackends::start(&node, tag);
         let mut namespaces = Vec::new();
         let mut servers = Vec::new();
-        let (mut backends4, mut backends6) = (Vec::new(), Vec::new());
-        for i in 0..3 {
-            let backend = Netns::new(&format!("{tag}-b{i}"));
-            veth(&node, &format!("b{i}"), &backend, "eth0");
-            node.exec(&format!(
-                "ip addr add 10.1.{i}.1/24 dev b{i} && ip addr add fd01:{i}::1/64 dev b{i} nodad"
-            ));
-            backend.exec(&format!(
-                "ip addr add 10.1.{i}.2/24 dev eth0 && ip addr add fd01:{i}::2/64 dev eth0 nodad"
-            ));
-            for bind in [format!("10.1.{i}.2:8080"), format!("[fd01:{i}::2]:8080")] {
-                let bind: SocketAddr = bind.parse().unwrap();
-                servers.push((
-                    TcpEchoServer::start(&backend, bind),
-                    UdpEchoServer::start(&backend, bind),
-                ));
-                if bind.is_ipv4() {
-                    &mut backends4
-                } else {
-                    &mut backends6
-                }
-                .push(bind);
-            }
-            namespaces.push(backend);
-        }
         let decoy = Netns::new(&format!("{tag}-d"));
         veth(&node, "decoy", &decoy, "eth0");
         node.exec(
@@ -84,8 +61,9 @@ impl Lab {
         namespaces.push(decoy);
         Self {
             node,
-            backends4,
-            backends6,
+            backends4: backends.v4.clone(),
+            backends6: backends.v6.clone(),
+            _backends: backends,
             _servers: servers,
             _namespaces: namespaces,
         }

@@ -8,9 +8,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::servers::{
-    tcp_talk, udp_request, udp_socket_for, Greeting, TcpEchoServer, UdpEchoServer, TIMEOUT,
-};
+use common::servers::{tcp_talk, udp_request, udp_socket_for, EchoBackends, Greeting, TIMEOUT};
 use common::topology::{veth, Daemon, Netns, BIN};
 use serde_json::Value;
 
@@ -24,8 +22,7 @@ struct Lab {
     lb: Netns,
     backends4: Vec<SocketAddr>,
     backends6: Vec<SocketAddr>,
-    _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
-    _backends: Vec<Netns>,
+    _backends: EchoBackends,
 }
 
 impl Lab {
@@ -38,41 +35,12 @@ impl Lab {
              ip route add default via 10.10.0.2 && ip route add default via fd10::2"
         ));
         lb.exec("ip addr add 10.10.0.2/24 dev eth0 && ip addr add fd10::2/64 dev eth0 nodad");
-        let mut backends = Vec::new();
-        let mut servers = Vec::new();
-        let (mut backends4, mut backends6) = (Vec::new(), Vec::new());
-        for i in 0..3 {
-            let backend = Netns::new(&format!("{tag}-b{i}"));
-            veth(&lb, &format!("b{i}"), &backend, "eth0");
-            lb.exec(&format!(
-                "ip addr add 10.2{i}.0.1/24 dev b{i} && ip addr add fd2{i}::1/64 dev b{i} nodad"
-            ));
-            // routed back through the load balancer, so --no-snat works too
-            backend.exec(&format!(
-                "ip addr add 10.2{i}.0.2/24 dev eth0 && ip addr add fd2{i}::2/64 dev eth0 nodad && \
-                 ip route add default via 10.2{i}.0.1 && ip route add default via fd2{i}::1"
-            ));
-            for bind in [format!("10.2{i}.0.2:8080"), format!("[fd2{i}::2]:8080")] {
-                let bind: SocketAddr = bind.parse().unwrap();
-                servers.push((
-                    TcpEchoServer::start(&backend, bind),
-                    UdpEchoServer::start(&backend, bind),
-                ));
-                if bind.is_ipv4() {
-                    &mut backends4
-                } else {
-                    &mut backends6
-                }
-                .push(bind);
-            }
-            backends.push(backend);
-        }
+        let backends = EchoBackends::start(&lb, tag);
         Self {
             client,
             lb,
-            backends4,
-            backends6,
-            _servers: servers,
+            backends4: backends.v4.clone(),
+            backends6: backends.v6.clone(),
             _backends: backends,
         }
     }

@@ -242,3 +242,46 @@ impl AcceptServer {
         }
     }
 }
+
+/// Three backend namespaces behind `router`, each on a veth `b{i}` of its own: the router
+/// has 10.2{i}.0.1 and fd2{i}::1 there, the backend 10.2{i}.0.2 and fd2{i}::2 with its
+/// default routes back through the router, and TCP and UDP echo servers on port 8080.
+/// Everything goes on drop.
+pub struct EchoBackends {
+    pub v4: Vec<SocketAddr>,
+    pub v6: Vec<SocketAddr>,
+    _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
+    _namespaces: Vec<Netns>,
+}
+
+impl EchoBackends {
+    pub fn start(router: &Netns, tag: &str) -> Self {
+        let (mut v4, mut v6, mut servers, mut namespaces) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 0..3 {
+            let backend = Netns::new(&format!("{tag}-b{i}"));
+            super::topology::veth(router, &format!("b{i}"), &backend, "eth0");
+            router.exec(&format!(
+                "ip addr add 10.2{i}.0.1/24 dev b{i} && ip addr add fd2{i}::1/64 dev b{i} nodad"
+            ));
+            backend.exec(&format!(
+                "ip addr add 10.2{i}.0.2/24 dev eth0 && ip addr add fd2{i}::2/64 dev eth0 nodad && \
+                 ip route add default via 10.2{i}.0.1 && ip route add default via fd2{i}::1"
+            ));
+            for bind in [format!("10.2{i}.0.2:8080"), format!("[fd2{i}::2]:8080")] {
+                let bind: SocketAddr = bind.parse().unwrap();
+                servers.push((
+                    TcpEchoServer::start(&backend, bind),
+                    UdpEchoServer::start(&backend, bind),
+                ));
+                if bind.is_ipv4() { &mut v4 } else { &mut v6 }.push(bind);
+            }
+            namespaces.push(backend);
+        }
+        Self {
+            v4,
+            v6,
+            _servers: servers,
+            _namespaces: namespaces,
+        }
+    }
+}
