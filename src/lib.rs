@@ -6,6 +6,7 @@ pub mod cgroup;
 pub mod clusterip;
 pub mod ipv6_hp;
 pub mod lb;
+pub mod maglev;
 pub mod maps;
 pub mod monitor;
 pub mod netns;
