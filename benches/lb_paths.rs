@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use common::bench::{connect_rate, iperf3, median, paired_ratio, IperfServer, Sample};
+use common::bench::{connect_rate, iperf3, load_rules, median, paired_ratio, IperfServer, Sample};
 use common::servers::AcceptServer;
 use common::topology::{veth, Daemon, Netns};
 
@@ -80,13 +80,6 @@ const NFT_HOOKS: &str = "table ip ebnbench {\n chain prerouting {\n  type nat ho
      ip daddr . meta l4proto . th dport vmap @services\n }\n chain postrouting {\n  \
      type nat hook postrouting priority srcnat; policy accept;\n  ct status dnat masquerade\n }\n}\n";
 
-fn nft_file(lb: &Netns, rules: &str) {
-    let file = std::env::temp_dir().join(format!("ebpf-net-lb-bench-{}", std::process::id()));
-    std::fs::write(&file, rules).unwrap();
-    lb.exec(&format!("nft -f {}", file.display()));
-    let _ = std::fs::remove_file(file);
-}
-
 /// Runs `measure` with one path set up for `services` services; returns its result and the
 /// setup time (for nftables: hooking up the services loaded before).
 fn with_path<T>(lb: &Netns, path: &str, services: usize, measure: impl FnOnce() -> T) -> (T, f64) {
@@ -113,7 +106,7 @@ fn with_path<T>(lb: &Netns, path: &str, services: usize, measure: impl FnOnce() 
             (result, setup)
         }
         "nftables DNAT (vmap + numgen)" => {
-            nft_file(lb, NFT_HOOKS);
+            load_rules(lb, "nft", NFT_HOOKS);
             let setup = began.elapsed().as_secs_f64();
             let result = measure();
             lb.exec("nft delete chain ip ebnbench prerouting && nft delete chain ip ebnbench postrouting");
@@ -164,7 +157,7 @@ fn main() {
         let mut gbits: Vec<Vec<f64>> = vec![Vec::new(); PATHS.len()];
         let mut setups = vec![0.0f64; PATHS.len()];
         let began = Instant::now();
-        nft_file(&lb, &nft_ruleset(services));
+        load_rules(&lb, "nft", &nft_ruleset(services));
         let nft_load = began.elapsed().as_secs_f64();
         for round in 0..ROUNDS {
             for i in (0..PATHS.len()).map(|k| (k + round) % PATHS.len()) {

@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
-use common::bench::{connect_rate, median, paired_ratio, Sample};
+use common::bench::{connect_rate, load_rules, median, paired_ratio, Sample};
 use common::cgroup::TestCgroup;
 use common::servers::AcceptServer;
 use common::topology::{veth, Daemon, Netns};
@@ -122,17 +122,6 @@ fn iptables_ruleset(services: usize) -> String {
     }
     rules.push_str("COMMIT\n");
     rules
-}
-
-fn load_rules(client: &Netns, tool: &str, rules: &str) {
-    let file = std::env::temp_dir().join(format!("ebpf-net-bench-{}-{tool}", std::process::id()));
-    std::fs::write(&file, rules).unwrap();
-    let load = match tool {
-        "nft" => format!("nft -f {}", file.display()),
-        _ => format!("iptables-restore < {}", file.display()),
-    };
-    client.exec(&load);
-    let _ = std::fs::remove_file(file);
 }
 
 /// Runs `measure` with one path set up for `services` services; returns what it measured and

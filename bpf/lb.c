@@ -92,6 +92,15 @@ static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
 	return hash;
 }
 
+/* Options for a conntrack lookup or allocation in this namespace; the kfuncs write `error`,
+ * so every call gets them afresh. */
+static __always_inline void ct_opts(struct bpf_ct_opts *opts, __u8 l4proto)
+{
+	__builtin_memset(opts, 0, sizeof(*opts));
+	opts->netns_id = BPF_F_CURRENT_NETNS;
+	opts->l4proto = l4proto;
+}
+
 static __always_inline struct lb_counters *counters(void)
 {
 	__u32 zero = 0;
@@ -134,7 +143,7 @@ static __always_inline bool has_snat(const struct lb_backend *backend)
 SEC("tc/ingress")
 int lb_ingress(struct __sk_buff *skb)
 {
-	struct bpf_ct_opts opts = { .netns_id = BPF_F_CURRENT_NETNS };
+	struct bpf_ct_opts opts;
 	struct service_endpoint vip = {};
 	struct service_range *service, range;
 	struct lb_counters *count;
@@ -167,7 +176,7 @@ int lb_ingress(struct __sk_buff *skb)
 		return TC_PASS_ON;
 
 	tuple_sz = fill_tuple(&pkt, &tuple);
-	opts.l4proto = pkt.proto;
+	ct_opts(&opts, pkt.proto);
 	ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
 	if (ct) {
 		/*
@@ -186,9 +195,7 @@ int lb_ingress(struct __sk_buff *skb)
 			return TC_PASS_ON;
 		}
 		count->reopened++;
-		opts.netns_id = BPF_F_CURRENT_NETNS;
-		opts.l4proto = pkt.proto;
-		opts.error = 0;
+		ct_opts(&opts, pkt.proto);
 		ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
 		if (ct) {
 			bpf_ct_release(ct);
@@ -202,9 +209,7 @@ int lb_ingress(struct __sk_buff *skb)
 	if (!backend || backend->endpoint.family != pkt.family)
 		return TC_PASS_ON;
 
-	opts.netns_id = BPF_F_CURRENT_NETNS;
-	opts.l4proto = pkt.proto;
-	opts.error = 0;
+	ct_opts(&opts, pkt.proto);
 	fresh = bpf_skb_ct_alloc(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
 	if (!fresh) {
 		count->alloc_failed++;

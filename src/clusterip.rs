@@ -96,8 +96,8 @@ fn sync(tables: &ServiceTables, services: &[Service]) -> Result<SyncReport> {
     service::sync_services(tables, services, |backend| Ok(service::endpoint_bytes(backend)))
 }
 
-/// Loads the programs with `services` installed, nothing attached; for tests and benchmarks.
-pub fn load_with_services<'obj>(
+/// Loads the programs with `services` installed, nothing attached yet.
+fn load_with_services<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     services: &[Service],
 ) -> Result<SockXlateSkel<'obj>> {

@@ -147,18 +147,6 @@ fn sync(
     })
 }
 
-/// Loads the program with `services` installed, nothing attached; for tests and benchmarks.
-pub fn load_with_services<'obj>(
-    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    services: &[Service],
-    snat: bool,
-) -> Result<LbSkel<'obj>> {
-    let values = backend_values(services, snat)?;
-    let skel = load(storage, None)?;
-    sync(&tables(&skel)?, services, &values)?;
-    Ok(skel)
-}
-
 /// What lb changed in this namespace, as recorded in its nft table's comment.
 fn recorded_changes() -> Option<Vec<String>> {
     let listing = nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?;

@@ -5,7 +5,7 @@ mod common;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
-use common::topology::{Netns, BIN};
+use common::topology::{output_within, Netns, BIN};
 use ebpf_net::attach::{tcx_programs, TcDirection};
 
 /// Asserts a failure with exactly one line that mentions `needle`.
@@ -76,10 +76,8 @@ fn ipv6_hp_bad_input_fails_cleanly() {
 
 #[test]
 fn unknown_namespace_fails_cleanly() {
-    let output = Command::new(BIN)
-        .args(["--netns", "ebn-no-such-ns", "ipv6-hp", "-i", "eth0"])
-        .output()
-        .unwrap();
+    let output =
+        output_within(Command::new(BIN).args(["--netns", "ebn-no-such-ns", "ipv6-hp", "-i", "eth0"]));
     assert_one_clear_line(&output, "network namespace 'ebn-no-such-ns' not found");
 }
 
@@ -87,12 +85,12 @@ fn unknown_namespace_fails_cleanly() {
 fn not_root_fails_cleanly() {
     let node = Netns::new("cli-user");
     node.exec("ip link add eth0 type veth peer name eth1");
-    let output = Command::new(BIN)
-        .args(["--netns", &node.name, "ipv6-hp", "-i", "eth0"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let output = output_within(
+        Command::new(BIN)
+            .args(["--netns", &node.name, "ipv6-hp", "-i", "eth0"])
+            .uid(65534)
+            .gid(65534),
+    );
     assert_one_clear_line(&output, "needs root");
     assert_nothing_attached(&node);
 }
@@ -101,19 +99,16 @@ fn not_root_fails_cleanly() {
 fn persist_under_ip_netns_exec_refuses_instead_of_pinning_into_a_private_sys() {
     let node = Netns::new("cli-exec");
     node.exec("ip link add eth0 type veth peer name eth1");
-    let output = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &node.name,
-            BIN,
-            "ipv6-hp",
-            "-i",
-            "eth0",
-            "--persist",
-        ])
-        .output()
-        .unwrap();
+    let output = output_within(Command::new("ip").args([
+        "netns",
+        "exec",
+        &node.name,
+        BIN,
+        "ipv6-hp",
+        "-i",
+        "eth0",
+        "--persist",
+    ]));
     assert_one_clear_line(&output, "--netns NAME");
     assert_nothing_attached(&node);
 }

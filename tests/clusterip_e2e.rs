@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
 use common::servers::{tcp_echo, EchoBackends, TcpEchoServer, UdpEchoServer};
-use common::topology::{veth, Daemon, Netns, BIN};
+use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
 use serde_json::Value;
 
 const VIP4: &str = "10.96.0.10:80";
@@ -70,21 +70,14 @@ impl Lab {
     }
 
     fn service_args(&self, cgroup: &TestCgroup, backends4: &[SocketAddr]) -> Vec<String> {
-        let list = |backends: &[SocketAddr]| {
-            backends
-                .iter()
-                .map(|b| b.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
         vec![
             "clusterip".into(),
             "--cgroup".into(),
             cgroup.path_str().into(),
             "--service".into(),
-            format!("{VIP4}={}", list(backends4)),
+            service_arg(VIP4, backends4),
             "--service".into(),
-            format!("{VIP6}={}", list(&self.backends6)),
+            service_arg(VIP6, &self.backends6),
         ]
     }
 }
@@ -94,7 +87,7 @@ fn start(args: &[String]) -> Daemon {
 }
 
 fn ebpf_net(args: &[String]) -> std::process::Output {
-    Command::new(BIN).args(args).output().unwrap()
+    output_within(Command::new(BIN).args(args))
 }
 
 fn exchanges(lines: Vec<String>) -> Vec<Seen> {

@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::servers::{tcp_talk, udp_request, udp_socket_for, EchoBackends, Greeting, TIMEOUT};
-use common::topology::{veth, Daemon, Netns, BIN};
+use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
 use serde_json::Value;
 
 const VIP4: &str = "10.96.0.1:80";
@@ -46,21 +46,14 @@ impl Lab {
     }
 
     fn args(&self, backends4: &[SocketAddr], extra: &[&str]) -> Vec<String> {
-        let list = |backends: &[SocketAddr]| {
-            backends
-                .iter()
-                .map(|b| b.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-        };
         let mut args: Vec<String> = vec![
             "lb".into(),
             "-i".into(),
             "eth0".into(),
             "--service".into(),
-            format!("{VIP4}={}", list(backends4)),
+            service_arg(VIP4, backends4),
             "--service".into(),
-            format!("{VIP6}={}", list(&self.backends6)),
+            service_arg(VIP6, &self.backends6),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         args
@@ -462,7 +455,7 @@ fn bad_input_is_one_line_and_attaches_nothing() {
         if without_kfuncs {
             command.env("EBPF_NET_KERNEL_BTF", &btf);
         }
-        let output = command.output().unwrap();
+        let output = output_within(&mut command);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(!output.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");

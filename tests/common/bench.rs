@@ -108,3 +108,17 @@ impl Drop for IperfServer {
         let _ = self.0.wait();
     }
 }
+
+/// Loads a ruleset into a namespace through a file, as `nft -f` (tool "nft") or
+/// `iptables-restore` (tool "iptables") read it.
+pub fn load_rules(netns: &Netns, tool: &str, rules: &str) {
+    let file = std::env::temp_dir().join(format!("ebpf-net-bench-{}-{tool}", std::process::id()));
+    std::fs::write(&file, rules).unwrap();
+    let load = match tool {
+        "nft" => format!("nft -f {}", file.display()),
+        "iptables" => format!("iptables-restore < {}", file.display()),
+        other => panic!("no loader for {other}"),
+    };
+    netns.exec(&load);
+    let _ = std::fs::remove_file(file);
+}

@@ -72,14 +72,9 @@ impl Netns {
         })
     }
 
-    /// Runs `ebpf-net --netns NAME ARGS` to completion.
+    /// Runs `ebpf-net --netns NAME ARGS` to completion (bounded, see [`output_within`]).
     pub fn ebpf_net(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--netns")
-            .arg(&self.name)
-            .args(args)
-            .output()
-            .expect("running ebpf-net")
+        output_within(Command::new(BIN).arg("--netns").arg(&self.name).args(args))
     }
 
     /// Starts `ebpf-net --netns NAME ARGS` in the foreground and waits for `ready`.
@@ -185,6 +180,40 @@ impl Daemon {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         reap_within(&mut child, Duration::from_secs(5))
     }
+}
+
+/// How long a command that should finish may run: a foreground ebpf-net that was expected to
+/// refuse but started instead runs until killed, and must fail its test rather than hang it.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs a command to completion like `Command::output`, killing it after [`COMMAND_TIMEOUT`].
+pub fn output_within(command: &mut Command) -> Output {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting a command");
+    let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = read(Box::new(child.stdout.take().unwrap()));
+    let stderr = read(Box::new(child.stderr.take().unwrap()));
+    reap_within(&mut child, COMMAND_TIMEOUT);
+    Output {
+        status: child.wait().expect("reaping a command"),
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
+
+/// The `--service` argument for `vip` and its backends: VIP:PORT=BACKEND:PORT,...
+pub fn service_arg(vip: &str, backends: &[std::net::SocketAddr]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+    format!("{vip}={}", list.join(","))
 }
 
 /// Waits for a child's exit code; kills it (and returns None) once `timeout` has passed.
