@@ -78,6 +78,8 @@ struct ipv6_l4 {
 	__u8 proto;
 	/* a fragment other than the first: no L4 header in this packet */
 	bool later_fragment;
+	/* any fragment, the first included */
+	bool fragment;
 };
 
 /*
@@ -87,6 +89,7 @@ struct ipv6_l4 {
 static __always_inline bool parse_ipv6_ext(struct cursor *c, __u8 nexthdr, struct ipv6_l4 *l4)
 {
 	l4->later_fragment = false;
+	l4->fragment = false;
 
 #pragma unroll
 	for (int i = 0; i < IPV6_MAX_EXT_HDRS; i++) {
@@ -113,6 +116,7 @@ static __always_inline bool parse_ipv6_ext(struct cursor *c, __u8 nexthdr, struc
 				return false;
 			nexthdr = frag->nexthdr;
 			c->pos = frag + 1;
+			l4->fragment = true;
 			if (frag->frag_off & bpf_htons(0xFFF8)) {
 				l4->proto = nexthdr;
 				l4->later_fragment = true;
@@ -159,6 +163,7 @@ struct l4_packet {
 	__u8 family;
 	__u8 proto;
 	__u8 tcp_flags; /* TCP only */
+	__u8 fragment;	/* the first fragment of a fragmented datagram (later ones fail to parse) */
 	__u32 l3_off;
 	__u32 l4_off;
 	__u32 l4_csum_off;
@@ -183,6 +188,7 @@ static __always_inline bool parse_l4_packet(void *data, void *data_end, struct l
 		if (!parse_ipv4(&c, &ip) || (ip->frag_off & bpf_htons(0x1FFF)))
 			return false;
 		pkt->family = AF_INET;
+		pkt->fragment = !!(ip->frag_off & bpf_htons(0x2000)); /* more fragments */
 		pkt->proto = ip->protocol;
 		pkt->saddr[0] = ip->saddr;
 		pkt->daddr[0] = ip->daddr;
@@ -197,6 +203,7 @@ static __always_inline bool parse_l4_packet(void *data, void *data_end, struct l
 		if (!parse_ipv6_ext(&c, ip6->nexthdr, &l4) || l4.later_fragment)
 			return false;
 		pkt->family = AF_INET6;
+		pkt->fragment = l4.fragment;
 		pkt->proto = l4.proto;
 	} else {
 		return false;

@@ -91,6 +91,123 @@ impl TcxAttachment {
     }
 }
 
+/// How an XDP program runs on an interface.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpMode {
+    /// native where the driver supports XDP, generic otherwise
+    Auto,
+    /// in the driver, before an skb exists (fails where the driver has no XDP support)
+    Native,
+    /// on the skb, for any interface (slower)
+    Generic,
+}
+
+impl XdpMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            XdpMode::Auto => "auto",
+            XdpMode::Native => "native",
+            XdpMode::Generic => "generic",
+        }
+    }
+}
+
+/// Our program on an interface's XDP hook through a link, in the mode it got. Dropping it
+/// detaches, unless it was pinned.
+pub struct XdpAttachment {
+    fd: std::os::fd::OwnedFd,
+    pub mode: XdpMode,
+}
+
+impl XdpAttachment {
+    /// Attaches in `mode`; auto tries native first and falls back to generic only when the
+    /// driver has no XDP support.
+    pub fn attach(prog: &Program<'_>, iface: &Interface, mode: XdpMode) -> Result<Self> {
+        let name = prog.name().to_string_lossy().into_owned();
+        let try_mode = |mode: XdpMode| -> std::io::Result<Self> {
+            let flags = match mode {
+                XdpMode::Native => libbpf_sys::XDP_FLAGS_DRV_MODE,
+                _ => libbpf_sys::XDP_FLAGS_SKB_MODE,
+            };
+            let opts = libbpf_sys::bpf_link_create_opts {
+                sz: size_of::<libbpf_sys::bpf_link_create_opts>() as _,
+                flags,
+                ..Default::default()
+            };
+            // SAFETY: a loaded program's fd and options of the right size.
+            let fd = unsafe {
+                libbpf_sys::bpf_link_create(prog.as_fd().as_raw_fd(), iface.index as i32, libbpf_sys::BPF_XDP, &opts)
+            };
+            if fd < 0 {
+                return Err(std::io::Error::from_raw_os_error(-fd));
+            }
+            // SAFETY: the kernel gave us this link fd.
+            let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+            Ok(Self { fd, mode })
+        };
+        let result = match mode {
+            XdpMode::Auto => match try_mode(XdpMode::Native) {
+                Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => try_mode(XdpMode::Generic),
+                other => other,
+            },
+            mode => try_mode(mode),
+        };
+        result.map_err(|err| {
+            let why = match err.raw_os_error() {
+                Some(libc::EBUSY) | Some(libc::EEXIST) => match xdp_program(iface.index) {
+                    Some(other) => format!("another XDP program is attached to {} ({} id {})", iface.name, other.name, other.id),
+                    None => "another XDP program is attached".into(),
+                },
+                Some(libc::EOPNOTSUPP) => format!("{} has no native XDP support; use --mode generic or auto", iface.name),
+                _ => err.to_string(),
+            };
+            anyhow::anyhow!("attaching {name} to {} XDP ({}): {why}", iface.name, mode.name())
+        })
+    }
+
+    /// Pins the link so the attachment outlives this process.
+    pub fn pin(self, path: &Path) -> Result<()> {
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+        // SAFETY: a link fd we own and a NUL-terminated path.
+        let ret = unsafe { libbpf_sys::bpf_obj_pin(self.fd.as_raw_fd(), cpath.as_ptr()) };
+        if ret != 0 {
+            return Err(std::io::Error::from_raw_os_error(-ret))
+                .with_context(|| format!("pinning link at {}", path.display()));
+        }
+        Ok(())
+    }
+}
+
+/// The mode the kernel reports for the XDP program on an interface.
+pub fn xdp_mode(ifindex: u32) -> Option<XdpMode> {
+    let mut opts = libbpf_sys::bpf_xdp_query_opts {
+        sz: size_of::<libbpf_sys::bpf_xdp_query_opts>() as _,
+        ..Default::default()
+    };
+    // SAFETY: opts of the right size for the kernel to fill.
+    if unsafe { libbpf_sys::bpf_xdp_query(ifindex as i32, 0, &mut opts) } != 0 {
+        return None;
+    }
+    match opts.attach_mode as u32 {
+        libbpf_sys::XDP_ATTACHED_DRV => Some(XdpMode::Native),
+        libbpf_sys::XDP_ATTACHED_SKB => Some(XdpMode::Generic),
+        _ => None,
+    }
+}
+
+/// The program on an interface's XDP hook, if any.
+pub fn xdp_program(ifindex: u32) -> Option<AttachedProgram> {
+    let mut id = 0u32;
+    // SAFETY: the kernel writes one id.
+    if unsafe { libbpf_sys::bpf_xdp_query_id(ifindex as i32, 0, &mut id) } != 0 || id == 0 {
+        return None;
+    }
+    Some(AttachedProgram {
+        id,
+        name: program_info(id).ok()?.0,
+    })
+}
+
 /// A program the kernel reports on a hook.
 #[derive(Debug, Clone)]
 pub struct AttachedProgram {
@@ -211,6 +328,7 @@ impl PinnedLink {
             .with_context(|| format!("reading link {}", path.display()))?;
         let target = match info.info {
             libbpf_rs::query::LinkTypeInfo::Tcx(tcx) => LinkTarget::Interface(tcx.ifindex),
+            libbpf_rs::query::LinkTypeInfo::Xdp(xdp) => LinkTarget::Interface(xdp.ifindex),
             libbpf_rs::query::LinkTypeInfo::Cgroup(cgroup) => LinkTarget::Cgroup(cgroup.cgroup_id),
             _ => LinkTarget::Other,
         };

@@ -10,6 +10,7 @@ use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
 use ebpf_net::lb::{self, LbArgs};
 use ebpf_net::monitor::{self, MonitorArgs};
 use ebpf_net::proxy::{self, ProxyArgs};
+use ebpf_net::xdp_lb::{self, XdpLbArgs};
 use ebpf_net::{netns, probe, status};
 
 /// eBPF service networking for a Linux node.
@@ -36,6 +37,9 @@ enum Command {
     Clusterip(ClusteripArgs),
     /// L4 load balancer on the kernel's conntrack: tc makes the entry, conntrack NATs the flow
     Lb(LbArgs),
+    /// one-arm L4 load balancer in XDP: Maglev, per-flow state, full NAT, flow events
+    #[command(name = "xdp-lb")]
+    XdpLb(XdpLbArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -70,6 +74,8 @@ enum Datapath {
     Proxy,
     Clusterip,
     Lb,
+    #[value(name = "xdp-lb")]
+    XdpLb,
 }
 
 impl Datapath {
@@ -79,6 +85,7 @@ impl Datapath {
             Datapath::Proxy => proxy::SUBCOMMAND,
             Datapath::Clusterip => clusterip::SUBCOMMAND,
             Datapath::Lb => lb::SUBCOMMAND,
+            Datapath::XdpLb => xdp_lb::SUBCOMMAND,
         }
     }
 }
@@ -98,6 +105,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Proxy(args) => proxy::run(args, &netns_key),
         Command::Clusterip(args) => clusterip::run(args),
         Command::Lb(args) => lb::run(args, &netns_key),
+        Command::XdpLb(args) => xdp_lb::run(args, &netns_key),
         Command::Status { json } => status::status(*json, &netns_key),
         Command::Down {
             subcommand,

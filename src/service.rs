@@ -294,6 +294,18 @@ pub fn sync_services(
     services: &[Service],
     backend_value: impl Fn(SocketAddr) -> Result<Vec<u8>>,
 ) -> Result<SyncReport> {
+    sync_services_with(tables, services, backend_value, |_, _| Ok(()))
+}
+
+/// [`sync_services`], with `before_swap(service, base)` called once a changed service's
+/// backends sit in their new slots and before the service points at them: a datapath's own
+/// per-service tables (xdp-lb's Maglev ring) are right before a packet can use them.
+pub fn sync_services_with(
+    tables: &ServiceTables,
+    services: &[Service],
+    backend_value: impl Fn(SocketAddr) -> Result<Vec<u8>>,
+    before_swap: impl Fn(&Service, u32) -> Result<()>,
+) -> Result<SyncReport> {
     let installed = read_installed(tables)?;
     let mut report = SyncReport::default();
     let mut allocator = SlotAllocator::new(
@@ -340,7 +352,7 @@ pub fn sync_services(
                 None => deferred.push(service),
             }
         }
-        write_ranges(tables, &installed, &placed, &backend_value)?;
+        write_ranges(tables, &installed, &placed, &backend_value, &before_swap)?;
         for (service, _) in &placed {
             if let Some(old) = installed.get(&service.vip) {
                 released.push((old.base, old.backends.len() as u32));
@@ -374,6 +386,7 @@ fn write_ranges(
     installed: &BTreeMap<SocketAddr, Installed>,
     placed: &[(&Service, u32)],
     backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
+    before_swap: &impl Fn(&Service, u32) -> Result<()>,
 ) -> Result<()> {
     if placed.is_empty() {
         return Ok(());
@@ -389,15 +402,10 @@ fn write_ranges(
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
             backend_values.extend_from_slice(&backend_value(*backend)?);
-            let carried = old
-                .and_then(|old| {
-                    let at = old.backends.iter().position(|b| b == backend)?;
-                    tables
-                        .stats
-                        .lookup(&(old.base + at as u32).to_ne_bytes(), MapFlags::ANY)
-                        .ok()?
-                })
-                .unwrap_or_else(|| vec![0u8; tables.stats.value_size() as usize]);
+            let carried = match old.and_then(|old| old.backends.iter().position(|b| b == backend)) {
+                Some(at) => read_stats(tables, old.unwrap().base + at as u32)?,
+                None => vec![0u8; tables.stats.value_size() as usize],
+            };
             stats_values.extend_from_slice(&carried);
         }
         service_keys.extend_from_slice(as_bytes(&service_endpoint::from(service.vip)));
@@ -412,10 +420,10 @@ fn write_ranges(
         .backends
         .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
         .context("writing backends")?;
-    tables
-        .stats
-        .update_batch(&slot_keys, &stats_values, slots, MapFlags::ANY, MapFlags::ANY)
-        .context("writing backend counters")?;
+    write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
+    for (service, base) in placed {
+        before_swap(service, *base)?;
+    }
     tables
         .services
         .update_batch(
@@ -429,6 +437,44 @@ fn write_ranges(
     Ok(())
 }
 
+/// The counters of a backend slot; a per-CPU table's summed over CPUs (every counter struct
+/// of include/ is made of u64 words).
+fn read_stats(tables: &ServiceTables, slot: u32) -> Result<Vec<u8>> {
+    let size = tables.stats.value_size() as usize;
+    let key = slot.to_ne_bytes();
+    if !tables.stats.map_type().is_percpu() {
+        return Ok(tables
+            .stats
+            .lookup(&key, MapFlags::ANY)?
+            .unwrap_or_else(|| vec![0u8; size]));
+    }
+    let mut sum = vec![0u64; size / 8];
+    for cpu in tables.stats.lookup_percpu(&key, MapFlags::ANY)?.unwrap_or_default() {
+        for (total, word) in sum.iter_mut().zip(cpu.chunks_exact(8)) {
+            *total += u64::from_ne_bytes(word.try_into().expect("8 bytes"));
+        }
+    }
+    Ok(sum.iter().flat_map(|word| word.to_ne_bytes()).collect())
+}
+
+/// Writes counters to slots; a per-CPU table gets each slot's total on the first CPU.
+fn write_stats(tables: &ServiceTables, keys: &[u8], values: &[u8], slots: u32) -> Result<()> {
+    if !tables.stats.map_type().is_percpu() {
+        tables
+            .stats
+            .update_batch(keys, values, slots, MapFlags::ANY, MapFlags::ANY)?;
+        return Ok(());
+    }
+    let size = tables.stats.value_size() as usize;
+    let cpus = libbpf_rs::num_possible_cpus()?;
+    for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(size)) {
+        let mut per_cpu = vec![vec![0u8; size]; cpus];
+        per_cpu[0] = value.to_vec();
+        tables.stats.update_percpu(key, &per_cpu, MapFlags::ANY)?;
+    }
+    Ok(())
+}
+
 /// Every service with its backends, each with the fields `stats` makes of its counters, for
 /// `status` and exit summaries.
 pub fn service_report(
@@ -439,11 +485,7 @@ pub fn service_report(
     for (vip, installed) in read_installed(tables)? {
         let mut backends = Vec::new();
         for (index, backend) in installed.backends.iter().enumerate() {
-            let slot = installed.base + index as u32;
-            let counters = tables
-                .stats
-                .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
-                .unwrap_or_else(|| vec![0u8; tables.stats.value_size() as usize]);
+            let counters = read_stats(tables, installed.base + index as u32)?;
             let mut entry = stats(&counters)?;
             entry.insert("backend".into(), json!(backend.to_string()));
             backends.push(Value::Object(entry));

@@ -25,3 +25,6 @@ pub mod sock_xlate {
 pub mod lb {
     include!(concat!(env!("OUT_DIR"), "/lb.skel.rs"));
 }
+pub mod xdp_lb {
+    include!(concat!(env!("OUT_DIR"), "/xdp_lb.skel.rs"));
+}

@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
 use crate::pin::{PinDir, PIN_ROOT};
-use crate::{clusterip, ipv6_hp, lb, monitor, netns, proxy};
+use crate::{clusterip, ipv6_hp, lb, monitor, netns, proxy, xdp_lb};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
@@ -16,6 +16,7 @@ fn is_ours(name: &str) -> bool {
         || proxy::PROGRAMS.contains(&name)
         || clusterip::PROGRAMS.contains(&name)
         || lb::PROGRAMS.contains(&name)
+        || xdp_lb::PROGRAMS.contains(&name)
 }
 
 fn describe(pins: &PinDir) -> Result<Value> {
@@ -24,6 +25,7 @@ fn describe(pins: &PinDir) -> Result<Value> {
         proxy::SUBCOMMAND => proxy::describe_persisted(pins),
         clusterip::SUBCOMMAND => clusterip::describe_persisted(pins),
         lb::SUBCOMMAND => lb::describe_persisted(pins),
+        xdp_lb::SUBCOMMAND => xdp_lb::describe_persisted(pins),
         other => anyhow::bail!("unknown subcommand directory '{other}'"),
     }
 }
@@ -34,6 +36,7 @@ fn summarize(subcommand: &str, details: &Value) -> String {
         proxy::SUBCOMMAND => proxy::summarize(details),
         clusterip::SUBCOMMAND => clusterip::summarize(details),
         lb::SUBCOMMAND => lb::summarize(details),
+        xdp_lb::SUBCOMMAND => xdp_lb::summarize(details),
         _ => details.to_string(),
     }
 }
@@ -109,6 +112,16 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                     }));
                 }
             }
+        }
+        if let Some(prog) = attach::xdp_program(iface.index).filter(|prog| is_ours(&prog.name)) {
+            let mode = attach::xdp_mode(iface.index).map_or("?", attach::XdpMode::name);
+            attached.push(json!({
+                "interface": iface.name,
+                "hook": format!("xdp/{mode}"),
+                "program": prog.name,
+                "prog_id": prog.id,
+                "owner": owner(prog.id),
+            }));
         }
     }
     // cgroup hooks belong to no network namespace; the connect4 program stands for all eight

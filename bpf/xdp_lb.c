@@ -1,0 +1,631 @@
+// SPDX-License-Identifier: GPL-2.0
+/* xdp-lb: a one-arm full-NAT L4 load balancer in XDP. A client's packet to a service VIP:PORT
+ * leaves the way it came (XDP_TX) towards a backend chosen by Maglev hashing, from this
+ * node's address and a source port of its own, so the backend's reply comes back here and
+ * is rewritten back to the client. Flow state in LRU tables keeps every packet of a flow on
+ * its backend; checksums are updated incrementally. */
+#include "common.h"
+#include "parse.h"
+#include "xdp_lb.h"
+
+#define TCP_FLAG_FIN 0x01
+#define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
+#define TCP_FLAG_ACK 0x10
+
+/* Set by user space before load. */
+volatile const __u32 hash_seed = 0;
+volatile const __u8 events_level = XDP_LB_EVENTS_OFF;
+/* source ports this node hands out towards backends: [port_lo, port_lo + port_span) */
+volatile const __u16 port_lo = 1024;
+volatile const __u16 port_span = 31744;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, XDP_LB_MAX_SERVICES);
+	__type(key, struct service_endpoint);
+	__type(value, struct service_range);
+} xdp_lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDP_LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_backend);
+} xdp_lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, XDP_LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_stats);
+} xdp_lb_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDP_LB_RING_ENTRIES);
+	__type(key, __u32);
+	__type(value, __u32);
+} xdp_lb_rings SEC(".maps");
+
+/* client -> VIP tuple -> flow; user space sets the size (--max-flows) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
+	__type(key, struct xdp_lb_tuple);
+	__type(value, struct xdp_lb_flow);
+} xdp_lb_flows SEC(".maps");
+
+/* backend -> this node:lb_port tuple -> the flow's client -> VIP tuple */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
+	__type(key, struct xdp_lb_tuple);
+	__type(value, struct xdp_lb_tuple);
+} xdp_lb_reverse SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_counters);
+} xdp_lb_counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} xdp_lb_events SEC(".maps");
+
+/* puts the event layout into BTF, for the Rust skeleton's types */
+struct xdp_lb_event *xdp_lb_event_layout __attribute__((unused));
+
+static __always_inline struct xdp_lb_counters *counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&xdp_lb_counters, &zero);
+}
+
+static __always_inline __u32 rol32(__u32 word, unsigned int shift)
+{
+	return (word << shift) | (word >> ((-shift) & 31));
+}
+
+/* murmur3's block step */
+static __always_inline __u32 mix(__u32 hash, __u32 word)
+{
+	word *= 0xcc9e2d51;
+	word = rol32(word, 15);
+	word *= 0x1b873593;
+	hash ^= word;
+	hash = rol32(hash, 13);
+	return hash * 5 + 0xe6546b64;
+}
+
+/* The client side of a flow decides its place on the Maglev ring. */
+static __always_inline __u32 flow_hash(const struct xdp_lb_tuple *flow)
+{
+	__u32 hash = hash_seed;
+
+	hash = mix(hash, flow->src[0]);
+	hash = mix(hash, flow->src[1]);
+	hash = mix(hash, flow->src[2]);
+	hash = mix(hash, flow->src[3]);
+	hash = mix(hash, ((__u32)flow->sport << 16) | flow->proto);
+	hash ^= hash >> 16;
+	hash *= 0x85ebca6b;
+	hash ^= hash >> 13;
+	hash *= 0xc2b2ae35;
+	return hash ^ (hash >> 16);
+}
+
+static __always_inline bool endpoint_equal(const struct service_endpoint *a, const struct service_endpoint *b)
+{
+	return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
+	       a->addr[3] == b->addr[3] && a->port == b->port && a->family == b->family;
+}
+
+static __always_inline void copy_addr(__u32 *to, const __u32 *from)
+{
+	to[0] = from[0];
+	to[1] = from[1];
+	to[2] = from[2];
+	to[3] = from[3];
+}
+
+static __always_inline void emit(__u8 kind, const struct xdp_lb_tuple *flow, const struct xdp_lb_flow *state,
+				 const struct service_endpoint *previous, __u32 len)
+{
+	struct xdp_lb_counters *c;
+	struct xdp_lb_event *event;
+
+	event = bpf_ringbuf_reserve(&xdp_lb_events, sizeof(*event), 0);
+	if (!event) {
+		/* never a reason to hold a packet back: count it, carry on */
+		c = counters();
+		if (c)
+			c->lost_events++;
+		return;
+	}
+	__builtin_memset(event, 0, sizeof(*event));
+	event->timestamp = bpf_ktime_get_ns();
+	event->flow = *flow;
+	event->backend = state->backend;
+	if (previous)
+		event->previous = *previous;
+	event->len = len;
+	event->lb_port = state->lb_port;
+	event->kind = kind;
+	bpf_ringbuf_submit(event, 0);
+}
+
+struct find_ctx {
+	const struct service_endpoint *want;
+	__u32 base;
+	__u32 found;
+};
+
+static long find_backend_cb(__u32 index, void *data)
+{
+	struct find_ctx *ctx = data;
+	struct xdp_lb_backend *backend;
+	__u32 slot = ctx->base + index;
+
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
+	if (backend && endpoint_equal(&backend->endpoint, ctx->want)) {
+		ctx->found = slot;
+		return 1;
+	}
+	return 0;
+}
+
+/* The flow's backend in the service's current list (its slot, refreshed when the list was
+ * rewritten elsewhere), or NULL when it left the service. */
+static __always_inline struct xdp_lb_backend *current_backend(const struct service_range *range,
+							      struct xdp_lb_flow *flow)
+{
+	struct find_ctx ctx = { .want = &flow->backend, .base = range->base, .found = ~0U };
+	struct xdp_lb_backend *backend;
+	__u32 slot = flow->slot;
+
+	if (slot - range->base < range->count) {
+		backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
+		if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
+			return backend;
+	}
+	bpf_loop(range->count, find_backend_cb, &ctx, 0);
+	if (ctx.found == ~0U)
+		return NULL;
+	flow->slot = ctx.found;
+	return bpf_map_lookup_elem(&xdp_lb_backends, &ctx.found);
+}
+
+/* Maglev: the ring entry the flow hashes to names its backend. */
+static __always_inline __u32 pick_slot(const struct service_range *range, __u32 hash)
+{
+	__u32 ring_base = range->base * XDP_LB_RING_PER_SLOT;
+	__u32 *size, *entry, index;
+
+	size = bpf_map_lookup_elem(&xdp_lb_rings, &ring_base);
+	if (!size || !*size)
+		return ~0U;
+	index = ring_base + 1 + hash % *size;
+	entry = bpf_map_lookup_elem(&xdp_lb_rings, &index);
+	if (!entry || *entry >= range->count)
+		return ~0U;
+	return range->base + *entry;
+}
+
+static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u8 proto, __u64 now)
+{
+	__u64 idle = now - flow->last_seen;
+
+	if (proto == IPPROTO_UDP)
+		return idle > XDP_LB_UDP_IDLE_NS;
+	if ((flow->state & XDP_LB_RST) ||
+	    (flow->state & (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND)) == (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND))
+		return idle > XDP_LB_TCP_CLOSED_NS;
+	return idle > XDP_LB_TCP_IDLE_NS;
+}
+
+static __always_inline bool tuple_equal(const struct xdp_lb_tuple *a, const struct xdp_lb_tuple *b)
+{
+	return a->src[0] == b->src[0] && a->src[1] == b->src[1] && a->src[2] == b->src[2] &&
+	       a->src[3] == b->src[3] && a->dst[0] == b->dst[0] && a->dst[1] == b->dst[1] &&
+	       a->dst[2] == b->dst[2] && a->dst[3] == b->dst[3] && a->sport == b->sport &&
+	       a->dport == b->dport && a->proto == b->proto && a->family == b->family;
+}
+
+/* Whether the source port of reverse entry `rev`, held by flow `owner`, may go to the flow
+ * `want`: it is that flow itself, or its owner was evicted, moved on or went idle. */
+static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct xdp_lb_tuple *owner,
+					  const struct xdp_lb_tuple *want, __u64 now)
+{
+	struct xdp_lb_flow *flow;
+
+	if (tuple_equal(owner, want))
+		return true;
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, owner);
+	if (!flow)
+		return true;
+	if (flow->lb_port != rev->dport || flow->backend.port != rev->sport ||
+	    flow->backend.addr[0] != rev->src[0] || flow->backend.addr[1] != rev->src[1] ||
+	    flow->backend.addr[2] != rev->src[2] || flow->backend.addr[3] != rev->src[3])
+		return true;
+	if (!flow_idle(flow, owner->proto, now))
+		return false;
+	bpf_map_delete_elem(&xdp_lb_flows, owner);
+	return true;
+}
+
+/* Claims a source port towards the backend for the flow: a reverse-table entry of its own.
+ * Tries a few ports from the flow's hash on. */
+static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const struct xdp_lb_backend *backend,
+				       __u32 hash, __u64 now, __be16 *port)
+{
+	struct xdp_lb_tuple rev = {};
+	struct xdp_lb_tuple *owner;
+
+	copy_addr(rev.src, backend->endpoint.addr);
+	copy_addr(rev.dst, backend->lb_addr);
+	rev.sport = backend->endpoint.port;
+	rev.proto = key->proto;
+	rev.family = key->family;
+	for (__u32 i = 0; i < XDP_LB_PORT_PROBES; i++) {
+		__u32 span = port_span ? port_span : 1;
+
+		rev.dport = bpf_htons((__u16)(port_lo + (hash + i * 7919) % span));
+		if (bpf_map_update_elem(&xdp_lb_reverse, &rev, key, BPF_NOEXIST) == 0) {
+			*port = rev.dport;
+			return true;
+		}
+		owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+		if (owner && port_reusable(&rev, owner, key, now) &&
+		    bpf_map_update_elem(&xdp_lb_reverse, &rev, key, BPF_ANY) == 0) {
+			*port = rev.dport;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Drops the reverse entry of a flow that moves to another backend or port. */
+static __always_inline void release_port(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+{
+	struct xdp_lb_tuple rev = {};
+	struct xdp_lb_tuple *owner;
+
+	copy_addr(rev.src, flow->backend.addr);
+	copy_addr(rev.dst, flow->lb_addr);
+	rev.sport = flow->backend.port;
+	rev.dport = flow->lb_port;
+	rev.proto = key->proto;
+	rev.family = key->family;
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	if (owner && tuple_equal(owner, key))
+		bpf_map_delete_elem(&xdp_lb_reverse, &rev);
+}
+
+static __always_inline __u16 csum_fold(__u32 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)sum;
+}
+
+/* A checksum after `from` (size bytes, a multiple of 4) became `to`: RFC 1624. */
+static __always_inline __sum16 csum_replace(__sum16 check, __be32 *from, __be32 *to, __u32 size)
+{
+	__s64 sum = bpf_csum_diff(from, size, to, size, ~(__u32)check & 0xffff);
+
+	return ~csum_fold((__u32)sum);
+}
+
+/* The addresses and ports a rewrite changes, in packet order: what the L4 checksum's
+ * pseudo-header and port words cover. */
+struct rewrite {
+	__u32 src[4];
+	__u32 dst[4];
+	__be16 sport;
+	__be16 dport;
+};
+
+/* Rewrites addresses, ports and MACs of the packet parsed into `pkt`, fixing the IPv4 header
+ * and L4 checksums; the new source MAC is the one the packet was sent to (ours). */
+static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_packet *pkt, struct rewrite *to,
+					   const __u8 *dst_mac)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	struct rewrite from = {};
+	__u32 l3_off = pkt->l3_off;
+	__u32 l4_off = pkt->l4_off;
+	void *l4;
+	__be16 *ports;
+	__sum16 *l4_check;
+
+	/* the masks bound the offsets for the verifier; hide from the compiler that the
+	 * caller's check makes them redundant, or it drops them */
+	asm volatile("" : "+r"(l3_off), "+r"(l4_off));
+	l3_off &= 0x3f;
+	l4_off &= 0x1ff;
+	l4 = data + l4_off;
+	ports = l4;
+	if ((void *)(eth + 1) > data_end)
+		return false;
+	/* the whole TCP header (parsed before) or UDP header; its checksum lies inside */
+	if (pkt->proto == IPPROTO_TCP) {
+		if (l4 + sizeof(struct tcphdr) > data_end)
+			return false;
+		l4_check = l4 + offsetof(struct tcphdr, check);
+	} else {
+		if (l4 + sizeof(struct udphdr) > data_end)
+			return false;
+		l4_check = l4 + offsetof(struct udphdr, check);
+	}
+	copy_addr(from.src, pkt->saddr);
+	copy_addr(from.dst, pkt->daddr);
+	from.sport = ports[0];
+	from.dport = ports[1];
+
+	if (pkt->family == AF_INET) {
+		struct iphdr *ip = data + l3_off;
+		__be32 old_words[3] = { from.src[0], from.dst[0], ((__u32 *)ports)[0] };
+		__be32 new_words[3];
+
+		if ((void *)(ip + 1) > data_end)
+			return false;
+		ip->saddr = to->src[0];
+		ip->daddr = to->dst[0];
+		ports[0] = to->sport;
+		ports[1] = to->dport;
+		new_words[0] = ip->saddr;
+		new_words[1] = ip->daddr;
+		new_words[2] = ((__u32 *)ports)[0];
+		ip->check = csum_replace(ip->check, old_words, new_words, 8);
+		/* a UDP datagram without a checksum stays without */
+		if (pkt->proto == IPPROTO_TCP || *l4_check) {
+			__sum16 check = csum_replace(*l4_check, old_words, new_words, sizeof(old_words));
+
+			if (pkt->proto == IPPROTO_UDP && !check)
+				check = 0xffff;
+			*l4_check = check;
+		}
+	} else {
+		struct ipv6hdr *ip6 = data + l3_off;
+		__sum16 check;
+
+		if ((void *)(ip6 + 1) > data_end)
+			return false;
+		__builtin_memcpy(&ip6->saddr, to->src, 16);
+		__builtin_memcpy(&ip6->daddr, to->dst, 16);
+		ports[0] = to->sport;
+		ports[1] = to->dport;
+		check = csum_replace(*l4_check, (__be32 *)&from, (__be32 *)to, sizeof(from));
+		if (pkt->proto == IPPROTO_UDP && !check)
+			check = 0xffff;
+		*l4_check = check;
+	}
+
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
+	return true;
+}
+
+static __always_inline void count(__u32 slot, bool towards_backend, __u64 bytes)
+{
+	struct xdp_lb_stats *stats = bpf_map_lookup_elem(&xdp_lb_stats, &slot);
+
+	if (!stats)
+		return;
+	if (towards_backend) {
+		stats->packets_in++;
+		stats->bytes_in += bytes;
+	} else {
+		stats->packets_out++;
+		stats->bytes_out += bytes;
+	}
+}
+
+static __always_inline void track_tcp(struct xdp_lb_flow *flow, __u8 flags, bool from_client)
+{
+	if (flags & TCP_FLAG_RST)
+		flow->state |= XDP_LB_RST;
+	if (flags & TCP_FLAG_FIN)
+		flow->state |= from_client ? XDP_LB_FIN_CLIENT : XDP_LB_FIN_BACKEND;
+}
+
+/* Starts a flow on a backend (or moves one whose backend left its service). */
+static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *key, const struct service_range *range,
+						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now,
+						     struct xdp_lb_counters *c)
+{
+	struct service_endpoint previous = {};
+	struct xdp_lb_backend *backend;
+	struct xdp_lb_stats *stats;
+	struct xdp_lb_flow flow = {};
+	__u32 hash = flow_hash(key);
+	__u32 slot;
+
+	slot = pick_slot(range, hash);
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
+	if (!backend)
+		return NULL;
+	if (old) {
+		previous = old->backend;
+		release_port(key, old);
+	}
+	flow.backend = backend->endpoint;
+	copy_addr(flow.lb_addr, backend->lb_addr);
+	flow.last_seen = now;
+	flow.slot = slot;
+	__builtin_memcpy(flow.client_mac, client_mac, ETH_ALEN);
+	if (!claim_port(key, backend, hash, now, &flow.lb_port)) {
+		if (c)
+			c->no_port++;
+		if (old)
+			bpf_map_delete_elem(&xdp_lb_flows, key);
+		return NULL;
+	}
+	if (bpf_map_update_elem(&xdp_lb_flows, key, &flow, BPF_ANY)) {
+		if (c)
+			c->flow_failed++;
+		return NULL;
+	}
+	if (c) {
+		if (old)
+			c->rerouted++;
+		else
+			c->new_flows++;
+	}
+	if (events_level >= XDP_LB_EVENTS_FLOWS)
+		emit(old ? XDP_LB_EVENT_REROUTED : XDP_LB_EVENT_NEW_FLOW, key, &flow, old ? &previous : NULL, 0);
+	stats = bpf_map_lookup_elem(&xdp_lb_stats, &slot);
+	if (stats)
+		stats->new_flows++;
+	return bpf_map_lookup_elem(&xdp_lb_flows, key);
+}
+
+static __always_inline void tuple_of(struct xdp_lb_tuple *tuple, const struct l4_packet *pkt)
+{
+	__builtin_memset(tuple, 0, sizeof(*tuple));
+	copy_addr(tuple->src, pkt->saddr);
+	copy_addr(tuple->dst, pkt->daddr);
+	tuple->sport = pkt->sport;
+	tuple->dport = pkt->dport;
+	tuple->proto = pkt->proto;
+	tuple->family = pkt->family;
+}
+
+/* Client -> VIP: on to the flow's backend. */
+static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet *pkt,
+				      const struct service_range *range)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct xdp_lb_counters *c = counters();
+	__u64 len = data_end - data;
+	__u64 now = bpf_ktime_get_ns();
+	struct xdp_lb_backend *backend = NULL;
+	struct xdp_lb_tuple key;
+	struct xdp_lb_flow *flow;
+	struct ethhdr *eth = data;
+	struct rewrite to = {};
+	__u8 client_mac[ETH_ALEN];
+	__u8 backend_mac[ETH_ALEN];
+
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	__builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
+	tuple_of(&key, pkt);
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
+	if (flow) {
+		backend = current_backend(range, flow);
+		if (!backend)
+			flow = open_flow(&key, range, flow, client_mac, now, c);
+	} else {
+		flow = open_flow(&key, range, NULL, client_mac, now, c);
+	}
+	if (!flow)
+		return XDP_DROP;
+	if (!backend) {
+		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
+		if (!backend)
+			return XDP_DROP;
+	}
+	if (pkt->proto == IPPROTO_TCP) {
+		/* a new connection on the port of a closed one starts clean */
+		if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+			flow->state = 0;
+		track_tcp(flow, pkt->tcp_flags, true);
+	}
+	flow->last_seen = now;
+	__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
+	__builtin_memcpy(backend_mac, backend->mac, ETH_ALEN);
+	copy_addr(to.src, flow->lb_addr);
+	copy_addr(to.dst, flow->backend.addr);
+	to.sport = flow->lb_port;
+	to.dport = flow->backend.port;
+	count(flow->slot, true, len);
+	if (events_level >= XDP_LB_EVENTS_TRACE)
+		emit(XDP_LB_EVENT_TRACE_IN, &key, flow, NULL, len);
+	if (!rewrite_packet(ctx, pkt, &to, backend_mac))
+		return XDP_PASS;
+	if (c)
+		c->to_backend++;
+	return XDP_TX;
+}
+
+/* Backend -> this node: a reply of one of our flows goes back to its client. */
+static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet *pkt)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	__u64 len = data_end - data;
+	struct xdp_lb_tuple rev, key, *owner;
+	struct xdp_lb_backend *backend;
+	struct xdp_lb_counters *c;
+	struct xdp_lb_flow *flow;
+	struct rewrite to = {};
+	__u8 client_mac[ETH_ALEN];
+
+	tuple_of(&rev, pkt);
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	if (!owner)
+		return XDP_PASS;
+	key = *owner;
+	c = counters();
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
+	if (!flow || flow->lb_port != rev.dport || flow->backend.port != rev.sport ||
+	    flow->backend.addr[0] != rev.src[0] || flow->backend.addr[1] != rev.src[1] ||
+	    flow->backend.addr[2] != rev.src[2] || flow->backend.addr[3] != rev.src[3]) {
+		if (c)
+			c->stale_replies++;
+		return XDP_PASS;
+	}
+	if (pkt->proto == IPPROTO_TCP)
+		track_tcp(flow, pkt->tcp_flags, false);
+	flow->last_seen = bpf_ktime_get_ns();
+	__builtin_memcpy(client_mac, flow->client_mac, ETH_ALEN);
+	copy_addr(to.src, key.dst);
+	copy_addr(to.dst, key.src);
+	to.sport = key.dport;
+	to.dport = key.sport;
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
+	if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
+		count(flow->slot, false, len);
+	else if (c)
+		c->unattributed++;
+	if (events_level >= XDP_LB_EVENTS_TRACE)
+		emit(XDP_LB_EVENT_TRACE_OUT, &key, flow, NULL, len);
+	if (!rewrite_packet(ctx, pkt, &to, client_mac))
+		return XDP_PASS;
+	if (c)
+		c->to_client++;
+	return XDP_TX;
+}
+
+SEC("xdp")
+int xdp_lb(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct service_endpoint vip = {};
+	struct service_range *range;
+	struct l4_packet pkt;
+
+	/* fragments are not balanced: later ones carry no ports to find their flow by */
+	if (!parse_l4_packet(data, data_end, &pkt) || pkt.fragment || pkt.l4_off > 0x1ff - 20)
+		return XDP_PASS;
+	copy_addr(vip.addr, pkt.daddr);
+	vip.port = pkt.dport;
+	vip.family = pkt.family;
+	range = bpf_map_lookup_elem(&xdp_lb_services, &vip);
+	if (range)
+		return to_backend(ctx, &pkt, range);
+	return to_client(ctx, &pkt);
+}
+
+char LICENSE[] SEC("license") = "GPL";

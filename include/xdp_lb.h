@@ -1,0 +1,103 @@
+/* Shared between bpf/xdp_lb.c and src/xdp_lb.rs: the service tables of service.h with a
+ * Maglev lookup ring per service, the per-flow state of a one-arm full-NAT load balancer,
+ * per-CPU counters and the events it sends to user space. */
+#pragma once
+
+#include "service.h"
+
+#define XDP_LB_MAX_SERVICES 65536
+#define XDP_LB_BACKEND_SLOTS 32768
+#define XDP_LB_MAX_BACKENDS_PER_SERVICE 4096
+/* A service whose backends sit in slots [base, base + count) owns the ring entries
+ * [base * XDP_LB_RING_PER_SLOT, (base + count) * XDP_LB_RING_PER_SLOT): the first holds the
+ * Maglev table size M (a prime >= 100 * count, at most 65537 < 128 * count), the next M
+ * hold backend indexes relative to base. Written before the service is swapped in. */
+#define XDP_LB_RING_PER_SLOT 128
+#define XDP_LB_RING_ENTRIES (XDP_LB_BACKEND_SLOTS * XDP_LB_RING_PER_SLOT)
+#define XDP_LB_DEFAULT_FLOWS 262144
+/* Source ports tried for a new flow before giving up on it */
+#define XDP_LB_PORT_PROBES 8
+
+/* Idle time after which a flow's source port may be given to another flow. */
+#define XDP_LB_TCP_IDLE_NS (3600ULL * 1000000000ULL)
+#define XDP_LB_TCP_CLOSED_NS (10ULL * 1000000000ULL)
+#define XDP_LB_UDP_IDLE_NS (120ULL * 1000000000ULL)
+
+/* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
+ * backend -> this node (the reverse table's key). */
+struct xdp_lb_tuple {
+	__u32 src[4];
+	__u32 dst[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct xdp_lb_backend {
+	struct service_endpoint endpoint; /* first: service.h readers see an endpoint */
+	__u32 lb_addr[4];		  /* this node's address towards the backend */
+	__u8 mac[6];			  /* next hop towards the backend on the interface */
+	__u8 pad[2];
+};
+
+/* flow state bits */
+#define XDP_LB_FIN_CLIENT 0x01
+#define XDP_LB_FIN_BACKEND 0x02
+#define XDP_LB_RST 0x04
+
+/* A flow: client -> VIP becomes this node:lb_port -> backend. */
+struct xdp_lb_flow {
+	struct service_endpoint backend;
+	__u32 lb_addr[4];
+	__u64 last_seen; /* ns (bpf_ktime_get_ns) of its latest packet, either way */
+	__u32 slot;	 /* backend slot for counters; checked against the backend each packet */
+	__be16 lb_port;
+	__u8 client_mac[6]; /* where replies go: the client or the router it came through */
+	__u8 state;
+	__u8 pad[7];
+};
+
+/* Per backend slot, per CPU. */
+struct xdp_lb_stats {
+	__u64 packets_in; /* client -> backend */
+	__u64 bytes_in;
+	__u64 packets_out; /* backend -> client */
+	__u64 bytes_out;
+	__u64 new_flows;
+};
+
+/* Per CPU, key 0. */
+struct xdp_lb_counters {
+	__u64 new_flows;
+	__u64 rerouted;	      /* a flow whose backend left its service, sent to a new one */
+	__u64 to_backend;     /* packets rewritten client -> backend */
+	__u64 to_client;      /* packets rewritten backend -> client */
+	__u64 no_port;	      /* no free source port towards the backend: packet dropped */
+	__u64 flow_failed;    /* flow table insert failed: packet dropped */
+	__u64 stale_replies;  /* a reply whose flow was evicted or moved: passed to the kernel */
+	__u64 lost_events;    /* ring buffer full: event not sent (the packet went on) */
+	__u64 unattributed;   /* reply counted nowhere: its backend slot changed meanwhile */
+};
+
+#define XDP_LB_EVENT_NEW_FLOW 1
+#define XDP_LB_EVENT_REROUTED 2
+#define XDP_LB_EVENT_TRACE_IN 3
+#define XDP_LB_EVENT_TRACE_OUT 4
+
+/* events_level (rodata) */
+#define XDP_LB_EVENTS_OFF 0
+#define XDP_LB_EVENTS_FLOWS 1
+#define XDP_LB_EVENTS_TRACE 2
+
+struct xdp_lb_event {
+	__u64 timestamp; /* bpf_ktime_get_ns */
+	struct xdp_lb_tuple flow; /* client -> VIP */
+	struct service_endpoint backend;
+	struct service_endpoint previous; /* rerouted: the backend that left */
+	__u32 len;			  /* trace: frame length */
+	__be16 lb_port;
+	__u8 kind;
+	__u8 pad;
+};

@@ -1,0 +1,366 @@
+//! test_run tables for the xdp-lb program: exact output bytes (frames built by etherparse
+//! with the addresses expected), checksums checked by etherparse's parser, and the flow table
+//! the program leaves behind.
+
+mod common;
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::net::{IpAddr, SocketAddr};
+
+use common::packets::*;
+use common::topology::Netns;
+use ebpf_net::service::{parse_services, Service};
+use ebpf_net::xdp_lb::{self, Backend, Flow, Options};
+use etherparse::Ipv6Extensions;
+use libbpf_rs::{MapCore, ProgramInput, ProgramMut};
+
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const XDP_TX: i32 = 3;
+const LB_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+const ROUTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x20];
+const PORTS: (u16, u16) = (20000, 1000);
+
+fn sock(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// A backend's MAC: 02:00:00:00:bb:<last byte of its address>.
+fn backend_mac(backend: SocketAddr) -> [u8; 6] {
+    let last = match backend.ip() {
+        IpAddr::V4(ip) => ip.octets()[3],
+        IpAddr::V6(ip) => ip.octets()[15],
+    };
+    [0x02, 0, 0, 0, 0xbb, last]
+}
+
+fn lb_addr(of: SocketAddr) -> IpAddr {
+    if of.is_ipv4() {
+        "10.1.0.1".parse().unwrap()
+    } else {
+        "fd01::1".parse().unwrap()
+    }
+}
+
+fn services(texts: &[&str]) -> Vec<Service> {
+    let texts: Vec<String> = texts.iter().map(|s| s.to_string()).collect();
+    parse_services(&texts, xdp_lb::LIMITS).unwrap()
+}
+
+fn backends_of(services: &[Service]) -> HashMap<SocketAddr, Backend> {
+    services
+        .iter()
+        .flat_map(|svc| svc.backends.iter())
+        .map(|&backend| {
+            (
+                backend,
+                Backend {
+                    lb_addr: lb_addr(backend),
+                    mac: backend_mac(backend),
+                },
+            )
+        })
+        .collect()
+}
+
+fn options(max_flows: u32, ports: (u16, u16)) -> Options {
+    Options {
+        events: 0,
+        max_flows,
+        ports,
+        seed: Some(0x5eed),
+    }
+}
+
+/// A frame from `src` to `dst` between two MACs, with correct checksums.
+fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
+    let mut frame = ip_frame(
+        src.ip(),
+        src.port(),
+        dst.ip(),
+        dst.port(),
+        Ipv6Extensions::default(),
+        &[],
+        l4,
+    );
+    frame[0..6].copy_from_slice(&dst_mac);
+    frame[6..12].copy_from_slice(&src_mac);
+    frame
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn run(prog: &ProgramMut<'_>, input: &[u8]) -> (i32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 256];
+    let result = prog
+        .test_run(ProgramInput {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
+        .expect("test_run");
+    let data = result.data.map(|data| data.to_vec()).unwrap_or_default();
+    (result.return_value as i32, data)
+}
+
+/// Runs one frame and checks verdict, exact bytes and (for rewritten frames) checksums.
+fn expect(prog: &ProgramMut<'_>, name: &str, input: &[u8], verdict: i32, output: &[u8]) {
+    let (got_verdict, got) = run(prog, input);
+    let mut problems = Vec::new();
+    if got_verdict != verdict {
+        problems.push(format!("verdict {got_verdict}, expected {verdict}"));
+    }
+    if got != output {
+        problems.push(format!(
+            "output differs\n    input    {}\n    expected {}\n    got      {}",
+            hex(input),
+            hex(output),
+            hex(&got)
+        ));
+    }
+    if verdict == XDP_TX {
+        if let Err(err) = verify_l4_checksum(&got, true) {
+            problems.push(format!("checksum: {err}"));
+        }
+    }
+    assert!(problems.is_empty(), "{name}: {}", problems.join("; "));
+}
+
+fn flow_of(flows: &[Flow], client: SocketAddr, vip: SocketAddr, proto: u8) -> Flow {
+    flows
+        .iter()
+        .find(|flow| flow.client == client && flow.vip == vip && flow.proto == proto)
+        .unwrap_or_else(|| panic!("no flow {client} -> {vip} in {flows:?}"))
+        .clone()
+}
+
+fn proto_of(l4: L4) -> u8 {
+    if l4 == L4::Udp {
+        17
+    } else {
+        6
+    }
+}
+
+#[test]
+fn clients_go_to_backends_and_replies_come_back_rewritten() {
+    let netns = Netns::new("xlb-unit");
+    netns.enter(|| {
+        let services = services(&[
+            "10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080",
+            "10.96.0.10:53=10.1.0.5:5353",
+            "[fd96::10]:80=[fd01::2]:8080,[fd01::3]:8080,[fd01::4]:8080",
+            "[fd96::10]:53=[fd01::5]:5353",
+        ]);
+        let mut object = MaybeUninit::uninit();
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options(1024, PORTS), &services, &backends_of(&services)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+
+        let cases = [
+            ("v4 tcp", sock("10.0.0.1:40000"), sock("10.0.0.2:40000"), sock("10.96.0.10:80"), L4::Tcp),
+            ("v4 udp", sock("10.0.0.1:40000"), sock("10.0.0.2:40000"), sock("10.96.0.10:53"), L4::Udp),
+            ("v6 tcp", sock("[2001:db8::1]:40000"), sock("[2001:db8::2]:40000"), sock("[fd96::10]:80"), L4::Tcp),
+            ("v6 udp", sock("[2001:db8::1]:40000"), sock("[2001:db8::2]:40000"), sock("[fd96::10]:53"), L4::Udp),
+        ];
+        for (name, client, other_client, vip, l4) in cases {
+            // two clients with the same source port, one through a router
+            for (client, client_mac) in [(client, CLIENT_MAC), (other_client, ROUTER_MAC)] {
+                let input = frame(client_mac, LB_MAC, client, vip, l4);
+                let (verdict, _) = run(prog, &input);
+                assert_eq!(verdict, XDP_TX, "{name} {client}");
+                let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+                let flow = flow_of(&flows, client, vip, proto_of(l4));
+                assert_eq!(flow.lb_addr, lb_addr(vip), "{name}");
+                assert_eq!(flow.client_mac, client_mac, "{name}");
+                assert!((PORTS.0..PORTS.0 + PORTS.1).contains(&flow.lb_port), "{name}: {flow:?}");
+                let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+                // exact bytes: the same frame from us to the backend
+                let to_backend = frame(LB_MAC, backend_mac(flow.backend), lb, flow.backend, l4);
+                expect(prog, &format!("{name} {client} again"), &input, XDP_TX, &to_backend);
+                // the backend's reply goes back to the client, from the VIP
+                let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, l4);
+                let to_client = frame(LB_MAC, client_mac, vip, client, l4);
+                expect(prog, &format!("{name} reply to {client}"), &reply, XDP_TX, &to_client);
+            }
+            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let a = flow_of(&flows, client, vip, proto_of(l4));
+            let b = flow_of(&flows, other_client, vip, proto_of(l4));
+            assert!(
+                (a.backend, a.lb_port) != (b.backend, b.lb_port),
+                "{name}: two clients on one source port share {a:?}"
+            );
+        }
+        assert_eq!(xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(), 8);
+
+        // untouched: other ports of a VIP, unknown replies, frames that are not ours
+        let client = sock("10.0.0.1:40000");
+        let lb = sock("10.1.0.1:20001");
+        let mut fragment = frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.10:80"), L4::Tcp);
+        fragment[14 + 6] |= 0x20; // more fragments
+        let untouched = [
+            ("a VIP port without a service", frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.10:81"), L4::Tcp)),
+            ("another address", frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.11:80"), L4::Tcp)),
+            ("a packet to us from a backend, no flow", frame(backend_mac(sock("10.1.0.2:8080")), LB_MAC, sock("10.1.0.2:8080"), lb, L4::Tcp)),
+            ("the right backend, the wrong port", frame(LB_MAC, LB_MAC, sock("10.1.0.2:8081"), lb, L4::Tcp)),
+            ("icmpv6", frame(CLIENT_MAC, LB_MAC, sock("[2001:db8::1]:0"), sock("[fd96::10]:0"), L4::Icmpv6Echo)),
+            ("an IPv4 first fragment", fragment.clone()),
+        ];
+        for (name, input) in untouched {
+            expect(prog, name, &input, XDP_PASS, &input);
+        }
+        // frames cut anywhere inside their headers: passed as they are
+        for l4 in [L4::Tcp, L4::Udp] {
+            for vip in [sock("10.96.0.10:80"), sock("[fd96::10]:80")] {
+                let client = if vip.is_ipv4() { sock("10.0.0.9:1") } else { sock("[2001:db8::9]:1") };
+                let whole = frame(CLIENT_MAC, LB_MAC, client, vip, l4);
+                let headers = whole.len() - PAYLOAD.len();
+                for cut in 14..headers {
+                    let input = &whole[..cut];
+                    expect(prog, &format!("{vip} {l4:?} cut at {cut}"), input, XDP_PASS, input);
+                }
+            }
+        }
+        assert_eq!(xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(), 8, "no flow from bad frames");
+    });
+}
+
+#[test]
+fn header_variants_keep_their_shape_and_checksums() {
+    let netns = Netns::new("xlb-unit2");
+    netns.enter(|| {
+        let services = services(&["10.96.0.10:53=10.1.0.5:5353", "10.96.0.10:80=10.1.0.2:8080"]);
+        let mut object = MaybeUninit::uninit();
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options(1024, PORTS), &services, &backends_of(&services)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        let vip = sock("10.96.0.10:53");
+        let backend = sock("10.1.0.5:5353");
+
+        // a UDP datagram without a checksum stays without one
+        let client = sock("10.0.0.1:1111");
+        let input = zero_udp_checksum(frame(CLIENT_MAC, LB_MAC, client, vip, L4::Udp));
+        run(prog, &input);
+        let flow = flow_of(&xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(), client, vip, 17);
+        let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+        let output = zero_udp_checksum(frame(LB_MAC, backend_mac(backend), lb, backend, L4::Udp));
+        expect(prog, "udp without checksum", &input, XDP_TX, &output);
+
+        // IPv4 options and an 802.1Q tag stay where they are
+        let client = sock("10.0.0.1:2222");
+        let options = [1u8, 1, 1, 0];
+        let with_options = |src: SocketAddr, dst: SocketAddr, src_mac: [u8; 6], dst_mac: [u8; 6]| {
+            let mut f = ip_frame(src.ip(), src.port(), dst.ip(), dst.port(), Ipv6Extensions::default(), &options, L4::Tcp);
+            f[0..6].copy_from_slice(&dst_mac);
+            f[6..12].copy_from_slice(&src_mac);
+            f
+        };
+        let vip80 = sock("10.96.0.10:80");
+        let backend80 = sock("10.1.0.2:8080");
+        let input = with_vlan(&with_options(client, vip80, CLIENT_MAC, LB_MAC));
+        run(prog, &input);
+        let flow = flow_of(&xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(), client, vip80, 6);
+        let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+        let output = with_vlan(&with_options(lb, backend80, LB_MAC, backend_mac(backend80)));
+        expect(prog, "vlan + ip options", &input, XDP_TX, &output);
+        let reply = with_vlan(&with_options(backend80, lb, backend_mac(backend80), LB_MAC));
+        let back = with_vlan(&with_options(vip80, client, LB_MAC, CLIENT_MAC));
+        expect(prog, "vlan + ip options reply", &reply, XDP_TX, &back);
+    });
+}
+
+#[test]
+fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
+    let netns = Netns::new("xlb-unit3");
+    netns.enter(|| {
+        let services = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
+        let vip = sock("10.96.0.10:80");
+        let mut object = MaybeUninit::uninit();
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options(256, PORTS), &services, &backends_of(&services)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        // 2,000 flows through a table of 256: every one is balanced, the table stays within
+        // its size, and the latest flows are all there and answer
+        let clients: Vec<SocketAddr> = (0..2000u32)
+            .map(|i| SocketAddr::new(IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]), 30000 + i as u16))
+            .collect();
+        for client in &clients {
+            let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
+            assert_eq!(verdict, XDP_TX, "{client}");
+        }
+        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        assert!(flows.len() <= 256 && flows.len() >= 128, "{} flows in a table of 256", flows.len());
+        for client in &clients[clients.len() - 16..] {
+            let flow = flow_of(&flows, *client, vip, 6);
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+            let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
+            let to_client = frame(LB_MAC, CLIENT_MAC, vip, *client, L4::Tcp);
+            expect(prog, &format!("reply to {client}"), &reply, XDP_TX, &to_client);
+        }
+
+        // four source ports towards a single backend: the fifth client is dropped and counted
+        let services = services_one();
+        let mut object = MaybeUninit::uninit();
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options(256, (20000, 4)), &services, &backends_of(&services)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        for (i, verdict) in [XDP_TX, XDP_TX, XDP_TX, XDP_TX, XDP_DROP].into_iter().enumerate() {
+            let client = SocketAddr::new(IpAddr::from([10, 0, 0, i as u8 + 1]), 40000);
+            let (got, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client, vip, L4::Tcp));
+            assert_eq!(got, verdict, "client {client}");
+        }
+        let mut ports: Vec<u16> = xdp_lb::flows(&skel.maps.xdp_lb_flows)
+            .unwrap()
+            .iter()
+            .map(|flow| flow.lb_port)
+            .collect();
+        ports.sort();
+        assert_eq!(ports, vec![20000, 20001, 20002, 20003]);
+        let counters = skel.maps.xdp_lb_counters.lookup_percpu(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY).unwrap().unwrap();
+        let no_port: u64 = counters.iter().map(|cpu| u64::from_ne_bytes(cpu[32..40].try_into().unwrap())).sum();
+        assert_eq!(no_port, 1);
+    });
+}
+
+fn services_one() -> Vec<Service> {
+    services(&["10.96.0.10:80=10.1.0.2:8080"])
+}
+
+#[test]
+fn a_flow_keeps_its_backend_until_that_backend_leaves() {
+    let netns = Netns::new("xlb-unit4");
+    netns.enter(|| {
+        let all = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
+        let vip = sock("10.96.0.10:80");
+        let mut object = MaybeUninit::uninit();
+        let skel = xdp_lb::load_with_services(&mut object, &options(4096, PORTS), &all, &backends_of(&all)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        let tables = xdp_lb::Tables::of(&skel).unwrap();
+        let clients: Vec<SocketAddr> = (0..300u16).map(|i| SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 10000 + i)).collect();
+        for client in &clients {
+            run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
+        }
+        let before = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let removed = all[0].backends[0];
+        let fewer = services(&["10.96.0.10:80=10.1.0.3:8080,10.1.0.4:8080"]);
+        xdp_lb::sync(&tables, &fewer, &backends_of(&all)).unwrap();
+        for client in &clients {
+            run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
+        }
+        let after = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let mut moved = 0;
+        for old in &before {
+            let new = flow_of(&after, old.client, vip, 6);
+            if old.backend == removed {
+                assert_ne!(new.backend, removed, "{new:?}");
+                moved += 1;
+            } else {
+                assert_eq!((new.backend, new.lb_port), (old.backend, old.lb_port), "a flow moved without need");
+            }
+        }
+        assert!((50..=150).contains(&moved), "{moved} of 300 flows were on the removed backend");
+    });
+}
