@@ -53,6 +53,48 @@ impl Interface {
         found
     }
 
+    /// The kernel driver behind the interface (`veth`, `mlx5_core`, ...), as ethtool reports it.
+    pub fn driver(&self) -> Option<String> {
+        const ETHTOOL_GDRVINFO: u32 = 0x0000_0003;
+        #[repr(C)]
+        struct DrvInfo {
+            cmd: u32,
+            driver: [u8; 32],
+            rest: [u8; 160],
+        }
+        #[repr(C)]
+        struct IfReq {
+            name: [u8; libc::IF_NAMESIZE],
+            data: *mut DrvInfo,
+            pad: [u8; 16],
+        }
+        let mut info = DrvInfo {
+            cmd: ETHTOOL_GDRVINFO,
+            driver: [0; 32],
+            rest: [0; 160],
+        };
+        let mut req = IfReq {
+            name: [0; libc::IF_NAMESIZE],
+            data: &mut info,
+            pad: [0; 16],
+        };
+        req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
+        // SAFETY: a datagram socket for the ioctl, closed below; req points at live buffers.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                return None;
+            }
+            let ret = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req);
+            libc::close(fd);
+            if ret != 0 {
+                return None;
+            }
+        }
+        let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+        Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+    }
+
     /// The name of an interface index in the current namespace, if it still exists.
     pub fn name_of(index: u32) -> Option<String> {
         Self::all()

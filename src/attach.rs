@@ -145,7 +145,12 @@ impl XdpAttachment {
             let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
             Ok(Self { fd, mode })
         };
+        // veth has native XDP, but its XDP_TX only arrives when the peer polls with NAPI
+        // (an XDP program or GRO on it), which a bridge port usually does not: frames count
+        // as sent and vanish. Generic XDP works on any veth.
+        let veth = iface.driver().as_deref() == Some("veth");
         let result = match mode {
+            XdpMode::Auto if veth => try_mode(XdpMode::Generic),
             XdpMode::Auto => match try_mode(XdpMode::Native) {
                 Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => try_mode(XdpMode::Generic),
                 other => other,

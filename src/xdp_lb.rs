@@ -455,6 +455,7 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     let tables = Tables::of(&skel)?;
     sync(&tables, &services, &backends)?;
     let attachment = XdpAttachment::attach(&skel.progs.xdp_lb, &iface, args.mode)?;
+    warn_native_veth(&iface, args.mode);
     let shutdown = run::Shutdown::install()?;
     let as_json = args.json;
     let mut builder = RingBufferBuilder::new();
@@ -480,7 +481,12 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     let mut next_check = Instant::now();
     loop {
         // poll returns early on events; the signal is checked between polls
-        events.poll(Duration::from_millis(100))?;
+        if let Err(err) = events.poll(Duration::from_millis(100)) {
+            // a signal interrupts the wait; anything else is a real failure
+            if err.kind() != libbpf_rs::ErrorKind::Interrupted {
+                return Err(err).context("reading events");
+            }
+        }
         if shutdown.wait_timeout(Duration::ZERO) {
             break;
         }
@@ -508,6 +514,15 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     Ok(())
 }
 
+fn warn_native_veth(iface: &Interface, mode: XdpMode) {
+    if mode == XdpMode::Native && iface.driver().as_deref() == Some("veth") {
+        eprintln!(
+            "{SUBCOMMAND}: note: native XDP on veth {} sends (XDP_TX) only to a peer that runs XDP or has GRO on (ethtool -K PEER gro on); --mode auto uses generic on veth",
+            iface.name
+        );
+    }
+}
+
 fn persist(
     services: &[Service],
     backends: &HashMap<SocketAddr, Backend>,
@@ -528,6 +543,7 @@ fn persist(
             return Ok((true, report));
         }
         XdpAttachment::attach(&skel.progs.xdp_lb, iface, mode)?.pin(&link)?;
+        warn_native_veth(iface, mode);
         Ok((false, report))
     })();
     if result.is_err() && fresh {

@@ -301,7 +301,8 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             expect(prog, &format!("reply to {client}"), &reply, XDP_TX, &to_client);
         }
 
-        // four source ports towards a single backend: the fifth client is dropped and counted
+        // four source ports towards a single backend, five clients on the same source port:
+        // four get a port each, the fifth is dropped and counted
         let services = services_one();
         let mut object = MaybeUninit::uninit();
         let skel =
@@ -319,6 +320,13 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             .collect();
         ports.sort();
         assert_eq!(ports, vec![20000, 20001, 20002, 20003]);
+        // four clients on one source port, one backend: each reply finds its own client
+        for flow in xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap() {
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+            let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
+            let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
+            expect(prog, &format!("reply to {}", flow.client), &reply, XDP_TX, &to_client);
+        }
         let counters = skel.maps.xdp_lb_counters.lookup_percpu(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY).unwrap().unwrap();
         let no_port: u64 = counters.iter().map(|cpu| u64::from_ne_bytes(cpu[32..40].try_into().unwrap())).sum();
         assert_eq!(no_port, 1);
