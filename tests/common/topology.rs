@@ -110,6 +110,8 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
 pub struct Daemon {
     child: Option<Child>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// read as it comes, so a chatty daemon never blocks on a full pipe
+    stdout: Arc<Mutex<Vec<String>>>,
 }
 
 impl Daemon {
@@ -132,9 +134,18 @@ impl Daemon {
                 lines.lock().unwrap().push(line);
             }
         });
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let lines = Arc::clone(&stdout);
+        let pipe = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(line);
+            }
+        });
         let mut daemon = Self {
             child: Some(child),
             stderr,
+            stdout,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         while ready_rx.recv_timeout(Duration::from_millis(50)).is_err() {
@@ -154,17 +165,28 @@ impl Daemon {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// The lines it printed to stdout so far.
+    pub fn stdout(&self) -> Vec<String> {
+        self.stdout.lock().unwrap().clone()
+    }
+
     /// Waits (bounded) for it to exit on its own; returns the exit code, stdout and stderr.
     pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String, Vec<String>) {
         let mut child = self.child.take().unwrap();
         let code = reap_within(&mut child, timeout);
-        let mut stdout = String::new();
-        if let Some(mut pipe) = child.stdout.take() {
-            use std::io::Read;
-            let _ = pipe.read_to_string(&mut stdout);
-        }
         std::thread::sleep(Duration::from_millis(50));
+        let mut stdout = self.stdout().join("\n");
+        if !stdout.is_empty() {
+            stdout.push('\n');
+        }
         (code, stdout, self.stderr())
+    }
+
+    /// SIGTERM, wait (bounded), and return the exit code, stdout and stderr lines.
+    pub fn stop_with_output(mut self) -> (Option<i32>, Vec<String>, Vec<String>) {
+        let code = self.terminate();
+        std::thread::sleep(Duration::from_millis(50));
+        (code, self.stdout(), self.stderr())
     }
 
     /// SIGTERM, wait (bounded), and return the exit code and everything it logged.

@@ -1,0 +1,391 @@
+//! xdp-lb end to end, one arm: a bridge joins a client netns (three client addresses per
+//! family), the load balancer's netns and three backend netns, all on one subnet. The VIPs
+//! are addresses of the load balancer's netns, so without xdp-lb a connection reaches the
+//! load balancer's own stack, where nothing listens: refused, or no UDP answer.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::servers::{tcp_talk, udp_request, Greeting, TcpEchoServer, UdpEchoServer, TIMEOUT};
+use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
+use serde_json::Value;
+use socket2::{Domain, Socket, Type};
+
+const VIP4: &str = "10.70.1.100:80";
+const VIP6: &str = "[fd70:1::100]:80";
+const LB4: &str = "10.70.0.2";
+const LB6: &str = "fd70::2";
+const CLIENTS4: [&str; 3] = ["10.70.0.11", "10.70.0.12", "10.70.0.13"];
+const CLIENTS6: [&str; 3] = ["fd70::11", "fd70::12", "fd70::13"];
+
+struct Lab {
+    clients: Netns,
+    lb: Netns,
+    backends4: Vec<SocketAddr>,
+    backends6: Vec<SocketAddr>,
+    _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
+    _backends: Vec<Netns>,
+    _switch: Netns,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Self {
+        let switch = Netns::new(&format!("{tag}-sw"));
+        switch.exec("ip link add br0 type bridge && ip link set br0 up");
+        let attach = |ns: &Netns, port: &str| {
+            veth(&switch, port, ns, "eth0");
+            switch.exec(&format!("ip link set {port} master br0"));
+        };
+        let clients = Netns::new(&format!("{tag}-c"));
+        attach(&clients, "pc");
+        for (v4, v6) in CLIENTS4.iter().zip(CLIENTS6) {
+            clients.exec(&format!(
+                "ip addr add {v4}/24 dev eth0 && ip addr add {v6}/64 dev eth0 nodad"
+            ));
+        }
+        // the VIPs are on the link
+        clients.exec("ip route add 10.70.1.0/24 dev eth0 && ip route add fd70:1::/64 dev eth0");
+        let lb = Netns::new(&format!("{tag}-lb"));
+        attach(&lb, "plb");
+        lb.exec(&format!(
+            "ip addr add {LB4}/24 dev eth0 && ip addr add {LB6}/64 dev eth0 nodad && \
+             ip addr add 10.70.1.100/32 dev eth0 && ip addr add fd70:1::100/128 dev eth0 nodad"
+        ));
+        let mut servers = Vec::new();
+        let mut backend_ns = Vec::new();
+        let (mut backends4, mut backends6) = (Vec::new(), Vec::new());
+        for k in 1..=3 {
+            let ns = Netns::new(&format!("{tag}-b{k}"));
+            attach(&ns, &format!("pb{k}"));
+            ns.exec(&format!(
+                "ip addr add 10.70.0.2{k}/24 dev eth0 && ip addr add fd70::2{k}/64 dev eth0 nodad"
+            ));
+            for addr in [format!("10.70.0.2{k}:8080"), format!("[fd70::2{k}]:8080")] {
+                let addr: SocketAddr = addr.parse().unwrap();
+                servers.push((TcpEchoServer::start(&ns, addr), UdpEchoServer::start(&ns, addr)));
+                if addr.is_ipv4() {
+                    backends4.push(addr);
+                } else {
+                    backends6.push(addr);
+                }
+            }
+            backend_ns.push(ns);
+        }
+        Self {
+            clients,
+            lb,
+            backends4,
+            backends6,
+            _servers: servers,
+            _backends: backend_ns,
+            _switch: switch,
+        }
+    }
+
+    fn services(&self) -> Vec<String> {
+        vec![
+            "--service".into(),
+            service_arg(VIP4, &self.backends4),
+            "--service".into(),
+            service_arg(VIP6, &self.backends6),
+        ]
+    }
+
+    fn start(&self, extra: &[&str]) -> Daemon {
+        let mut args: Vec<String> = vec!["xdp-lb".into(), "-i".into(), "eth0".into()];
+        args.extend(self.services());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.lb
+            .ebpf_net_daemon(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn ebpf_net(&self, args: &[&str]) -> std::process::Output {
+        output_within(Command::new(BIN).arg("--netns").arg(&self.lb.name).args(args))
+    }
+
+    /// The program on the load balancer's eth0, as `ip link` shows it.
+    fn xdp_attached(&self) -> bool {
+        self.lb.exec("ip link show eth0").contains("prog/xdp")
+    }
+}
+
+fn sock(text: &str) -> SocketAddr {
+    text.parse().unwrap()
+}
+
+/// A TCP connection from one of the client addresses.
+fn connect_from(lab: &Lab, source: &str, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let source: IpAddr = source.parse().unwrap();
+    lab.clients.enter(|| {
+        let socket = Socket::new(Domain::for_address(target), Type::STREAM, None)?;
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+        socket.connect_timeout(&target.into(), TIMEOUT)?;
+        Ok(socket.into())
+    })
+}
+
+fn udp_from(lab: &Lab, source: &str) -> UdpSocket {
+    let source: IpAddr = source.parse().unwrap();
+    lab.clients.enter(|| UdpSocket::bind(SocketAddr::new(source, 0)).unwrap())
+}
+
+/// Sends `len` bytes and reads the echo back at the same time; returns what came back.
+fn bulk(stream: &TcpStream, len: usize) -> usize {
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = std::thread::spawn(move || {
+        let chunk: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut reader = stream.try_clone().unwrap();
+    let mut buf = vec![0u8; 65536];
+    let (mut total, mut offset) = (0usize, 0usize);
+    loop {
+        let n = reader.read(&mut buf).expect("reading the echo");
+        if n == 0 {
+            break;
+        }
+        for (i, byte) in buf[..n].iter().enumerate() {
+            assert_eq!(*byte, ((offset + i) % 65536 % 251) as u8, "byte {} of the echo", offset + i);
+        }
+        offset += n;
+        total += n;
+    }
+    sender.join().unwrap();
+    total
+}
+
+/// Reads the greeting line alone.
+fn greeting(stream: &TcpStream) -> Greeting {
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    let mut reader = stream;
+    while reader.read(&mut byte).expect("greeting") == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap().parse().expect("greeting format")
+}
+
+#[test]
+fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
+    let lab = Lab::new("xlb-e2e1");
+    // without xdp-lb the VIP is only the load balancer's own address: nothing listens there
+    assert!(connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(), "the VIP answered without xdp-lb");
+    let daemon = lab.start(&[]);
+    assert!(
+        daemon.stderr().iter().any(|line| line.contains("(generic XDP)")),
+        "auto on veth should say generic: {:?}",
+        daemon.stderr()
+    );
+    for (vip, lb, clients, backends) in [
+        (sock(VIP4), LB4, CLIENTS4, &lab.backends4),
+        (sock(VIP6), LB6, CLIENTS6, &lab.backends6),
+    ] {
+        let stream = connect_from(&lab, clients[0], vip).expect("TCP connect to the VIP");
+        assert_eq!(stream.peer_addr().unwrap(), vip);
+        let greeting = tcp_talk(&stream, b"request through the VIP");
+        assert!(backends.contains(&greeting.server), "answered by {}", greeting.server);
+        assert_eq!(greeting.seen.ip(), lb.parse::<IpAddr>().unwrap(), "the backend saw the client, not us");
+
+        let stream = connect_from(&lab, clients[1], vip).unwrap();
+        let served_by = greeting_of(&stream);
+        let echoed = bulk(&stream, 10 * 1024 * 1024);
+        assert_eq!(echoed, 10 * 1024 * 1024, "10 MB through {served_by}");
+
+        let socket = udp_from(&lab, clients[2]);
+        let (greeting, from) = udp_request(&socket, Some(vip));
+        assert_eq!(from, vip, "the UDP reply must come from the VIP");
+        assert!(backends.contains(&greeting.server));
+        assert_eq!(greeting.seen.ip(), lb.parse::<IpAddr>().unwrap());
+    }
+    let (code, _, stderr) = daemon.stop_with_output();
+    assert_eq!(code, Some(0), "{stderr:?}");
+    let counters = stderr.iter().find(|line| line.contains("packets")).cloned().unwrap_or_default();
+    assert!(counters.contains("0 new flows") || counters.contains("new flows"), "{stderr:?}");
+    assert!(!lab.xdp_attached(), "still attached after exit");
+}
+
+fn greeting_of(stream: &TcpStream) -> SocketAddr {
+    greeting(stream).server
+}
+
+#[test]
+fn six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
+    let lab = Lab::new("xlb-e2e2");
+    let daemon = lab.start(&[]);
+    let vip = sock(VIP4);
+    let long = connect_from(&lab, CLIENTS4[0], vip).expect("long connection");
+    let long_backend = greeting_of(&long);
+    let mut long_writer = long.try_clone().unwrap();
+    let mut long_reader = long.try_clone().unwrap();
+    let mut ping = |round: usize| {
+        let message = format!("ping {round}\n");
+        long_writer.write_all(message.as_bytes()).unwrap();
+        let mut back = vec![0u8; message.len()];
+        long_reader.read_exact(&mut back).expect("the long connection answers");
+        assert_eq!(back, message.as_bytes());
+    };
+
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut by_client: HashMap<SocketAddr, SocketAddr> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for i in 0..600 {
+        assert!(Instant::now() < deadline, "600 connections took over 2 minutes");
+        let stream = connect_from(&lab, CLIENTS4[i % 3], vip).expect("connect");
+        let local = stream.local_addr().unwrap();
+        let backend = tcp_talk(&stream, b"x").server;
+        *seen.entry(backend).or_default() += 1;
+        by_client.insert(local, backend);
+        if i % 100 == 0 {
+            ping(i);
+        }
+    }
+    ping(600);
+    // the long connection never moved: its greeting's backend still echoes
+    assert!(lab.backends4.contains(&long_backend));
+    for backend in &lab.backends4 {
+        let share = *seen.get(backend).unwrap_or(&0) as f64 / 600.0;
+        assert!((0.25..=0.42).contains(&share), "{backend} got {share:.2} of 600: {seen:?}");
+    }
+    drop(long);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, stdout, stderr) = daemon.stop_with_output();
+    assert_eq!(code, Some(0), "{stderr:?}");
+    // a "new flow CLIENT -> VIP via BACKEND" line for every connection, naming its backend
+    let mut announced = 0;
+    for (client, backend) in &by_client {
+        let line = format!("new flow {client} -> {vip} via {backend}");
+        assert!(
+            stdout.iter().any(|printed| printed.starts_with(&line)),
+            "no event '{line}' among {} lines",
+            stdout.len()
+        );
+        announced += 1;
+    }
+    assert_eq!(announced, 600);
+    // the exit summary counts what the clients saw, per backend
+    for (backend, count) in &seen {
+        let summary = stderr.iter().find(|line| line.contains(&format!("{backend} ("))).cloned().unwrap_or_default();
+        let extra = usize::from(*backend == long_backend);
+        assert!(
+            summary.contains(&format!("{backend} ({} new flows", count + extra)),
+            "{backend}: clients saw {count} (+{extra} long): {summary}"
+        );
+    }
+}
+
+#[test]
+fn json_trace_persist_status_and_down() {
+    let lab = Lab::new("xlb-e2e3");
+    let daemon = lab.start(&["--json", "--trace"]);
+    let socket = udp_from(&lab, CLIENTS6[1]);
+    let (greeting, _) = udp_request(&socket, Some(sock(VIP6)));
+    std::thread::sleep(Duration::from_millis(300));
+    let (_, stdout, _) = daemon.stop_with_output();
+    let events: Vec<Value> = stdout.iter().map(|line| serde_json::from_str(line).expect("a JSON line")).collect();
+    let kinds: Vec<&str> = events.iter().filter_map(|event| event["event"].as_str()).collect();
+    for kind in ["new_flow", "to_backend", "to_client"] {
+        assert!(kinds.contains(&kind), "no {kind} event: {stdout:?}");
+    }
+    let new_flow = events.iter().find(|event| event["event"] == "new_flow").unwrap();
+    assert_eq!(new_flow["vip"], VIP6);
+    assert_eq!(new_flow["backend"], greeting.server.to_string());
+    assert_eq!(new_flow["proto"], "udp");
+
+    // persisted: survives this process, shows in status, goes with down
+    let out = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--persist", "--service", &service_arg(VIP4, &lab.backends4)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(lab.xdp_attached());
+    for i in 0..9 {
+        let stream = connect_from(&lab, CLIENTS4[i % 3], sock(VIP4)).expect("connect to the persisted VIP");
+        tcp_talk(&stream, b"persisted");
+    }
+    // a second, foreground instance is refused and changes nothing
+    let second = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--service", &service_arg(VIP4, &lab.backends4)]);
+    assert!(!second.status.success());
+    assert!(String::from_utf8_lossy(&second.stderr).contains("persisted"), "{second:?}");
+    let status = lab.ebpf_net(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let entry = status["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["subcommand"] == "xdp-lb" && entry["netns"] == lab.lb.name)
+        .cloned()
+        .expect("xdp-lb in status");
+    assert_eq!(entry["state"], "active");
+    let service = &entry["details"]["services"][0];
+    assert_eq!(service["vip"], VIP4);
+    assert_eq!(service["totals"]["new_flows"], 9);
+    assert!(service["totals"]["packets_in"].as_u64().unwrap() >= 9 * 4);
+    assert!(entry["details"]["flows"].as_u64().unwrap() >= 9);
+    let attached = status["attached"].as_array().unwrap();
+    assert!(attached.iter().any(|a| a["hook"] == "xdp/generic" && a["owner"] == "persisted"), "{attached:?}");
+
+    let down = lab.ebpf_net(&["down", "xdp-lb"]);
+    assert!(down.status.success());
+    assert!(!lab.xdp_attached(), "down left the program attached");
+    assert!(connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(), "the VIP still answers after down");
+}
+
+#[test]
+fn bad_input_gets_one_line_and_leaves_nothing_attached() {
+    let lab = Lab::new("xlb-e2e4");
+    lab.lb
+        .exec("ip link add side0 type veth peer name side1 && ip link set side0 up && ip addr add 10.80.0.1/24 dev side0");
+    let good = service_arg(VIP4, &lab.backends4);
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--service".into(), "10.70.1.100:80".into()], "expected VIP:PORT=BACKEND:PORT"),
+        (vec!["--service".into(), "10.70.1.100:80=10.70.0.21:8080@02:zz:00:00:00:01".into()], "not a MAC address"),
+        (vec!["--service".into(), "10.70.1.100:80=10.70.0.21:8080@ff:ff:ff:ff:ff:ff".into()], "not a unicast MAC"),
+        (vec!["--service".into(), "10.70.1.100:80=[fd70::21]:8080".into()], "address family"),
+        (vec!["--service".into(), "10.70.1.100:80=10.80.0.7:8080".into()], "reached through side0, not eth0"),
+        (vec!["--service".into(), "10.70.1.100:80=10.70.0.99:8080".into()], "no MAC address for 10.70.0.99"),
+        (vec!["--service".into(), "10.70.0.2:8080=10.70.0.21:8080".into()], "one it hands out to flows"),
+        (vec!["--service".into(), good.clone(), "--mode".into(), "turbo".into()], "invalid value 'turbo'"),
+        (vec!["--service".into(), good.clone(), "--max-flows".into(), "0".into()], "--max-flows"),
+        (vec!["--service".into(), good.clone(), "--persist".into(), "--trace".into()], "cannot be used with"),
+    ];
+    for (extra, needle) in &cases {
+        let mut args: Vec<&str> = vec!["xdp-lb", "-i", "eth0"];
+        args.extend(extra.iter().map(String::as_str));
+        let out = lab.ebpf_net(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: '{needle}' not in {stderr}");
+        assert!(!lab.xdp_attached(), "{args:?} left XDP attached");
+    }
+    // backends must be reached through the interface given
+    let out = lab.ebpf_net(&["xdp-lb", "-i", "lo", "--mode", "native", "--service", &good]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reached through eth0, not lo"), "{out:?}");
+    let unknown = lab.ebpf_net(&["xdp-lb", "-i", "nope0", "--service", &good]);
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown interface"));
+    // a foreground instance refuses a second one on the same interface
+    let first = lab.start(&[]);
+    let second = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--service", &good]);
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another ebpf-net xdp-lb is already attached"),
+        "{second:?}"
+    );
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!lab.xdp_attached());
+    let status = lab.ebpf_net(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert!(status["attached"].as_array().unwrap().is_empty(), "{status}");
+}
