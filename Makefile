@@ -35,6 +35,7 @@ bench: setup
 	$(CARGO) bench --bench proxy_paths
 	$(CARGO) bench --bench service_paths
 	$(CARGO) bench --bench lb_paths
+	$(CARGO) bench --bench xdp_lb_paths
 
 clean:
 	rm -rf build

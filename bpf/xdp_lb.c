@@ -223,8 +223,9 @@ static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u8 proto
 
 	if (proto == IPPROTO_UDP)
 		return idle > XDP_LB_UDP_IDLE_NS;
-	if ((flow->state & XDP_LB_RST) ||
-	    (flow->state & (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND)) == (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND))
+	if (flow->state & XDP_LB_RST)
+		return idle > XDP_LB_TCP_RESET_NS;
+	if ((flow->state & (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND)) == (XDP_LB_FIN_CLIENT | XDP_LB_FIN_BACKEND))
 		return idle > XDP_LB_TCP_CLOSED_NS;
 	return idle > XDP_LB_TCP_IDLE_NS;
 }
@@ -314,11 +315,16 @@ static __always_inline __u16 csum_fold(__u32 sum)
 	return (__u16)sum;
 }
 
-/* A checksum after `from` (size bytes, a multiple of 4) became `to`: RFC 1624. */
-static __always_inline __sum16 csum_replace(__sum16 check, __be32 *from, __be32 *to, __u32 size)
+/* A checksum after `words` 32-bit words at `from` became `to`: RFC 1624's
+ * HC' = ~(~HC + ~m + m'), summed inline (no helper call) and folded. */
+static __always_inline __sum16 csum_replace(__sum16 check, const __be32 *from, const __be32 *to, int words)
 {
-	__s64 sum = bpf_csum_diff(from, size, to, size, ~(__u32)check & 0xffff);
+	__u64 sum = (__u16)~check;
 
+	for (int i = 0; i < words; i++)
+		sum += (__u64)(__u32)~from[i] + to[i];
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffffffff) + (sum >> 32);
 	return ~csum_fold((__u32)sum);
 }
 
@@ -384,10 +390,10 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 		new_words[0] = ip->saddr;
 		new_words[1] = ip->daddr;
 		new_words[2] = ((__u32 *)ports)[0];
-		ip->check = csum_replace(ip->check, old_words, new_words, 8);
+		ip->check = csum_replace(ip->check, old_words, new_words, 2);
 		/* a UDP datagram without a checksum stays without */
 		if (pkt->proto == IPPROTO_TCP || *l4_check) {
-			__sum16 check = csum_replace(*l4_check, old_words, new_words, sizeof(old_words));
+			__sum16 check = csum_replace(*l4_check, old_words, new_words, 3);
 
 			if (pkt->proto == IPPROTO_UDP && !check)
 				check = 0xffff;
@@ -403,7 +409,7 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 		__builtin_memcpy(&ip6->daddr, to->dst, 16);
 		ports[0] = to->sport;
 		ports[1] = to->dport;
-		check = csum_replace(*l4_check, (__be32 *)&from, (__be32 *)to, sizeof(from));
+		check = csum_replace(*l4_check, (__be32 *)&from, (__be32 *)to, sizeof(from) / 4);
 		if (pkt->proto == IPPROTO_UDP && !check)
 			check = 0xffff;
 		*l4_check = check;
@@ -439,9 +445,9 @@ static __always_inline void track_tcp(struct xdp_lb_flow *flow, __u8 flags, bool
 
 /* Starts a flow on a backend (or moves one whose backend left its service). */
 static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *key, const struct service_range *range,
-						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now,
-						     struct xdp_lb_counters *c)
+						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now)
 {
+	struct xdp_lb_counters *c = counters();
 	struct service_endpoint previous = {};
 	struct xdp_lb_backend *backend;
 	struct xdp_lb_stats *stats;
@@ -505,9 +511,8 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct xdp_lb_counters *c = counters();
 	__u64 len = data_end - data;
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = bpf_ktime_get_coarse_ns();
 	struct xdp_lb_backend *backend = NULL;
 	struct xdp_lb_tuple key;
 	struct xdp_lb_flow *flow;
@@ -524,9 +529,9 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	if (flow) {
 		backend = current_backend(range, flow);
 		if (!backend)
-			flow = open_flow(&key, range, flow, client_mac, now, c);
+			flow = open_flow(&key, range, flow, client_mac, now);
 	} else {
-		flow = open_flow(&key, range, NULL, client_mac, now, c);
+		flow = open_flow(&key, range, NULL, client_mac, now);
 	}
 	if (!flow)
 		return XDP_DROP;
@@ -541,8 +546,12 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 			flow->state = 0;
 		track_tcp(flow, pkt->tcp_flags, true);
 	}
-	flow->last_seen = now;
-	__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
+	/* written only when changed: a flow's cache line stays clean between clock ticks */
+	if (flow->last_seen != now)
+		flow->last_seen = now;
+	if (*(__u32 *)flow->client_mac != *(__u32 *)client_mac ||
+	    *(__u16 *)&flow->client_mac[4] != *(__u16 *)&client_mac[4])
+		__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
 	__builtin_memcpy(backend_mac, backend->mac, ETH_ALEN);
 	copy_addr(to.src, flow->lb_addr);
 	copy_addr(to.dst, flow->backend.addr);
@@ -553,8 +562,6 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 		emit(XDP_LB_EVENT_TRACE_IN, &key, flow, NULL, len);
 	if (!rewrite_packet(ctx, pkt, &to, backend_mac))
 		return XDP_PASS;
-	if (c)
-		c->to_backend++;
 	return XDP_TX;
 }
 
@@ -568,6 +575,7 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 	struct xdp_lb_backend *backend;
 	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
+	__u64 now;
 	struct rewrite to = {};
 	__u8 client_mac[ETH_ALEN];
 
@@ -576,18 +584,20 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 	if (!owner)
 		return XDP_PASS;
 	key = *owner;
-	c = counters();
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
 	if (!flow || flow->lb_port != rev.dport || flow->backend.port != rev.sport ||
 	    flow->backend.addr[0] != rev.src[0] || flow->backend.addr[1] != rev.src[1] ||
 	    flow->backend.addr[2] != rev.src[2] || flow->backend.addr[3] != rev.src[3]) {
+		c = counters();
 		if (c)
 			c->stale_replies++;
 		return XDP_PASS;
 	}
 	if (pkt->proto == IPPROTO_TCP)
 		track_tcp(flow, pkt->tcp_flags, false);
-	flow->last_seen = bpf_ktime_get_ns();
+	now = bpf_ktime_get_coarse_ns();
+	if (flow->last_seen != now)
+		flow->last_seen = now;
 	__builtin_memcpy(client_mac, flow->client_mac, ETH_ALEN);
 	copy_addr(to.src, key.dst);
 	copy_addr(to.dst, key.src);
@@ -596,14 +606,12 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 	backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
 	if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
 		count(flow->slot, false, len);
-	else if (c)
+	else if ((c = counters()))
 		c->unattributed++;
 	if (events_level >= XDP_LB_EVENTS_TRACE)
 		emit(XDP_LB_EVENT_TRACE_OUT, &key, flow, NULL, len);
 	if (!rewrite_packet(ctx, pkt, &to, client_mac))
 		return XDP_PASS;
-	if (c)
-		c->to_client++;
 	return XDP_TX;
 }
 

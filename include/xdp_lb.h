@@ -16,11 +16,12 @@
 #define XDP_LB_RING_ENTRIES (XDP_LB_BACKEND_SLOTS * XDP_LB_RING_PER_SLOT)
 #define XDP_LB_DEFAULT_FLOWS 262144
 /* Source ports tried for a new flow before giving up on it */
-#define XDP_LB_PORT_PROBES 8
+#define XDP_LB_PORT_PROBES 16
 
 /* Idle time after which a flow's source port may be given to another flow. */
 #define XDP_LB_TCP_IDLE_NS (3600ULL * 1000000000ULL)
-#define XDP_LB_TCP_CLOSED_NS (10ULL * 1000000000ULL)
+#define XDP_LB_TCP_CLOSED_NS (10ULL * 1000000000ULL) /* FIN both ways (conntrack's CLOSE) */
+#define XDP_LB_TCP_RESET_NS (2ULL * 1000000000ULL)   /* RST: no side keeps the port */
 #define XDP_LB_UDP_IDLE_NS (120ULL * 1000000000ULL)
 
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
@@ -68,12 +69,10 @@ struct xdp_lb_stats {
 	__u64 new_flows;
 };
 
-/* Per CPU, key 0. */
+/* Per CPU, key 0: events off the fast path (packets and bytes are per backend). */
 struct xdp_lb_counters {
 	__u64 new_flows;
 	__u64 rerouted;	      /* a flow whose backend left its service, sent to a new one */
-	__u64 to_backend;     /* packets rewritten client -> backend */
-	__u64 to_client;      /* packets rewritten backend -> client */
 	__u64 no_port;	      /* no free source port towards the backend: packet dropped */
 	__u64 flow_failed;    /* flow table insert failed: packet dropped */
 	__u64 stale_replies;  /* a reply whose flow was evicted or moved: passed to the kernel */

@@ -605,8 +605,6 @@ fn counters_json(totals: &xdp_lb_counters) -> Value {
     json!({
         "new_flows": totals.new_flows,
         "rerouted": totals.rerouted,
-        "to_backend": totals.to_backend,
-        "to_client": totals.to_client,
         "no_port": totals.no_port,
         "flow_failed": totals.flow_failed,
         "stale_replies": totals.stale_replies,
@@ -617,11 +615,9 @@ fn counters_json(totals: &xdp_lb_counters) -> Value {
 
 fn describe_counters(totals: &xdp_lb_counters) -> String {
     format!(
-        "flows {} new, {} rerouted; packets {} to backends, {} to clients; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}",
+        "flows {} new, {} rerouted; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}",
         totals.new_flows,
         totals.rerouted,
-        totals.to_backend,
-        totals.to_client,
         totals.no_port,
         totals.flow_failed,
         totals.stale_replies,
@@ -651,11 +647,9 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
 pub fn summarize(details: &Value) -> String {
     let c = &details["counters"];
     format!(
-        "{}; {} flows in the table, {} packets to backends, {} to clients, {} dropped",
+        "{}; {} flows in the table, {} dropped",
         service::summarize_report(&details["services"], backend_counters),
         details["flows"],
-        c["to_backend"],
-        c["to_client"],
         c["no_port"].as_u64().unwrap_or(0) + c["flow_failed"].as_u64().unwrap_or(0)
     )
 }

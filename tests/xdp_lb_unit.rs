@@ -11,9 +11,10 @@ use std::net::{IpAddr, SocketAddr};
 use common::packets::*;
 use common::topology::Netns;
 use ebpf_net::service::{parse_services, Service};
+use ebpf_net::skel::xdp_lb::types::xdp_lb_counters;
 use ebpf_net::xdp_lb::{self, Backend, Flow, Options};
 use etherparse::Ipv6Extensions;
-use libbpf_rs::{MapCore, ProgramInput, ProgramMut};
+use libbpf_rs::{ProgramInput, ProgramMut};
 
 const XDP_DROP: i32 = 1;
 const XDP_PASS: i32 = 2;
@@ -327,9 +328,8 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
             expect(prog, &format!("reply to {}", flow.client), &reply, XDP_TX, &to_client);
         }
-        let counters = skel.maps.xdp_lb_counters.lookup_percpu(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY).unwrap().unwrap();
-        let no_port: u64 = counters.iter().map(|cpu| u64::from_ne_bytes(cpu[32..40].try_into().unwrap())).sum();
-        assert_eq!(no_port, 1);
+        let counters: xdp_lb_counters = ebpf_net::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
+        assert_eq!((counters.no_port, counters.new_flows), (1, 4));
     });
 }
 
