@@ -131,8 +131,16 @@ fn per_packet() -> f64 {
             .collect();
         let rows: Vec<(&str, &ProgramMut<'_>, Vec<Vec<u8>>)> = vec![
             ("noop_xdp (XDP_PASS)", &noop.progs.noop_xdp, vec![other.clone()]),
-            ("xdp_mac_swap (MACs swapped, XDP_TX): baseline", &noop.progs.xdp_mac_swap, vec![request.clone()]),
-            ("xdp_lb, client -> backend (known flow)", prog, vec![request.clone()]),
+            (
+                "xdp_mac_swap (MACs swapped, XDP_TX): baseline",
+                &noop.progs.xdp_mac_swap,
+                vec![request.clone()],
+            ),
+            (
+                "xdp_lb, client -> backend (known flow)",
+                prog,
+                vec![request.clone()],
+            ),
             ("xdp_lb, backend -> client", prog, vec![reply]),
             ("xdp_lb, other traffic (XDP_PASS)", prog, vec![other]),
         ];
@@ -186,7 +194,11 @@ fn ebpf_net(lb: &Netns, args: &[&str]) {
         .args(args)
         .output()
         .unwrap();
-    assert!(out.status.success(), "ebpf-net {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ebpf-net {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Sets a path up (persisted datapaths: nobody reads events), runs `measure`, tears it down.
@@ -248,10 +260,10 @@ fn main() {
     };
     let client = Netns::new("xlbbench-c");
     join(&client, "pc");
-    client.exec(&format!(
+    client.exec(
         "ip addr add 10.90.0.11/24 dev eth0 && ip route add 10.90.1.0/24 dev eth0 && \
-         sysctl -qw net.ipv4.ip_local_port_range='1024 65000'"
-    ));
+         sysctl -qw net.ipv4.ip_local_port_range='1024 65000'",
+    );
     let lb = Netns::new("xlbbench-lb");
     join(&lb, "plb");
     // a one-arm router does not tell clients to go around it

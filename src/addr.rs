@@ -91,7 +91,11 @@ impl Interface {
                 return None;
             }
         }
-        let end = info.driver.iter().position(|&b| b == 0).unwrap_or(info.driver.len());
+        let end = info
+            .driver
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(info.driver.len());
         Some(String::from_utf8_lossy(&info.driver[..end]).into_owned())
     }
 

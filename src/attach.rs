@@ -136,7 +136,12 @@ impl XdpAttachment {
             };
             // SAFETY: a loaded program's fd and options of the right size.
             let fd = unsafe {
-                libbpf_sys::bpf_link_create(prog.as_fd().as_raw_fd(), iface.index as i32, libbpf_sys::BPF_XDP, &opts)
+                libbpf_sys::bpf_link_create(
+                    prog.as_fd().as_raw_fd(),
+                    iface.index as i32,
+                    libbpf_sys::BPF_XDP,
+                    &opts,
+                )
             };
             if fd < 0 {
                 return Err(std::io::Error::from_raw_os_error(-fd));
@@ -160,10 +165,16 @@ impl XdpAttachment {
         result.map_err(|err| {
             let why = match err.raw_os_error() {
                 Some(libc::EBUSY) | Some(libc::EEXIST) => match xdp_program(iface.index) {
-                    Some(other) => format!("another XDP program is attached to {} ({} id {})", iface.name, other.name, other.id),
+                    Some(other) => format!(
+                        "another XDP program is attached to {} ({} id {})",
+                        iface.name, other.name, other.id
+                    ),
                     None => "another XDP program is attached".into(),
                 },
-                Some(libc::EOPNOTSUPP) => format!("{} has no native XDP support; use --mode generic or auto", iface.name),
+                Some(libc::EOPNOTSUPP) => format!(
+                    "{} has no native XDP support; use --mode generic or auto",
+                    iface.name
+                ),
                 _ => err.to_string(),
             };
             anyhow::anyhow!("attaching {name} to {} XDP ({}): {why}", iface.name, mode.name())

@@ -48,7 +48,11 @@ pub fn route_to(ip: IpAddr) -> Result<Route> {
         .with_context(|| format!("no source address towards {ip}"))?
         .parse()
         .context("parsing the source address")?;
-    Ok(Route { dev, next_hop, source })
+    Ok(Route {
+        dev,
+        next_hop,
+        source,
+    })
 }
 
 /// A MAC address as `aa:bb:cc:dd:ee:ff`.
@@ -71,7 +75,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
 }
 
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// The neighbour table's usable MAC for `ip` on `dev`, if it has one.
@@ -85,7 +92,10 @@ pub fn neighbour(ip: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
-        if states.iter().any(|state| matches!(*state, "INCOMPLETE" | "FAILED")) {
+        if states
+            .iter()
+            .any(|state| matches!(*state, "INCOMPLETE" | "FAILED"))
+        {
             continue;
         }
         if let Some(mac) = entry["lladdr"].as_str() {
@@ -131,11 +141,16 @@ mod tests {
 
     #[test]
     fn macs_parse_and_bad_ones_are_refused() {
-        assert_eq!(
-            parse_mac("02:aB:0:1:2:3").unwrap(),
-            [0x02, 0xab, 0, 1, 2, 3]
-        );
-        for bad in ["", "02:ab:00:01:02", "02:ab:00:01:02:03:04", "02:ab:00:01:02:zz", "ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "02:ab:00:01:02:003"] {
+        assert_eq!(parse_mac("02:aB:0:1:2:3").unwrap(), [0x02, 0xab, 0, 1, 2, 3]);
+        for bad in [
+            "",
+            "02:ab:00:01:02",
+            "02:ab:00:01:02:03:04",
+            "02:ab:00:01:02:zz",
+            "ff:ff:ff:ff:ff:ff",
+            "00:00:00:00:00:00",
+            "02:ab:00:01:02:003",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
         assert_eq!(format_mac(&[2, 0xab, 0, 1, 2, 3]), "02:ab:00:01:02:03");

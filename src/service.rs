@@ -402,8 +402,10 @@ fn write_ranges(
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
             backend_values.extend_from_slice(&backend_value(*backend)?);
-            let carried = match old.and_then(|old| old.backends.iter().position(|b| b == backend)) {
-                Some(at) => read_stats(tables, old.unwrap().base + at as u32)?,
+            let old_slot =
+                old.and_then(|old| Some(old.base + old.backends.iter().position(|b| b == backend)? as u32));
+            let carried = match old_slot {
+                Some(slot) => read_stats(tables, slot)?,
                 None => vec![0u8; tables.stats.value_size() as usize],
             };
             stats_values.extend_from_slice(&carried);
@@ -449,7 +451,11 @@ fn read_stats(tables: &ServiceTables, slot: u32) -> Result<Vec<u8>> {
             .unwrap_or_else(|| vec![0u8; size]));
     }
     let mut sum = vec![0u64; size / 8];
-    for cpu in tables.stats.lookup_percpu(&key, MapFlags::ANY)?.unwrap_or_default() {
+    for cpu in tables
+        .stats
+        .lookup_percpu(&key, MapFlags::ANY)?
+        .unwrap_or_default()
+    {
         for (total, word) in sum.iter_mut().zip(cpu.chunks_exact(8)) {
             *total += u64::from_ne_bytes(word.try_into().expect("8 bytes"));
         }

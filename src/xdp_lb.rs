@@ -106,11 +106,14 @@ pub struct Options {
     pub seed: Option<u32>,
 }
 
+/// MACs named on the command line, per backend.
+pub type BackendMacs = HashMap<SocketAddr, [u8; 6]>;
+
 /// Splits `@MAC` off every backend of every `--service`: the plain texts for
 /// [`service::parse_services`] and the MACs named.
-pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, HashMap<SocketAddr, [u8; 6]>)> {
+pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, BackendMacs)> {
     let mut plain = Vec::with_capacity(texts.len());
-    let mut macs: HashMap<SocketAddr, [u8; 6]> = HashMap::new();
+    let mut macs = BackendMacs::new();
     for text in texts {
         let Some((vip, backends)) = text.split_once('=') else {
             plain.push(text.clone());
@@ -122,7 +125,8 @@ pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, HashMap<SocketAddr, 
                 list.push(backend.to_string());
                 continue;
             };
-            let mac = neigh::parse_mac(mac.trim()).with_context(|| format!("--service {text}: backend {addr}"))?;
+            let mac =
+                neigh::parse_mac(mac.trim()).with_context(|| format!("--service {text}: backend {addr}"))?;
             if let Ok(endpoint) = addr.trim().parse::<SocketAddr>() {
                 if macs.insert(endpoint, mac).is_some_and(|other| other != mac) {
                     bail!("--service {text}: backend {endpoint} is given two different MACs");
@@ -141,7 +145,10 @@ pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, HashMap<SocketAddr, 
 pub fn port_range() -> Result<(u16, u16)> {
     let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .context("reading /proc/sys/net/ipv4/ip_local_port_range")?;
-    let bounds: Vec<u32> = text.split_whitespace().filter_map(|word| word.parse().ok()).collect();
+    let bounds: Vec<u32> = text
+        .split_whitespace()
+        .filter_map(|word| word.parse().ok())
+        .collect();
     let (lo, hi) = match bounds[..] {
         [lo, hi] if lo <= hi => (lo, hi),
         _ => bail!("unexpected ip_local_port_range '{}'", text.trim()),
@@ -151,7 +158,10 @@ pub fn port_range() -> Result<(u16, u16)> {
 
 fn free_ports(ephemeral_lo: u32, ephemeral_hi: u32) -> (u16, u16) {
     let below = (1024, ephemeral_lo.saturating_sub(1024));
-    let above = ((ephemeral_hi + 1).max(1024), 65536u32.saturating_sub((ephemeral_hi + 1).max(1024)));
+    let above = (
+        (ephemeral_hi + 1).max(1024),
+        65536u32.saturating_sub((ephemeral_hi + 1).max(1024)),
+    );
     let (first, count) = if below.1 >= above.1 { below } else { above };
     // the whole ephemeral range above 1024: share it rather than have no ports
     if count == 0 {
@@ -164,7 +174,7 @@ fn free_ports(ephemeral_lo: u32, ephemeral_hi: u32) -> (u16, u16) {
 /// (named, known to the neighbour table, or asked for).
 fn resolve_backends(
     services: &[Service],
-    macs: &HashMap<SocketAddr, [u8; 6]>,
+    macs: &BackendMacs,
     iface: &Interface,
 ) -> Result<HashMap<SocketAddr, Backend>> {
     let mut backends = HashMap::new();
@@ -198,7 +208,11 @@ fn resolve_backends(
 
 /// A VIP that is also one of our source addresses must not use a port we hand out: its
 /// replies would look like a client's packets to the VIP.
-fn check_vips(services: &[Service], backends: &HashMap<SocketAddr, Backend>, ports: (u16, u16)) -> Result<()> {
+fn check_vips(
+    services: &[Service],
+    backends: &HashMap<SocketAddr, Backend>,
+    ports: (u16, u16),
+) -> Result<()> {
     let ours: Vec<IpAddr> = backends.values().map(|backend| backend.lb_addr).collect();
     let (first, count) = (u32::from(ports.0), u32::from(ports.1));
     for service in services {
@@ -288,7 +302,10 @@ impl Tables {
 fn write_ring(rings: &MapHandle, service: &Service, base: u32) -> Result<()> {
     let size = maglev::table_size(service.backends.len());
     let reserved = service.backends.len() as u32 * RING_PER_SLOT;
-    anyhow::ensure!(size < reserved, "a ring of {size} does not fit in {reserved} entries");
+    anyhow::ensure!(
+        size < reserved,
+        "a ring of {size} does not fit in {reserved} entries"
+    );
     let start = base * RING_PER_SLOT;
     let mut values = Vec::with_capacity((size as usize + 1) * 4);
     values.extend_from_slice(&size.to_ne_bytes());
@@ -302,7 +319,11 @@ fn write_ring(rings: &MapHandle, service: &Service, base: u32) -> Result<()> {
 }
 
 /// Makes the tables hold exactly `services`; see [`service::sync_services`].
-pub fn sync(tables: &Tables, services: &[Service], backends: &HashMap<SocketAddr, Backend>) -> Result<SyncReport> {
+pub fn sync(
+    tables: &Tables,
+    services: &[Service],
+    backends: &HashMap<SocketAddr, Backend>,
+) -> Result<SyncReport> {
     service::sync_services_with(
         &tables.services,
         services,
@@ -391,11 +412,17 @@ pub fn format_event(event: &xdp_lb_event, as_json: bool) -> String {
         ),
         EVENT_TRACE_IN => (
             "to_backend",
-            format!("{proto} {client} -> {vip} via {backend}: {} bytes to the backend", event.len),
+            format!(
+                "{proto} {client} -> {vip} via {backend}: {} bytes to the backend",
+                event.len
+            ),
         ),
         EVENT_TRACE_OUT => (
             "to_client",
-            format!("{proto} {client} -> {vip} via {backend}: {} bytes back to the client", event.len),
+            format!(
+                "{proto} {client} -> {vip} via {backend}: {} bytes back to the client",
+                event.len
+            ),
         ),
         other => ("unknown", format!("unknown event {other}")),
     };
@@ -506,7 +533,10 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     drop(attachment);
     let _ = events.consume();
     for entry in service_report(&tables.services)?.iter().take(20) {
-        eprintln!("{SUBCOMMAND}: {}", service::summarize_service(entry, backend_counters));
+        eprintln!(
+            "{SUBCOMMAND}: {}",
+            service::summarize_service(entry, backend_counters)
+        );
     }
     let totals: xdp_lb_counters = maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0)?;
     eprintln!("{SUBCOMMAND}: {}", describe_counters(&totals));
@@ -597,7 +627,11 @@ fn with_service_totals(mut services: Vec<Value>) -> Vec<Value> {
 fn backend_counters(backend: &Value) -> String {
     format!(
         "{} new flows, {} packets / {} bytes in, {} packets / {} bytes out",
-        backend["new_flows"], backend["packets_in"], backend["bytes_in"], backend["packets_out"], backend["bytes_out"]
+        backend["new_flows"],
+        backend["packets_in"],
+        backend["bytes_in"],
+        backend["packets_out"],
+        backend["bytes_out"]
     )
 }
 

@@ -131,7 +131,8 @@ fn connect_from(lab: &Lab, source: &str, target: SocketAddr) -> std::io::Result<
 
 fn udp_from(lab: &Lab, source: &str) -> UdpSocket {
     let source: IpAddr = source.parse().unwrap();
-    lab.clients.enter(|| UdpSocket::bind(SocketAddr::new(source, 0)).unwrap())
+    lab.clients
+        .enter(|| UdpSocket::bind(SocketAddr::new(source, 0)).unwrap())
 }
 
 /// Sends `len` bytes and reads the echo back at the same time; returns what came back.
@@ -157,7 +158,12 @@ fn bulk(stream: &TcpStream, len: usize) -> usize {
             break;
         }
         for (i, byte) in buf[..n].iter().enumerate() {
-            assert_eq!(*byte, ((offset + i) % 65536 % 251) as u8, "byte {} of the echo", offset + i);
+            assert_eq!(
+                *byte,
+                ((offset + i) % 65536 % 251) as u8,
+                "byte {} of the echo",
+                offset + i
+            );
         }
         offset += n;
         total += n;
@@ -182,7 +188,10 @@ fn greeting(stream: &TcpStream) -> Greeting {
 fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
     let lab = Lab::new("xlb-e2e1");
     // without xdp-lb the VIP is only the load balancer's own address: nothing listens there
-    assert!(connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(), "the VIP answered without xdp-lb");
+    assert!(
+        connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(),
+        "the VIP answered without xdp-lb"
+    );
     let daemon = lab.start(&[]);
     assert!(
         daemon.stderr().iter().any(|line| line.contains("(generic XDP)")),
@@ -196,8 +205,16 @@ fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
         let stream = connect_from(&lab, clients[0], vip).expect("TCP connect to the VIP");
         assert_eq!(stream.peer_addr().unwrap(), vip);
         let greeting = tcp_talk(&stream, b"request through the VIP");
-        assert!(backends.contains(&greeting.server), "answered by {}", greeting.server);
-        assert_eq!(greeting.seen.ip(), lb.parse::<IpAddr>().unwrap(), "the backend saw the client, not us");
+        assert!(
+            backends.contains(&greeting.server),
+            "answered by {}",
+            greeting.server
+        );
+        assert_eq!(
+            greeting.seen.ip(),
+            lb.parse::<IpAddr>().unwrap(),
+            "the backend saw the client, not us"
+        );
 
         let stream = connect_from(&lab, clients[1], vip).unwrap();
         let served_by = greeting_of(&stream);
@@ -212,8 +229,15 @@ fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
     }
     let (code, _, stderr) = daemon.stop_with_output();
     assert_eq!(code, Some(0), "{stderr:?}");
-    let counters = stderr.iter().find(|line| line.contains("packets")).cloned().unwrap_or_default();
-    assert!(counters.contains("0 new flows") || counters.contains("new flows"), "{stderr:?}");
+    let counters = stderr
+        .iter()
+        .find(|line| line.contains("packets"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        counters.contains("0 new flows") || counters.contains("new flows"),
+        "{stderr:?}"
+    );
     assert!(!lab.xdp_attached(), "still attached after exit");
 }
 
@@ -234,7 +258,9 @@ fn six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
         let message = format!("ping {round}\n");
         long_writer.write_all(message.as_bytes()).unwrap();
         let mut back = vec![0u8; message.len()];
-        long_reader.read_exact(&mut back).expect("the long connection answers");
+        long_reader
+            .read_exact(&mut back)
+            .expect("the long connection answers");
         assert_eq!(back, message.as_bytes());
     };
 
@@ -257,7 +283,10 @@ fn six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
     assert!(lab.backends4.contains(&long_backend));
     for backend in &lab.backends4 {
         let share = *seen.get(backend).unwrap_or(&0) as f64 / 600.0;
-        assert!((0.25..=0.42).contains(&share), "{backend} got {share:.2} of 600: {seen:?}");
+        assert!(
+            (0.25..=0.42).contains(&share),
+            "{backend} got {share:.2} of 600: {seen:?}"
+        );
     }
     drop(long);
     std::thread::sleep(Duration::from_millis(300));
@@ -277,7 +306,11 @@ fn six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
     assert_eq!(announced, 600);
     // the exit summary counts what the clients saw, per backend
     for (backend, count) in &seen {
-        let summary = stderr.iter().find(|line| line.contains(&format!("{backend} ("))).cloned().unwrap_or_default();
+        let summary = stderr
+            .iter()
+            .find(|line| line.contains(&format!("{backend} (")))
+            .cloned()
+            .unwrap_or_default();
         let extra = usize::from(*backend == long_backend);
         assert!(
             summary.contains(&format!("{backend} ({} new flows", count + extra)),
@@ -294,8 +327,14 @@ fn json_trace_persist_status_and_down() {
     let (greeting, _) = udp_request(&socket, Some(sock(VIP6)));
     std::thread::sleep(Duration::from_millis(300));
     let (_, stdout, _) = daemon.stop_with_output();
-    let events: Vec<Value> = stdout.iter().map(|line| serde_json::from_str(line).expect("a JSON line")).collect();
-    let kinds: Vec<&str> = events.iter().filter_map(|event| event["event"].as_str()).collect();
+    let events: Vec<Value> = stdout
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|event| event["event"].as_str())
+        .collect();
     for kind in ["new_flow", "to_backend", "to_client"] {
         assert!(kinds.contains(&kind), "no {kind} event: {stdout:?}");
     }
@@ -305,7 +344,14 @@ fn json_trace_persist_status_and_down() {
     assert_eq!(new_flow["proto"], "udp");
 
     // persisted: survives this process, shows in status, goes with down
-    let out = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--persist", "--service", &service_arg(VIP4, &lab.backends4)]);
+    let out = lab.ebpf_net(&[
+        "xdp-lb",
+        "-i",
+        "eth0",
+        "--persist",
+        "--service",
+        &service_arg(VIP4, &lab.backends4),
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(lab.xdp_attached());
     for i in 0..9 {
@@ -313,9 +359,18 @@ fn json_trace_persist_status_and_down() {
         tcp_talk(&stream, b"persisted");
     }
     // a second, foreground instance is refused and changes nothing
-    let second = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--service", &service_arg(VIP4, &lab.backends4)]);
+    let second = lab.ebpf_net(&[
+        "xdp-lb",
+        "-i",
+        "eth0",
+        "--service",
+        &service_arg(VIP4, &lab.backends4),
+    ]);
     assert!(!second.status.success());
-    assert!(String::from_utf8_lossy(&second.stderr).contains("persisted"), "{second:?}");
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("persisted"),
+        "{second:?}"
+    );
     let status = lab.ebpf_net(&["status", "--json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     let entry = status["persisted"]
@@ -332,12 +387,20 @@ fn json_trace_persist_status_and_down() {
     assert!(service["totals"]["packets_in"].as_u64().unwrap() >= 9 * 4);
     assert!(entry["details"]["flows"].as_u64().unwrap() >= 9);
     let attached = status["attached"].as_array().unwrap();
-    assert!(attached.iter().any(|a| a["hook"] == "xdp/generic" && a["owner"] == "persisted"), "{attached:?}");
+    assert!(
+        attached
+            .iter()
+            .any(|a| a["hook"] == "xdp/generic" && a["owner"] == "persisted"),
+        "{attached:?}"
+    );
 
     let down = lab.ebpf_net(&["down", "xdp-lb"]);
     assert!(down.status.success());
     assert!(!lab.xdp_attached(), "down left the program attached");
-    assert!(connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(), "the VIP still answers after down");
+    assert!(
+        connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(),
+        "the VIP still answers after down"
+    );
 }
 
 #[test]
@@ -347,16 +410,57 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
         .exec("ip link add side0 type veth peer name side1 && ip link set side0 up && ip addr add 10.80.0.1/24 dev side0");
     let good = service_arg(VIP4, &lab.backends4);
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (vec!["--service".into(), "10.70.1.100:80".into()], "expected VIP:PORT=BACKEND:PORT"),
-        (vec!["--service".into(), "10.70.1.100:80=10.70.0.21:8080@02:zz:00:00:00:01".into()], "not a MAC address"),
-        (vec!["--service".into(), "10.70.1.100:80=10.70.0.21:8080@ff:ff:ff:ff:ff:ff".into()], "not a unicast MAC"),
-        (vec!["--service".into(), "10.70.1.100:80=[fd70::21]:8080".into()], "address family"),
-        (vec!["--service".into(), "10.70.1.100:80=10.80.0.7:8080".into()], "reached through side0, not eth0"),
-        (vec!["--service".into(), "10.70.1.100:80=10.70.0.99:8080".into()], "no MAC address for 10.70.0.99"),
-        (vec!["--service".into(), "10.70.0.2:8080=10.70.0.21:8080".into()], "one it hands out to flows"),
-        (vec!["--service".into(), good.clone(), "--mode".into(), "turbo".into()], "invalid value 'turbo'"),
-        (vec!["--service".into(), good.clone(), "--max-flows".into(), "0".into()], "--max-flows"),
-        (vec!["--service".into(), good.clone(), "--persist".into(), "--trace".into()], "cannot be used with"),
+        (
+            vec!["--service".into(), "10.70.1.100:80".into()],
+            "expected VIP:PORT=BACKEND:PORT",
+        ),
+        (
+            vec![
+                "--service".into(),
+                "10.70.1.100:80=10.70.0.21:8080@02:zz:00:00:00:01".into(),
+            ],
+            "not a MAC address",
+        ),
+        (
+            vec![
+                "--service".into(),
+                "10.70.1.100:80=10.70.0.21:8080@ff:ff:ff:ff:ff:ff".into(),
+            ],
+            "not a unicast MAC",
+        ),
+        (
+            vec!["--service".into(), "10.70.1.100:80=[fd70::21]:8080".into()],
+            "address family",
+        ),
+        (
+            vec!["--service".into(), "10.70.1.100:80=10.80.0.7:8080".into()],
+            "reached through side0, not eth0",
+        ),
+        (
+            vec!["--service".into(), "10.70.1.100:80=10.70.0.99:8080".into()],
+            "no MAC address for 10.70.0.99",
+        ),
+        (
+            vec!["--service".into(), "10.70.0.2:8080=10.70.0.21:8080".into()],
+            "one it hands out to flows",
+        ),
+        (
+            vec!["--service".into(), good.clone(), "--mode".into(), "turbo".into()],
+            "invalid value 'turbo'",
+        ),
+        (
+            vec!["--service".into(), good.clone(), "--max-flows".into(), "0".into()],
+            "--max-flows",
+        ),
+        (
+            vec![
+                "--service".into(),
+                good.clone(),
+                "--persist".into(),
+                "--trace".into(),
+            ],
+            "cannot be used with",
+        ),
     ];
     for (extra, needle) in &cases {
         let mut args: Vec<&str> = vec!["xdp-lb", "-i", "eth0"];
@@ -371,7 +475,10 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     // backends must be reached through the interface given
     let out = lab.ebpf_net(&["xdp-lb", "-i", "lo", "--mode", "native", "--service", &good]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("reached through eth0, not lo"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reached through eth0, not lo"),
+        "{out:?}"
+    );
     let unknown = lab.ebpf_net(&["xdp-lb", "-i", "nope0", "--service", &good]);
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("unknown interface"));
     // a foreground instance refuses a second one on the same interface

@@ -157,15 +157,44 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
             "[fd96::10]:53=[fd01::5]:5353",
         ]);
         let mut object = MaybeUninit::uninit();
-        let skel =
-            xdp_lb::load_with_services(&mut object, &options(1024, PORTS), &services, &backends_of(&services)).unwrap();
+        let skel = xdp_lb::load_with_services(
+            &mut object,
+            &options(1024, PORTS),
+            &services,
+            &backends_of(&services),
+        )
+        .unwrap();
         let prog = &skel.progs.xdp_lb;
 
         let cases = [
-            ("v4 tcp", sock("10.0.0.1:40000"), sock("10.0.0.2:40000"), sock("10.96.0.10:80"), L4::Tcp),
-            ("v4 udp", sock("10.0.0.1:40000"), sock("10.0.0.2:40000"), sock("10.96.0.10:53"), L4::Udp),
-            ("v6 tcp", sock("[2001:db8::1]:40000"), sock("[2001:db8::2]:40000"), sock("[fd96::10]:80"), L4::Tcp),
-            ("v6 udp", sock("[2001:db8::1]:40000"), sock("[2001:db8::2]:40000"), sock("[fd96::10]:53"), L4::Udp),
+            (
+                "v4 tcp",
+                sock("10.0.0.1:40000"),
+                sock("10.0.0.2:40000"),
+                sock("10.96.0.10:80"),
+                L4::Tcp,
+            ),
+            (
+                "v4 udp",
+                sock("10.0.0.1:40000"),
+                sock("10.0.0.2:40000"),
+                sock("10.96.0.10:53"),
+                L4::Udp,
+            ),
+            (
+                "v6 tcp",
+                sock("[2001:db8::1]:40000"),
+                sock("[2001:db8::2]:40000"),
+                sock("[fd96::10]:80"),
+                L4::Tcp,
+            ),
+            (
+                "v6 udp",
+                sock("[2001:db8::1]:40000"),
+                sock("[2001:db8::2]:40000"),
+                sock("[fd96::10]:53"),
+                L4::Udp,
+            ),
         ];
         for (name, client, other_client, vip, l4) in cases {
             // two clients with the same source port, one through a router
@@ -177,15 +206,30 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
                 let flow = flow_of(&flows, client, vip, proto_of(l4));
                 assert_eq!(flow.lb_addr, lb_addr(vip), "{name}");
                 assert_eq!(flow.client_mac, client_mac, "{name}");
-                assert!((PORTS.0..PORTS.0 + PORTS.1).contains(&flow.lb_port), "{name}: {flow:?}");
+                assert!(
+                    (PORTS.0..PORTS.0 + PORTS.1).contains(&flow.lb_port),
+                    "{name}: {flow:?}"
+                );
                 let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
                 // exact bytes: the same frame from us to the backend
                 let to_backend = frame(LB_MAC, backend_mac(flow.backend), lb, flow.backend, l4);
-                expect(prog, &format!("{name} {client} again"), &input, XDP_TX, &to_backend);
+                expect(
+                    prog,
+                    &format!("{name} {client} again"),
+                    &input,
+                    XDP_TX,
+                    &to_backend,
+                );
                 // the backend's reply goes back to the client, from the VIP
                 let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, l4);
                 let to_client = frame(LB_MAC, client_mac, vip, client, l4);
-                expect(prog, &format!("{name} reply to {client}"), &reply, XDP_TX, &to_client);
+                expect(
+                    prog,
+                    &format!("{name} reply to {client}"),
+                    &reply,
+                    XDP_TX,
+                    &to_client,
+                );
             }
             let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
             let a = flow_of(&flows, client, vip, proto_of(l4));
@@ -203,11 +247,38 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
         let mut fragment = frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.10:80"), L4::Tcp);
         fragment[14 + 6] |= 0x20; // more fragments
         let untouched = [
-            ("a VIP port without a service", frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.10:81"), L4::Tcp)),
-            ("another address", frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.11:80"), L4::Tcp)),
-            ("a packet to us from a backend, no flow", frame(backend_mac(sock("10.1.0.2:8080")), LB_MAC, sock("10.1.0.2:8080"), lb, L4::Tcp)),
-            ("the right backend, the wrong port", frame(LB_MAC, LB_MAC, sock("10.1.0.2:8081"), lb, L4::Tcp)),
-            ("icmpv6", frame(CLIENT_MAC, LB_MAC, sock("[2001:db8::1]:0"), sock("[fd96::10]:0"), L4::Icmpv6Echo)),
+            (
+                "a VIP port without a service",
+                frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.10:81"), L4::Tcp),
+            ),
+            (
+                "another address",
+                frame(CLIENT_MAC, LB_MAC, client, sock("10.96.0.11:80"), L4::Tcp),
+            ),
+            (
+                "a packet to us from a backend, no flow",
+                frame(
+                    backend_mac(sock("10.1.0.2:8080")),
+                    LB_MAC,
+                    sock("10.1.0.2:8080"),
+                    lb,
+                    L4::Tcp,
+                ),
+            ),
+            (
+                "the right backend, the wrong port",
+                frame(LB_MAC, LB_MAC, sock("10.1.0.2:8081"), lb, L4::Tcp),
+            ),
+            (
+                "icmpv6",
+                frame(
+                    CLIENT_MAC,
+                    LB_MAC,
+                    sock("[2001:db8::1]:0"),
+                    sock("[fd96::10]:0"),
+                    L4::Icmpv6Echo,
+                ),
+            ),
             ("an IPv4 first fragment", fragment.clone()),
         ];
         for (name, input) in untouched {
@@ -216,16 +287,30 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
         // frames cut anywhere inside their headers: passed as they are
         for l4 in [L4::Tcp, L4::Udp] {
             for vip in [sock("10.96.0.10:80"), sock("[fd96::10]:80")] {
-                let client = if vip.is_ipv4() { sock("10.0.0.9:1") } else { sock("[2001:db8::9]:1") };
+                let client = if vip.is_ipv4() {
+                    sock("10.0.0.9:1")
+                } else {
+                    sock("[2001:db8::9]:1")
+                };
                 let whole = frame(CLIENT_MAC, LB_MAC, client, vip, l4);
                 let headers = whole.len() - PAYLOAD.len();
                 for cut in 14..headers {
                     let input = &whole[..cut];
-                    expect(prog, &format!("{vip} {l4:?} cut at {cut}"), input, XDP_PASS, input);
+                    expect(
+                        prog,
+                        &format!("{vip} {l4:?} cut at {cut}"),
+                        input,
+                        XDP_PASS,
+                        input,
+                    );
                 }
             }
         }
-        assert_eq!(xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(), 8, "no flow from bad frames");
+        assert_eq!(
+            xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(),
+            8,
+            "no flow from bad frames"
+        );
     });
 }
 
@@ -235,8 +320,13 @@ fn header_variants_keep_their_shape_and_checksums() {
     netns.enter(|| {
         let services = services(&["10.96.0.10:53=10.1.0.5:5353", "10.96.0.10:80=10.1.0.2:8080"]);
         let mut object = MaybeUninit::uninit();
-        let skel =
-            xdp_lb::load_with_services(&mut object, &options(1024, PORTS), &services, &backends_of(&services)).unwrap();
+        let skel = xdp_lb::load_with_services(
+            &mut object,
+            &options(1024, PORTS),
+            &services,
+            &backends_of(&services),
+        )
+        .unwrap();
         let prog = &skel.progs.xdp_lb;
         let vip = sock("10.96.0.10:53");
         let backend = sock("10.1.0.5:5353");
@@ -254,7 +344,15 @@ fn header_variants_keep_their_shape_and_checksums() {
         let client = sock("10.0.0.1:2222");
         let options = [1u8, 1, 1, 0];
         let with_options = |src: SocketAddr, dst: SocketAddr, src_mac: [u8; 6], dst_mac: [u8; 6]| {
-            let mut f = ip_frame(src.ip(), src.port(), dst.ip(), dst.port(), Ipv6Extensions::default(), &options, L4::Tcp);
+            let mut f = ip_frame(
+                src.ip(),
+                src.port(),
+                dst.ip(),
+                dst.port(),
+                Ipv6Extensions::default(),
+                &options,
+                L4::Tcp,
+            );
             f[0..6].copy_from_slice(&dst_mac);
             f[6..12].copy_from_slice(&src_mac);
             f
@@ -280,20 +378,34 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         let services = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
-        let skel =
-            xdp_lb::load_with_services(&mut object, &options(256, PORTS), &services, &backends_of(&services)).unwrap();
+        let skel = xdp_lb::load_with_services(
+            &mut object,
+            &options(256, PORTS),
+            &services,
+            &backends_of(&services),
+        )
+        .unwrap();
         let prog = &skel.progs.xdp_lb;
         // 2,000 flows through a table of 256: every one is balanced, the table stays within
         // its size, and the latest flows are all there and answer
         let clients: Vec<SocketAddr> = (0..2000u32)
-            .map(|i| SocketAddr::new(IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]), 30000 + i as u16))
+            .map(|i| {
+                SocketAddr::new(
+                    IpAddr::from([10, 0, (i / 250) as u8, (i % 250) as u8 + 1]),
+                    30000 + i as u16,
+                )
+            })
             .collect();
         for client in &clients {
             let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
             assert_eq!(verdict, XDP_TX, "{client}");
         }
         let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
-        assert!(flows.len() <= 256 && flows.len() >= 128, "{} flows in a table of 256", flows.len());
+        assert!(
+            flows.len() <= 256 && flows.len() >= 128,
+            "{} flows in a table of 256",
+            flows.len()
+        );
         for client in &clients[clients.len() - 16..] {
             let flow = flow_of(&flows, *client, vip, 6);
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
@@ -306,8 +418,13 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         // four get a port each, the fifth is dropped and counted
         let services = services_one();
         let mut object = MaybeUninit::uninit();
-        let skel =
-            xdp_lb::load_with_services(&mut object, &options(256, (20000, 4)), &services, &backends_of(&services)).unwrap();
+        let skel = xdp_lb::load_with_services(
+            &mut object,
+            &options(256, (20000, 4)),
+            &services,
+            &backends_of(&services),
+        )
+        .unwrap();
         let prog = &skel.progs.xdp_lb;
         for (i, verdict) in [XDP_TX, XDP_TX, XDP_TX, XDP_TX, XDP_DROP].into_iter().enumerate() {
             let client = SocketAddr::new(IpAddr::from([10, 0, 0, i as u8 + 1]), 40000);
@@ -326,9 +443,16 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
             let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
             let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
-            expect(prog, &format!("reply to {}", flow.client), &reply, XDP_TX, &to_client);
+            expect(
+                prog,
+                &format!("reply to {}", flow.client),
+                &reply,
+                XDP_TX,
+                &to_client,
+            );
         }
-        let counters: xdp_lb_counters = ebpf_net::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
+        let counters: xdp_lb_counters =
+            ebpf_net::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
         assert_eq!((counters.no_port, counters.new_flows), (1, 4));
     });
 }
@@ -344,10 +468,13 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
         let all = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
-        let skel = xdp_lb::load_with_services(&mut object, &options(4096, PORTS), &all, &backends_of(&all)).unwrap();
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options(4096, PORTS), &all, &backends_of(&all)).unwrap();
         let prog = &skel.progs.xdp_lb;
         let tables = xdp_lb::Tables::of(&skel).unwrap();
-        let clients: Vec<SocketAddr> = (0..300u16).map(|i| SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 10000 + i)).collect();
+        let clients: Vec<SocketAddr> = (0..300u16)
+            .map(|i| SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 10000 + i))
+            .collect();
         for client in &clients {
             run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
         }
@@ -366,9 +493,16 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
                 assert_ne!(new.backend, removed, "{new:?}");
                 moved += 1;
             } else {
-                assert_eq!((new.backend, new.lb_port), (old.backend, old.lb_port), "a flow moved without need");
+                assert_eq!(
+                    (new.backend, new.lb_port),
+                    (old.backend, old.lb_port),
+                    "a flow moved without need"
+                );
             }
         }
-        assert!((50..=150).contains(&moved), "{moved} of 300 flows were on the removed backend");
+        assert!(
+            (50..=150).contains(&moved),
+            "{moved} of 300 flows were on the removed backend"
+        );
     });
 }

@@ -128,10 +128,12 @@ impl Daemon {
         let pipe = child.stderr.take().unwrap();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                if line.contains(": ready: ") {
+                // recorded before announced: whoever waits for ready can read the line
+                let ready = line.contains(": ready: ");
+                lines.lock().unwrap().push(line);
+                if ready {
                     let _ = ready_tx.send(());
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let stdout = Arc::new(Mutex::new(Vec::new()));
