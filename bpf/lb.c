@@ -5,6 +5,7 @@
  * from then on conntrack and NAT translate every packet of the flow, both ways. */
 #include "common.h"
 #include "parse.h"
+#include "hash.h"
 #include "lb.h"
 
 #define BPF_F_CURRENT_NETNS (-1)
@@ -56,40 +57,10 @@ struct {
 	__type(value, struct lb_counters);
 } lb_counters SEC(".maps");
 
-static __always_inline __u32 rol32(__u32 word, unsigned int shift)
-{
-	return (word << shift) | (word >> ((-shift) & 31));
-}
-
-/* Mixes one word into a running hash (murmur3's block step). */
-static __always_inline __u32 mix(__u32 hash, __u32 word)
-{
-	word *= 0xcc9e2d51;
-	word = rol32(word, 15);
-	word *= 0x1b873593;
-	hash ^= word;
-	hash = rol32(hash, 13);
-	return hash * 5 + 0xe6546b64;
-}
-
-/* The flow's client side decides its backend: the same flow always hashes the same, and
- * different clients and ports spread evenly. */
+/* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
 {
-	__u32 hash = hash_seed;
-
-	hash = mix(hash, pkt->saddr[0]);
-	hash = mix(hash, pkt->saddr[1]);
-	hash = mix(hash, pkt->saddr[2]);
-	hash = mix(hash, pkt->saddr[3]);
-	hash = mix(hash, ((__u32)pkt->sport << 16) | pkt->proto);
-	/* murmur3's finaliser: every input bit reaches every output bit */
-	hash ^= hash >> 16;
-	hash *= 0x85ebca6b;
-	hash ^= hash >> 13;
-	hash *= 0xc2b2ae35;
-	hash ^= hash >> 16;
-	return hash;
+	return client_hash(hash_seed, pkt->saddr, pkt->sport, pkt->proto);
 }
 
 /* Options for a conntrack lookup or allocation in this namespace; the kfuncs write `error`,

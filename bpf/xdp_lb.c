@@ -6,6 +6,7 @@
  * its backend; checksums are updated incrementally. */
 #include "common.h"
 #include "parse.h"
+#include "hash.h"
 #include "xdp_lb.h"
 
 #define TCP_FLAG_FIN 0x01
@@ -87,37 +88,10 @@ static __always_inline struct xdp_lb_counters *counters(void)
 	return bpf_map_lookup_elem(&xdp_lb_counters, &zero);
 }
 
-static __always_inline __u32 rol32(__u32 word, unsigned int shift)
-{
-	return (word << shift) | (word >> ((-shift) & 31));
-}
-
-/* murmur3's block step */
-static __always_inline __u32 mix(__u32 hash, __u32 word)
-{
-	word *= 0xcc9e2d51;
-	word = rol32(word, 15);
-	word *= 0x1b873593;
-	hash ^= word;
-	hash = rol32(hash, 13);
-	return hash * 5 + 0xe6546b64;
-}
-
-/* The client side of a flow decides its place on the Maglev ring. */
+/* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct xdp_lb_tuple *flow)
 {
-	__u32 hash = hash_seed;
-
-	hash = mix(hash, flow->src[0]);
-	hash = mix(hash, flow->src[1]);
-	hash = mix(hash, flow->src[2]);
-	hash = mix(hash, flow->src[3]);
-	hash = mix(hash, ((__u32)flow->sport << 16) | flow->proto);
-	hash ^= hash >> 16;
-	hash *= 0x85ebca6b;
-	hash ^= hash >> 13;
-	hash *= 0xc2b2ae35;
-	return hash ^ (hash >> 16);
+	return client_hash(hash_seed, flow->src, flow->sport, flow->proto);
 }
 
 static __always_inline bool endpoint_equal(const struct service_endpoint *a, const struct service_endpoint *b)

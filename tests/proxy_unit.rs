@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use common::packets::*;
 use common::topology::Netns;
 use ebpf_net::proxy::{load_with_rules, Rule};
-use etherparse::Ipv6Extensions;
 
 const CLIENT4: &str = "10.0.0.1";
 const CLIENT6: &str = "2001:db8::1";
@@ -25,18 +24,6 @@ fn rule(from: &str, to: &str) -> Rule {
         from: from.parse().unwrap(),
         to: to.parse().unwrap(),
     }
-}
-
-fn frame(src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
-    ip_frame(
-        src.ip(),
-        src.port(),
-        dst.ip(),
-        dst.port(),
-        Ipv6Extensions::default(),
-        &[],
-        l4,
-    )
 }
 
 fn sock(addr: &str, port: u16) -> SocketAddr {
@@ -66,33 +53,23 @@ fn egress_rewrites_destination_and_ingress_rewrites_replies() {
         let client4 = sock(CLIENT4, 40000);
         let client6 = sock(CLIENT6, 40000);
         let options = [1u8, 1, 1, 1, 1, 1, 1, 0];
-        let with_options = |src: SocketAddr, dst: SocketAddr| {
-            ip_frame(
-                src.ip(),
-                src.port(),
-                dst.ip(),
-                dst.port(),
-                Ipv6Extensions::default(),
-                &options,
-                L4::Tcp,
-            )
-        };
+        let with_options = |src: SocketAddr, dst: SocketAddr| frame_with_options(src, dst, &options, L4::Tcp);
 
         let egress = vec![
             redirected(
                 "v4 tcp",
-                frame(client4, rules[0].from, L4::Tcp),
-                frame(client4, rules[0].to, L4::Tcp),
+                l4_frame(client4, rules[0].from, L4::Tcp),
+                l4_frame(client4, rules[0].to, L4::Tcp),
             ),
             redirected(
                 "v4 udp",
-                frame(client4, rules[1].from, L4::Udp),
-                frame(client4, rules[1].to, L4::Udp),
+                l4_frame(client4, rules[1].from, L4::Udp),
+                l4_frame(client4, rules[1].to, L4::Udp),
             ),
             redirected(
                 "v4 udp, zero checksum stays zero",
-                zero_udp_checksum(frame(client4, rules[1].from, L4::Udp)),
-                zero_udp_checksum(frame(client4, rules[1].to, L4::Udp)),
+                zero_udp_checksum(l4_frame(client4, rules[1].from, L4::Udp)),
+                zero_udp_checksum(l4_frame(client4, rules[1].to, L4::Udp)),
             ),
             redirected(
                 "v4 tcp with IP options",
@@ -101,75 +78,78 @@ fn egress_rewrites_destination_and_ingress_rewrites_replies() {
             ),
             redirected(
                 "v6 tcp",
-                frame(client6, rules[2].from, L4::Tcp),
-                frame(client6, rules[2].to, L4::Tcp),
+                l4_frame(client6, rules[2].from, L4::Tcp),
+                l4_frame(client6, rules[2].to, L4::Tcp),
             ),
             redirected(
                 "v6 udp, same port on both sides",
-                frame(client6, rules[3].from, L4::Udp),
-                frame(client6, rules[3].to, L4::Udp),
+                l4_frame(client6, rules[3].from, L4::Udp),
+                l4_frame(client6, rules[3].to, L4::Udp),
             ),
             untouched(
                 "v4 other port of the same address",
-                frame(client4, sock("10.96.0.10", 81), L4::Tcp),
+                l4_frame(client4, sock("10.96.0.10", 81), L4::Tcp),
             ),
             untouched(
                 "v4 other address",
-                frame(client4, sock("10.96.0.11", 80), L4::Tcp),
+                l4_frame(client4, sock("10.96.0.11", 80), L4::Tcp),
             ),
             untouched(
                 "v6 udp to an address without rules",
-                frame(client6, sock("fd96::11", 80), L4::Udp),
+                l4_frame(client6, sock("fd96::11", 80), L4::Udp),
             ),
             untouched(
                 "icmpv6 to FROM's address",
-                frame(client6, sock("fd96::10", 0), L4::Icmpv6Echo),
+                l4_frame(client6, sock("fd96::10", 0), L4::Icmpv6Echo),
             ),
             untouched(
                 "ipv4 tcp cut before its checksum",
-                frame(client4, rules[0].from, L4::Tcp)[..14 + 20 + 12].to_vec(),
+                l4_frame(client4, rules[0].from, L4::Tcp)[..14 + 20 + 12].to_vec(),
             ),
-            untouched("reply direction on egress", frame(rules[0].to, client4, L4::Tcp)),
+            untouched(
+                "reply direction on egress",
+                l4_frame(rules[0].to, client4, L4::Tcp),
+            ),
         ];
         run_table(&skel.progs.proxy_egress, &egress);
 
         let ingress = vec![
             rewritten(
                 "v4 tcp reply",
-                frame(rules[0].to, client4, L4::Tcp),
-                frame(rules[0].from, client4, L4::Tcp),
+                l4_frame(rules[0].to, client4, L4::Tcp),
+                l4_frame(rules[0].from, client4, L4::Tcp),
             ),
             rewritten(
                 "v4 udp reply",
-                frame(rules[1].to, client4, L4::Udp),
-                frame(rules[1].from, client4, L4::Udp),
+                l4_frame(rules[1].to, client4, L4::Udp),
+                l4_frame(rules[1].from, client4, L4::Udp),
             ),
             rewritten(
                 "v4 udp reply, zero checksum stays zero",
-                zero_udp_checksum(frame(rules[1].to, client4, L4::Udp)),
-                zero_udp_checksum(frame(rules[1].from, client4, L4::Udp)),
+                zero_udp_checksum(l4_frame(rules[1].to, client4, L4::Udp)),
+                zero_udp_checksum(l4_frame(rules[1].from, client4, L4::Udp)),
             ),
             rewritten(
                 "v6 tcp reply",
-                frame(rules[2].to, client6, L4::Tcp),
-                frame(rules[2].from, client6, L4::Tcp),
+                l4_frame(rules[2].to, client6, L4::Tcp),
+                l4_frame(rules[2].from, client6, L4::Tcp),
             ),
             rewritten(
                 "v6 udp reply",
-                frame(rules[3].to, client6, L4::Udp),
-                frame(rules[3].from, client6, L4::Udp),
+                l4_frame(rules[3].to, client6, L4::Udp),
+                l4_frame(rules[3].from, client6, L4::Udp),
             ),
             untouched(
                 "reply to a client port never seen",
-                frame(rules[0].to, sock(CLIENT4, 40001), L4::Tcp),
+                l4_frame(rules[0].to, sock(CLIENT4, 40001), L4::Tcp),
             ),
             untouched(
                 "reply from TO's other port",
-                frame(sock("10.1.0.2", 8081), client4, L4::Tcp),
+                l4_frame(sock("10.1.0.2", 8081), client4, L4::Tcp),
             ),
             untouched(
                 "packet towards FROM on ingress",
-                frame(client4, rules[0].from, L4::Tcp),
+                l4_frame(client4, rules[0].from, L4::Tcp),
             ),
         ];
         run_table(&skel.progs.proxy_ingress, &ingress);

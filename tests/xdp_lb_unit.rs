@@ -13,7 +13,6 @@ use common::topology::Netns;
 use ebpf_net::service::{parse_services, Service};
 use ebpf_net::skel::xdp_lb::types::xdp_lb_counters;
 use ebpf_net::xdp_lb::{self, Backend, Flow, Options};
-use etherparse::Ipv6Extensions;
 use libbpf_rs::{ProgramInput, ProgramMut};
 
 const XDP_DROP: i32 = 1;
@@ -74,17 +73,24 @@ fn options(max_flows: u32, ports: (u16, u16)) -> Options {
     }
 }
 
+fn load<'obj>(
+    object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    services: &[Service],
+    max_flows: u32,
+    ports: (u16, u16),
+) -> ebpf_net::skel::xdp_lb::XdpLbSkel<'obj> {
+    xdp_lb::load_with_services(
+        object,
+        &options(max_flows, ports),
+        services,
+        &backends_of(services),
+    )
+    .unwrap()
+}
+
 /// A frame from `src` to `dst` between two MACs, with correct checksums.
 fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], src: SocketAddr, dst: SocketAddr, l4: L4) -> Vec<u8> {
-    let mut frame = ip_frame(
-        src.ip(),
-        src.port(),
-        dst.ip(),
-        dst.port(),
-        Ipv6Extensions::default(),
-        &[],
-        l4,
-    );
+    let mut frame = l4_frame(src, dst, l4);
     frame[0..6].copy_from_slice(&dst_mac);
     frame[6..12].copy_from_slice(&src_mac);
     frame
@@ -157,13 +163,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
             "[fd96::10]:53=[fd01::5]:5353",
         ]);
         let mut object = MaybeUninit::uninit();
-        let skel = xdp_lb::load_with_services(
-            &mut object,
-            &options(1024, PORTS),
-            &services,
-            &backends_of(&services),
-        )
-        .unwrap();
+        let skel = load(&mut object, &services, 1024, PORTS);
         let prog = &skel.progs.xdp_lb;
 
         let cases = [
@@ -320,13 +320,7 @@ fn header_variants_keep_their_shape_and_checksums() {
     netns.enter(|| {
         let services = services(&["10.96.0.10:53=10.1.0.5:5353", "10.96.0.10:80=10.1.0.2:8080"]);
         let mut object = MaybeUninit::uninit();
-        let skel = xdp_lb::load_with_services(
-            &mut object,
-            &options(1024, PORTS),
-            &services,
-            &backends_of(&services),
-        )
-        .unwrap();
+        let skel = load(&mut object, &services, 1024, PORTS);
         let prog = &skel.progs.xdp_lb;
         let vip = sock("10.96.0.10:53");
         let backend = sock("10.1.0.5:5353");
@@ -344,15 +338,7 @@ fn header_variants_keep_their_shape_and_checksums() {
         let client = sock("10.0.0.1:2222");
         let options = [1u8, 1, 1, 0];
         let with_options = |src: SocketAddr, dst: SocketAddr, src_mac: [u8; 6], dst_mac: [u8; 6]| {
-            let mut f = ip_frame(
-                src.ip(),
-                src.port(),
-                dst.ip(),
-                dst.port(),
-                Ipv6Extensions::default(),
-                &options,
-                L4::Tcp,
-            );
+            let mut f = frame_with_options(src, dst, &options, L4::Tcp);
             f[0..6].copy_from_slice(&dst_mac);
             f[6..12].copy_from_slice(&src_mac);
             f
@@ -378,13 +364,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         let services = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
-        let skel = xdp_lb::load_with_services(
-            &mut object,
-            &options(256, PORTS),
-            &services,
-            &backends_of(&services),
-        )
-        .unwrap();
+        let skel = load(&mut object, &services, 256, PORTS);
         let prog = &skel.progs.xdp_lb;
         // 2,000 flows through a table of 256: every one is balanced, the table stays within
         // its size, and the latest flows are all there and answer

@@ -71,6 +71,29 @@ pub fn ip_frame(
     frame
 }
 
+/// A frame from `src` to `dst` (one family) with correct checksums, no options.
+pub fn l4_frame(src: std::net::SocketAddr, dst: std::net::SocketAddr, l4: L4) -> Vec<u8> {
+    frame_with_options(src, dst, &[], l4)
+}
+
+/// Like [`l4_frame`], with IPv4 header options (a multiple of 4 bytes).
+pub fn frame_with_options(
+    src: std::net::SocketAddr,
+    dst: std::net::SocketAddr,
+    options: &[u8],
+    l4: L4,
+) -> Vec<u8> {
+    ip_frame(
+        src.ip(),
+        src.port(),
+        dst.ip(),
+        dst.port(),
+        Ipv6Extensions::default(),
+        options,
+        l4,
+    )
+}
+
 /// Zeroes the UDP checksum of a frame without VLAN tags or IP options/extensions.
 pub fn zero_udp_checksum(mut frame: Vec<u8>) -> Vec<u8> {
     let ip_len = if frame[12..14] == [0x86, 0xdd] { 40 } else { 20 };
