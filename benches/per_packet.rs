@@ -4,8 +4,10 @@
 //! A rewrite changes the packet test_run keeps reusing across `repeat`, so every program is
 //! timed the same way: many single runs, the kernel's own duration of each, median.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::mem::MaybeUninit;
-use std::time::Duration;
 
 use etherparse::PacketBuilder;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -13,6 +15,8 @@ use libbpf_rs::{ProgramInput, ProgramMut};
 
 use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
 use ebpf_net::skel::noop::NoopSkelBuilder;
+
+use common::bench::{median, test_run_median_ns};
 
 const RUNS: usize = 50_000;
 const ROUNDS: usize = 5;
@@ -29,22 +33,6 @@ fn tcp6(src: &str, dst: &str) -> Vec<u8> {
     frame
 }
 
-/// Median kernel-measured nanoseconds of one run of `prog` on `frame`.
-fn median_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
-    let mut samples: Vec<Duration> = (0..RUNS)
-        .map(|_| {
-            let input = ProgramInput {
-                data_in: Some(frame),
-                repeat: 1,
-                ..Default::default()
-            };
-            prog.test_run(input).expect("test_run").duration
-        })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2].as_nanos() as f64
-}
-
 /// Kernel-measured average over one run with `repeat`: only valid where the program leaves
 /// the packet as it found it.
 fn repeated_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
@@ -54,11 +42,6 @@ fn repeated_ns(prog: &ProgramMut<'_>, frame: &[u8]) -> f64 {
         ..Default::default()
     };
     prog.test_run(input).expect("test_run").duration.as_nanos() as f64
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
 }
 
 fn main() {
@@ -111,7 +94,7 @@ fn main() {
     let mut results = vec![Vec::new(); rows.len()];
     for _ in 0..ROUNDS {
         for (i, (_, prog, frame)) in rows.iter().enumerate() {
-            results[i].push(median_ns(prog, frame));
+            results[i].push(test_run_median_ns(prog, &[frame.to_vec()], RUNS));
         }
     }
     let baseline = median(results[0].clone());

@@ -12,9 +12,10 @@ mod common;
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
-use common::bench::{connect_rate, iperf3, load_rules, median, paired_ratio, IperfServer, Sample};
+use common::bench::{
+    connect_rate, iperf3, load_rules, median, paired_ratio, test_run_median_ns, IperfServer, Sample,
+};
 use common::servers::AcceptServer;
 use common::topology::{veth, Netns, BIN};
 use etherparse::PacketBuilder;
@@ -48,22 +49,6 @@ fn tcp4(src: SocketAddr, dst: SocketAddr, src_mac: [u8; 6], dst_mac: [u8; 6]) ->
         .write(&mut frame, &[0u8; 64])
         .unwrap();
     frame
-}
-
-/// Median kernel-measured nanoseconds of single runs of `prog` on `frames` (cycled).
-fn median_ns(prog: &ProgramMut<'_>, frames: &[Vec<u8>]) -> f64 {
-    let mut samples: Vec<Duration> = (0..RUNS)
-        .map(|i| {
-            let input = ProgramInput {
-                data_in: Some(&frames[i % frames.len()]),
-                repeat: 1,
-                ..Default::default()
-            };
-            prog.test_run(input).expect("test_run").duration
-        })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2].as_nanos() as f64
 }
 
 fn per_packet() -> f64 {
@@ -147,11 +132,11 @@ fn per_packet() -> f64 {
         let mut results = vec![Vec::new(); rows.len() + 1];
         for _ in 0..ROUNDS {
             for (i, (_, prog, frames)) in rows.iter().enumerate() {
-                results[i].push(median_ns(prog, frames));
+                results[i].push(test_run_median_ns(prog, frames, RUNS));
             }
             let mut object = MaybeUninit::uninit();
             let fresh_skel = xdp_lb::load_with_services(&mut object, &options, &services, &backends).unwrap();
-            results[rows.len()].push(median_ns(&fresh_skel.progs.xdp_lb, &fresh));
+            results[rows.len()].push(test_run_median_ns(&fresh_skel.progs.xdp_lb, &fresh, RUNS));
         }
         let baseline = median(results[1].clone());
         println!(

@@ -212,6 +212,15 @@ static __always_inline bool tuple_equal(const struct xdp_lb_tuple *a, const stru
 	       a->dport == b->dport && a->proto == b->proto && a->family == b->family;
 }
 
+/* Whether `flow` is the one reverse-table key `rev` (backend -> this node:port) points back
+ * at: it still goes to that backend from that port. */
+static __always_inline bool flow_owns(const struct xdp_lb_flow *flow, const struct xdp_lb_tuple *rev)
+{
+	return flow->lb_port == rev->dport && flow->backend.port == rev->sport &&
+	       flow->backend.addr[0] == rev->src[0] && flow->backend.addr[1] == rev->src[1] &&
+	       flow->backend.addr[2] == rev->src[2] && flow->backend.addr[3] == rev->src[3];
+}
+
 /* Whether the source port of reverse entry `rev`, held by flow `owner`, may go to the flow
  * `want`: it is that flow itself, or its owner was evicted, moved on or went idle. */
 static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct xdp_lb_tuple *owner,
@@ -224,9 +233,7 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, owner);
 	if (!flow)
 		return true;
-	if (flow->lb_port != rev->dport || flow->backend.port != rev->sport ||
-	    flow->backend.addr[0] != rev->src[0] || flow->backend.addr[1] != rev->src[1] ||
-	    flow->backend.addr[2] != rev->src[2] || flow->backend.addr[3] != rev->src[3])
+	if (!flow_owns(flow, rev))
 		return true;
 	if (!flow_idle(flow, owner->proto, now))
 		return false;
@@ -559,9 +566,7 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 		return XDP_PASS;
 	key = *owner;
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
-	if (!flow || flow->lb_port != rev.dport || flow->backend.port != rev.sport ||
-	    flow->backend.addr[0] != rev.src[0] || flow->backend.addr[1] != rev.src[1] ||
-	    flow->backend.addr[2] != rev.src[2] || flow->backend.addr[3] != rev.src[3]) {
+	if (!flow || !flow_owns(flow, &rev)) {
 		c = counters();
 		if (c)
 			c->stale_replies++;

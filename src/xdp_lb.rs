@@ -165,9 +165,9 @@ fn free_ports(ephemeral_lo: u32, ephemeral_hi: u32) -> (u16, u16) {
     let (first, count) = if below.1 >= above.1 { below } else { above };
     // the whole ephemeral range above 1024: share it rather than have no ports
     if count == 0 {
-        return (1024, 64512u32.min(u16::MAX as u32) as u16);
+        return (1024, 64512);
     }
-    (first as u16, count.min(u16::MAX as u32) as u16)
+    (first as u16, count as u16)
 }
 
 /// Each backend's route out of `iface`: this node's source address and the next hop's MAC
@@ -659,11 +659,6 @@ fn describe_counters(totals: &xdp_lb_counters) -> String {
     )
 }
 
-/// Flows in a flow table (counted by walking its keys).
-fn count_flows(flows: &MapHandle) -> usize {
-    flows.keys().count()
-}
-
 /// What `status` shows of one persisted xdp-lb directory.
 pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
     let tables = Tables::pinned(pins)?;
@@ -672,7 +667,7 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
     let flows = MapHandle::from_pinned_path(pins.file(PIN_FLOWS))?;
     Ok(json!({
         "services": with_service_totals(service_report(&tables.services)?),
-        "flows": count_flows(&flows),
+        "flows": flows.keys().count(),
         "max_flows": flows.max_entries(),
         "counters": counters_json(&totals),
     }))
@@ -688,7 +683,7 @@ pub fn summarize(details: &Value) -> String {
     )
 }
 
-/// A flow table entry, decoded: for tests and `status`.
+/// A flow table entry, decoded (tests and benchmarks read the table with it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Flow {
     pub client: SocketAddr,

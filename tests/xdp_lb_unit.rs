@@ -396,15 +396,9 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
 
         // four source ports towards a single backend, five clients on the same source port:
         // four get a port each, the fifth is dropped and counted
-        let services = services_one();
+        let one = parse_services(&["10.96.0.10:80=10.1.0.2:8080".to_string()], xdp_lb::LIMITS).unwrap();
         let mut object = MaybeUninit::uninit();
-        let skel = xdp_lb::load_with_services(
-            &mut object,
-            &options(256, (20000, 4)),
-            &services,
-            &backends_of(&services),
-        )
-        .unwrap();
+        let skel = load(&mut object, &one, 256, (20000, 4));
         let prog = &skel.progs.xdp_lb;
         for (i, verdict) in [XDP_TX, XDP_TX, XDP_TX, XDP_TX, XDP_DROP].into_iter().enumerate() {
             let client = SocketAddr::new(IpAddr::from([10, 0, 0, i as u8 + 1]), 40000);
@@ -437,10 +431,6 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
     });
 }
 
-fn services_one() -> Vec<Service> {
-    services(&["10.96.0.10:80=10.1.0.2:8080"])
-}
-
 #[test]
 fn a_flow_keeps_its_backend_until_that_backend_leaves() {
     let netns = Netns::new("xlb-unit4");
@@ -448,8 +438,7 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
         let all = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
-        let skel =
-            xdp_lb::load_with_services(&mut object, &options(4096, PORTS), &all, &backends_of(&all)).unwrap();
+        let skel = load(&mut object, &all, 4096, PORTS);
         let prog = &skel.progs.xdp_lb;
         let tables = xdp_lb::Tables::of(&skel).unwrap();
         let clients: Vec<SocketAddr> = (0..300u16)

@@ -122,3 +122,21 @@ pub fn load_rules(netns: &Netns, tool: &str, rules: &str) {
     netns.exec(&load);
     let _ = std::fs::remove_file(file);
 }
+
+/// Median kernel-measured nanoseconds of `runs` single test_runs of `prog`, cycling through
+/// `frames`: a program that rewrites its packet cannot be timed with `repeat` (every run
+/// after the first would see the rewritten packet).
+pub fn test_run_median_ns(prog: &libbpf_rs::ProgramMut<'_>, frames: &[Vec<u8>], runs: usize) -> f64 {
+    let mut samples: Vec<Duration> = (0..runs)
+        .map(|i| {
+            let input = libbpf_rs::ProgramInput {
+                data_in: Some(&frames[i % frames.len()]),
+                repeat: 1,
+                ..Default::default()
+            };
+            prog.test_run(input).expect("test_run").duration
+        })
+        .collect();
+    samples.sort();
+    samples[samples.len() / 2].as_nanos() as f64
+}
