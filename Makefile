@@ -24,7 +24,7 @@ setup:
 
 demo: setup
 	$(CARGO) build --release
-	scripts/demo target/release/ebpf-net
+	scripts/demo target/release
 
 test: setup all
 	$(CARGO) clippy --all-targets -- -D warnings

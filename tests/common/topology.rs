@@ -172,6 +172,14 @@ impl Daemon {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// Whether it has exited by now (without waiting).
+    pub fn has_exited(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => child.try_wait().unwrap().is_some(),
+            None => true,
+        }
+    }
+
     /// Waits (bounded) for it to exit on its own; returns the exit code, stdout and stderr.
     pub fn wait_exit(mut self, timeout: Duration) -> (Option<i32>, String, Vec<String>) {
         let mut child = self.child.take().unwrap();
