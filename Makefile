@@ -31,11 +31,7 @@ test: setup all
 	$(CARGO) test --release -- --test-threads=4
 
 bench: setup
-	$(CARGO) bench --bench per_packet
-	$(CARGO) bench --bench proxy_paths
-	$(CARGO) bench --bench service_paths
-	$(CARGO) bench --bench lb_paths
-	$(CARGO) bench --bench xdp_lb_paths
+	$(CARGO) bench --bench suite
 
 clean:
 	rm -rf build

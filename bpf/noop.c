@@ -32,4 +32,17 @@ int xdp_mac_swap(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* cgroup sock_addr hooks: let the call go on untouched */
+SEC("cgroup/connect4")
+int noop_connect4(struct bpf_sock_addr *ctx)
+{
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int noop_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return 1;
+}
+
 char LICENSE[] SEC("license") = "GPL";

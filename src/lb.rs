@@ -129,6 +129,18 @@ fn load<'obj>(
     open.load().context("loading the lb program")
 }
 
+/// Loads the program with `services` installed, nothing attached; for benchmarks. Each
+/// backend needs a route from this namespace (its source NAT address is looked up).
+pub fn load_with_services<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    services: &[Service],
+    snat: bool,
+) -> Result<LbSkel<'obj>> {
+    let skel = load(storage, None)?;
+    sync(&tables(&skel)?, services, &backend_values(services, snat)?)?;
+    Ok(skel)
+}
+
 fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
     Ok(ServiceTables::new(
         MapHandle::try_from(&skel.maps.lb_services)?,
