@@ -46,8 +46,8 @@ pub fn line_chart(
     categories: &[String],
     series: &[(String, Vec<f64>)],
 ) -> String {
-    let (width, height) = (760.0, 440.0);
-    let (left, right, top, bottom) = (80.0, 250.0, 50.0, 60.0);
+    let (width, height) = (900.0, 440.0);
+    let (left, right, top, bottom) = (80.0, 340.0, 50.0, 60.0);
     let plot_w = width - left - right;
     let plot_h = height - top - bottom;
     let max = series
@@ -156,8 +156,8 @@ pub struct Bar {
 pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
     let row_h = 22.0;
     let group_gap = 16.0;
-    let (left, right, top) = (330.0, 90.0, 50.0);
-    let width = 900.0;
+    let (left, right, top) = (400.0, 90.0, 50.0);
+    let width = 980.0;
     let plot_w = width - left - right;
     let groups = {
         let mut seen: Vec<&str> = Vec::new();
@@ -226,7 +226,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
                 row_h - 6.0,
                 left + scale(bar.value) + 6.0,
                 y + 15.0,
-                number(bar.value)
+                format!("{:.0}", bar.value)
             );
             y += row_h;
         }

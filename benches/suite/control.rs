@@ -192,7 +192,7 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
         vec![
             name.to_string(),
             format!("{load:.2}"),
-            format!("{:.2}x", load / nft_load),
+            format!("{:.3}x", load / nft_load),
             format!("{change:.3}"),
             format!("{:.2}x", change / nft_change_secs),
         ]
