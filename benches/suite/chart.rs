@@ -217,7 +217,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
             let fill = if bar.baseline { "#9e9e9e" } else { color };
             let _ = writeln!(
                 svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"/><text x=\"{:.1}\" y=\"{:.1}\">{:.0}</text>",
                 left - 8.0,
                 y + 15.0,
                 escape(&bar.label),
@@ -226,7 +226,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
                 row_h - 6.0,
                 left + scale(bar.value) + 6.0,
                 y + 15.0,
-                format!("{:.0}", bar.value)
+                bar.value
             );
             y += row_h;
         }

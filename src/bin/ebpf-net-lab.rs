@@ -62,6 +62,9 @@ struct Request {
     /// seconds to wait for each answer
     #[arg(long, default_value_t = 3.0)]
     timeout: f64,
+    /// bytes of each message the echo servers send back (tcp, udp)
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=1400))]
+    size: u16,
 }
 
 /// One answer: which backend, where it listened, whom it saw; and what this end saw.
@@ -190,7 +193,7 @@ fn serve_udp_echo(socket: &UdpSocket, name: &str) {
     }
 }
 
-fn http_request(target: SocketAddr, timeout: Duration) -> Result<Answer> {
+fn http_request(target: SocketAddr, timeout: Duration, _size: u16) -> Result<Answer> {
     let mut stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
@@ -204,27 +207,33 @@ fn http_request(target: SocketAddr, timeout: Duration) -> Result<Answer> {
     parse_answer(&response, local, peer)
 }
 
-fn tcp_request(target: SocketAddr, timeout: Duration) -> Result<Answer> {
+/// A message of `size` bytes ending in a newline (tcp) or not (udp).
+fn message(size: u16) -> Vec<u8> {
+    let mut bytes: Vec<u8> = b"ping".iter().copied().cycle().take(size as usize).collect();
+    if let Some(last) = bytes.last_mut() {
+        *last = b'\n';
+    }
+    bytes
+}
+
+fn tcp_request(target: SocketAddr, timeout: Duration, size: u16) -> Result<Answer> {
     let stream = TcpStream::connect_timeout(&target, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     let (local, peer) = (stream.local_addr()?, stream.peer_addr()?);
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut greeting = String::new();
     reader.read_line(&mut greeting)?;
-    let message = format!("hello from {} through {target}\n", canonical(local));
-    (&stream).write_all(message.as_bytes())?;
+    let message = message(size);
+    (&stream).write_all(&message)?;
     let mut echo = vec![0u8; message.len()];
     reader.read_exact(&mut echo)?;
-    if echo != message.as_bytes() {
-        bail!(
-            "echo differs: sent {message:?}, got {:?}",
-            String::from_utf8_lossy(&echo)
-        );
+    if echo != message {
+        bail!("the echo differs from the {size} bytes sent");
     }
     parse_answer(&greeting, local, peer)
 }
 
-fn udp_request(target: SocketAddr, timeout: Duration) -> Result<Answer> {
+fn udp_request(target: SocketAddr, timeout: Duration, size: u16) -> Result<Answer> {
     let bind: SocketAddr = if target.is_ipv4() {
         "0.0.0.0:0".parse()?
     } else {
@@ -233,23 +242,24 @@ fn udp_request(target: SocketAddr, timeout: Duration) -> Result<Answer> {
     let socket = UdpSocket::bind(bind)?;
     socket.set_read_timeout(Some(timeout))?;
     // unconnected: the answer's source address shows who really answered
-    let message = b"ping";
-    socket.send_to(message, target)?;
+    let message = message(size);
+    socket.send_to(&message, target)?;
     let mut buf = [0u8; 2048];
     let (n, from) = socket
         .recv_from(&mut buf)
         .map_err(|err| anyhow!("no answer within {timeout:?}: {err}"))?;
     let text = String::from_utf8_lossy(&buf[..n]);
-    if !text.ends_with("\nping") {
-        bail!("answer does not echo the datagram: {text:?}");
+    let (first, echo) = text.split_once('\n').unwrap_or((&text, ""));
+    if echo.as_bytes() != message {
+        bail!("the answer does not echo the datagram: {text:?}");
     }
-    parse_answer(&text, socket.local_addr()?, from)
+    parse_answer(first, socket.local_addr()?, from)
 }
 
 fn run_requests(
     protocol: &str,
     request: &Request,
-    once: fn(SocketAddr, Duration) -> Result<Answer>,
+    once: fn(SocketAddr, Duration, u16) -> Result<Answer>,
 ) -> Result<()> {
     if request.count == 0 {
         bail!("--count must be at least 1");
@@ -260,7 +270,7 @@ fn run_requests(
         .ok_or_else(|| anyhow!("--timeout must be a positive number of seconds"))?;
     let mut tally: BTreeMap<String, u32> = BTreeMap::new();
     for i in 1..=request.count {
-        let answer = once(request.target, timeout)
+        let answer = once(request.target, timeout, request.size)
             .with_context(|| format!("{protocol} request {i} to {}", request.target))?;
         if !request.quiet {
             println!(
