@@ -38,6 +38,16 @@ fn number(value: f64) -> String {
     }
 }
 
+/// The SVG element, a white background and the title at `title_x`.
+fn open(width: f64, height: f64, title_x: f64, title: &str) -> String {
+    format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" {FONT} font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{title_x}\" y=\"28\" font-size=\"15\" font-weight=\"bold\">{}</text>\n",
+        escape(title)
+    )
+}
+
 /// One line per series over categorical x values (equally spaced).
 pub fn line_chart(
     title: &str,
@@ -57,18 +67,7 @@ pub fn line_chart(
     let (y_max, step) = axis(max);
     let x = |i: usize| left + plot_w * (i as f64 + 0.5) / categories.len() as f64;
     let y = |v: f64| top + plot_h * (1.0 - v / y_max);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" {FONT} font-size=\"12\">"
-    );
-    let _ = writeln!(svg, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(
-        svg,
-        "<text x=\"{}\" y=\"28\" font-size=\"15\" font-weight=\"bold\">{}</text>",
-        left,
-        escape(title)
-    );
+    let mut svg = open(width, height, left, title);
     let mut tick = 0.0;
     while tick <= y_max + step / 2.0 {
         let _ = writeln!(
@@ -172,17 +171,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
     let max = bars.iter().map(|b| b.value).fold(0.0, f64::max);
     let (x_max, step) = axis(max);
     let scale = |v: f64| plot_w * v / x_max;
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{width}\" height=\"{height}\" viewBox=\"0 0 {width} {height}\" {FONT} font-size=\"12\">"
-    );
-    let _ = writeln!(svg, "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>");
-    let _ = writeln!(
-        svg,
-        "<text x=\"20\" y=\"28\" font-size=\"15\" font-weight=\"bold\">{}</text>",
-        escape(title)
-    );
+    let mut svg = open(width, height, 20.0, title);
     let plot_bottom = height - 40.0;
     let mut tick = 0.0;
     while tick <= x_max + step / 2.0 {

@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::common::bench::median;
 use crate::common::cgroup::TestCgroup;
 use crate::common::topology::{veth, Netns, BIN};
-use crate::paths::{kube_proxy_nft, NftHook};
+use crate::paths::{kube_proxy_nft, service_args, NftHook, Svc};
 use crate::report::{table, Report};
 use crate::Settings;
 
@@ -27,8 +27,6 @@ fn vip(i: usize) -> Ipv4Addr {
     Ipv4Addr::new(10, 96, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-type Svc = (Ipv4Addr, u16, Vec<SocketAddr>);
-
 fn services(changed: bool) -> Vec<Svc> {
     (0..SERVICES)
         .map(|i| {
@@ -38,19 +36,6 @@ fn services(changed: bool) -> Vec<Svc> {
                 backends[3] = SocketAddr::new(Ipv4Addr::new(10, 250, 0, 1).into(), 8080);
             }
             (vip(i), 80, backends)
-        })
-        .collect()
-}
-
-fn service_args(services: &[Svc]) -> Vec<String> {
-    services
-        .iter()
-        .flat_map(|(vip, port, backends)| {
-            let list: Vec<String> = backends.iter().map(SocketAddr::to_string).collect();
-            [
-                "--service".to_string(),
-                format!("{vip}:{port}={}", list.join(",")),
-            ]
         })
         .collect()
 }

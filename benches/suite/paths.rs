@@ -93,7 +93,7 @@ pub fn topology() -> Topology {
 }
 
 /// A service: VIP, port, backends.
-type Svc = (Ipv4Addr, u16, Vec<SocketAddr>);
+pub type Svc = (Ipv4Addr, u16, Vec<SocketAddr>);
 
 fn services(count: usize) -> Vec<Svc> {
     let all: Vec<SocketAddr> = (0..3).map(|i| SocketAddr::new(backend(i), PORT)).collect();
@@ -210,7 +210,8 @@ fn kube_proxy_iptables(services: &[Svc]) -> String {
     rules
 }
 
-fn service_args(services: &[Svc]) -> Vec<String> {
+/// `--service VIP:PORT=B1,B2,...` per service.
+pub fn service_args(services: &[Svc]) -> Vec<String> {
     services
         .iter()
         .flat_map(|(vip, port, backends)| {
