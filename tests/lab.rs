@@ -19,10 +19,6 @@ fn bin_dir() -> PathBuf {
     Path::new(BIN).parent().unwrap().to_path_buf()
 }
 
-fn cgroup2_root() -> String {
-    common::cgroup::cgroup2_root().display().to_string()
-}
-
 /// A lab of this test's own name; `scripts/lab down` on drop, also when the test fails.
 struct Lab {
     name: String,
@@ -35,17 +31,14 @@ impl Lab {
         }
     }
 
-    fn script(&self, script: &str, args: &[&str]) -> Output {
+    /// `scripts/lab ARGS` on this lab.
+    fn lab(&self, args: &[&str]) -> Output {
         output_within(
-            Command::new(root().join("scripts").join(script))
+            Command::new(root().join("scripts/lab"))
                 .args(args)
                 .env("EBPF_NET_LAB", &self.name)
                 .env("EBPF_NET_BIN_DIR", bin_dir()),
         )
-    }
-
-    fn lab(&self, args: &[&str]) -> Output {
-        self.script("lab", args)
     }
 
     fn namespaces(&self) -> Vec<String> {
@@ -153,7 +146,7 @@ fn lab_up_serves_and_down_leaves_nothing() {
         "--map",
         "10.96.1.1:80=10.77.0.21:80",
     ]);
-    let cgroup = format!("{}/{}", cgroup2_root(), lab.name);
+    let cgroup = format!("{}/{}", common::cgroup::cgroup2_root().display(), lab.name);
     let mut clusterip = common::topology::Daemon::start(&[
         "clusterip",
         "--cgroup",

@@ -16,6 +16,8 @@ use crate::Settings;
 
 const SERVICES: usize = 10_000;
 const BACKENDS: usize = 10;
+/// What backend 3 of service 5,000 becomes (inside 10.128.0.0/9, unused by the others).
+const NEW_BACKEND: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(10, 250, 0, 1)), 8080);
 
 /// Backend `k` of service `i`: 100,000 distinct addresses in 10.128.0.0/9.
 fn backend(i: usize, k: usize) -> SocketAddr {
@@ -33,7 +35,7 @@ fn services(changed: bool) -> Vec<Svc> {
             let mut backends: Vec<SocketAddr> = (0..BACKENDS).map(|k| backend(i, k)).collect();
             if changed && i == SERVICES / 2 {
                 // one backend of one service replaced by a new address
-                backends[3] = SocketAddr::new(Ipv4Addr::new(10, 250, 0, 1).into(), 8080);
+                backends[3] = NEW_BACKEND;
             }
             (vip(i), 80, backends)
         })
@@ -79,37 +81,25 @@ fn nft_timed(netns: &Netns, rules: &str) -> f64 {
     secs
 }
 
-/// The one-backend change as kube-proxy makes it: a new endpoint chain, the service chain
-/// rewritten to pick it, the old endpoint chain deleted, in one transaction.
-fn nft_change(table: &str) -> String {
+/// The one-backend change as kube-proxy makes it, in one transaction: a new endpoint chain
+/// (`to`, DNAT to `addr`), the service chain rewritten to pick it in place of endpoint chain
+/// `from`, which is deleted. Swapping `from` and `to` undoes it, so it can be timed again.
+fn nft_replace_endpoint(table: &str, from: &str, to: &str, addr: SocketAddr) -> String {
     let i = SERVICES / 2;
-    let new = SocketAddr::new(Ipv4Addr::new(10, 250, 0, 1).into(), 8080);
     let picks: Vec<String> = (0..BACKENDS)
         .map(|k| {
-            if k == 3 {
-                format!("{k} : goto sep-{i}-new")
+            let chain = if k.to_string() == from {
+                to.to_string()
             } else {
-                format!("{k} : goto sep-{i}-{k}")
-            }
+                k.to_string()
+            };
+            format!("{k} : goto sep-{i}-{chain}")
         })
         .collect();
     format!(
-        "add chain ip {table} sep-{i}-new\nadd rule ip {table} sep-{i}-new meta l4proto tcp dnat to {new}\n\
+        "add chain ip {table} sep-{i}-{to}\nadd rule ip {table} sep-{i}-{to} meta l4proto tcp dnat to {addr}\n\
          flush chain ip {table} svc-{i}\nadd rule ip {table} svc-{i} numgen random mod {BACKENDS} vmap {{ {} }}\n\
-         delete chain ip {table} sep-{i}-3\n",
-        picks.join(", ")
-    )
-}
-
-/// Undoes [`nft_change`], so that it can be timed again.
-fn nft_change_back(table: &str) -> String {
-    let i = SERVICES / 2;
-    let picks: Vec<String> = (0..BACKENDS).map(|k| format!("{k} : goto sep-{i}-{k}")).collect();
-    format!(
-        "add chain ip {table} sep-{i}-3\nadd rule ip {table} sep-{i}-3 meta l4proto tcp dnat to {}\n\
-         flush chain ip {table} svc-{i}\nadd rule ip {table} svc-{i} numgen random mod {BACKENDS} vmap {{ {} }}\n\
-         delete chain ip {table} sep-{i}-new\n",
-        backend(i, 3),
+         delete chain ip {table} sep-{i}-{from}\n",
         picks.join(", ")
     )
 }
@@ -166,8 +156,11 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
         &kube_proxy_nft("ebnctl", NftHook::Prerouting, &before),
     ));
     for _ in 0..settings.control_rounds {
-        nft.1.push(nft_timed(&node, &nft_change("ebnctl")));
-        nft.1.push(nft_timed(&node, &nft_change_back("ebnctl")));
+        let (new, old) = (NEW_BACKEND, backend(SERVICES / 2, 3));
+        nft.1
+            .push(nft_timed(&node, &nft_replace_endpoint("ebnctl", "3", "new", new)));
+        nft.1
+            .push(nft_timed(&node, &nft_replace_endpoint("ebnctl", "new", "3", old)));
     }
     node.exec("nft delete table ip ebnctl");
     let nft_load = median(nft.0.clone());

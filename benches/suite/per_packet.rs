@@ -43,6 +43,26 @@ struct Row {
     samples: Vec<f64>,
 }
 
+impl Row {
+    fn new(hook: &'static str, name: &str) -> Self {
+        Self {
+            hook,
+            name: name.to_string(),
+            baseline: false,
+            samples: Vec::new(),
+        }
+    }
+}
+
+/// Runs `prog` once on `frame`: the state a timed path needs (a flow, a conntrack entry).
+fn run_once(prog: &ProgramMut<'_>, frame: &[u8]) {
+    let input = ProgramInput {
+        data_in: Some(frame),
+        ..Default::default()
+    };
+    prog.test_run(input).expect("test_run");
+}
+
 fn sock(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
@@ -50,16 +70,13 @@ fn sock(text: &str) -> SocketAddr {
 /// A program and what it is fed, one frame per run (cycling).
 type Case<'a> = (&'static str, &'static str, bool, &'a ProgramMut<'a>, Vec<Vec<u8>>);
 
-/// Times every case in rotated rounds; a case at index `fresh_at` gets new frames each
-/// round from `fresh(round)` (flows that must be new every time).
+/// Times every case in rotated rounds.
 fn time_cases(cases: &[Case<'_>], rounds: usize, runs: usize) -> Vec<Row> {
     let mut rows: Vec<Row> = cases
         .iter()
         .map(|(hook, name, baseline, _, _)| Row {
-            hook,
-            name: name.to_string(),
             baseline: *baseline,
-            samples: Vec::new(),
+            ..Row::new(hook, name)
         })
         .collect();
     for round in 0..rounds {
@@ -121,23 +138,10 @@ fn tc_rows(settings: &Settings) -> Vec<Row> {
         let to_proxy = l4_frame(client, rule.from, L4::Tcp);
         let proxy_reply = l4_frame(rule.to, client, L4::Tcp);
         // the proxy's flow exists before its reply is timed
-        proxy
-            .progs
-            .proxy_egress
-            .test_run(ProgramInput {
-                data_in: Some(&to_proxy),
-                ..Default::default()
-            })
-            .unwrap();
+        run_once(&proxy.progs.proxy_egress, &to_proxy);
         let to_vip = l4_frame(client, sock("10.96.0.20:80"), L4::Tcp);
         // a SYN whose conntrack entry lb made on the first run: the lookup finds it
-        lb.progs
-            .lb_ingress
-            .test_run(ProgramInput {
-                data_in: Some(&to_vip),
-                ..Default::default()
-            })
-            .unwrap();
+        run_once(&lb.progs.lb_ingress, &to_vip);
         let cases: Vec<Case<'_>> = vec![
             (
                 "tc",
@@ -212,12 +216,7 @@ fn tc_rows(settings: &Settings) -> Vec<Row> {
         ];
         let mut rows = time_cases(&cases, settings.rounds, settings.runs);
         // a new flow every run: conntrack allocation, NAT set-up and insertion
-        let mut fresh = Row {
-            hook: "tc",
-            name: "lb_ingress: SYN of a new flow (conntrack entry made)".into(),
-            baseline: false,
-            samples: Vec::new(),
-        };
+        let mut fresh = Row::new("tc", "lb_ingress: SYN of a new flow (conntrack entry made)");
         let runs = settings.runs.min(10_000);
         for round in 0..settings.rounds {
             let frames: Vec<Vec<u8>> = (0..runs)
@@ -273,11 +272,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
         let vip = sock("10.96.0.10:80");
         let request = l4_frame(client, vip, L4::Tcp);
         let prog = &skel.progs.xdp_lb;
-        prog.test_run(ProgramInput {
-            data_in: Some(&request),
-            ..Default::default()
-        })
-        .unwrap();
+        run_once(prog, &request);
         let flow = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().remove(0);
         let reply = l4_frame(flow.backend, SocketAddr::new(flow.lb_addr, flow.lb_port), L4::Tcp);
         let other = l4_frame(client, sock("10.0.0.2:80"), L4::Tcp);
@@ -308,12 +303,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
         ];
         let mut rows = time_cases(&cases, settings.rounds, settings.runs);
         // a new flow every run (Maglev pick, source port claim), a fresh table each round
-        let mut fresh = Row {
-            hook: "XDP",
-            name: "xdp_lb: client -> backend, new flow".into(),
-            baseline: false,
-            samples: Vec::new(),
-        };
+        let mut fresh = Row::new("XDP", "xdp_lb: client -> backend, new flow");
         let frames: Vec<Vec<u8>> = (0..settings.runs)
             .map(|i| {
                 let src = SocketAddr::new(
@@ -335,7 +325,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
     })
 }
 
-/// Median ns of one system call through the attached cgroup program, `calls` times.
+/// Mean ns of one system call through the attached cgroup program, over `calls` calls.
 fn per_call(calls: usize, mut call: impl FnMut()) -> f64 {
     let began = Instant::now();
     for _ in 0..calls {

@@ -121,7 +121,9 @@ pub fn machine() -> String {
         .find_map(|line| line.strip_prefix("PRETTY_NAME="))
         .map(|name| name.trim_matches('"').to_string())
         .unwrap_or_else(|| "unknown".into());
-    let dirty = if command("git", &["status", "--porcelain", "--untracked-files=no"]) == "unknown" {
+    // `command` says "unknown" for empty output: a clean tree (or no git)
+    let changes = command("git", &["status", "--porcelain", "--untracked-files=no"]);
+    let dirty = if changes == "unknown" {
         ""
     } else {
         " (with uncommitted changes)"
