@@ -92,7 +92,8 @@ impl TcxAttachment {
 }
 
 /// How an XDP program runs on an interface.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum XdpMode {
     /// native where the driver supports XDP, generic otherwise
     Auto,

@@ -4,6 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -12,7 +13,10 @@ use serde_json::{json, Value};
 
 use crate::attach::{self, PinnedLink};
 use crate::cgroup::{self, Cgroup};
+use crate::config::{self, ConfigFile, Item, RunOptions};
+use crate::instance::Instance;
 use crate::maps;
+use crate::metrics;
 use crate::netns;
 use crate::pin::PinDir;
 use crate::run;
@@ -54,12 +58,54 @@ pub struct ClusteripArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
     /// VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], repeatable; TCP and UDP; IPv6 in brackets
-    #[arg(long = "service", value_name = "VIP=BACKENDS", required = true)]
+    #[arg(long = "service", value_name = "VIP=BACKENDS")]
     pub services: Vec<String>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/clusterip/, print ready and exit; run again to
     /// update the services in place
     #[arg(long)]
     pub persist: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What flags and config file say together.
+struct Settings {
+    cgroup: Option<Item>,
+    services: Vec<Service>,
+}
+
+impl Settings {
+    fn read(args: &ClusteripArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.clusterip, SUBCOMMAND)?;
+        let cgroup = config::pick(
+            args.cgroup.as_ref(),
+            "--cgroup",
+            config
+                .as_ref()
+                .zip(section)
+                .map(|(c, s)| (c, &s.cgroup, "cgroup")),
+        );
+        let from_file = config.as_ref().zip(section).map(|(c, s)| c.services(&s.service));
+        let items = config::entries(
+            Item::flags("--service", &args.services),
+            from_file.unwrap_or_default(),
+            "services",
+            "--service",
+            "clusterip.service",
+        )?;
+        Ok(Self {
+            cgroup,
+            services: service::parse_service_items(&items, LIMITS)?,
+        })
+    }
+
+    fn resolve_cgroup(&self) -> Result<Cgroup> {
+        match &self.cgroup {
+            Some(item) => Cgroup::resolve(Some(&item.text)).map_err(|err| item.fail(err)),
+            None => Cgroup::resolve(None),
+        }
+    }
 }
 
 fn load<'obj>(
@@ -138,11 +184,16 @@ fn refuse_if_attached(cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
 }
 
 pub fn run(args: &ClusteripArgs) -> Result<()> {
-    let services = service::parse_services(&args.services, LIMITS)?;
-    let cgroup = Cgroup::resolve(args.cgroup.as_deref())?;
+    let settings = Settings::read(args)?;
+    let mut services = settings.services.clone();
+    let cgroup = settings.resolve_cgroup()?;
     let pins = PinDir::new(SUBCOMMAND, netns::HOST_KEY, &cgroup.target());
+    let _instance = Instance::claim(SUBCOMMAND, netns::HOST_KEY, &cgroup.target(), args.persist)?;
     refuse_if_attached(&cgroup, &pins)?;
     if args.persist {
+        if args.run.metrics.is_some() {
+            bail!("--metrics needs a foreground run; --persist exits at once");
+        }
         return persist(&services, &cgroup, &pins);
     }
     if pins.exists() {
@@ -154,24 +205,74 @@ pub fn run(args: &ClusteripArgs) -> Result<()> {
     }
     let mut object = MaybeUninit::uninit();
     let skel = load_with_services(&mut object, &services)?;
+    let tables = tables(&skel)?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
     let dir = cgroup.open()?;
     let links = programs(&skel)
         .into_iter()
         .map(|(prog, _)| attach::attach_cgroup(prog, dir.as_fd(), &cgroup.relative))
         .collect::<Result<Vec<Link>>>()?;
     let shutdown = run::Shutdown::install()?;
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
     run::announce_ready(
         SUBCOMMAND,
         &format!("cgroup {}: {}", cgroup.relative, service::describe(&services)),
     );
-    shutdown.wait();
+    shutdown.serve(SUBCOMMAND, || {
+        let new = Settings::read(args)?;
+        let new_cgroup = new.resolve_cgroup()?;
+        if new_cgroup.path != cgroup.path {
+            bail!(
+                "the cgroup changed ({} -> {}); that needs a restart",
+                cgroup.relative,
+                new_cgroup.relative
+            );
+        }
+        let report = sync(&tables, &new.services)?;
+        services = new.services;
+        Ok(format!("{} ({report})", service::describe(&services)))
+    });
     drop(links);
-    let report = service_report(&tables(&skel)?)?;
+    let report = service_report(&tables)?;
     for entry in report.iter().take(20) {
         eprintln!("{SUBCOMMAND}: {}", service::summarize_service(entry, counters));
     }
     eprintln!("{SUBCOMMAND}: detached from cgroup {}", cgroup.relative);
     Ok(())
+}
+
+/// Metrics read at each scrape: connects and datagrams per backend and service, and the
+/// socket calls translated.
+fn metrics_source(skel: &SockXlateSkel<'_>) -> Result<metrics::Source> {
+    let tables = tables(skel)?;
+    Ok(Arc::new(move || {
+        let report = service_report(&tables)?;
+        let mut families = metrics::service_families(
+            SUBCOMMAND,
+            &report,
+            &[
+                (
+                    "connects",
+                    "connect() calls sent to the backend (TCP and connected UDP)",
+                ),
+                ("datagrams", "unconnected UDP sendmsg() calls sent to the backend"),
+            ],
+        );
+        let sum = |field: &str| -> u64 {
+            report
+                .iter()
+                .flat_map(|svc| svc["backends"].as_array().cloned().unwrap_or_default())
+                .map(|b| b[field].as_u64().unwrap_or(0))
+                .sum()
+        };
+        families.push(metrics::rewrites(
+            SUBCOMMAND,
+            &[("connect", sum("connects")), ("sendmsg", sum("datagrams"))],
+        ));
+        Ok(families)
+    }))
 }
 
 fn persist(services: &[Service], cgroup: &Cgroup, pins: &PinDir) -> Result<()> {

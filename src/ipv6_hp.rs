@@ -8,14 +8,19 @@ use std::mem::MaybeUninit;
 use std::net::Ipv6Addr;
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, Program};
 use serde_json::{json, Value};
+use toml::Spanned;
 
 use crate::addr::{parse_ipv6, Interface};
 use crate::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
+use crate::config::{self, ConfigFile, Ipv6HpSection, Item, RunOptions};
+use crate::instance::Instance;
+use crate::metrics;
 use crate::pin::PinDir;
 use crate::skel::egress::EgressSkel;
 use crate::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
@@ -38,19 +43,83 @@ unsafe impl plain::Plain for Ipv6HpConfig {}
 pub struct Ipv6HpArgs {
     /// interface the health probes arrive on
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
-    pub iface: String,
-    /// source address of the probes on the wire
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_LINK_LOCAL)]
-    pub link_local: String,
-    /// address the node sees the probes coming from
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_GLOBAL)]
-    pub global: String,
+    pub iface: Option<String>,
+    /// source address of the probes on the wire [default: fe80::1234:5678:9abc]
+    #[arg(long, value_name = "ADDR")]
+    pub link_local: Option<String>,
+    /// address the node sees the probes coming from [default: 2603:1062:0:1:fe80:1234:5678:9abc]
+    #[arg(long, value_name = "ADDR")]
+    pub global: Option<String>,
     /// also delete the nft table `ip6 azureSLBProbe` this replaces, if present
     #[arg(long)]
     pub remove_nft_table: bool,
     /// attach, pin under /sys/fs/bpf/ebpf-net/ipv6-hp/, print ready and exit; run again to update in place
     #[arg(long)]
     pub persist: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What flags and config file say together.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    iface: String,
+    addrs: ProbeAddresses,
+    remove_nft_table: bool,
+}
+
+impl Settings {
+    fn read(args: &Ipv6HpArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.ipv6_hp, SUBCOMMAND)?;
+        let file = |pick: fn(&Ipv6HpSection) -> &Option<Spanned<String>>, key: &'static str| {
+            config.as_ref().zip(section).map(|(c, s)| (c, pick(s), key))
+        };
+        let iface = config::require(
+            args.iface.as_ref(),
+            "-i",
+            config.as_ref(),
+            section.map(|s| &s.interface),
+            "interface",
+            SUBCOMMAND,
+        )?;
+        let address = |flag: Option<&String>, name: &str, key: &'static str, pick, default: &str| {
+            let item = config::pick(flag, name, file(pick, key)).unwrap_or_else(|| Item {
+                text: default.into(),
+                origin: format!("{name} {default}"),
+            });
+            parse_ipv6(name, &item.text).map_err(|err| {
+                if item.origin.starts_with("--") {
+                    err
+                } else {
+                    item.fail(err)
+                }
+            })
+        };
+        let link_local = address(
+            args.link_local.as_ref(),
+            "--link-local",
+            "link-local",
+            |s| &s.link_local,
+            DEFAULT_LINK_LOCAL,
+        )?;
+        let global = address(
+            args.global.as_ref(),
+            "--global",
+            "global",
+            |s| &s.global,
+            DEFAULT_GLOBAL,
+        )?;
+        if link_local == global {
+            bail!("link-local and global are both {link_local}; they must differ");
+        }
+        Ok(Self {
+            iface: iface.text,
+            addrs: ProbeAddresses { link_local, global },
+            remove_nft_table: args.remove_nft_table
+                || section.and_then(|s| s.remove_nft_table).unwrap_or(false),
+        })
+    }
 }
 
 /// The address pair both programs are built with.
@@ -58,17 +127,6 @@ pub struct Ipv6HpArgs {
 pub struct ProbeAddresses {
     pub link_local: Ipv6Addr,
     pub global: Ipv6Addr,
-}
-
-impl ProbeAddresses {
-    pub fn from_args(args: &Ipv6HpArgs) -> Result<Self> {
-        let link_local = parse_ipv6("--link-local", &args.link_local)?;
-        let global = parse_ipv6("--global", &args.global)?;
-        if link_local == global {
-            bail!("--link-local and --global are both {link_local}; they must differ");
-        }
-        Ok(Self { link_local, global })
-    }
 }
 
 /// Opens one of the two ipv6-hp skeletons, sets its constants and loads it. A macro
@@ -143,13 +201,18 @@ fn stats_pin_name(direction: TcDirection) -> String {
 }
 
 pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
-    let addrs = ProbeAddresses::from_args(args)?;
-    let iface = Interface::by_name(&args.iface)?;
+    let settings = Settings::read(args)?;
+    let addrs = settings.addrs;
+    let iface = Interface::by_name(&settings.iface)?;
     let csum_flag = probe::l4_csum_ipv6_flag();
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
 
     if args.persist {
-        return persist(args, &addrs, &iface, &pins, csum_flag);
+        if args.run.metrics.is_some() {
+            bail!("--metrics needs a foreground run; --persist exits at once");
+        }
+        return persist(&settings, &iface, &pins, csum_flag);
     }
     if pins.exists() {
         bail!(
@@ -163,16 +226,58 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
     let egress = load_egress(&mut egress_obj, &addrs, csum_flag, None)?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || {
+        let ingress_map = MapHandle::try_from(&ingress.maps.ipv6_hp_stats)?;
+        let egress_map = MapHandle::try_from(&egress.maps.ipv6_hp_stats)?;
+        Ok(Arc::new(move || {
+            let i: ipv6_hp_stats = maps::sum_percpu_counters(&ingress_map, 0)?;
+            let e: ipv6_hp_stats = maps::sum_percpu_counters(&egress_map, 0)?;
+            let mut families = vec![metrics::rewrites(
+                SUBCOMMAND,
+                &[("ingress", i.rewritten_packets), ("egress", e.rewritten_packets)],
+            )];
+            let mut bytes =
+                metrics::Family::counter("ebpf_net_rewrite_bytes", "bytes of the packets translated");
+            bytes.add(
+                &[("datapath", SUBCOMMAND), ("direction", "ingress")],
+                i.rewritten_bytes,
+            );
+            bytes.add(
+                &[("datapath", SUBCOMMAND), ("direction", "egress")],
+                e.rewritten_bytes,
+            );
+            families.push(bytes);
+            families.extend(metrics::counter_families(
+                SUBCOMMAND,
+                &[
+                    ("l4_checksum_fixed", i.l4_fixed + e.l4_fixed, false),
+                    ("skipped", i.skipped + e.skipped, true),
+                ],
+            ));
+            Ok(families)
+        }) as metrics::Source)
+    })?;
 
     let attachments = [
         TcxAttachment::attach(&ingress.progs.ipv6_hp_ingress, &iface, TcDirection::Ingress)?,
         TcxAttachment::attach(&egress.progs.ipv6_hp_egress, &iface, TcDirection::Egress)?,
     ];
-    if args.remove_nft_table {
+    if settings.remove_nft_table {
         eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
     }
+    let shutdown = run::Shutdown::install()?;
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
     run::announce_ready(SUBCOMMAND, &describe_pair(&iface, &addrs, csum_flag));
-    run::wait_for_shutdown()?;
+    // the addresses are compiled into the programs: a reload can only confirm them
+    shutdown.serve(SUBCOMMAND, || {
+        let new = Settings::read(args)?;
+        if new != settings {
+            bail!("the interface or addresses changed; that needs a restart (or --persist, which swaps the programs in place)");
+        }
+        Ok("nothing changed".into())
+    });
     drop(attachments);
 
     let ingress_stats: ipv6_hp_stats = maps::sum_percpu_counters(&ingress.maps.ipv6_hp_stats, 0)?;
@@ -207,13 +312,8 @@ fn stats_summary(stats: &ipv6_hp_stats) -> String {
 
 /// Attaches and pins, or, when pinned state exists, swaps the new programs into the
 /// existing links atomically: no moment without translation.
-fn persist(
-    args: &Ipv6HpArgs,
-    addrs: &ProbeAddresses,
-    iface: &Interface,
-    pins: &PinDir,
-    csum_flag: u64,
-) -> Result<()> {
+fn persist(settings: &Settings, iface: &Interface, pins: &PinDir, csum_flag: u64) -> Result<()> {
+    let addrs = &settings.addrs;
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, iface, pins)?;
     let fresh = !pins.exists();
     pins.create()?;
@@ -222,7 +322,7 @@ fn persist(
         let _ = pins.remove();
     }
     let updated = result?;
-    if args.remove_nft_table {
+    if settings.remove_nft_table {
         eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
     }
     let verb = if updated { "updated in place" } else { "pinned" };

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -13,12 +14,14 @@ use serde_json::{json, Value};
 
 use crate::addr::{ip_to_words, Interface};
 use crate::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
+use crate::config::{self, ConfigFile, Item, RunOptions};
+use crate::instance::Instance;
 use crate::maps::{self, as_bytes};
 use crate::pin::PinDir;
 use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
 use crate::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::skel::lb::{LbSkel, LbSkelBuilder};
-use crate::{nft, probe, run};
+use crate::{metrics, nft, probe, run};
 
 pub const SUBCOMMAND: &str = "lb";
 pub const PROGRAMS: [&str; 1] = ["lb_ingress"];
@@ -57,9 +60,9 @@ crate::endpoint_conversions!(service_endpoint);
 pub struct LbArgs {
     /// interface the clients' packets arrive on
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
-    pub iface: String,
+    pub iface: Option<String>,
     /// VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], repeatable; TCP and UDP; IPv6 in brackets
-    #[arg(long = "service", value_name = "VIP=BACKENDS", required = true)]
+    #[arg(long = "service", value_name = "VIP=BACKENDS")]
     pub services: Vec<String>,
     /// keep the client's address towards the backends (for a load balancer that is their
     /// gateway); by default the source becomes this node's address towards each backend
@@ -69,6 +72,59 @@ pub struct LbArgs {
     /// the services in place
     #[arg(long)]
     pub persist: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What flags and config file say together.
+#[derive(Debug, PartialEq, Eq)]
+struct Settings {
+    iface: Item,
+    services: Vec<Service>,
+    no_snat: bool,
+}
+
+impl Settings {
+    fn read(args: &LbArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.lb, SUBCOMMAND)?;
+        let iface = config::require(
+            args.iface.as_ref(),
+            "-i",
+            config.as_ref(),
+            section.map(|s| &s.interface),
+            "interface",
+            SUBCOMMAND,
+        )?;
+        let from_file = config.as_ref().zip(section).map(|(c, s)| c.services(&s.service));
+        let items = config::entries(
+            Item::flags("--service", &args.services),
+            from_file.unwrap_or_default(),
+            "services",
+            "--service",
+            "lb.service",
+        )?;
+        Ok(Self {
+            iface,
+            services: service::parse_service_items(&items, LIMITS)?,
+            no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
+        })
+    }
+
+    /// What a reload may change live: the services; the rest needs a restart.
+    fn check_reload(&self, new: &Self) -> Result<()> {
+        if new.iface.text != self.iface.text {
+            bail!(
+                "the interface changed ({} -> {}); that needs a restart",
+                self.iface.text,
+                new.iface.text
+            );
+        }
+        if new.no_snat != self.no_snat {
+            bail!("no-snat changed; that needs a restart");
+        }
+        Ok(())
+    }
 }
 
 /// The address this namespace sends from towards `ip`: what masquerade would pick.
@@ -342,14 +398,18 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
 }
 
 pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
-    let services = service::parse_services(&args.services, LIMITS)?;
+    let mut settings = Settings::read(args)?;
     probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
-    let iface = Interface::by_name(&args.iface)?;
+    let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    let (mut instance, orphan) = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
-    let values = backend_values(&services, !args.no_snat)?;
+    if args.run.metrics.is_some() && args.persist {
+        bail!("--metrics needs a foreground run; --persist exits at once");
+    }
+    let values = backend_values(&settings.services, !settings.no_snat)?;
     if args.persist {
-        return persist(&services, &values, &iface, &pins);
+        return persist(&settings.services, &values, &iface, &pins);
     }
     if pins.exists() {
         bail!(
@@ -358,11 +418,21 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
             iface.name
         );
     }
+    if let Some(orphan) = orphan {
+        eprintln!(
+            "{SUBCOMMAND}: taking over from a killed run (pid {}) on {}",
+            orphan.pid, iface.name
+        );
+    }
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, None)?;
     let tables = tables(&skel)?;
-    sync(&tables, &services, &values)?;
-    let setup = prepare_namespace(&services)?;
+    sync(&tables, &settings.services, &values)?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let setup = prepare_namespace(&settings.services)?;
+    if let Some(changes) = recorded_changes() {
+        instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" ")))?;
+    }
     let attachment = match TcxAttachment::attach(&skel.progs.lb_ingress, &iface, TcDirection::Ingress) {
         Ok(attachment) => attachment,
         Err(err) => {
@@ -374,16 +444,32 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
         eprintln!("{SUBCOMMAND}: {line}");
     }
     let shutdown = run::Shutdown::install()?;
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
     run::announce_ready(
         SUBCOMMAND,
         &format!(
             "{}: {}{}",
             iface.name,
-            service::describe(&services),
-            snat_note(args.no_snat)
+            service::describe(&settings.services),
+            snat_note(settings.no_snat)
         ),
     );
-    shutdown.wait();
+    shutdown.serve(SUBCOMMAND, || {
+        let new = Settings::read(args)?;
+        settings.check_reload(&new)?;
+        let values = backend_values(&new.services, !new.no_snat)?;
+        let report = sync(&tables, &new.services, &values)?;
+        for line in prepare_namespace(&new.services)? {
+            eprintln!("{SUBCOMMAND}: {line}");
+        }
+        if let Some(changes) = recorded_changes() {
+            instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" ")))?;
+        }
+        settings = new;
+        Ok(format!("{} ({report})", service::describe(&settings.services)))
+    });
     drop(attachment);
     let report = service_report(&tables)?;
     for entry in report.iter().take(20) {
@@ -396,6 +482,33 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
     }
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// Metrics read at each scrape: new flows per backend and service, and the event and error
+/// counters.
+fn metrics_source(skel: &LbSkel<'_>) -> Result<metrics::Source> {
+    let tables = tables(skel)?;
+    let counters_map = MapHandle::try_from(&skel.maps.lb_counters)?;
+    Ok(Arc::new(move || {
+        let mut families = metrics::service_families(
+            SUBCOMMAND,
+            &service_report(&tables)?,
+            &[("new_flows", "flows given a conntrack entry towards the backend")],
+        );
+        let t: lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
+        families.extend(metrics::counter_families(
+            SUBCOMMAND,
+            &[
+                ("new_flows", t.new_flows, false),
+                ("known_flows", t.known_flows, false),
+                ("reopened", t.reopened, false),
+                ("alloc_failed", t.alloc_failed, true),
+                ("nat_failed", t.nat_failed, true),
+                ("insert_failed", t.insert_failed, true),
+            ],
+        ));
+        Ok(families)
+    }))
 }
 
 fn snat_note(no_snat: bool) -> &'static str {

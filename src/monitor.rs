@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,9 @@ use serde_json::json;
 
 use crate::addr::{ip_from_words, Interface};
 use crate::attach::{TcDirection, TcxAttachment};
+use crate::config::{self, ConfigFile, Item, RunOptions};
 use crate::maps;
+use crate::metrics;
 use crate::run::{self, Shutdown};
 use crate::skel::monitor::types::{flow_counters, flow_key};
 use crate::skel::monitor::MonitorSkelBuilder;
@@ -27,7 +30,8 @@ const TOP_ROWS: usize = 25;
 unsafe impl plain::Plain for flow_key {}
 unsafe impl plain::Plain for flow_counters {}
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
 pub enum Directions {
     Ingress,
     Egress,
@@ -48,19 +52,59 @@ impl Directions {
 pub struct MonitorArgs {
     /// interface to watch
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
-    pub iface: String,
-    /// which side of the interface to count
-    #[arg(long, value_enum, default_value = "both")]
-    pub direction: Directions,
-    /// seconds between reports (fractions allowed)
-    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_interval)]
-    pub interval: f64,
+    pub iface: Option<String>,
+    /// which side of the interface to count [default: both]
+    #[arg(long, value_enum)]
+    pub direction: Option<Directions>,
+    /// seconds between reports, fractions allowed [default: 1]
+    #[arg(long, value_name = "SECS", value_parser = parse_interval)]
+    pub interval: Option<f64>,
     /// exit after this many reports
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
     /// one JSON object per report instead of a table
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What flags and config file say together.
+struct Settings {
+    iface: Item,
+    direction: Directions,
+    interval: f64,
+}
+
+impl Settings {
+    fn read(args: &MonitorArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.monitor, SUBCOMMAND)?;
+        let iface = config::require(
+            args.iface.as_ref(),
+            "-i",
+            config.as_ref(),
+            section.map(|s| &s.interface),
+            "interface",
+            SUBCOMMAND,
+        )?;
+        let interval = match (args.interval, section.and_then(|s| s.interval.as_ref())) {
+            (Some(secs), _) => secs,
+            (None, Some(secs)) => parse_interval(&secs.get_ref().to_string()).map_err(|problem| {
+                let config = config.as_ref().expect("a section comes from a file");
+                anyhow::anyhow!("{}: interval {problem}", config.at(secs.span()))
+            })?,
+            (None, None) => 1.0,
+        };
+        Ok(Self {
+            iface,
+            direction: args
+                .direction
+                .or(section.and_then(|s| s.direction))
+                .unwrap_or(Directions::Both),
+            interval,
+        })
+    }
 }
 
 fn parse_interval(text: &str) -> Result<f64, String> {
@@ -145,7 +189,8 @@ pub fn read_flows(map: &impl MapCore) -> Result<HashMap<Flow, Counters>> {
 }
 
 pub fn run(args: &MonitorArgs) -> Result<()> {
-    let iface = Interface::by_name(&args.iface)?;
+    let mut settings = Settings::read(args)?;
+    let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     if args.count == Some(0) {
         bail!("--count 0 would report nothing; give at least 1");
     }
@@ -155,8 +200,13 @@ pub fn run(args: &MonitorArgs) -> Result<()> {
         .context("opening the monitor programs")?
         .load()
         .context("loading the monitor programs")?;
+    let map = MapHandle::try_from(&skel.maps.monitor_flows).context("flow table handle")?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || {
+        let map = MapHandle::try_from(&skel.maps.monitor_flows)?;
+        Ok(Arc::new(move || Ok(flow_families(&read_flows(&map)?))) as metrics::Source)
+    })?;
     let mut attachments = Vec::new();
-    for direction in args.direction.tc() {
+    for direction in settings.direction.tc() {
         let prog = match direction {
             TcDirection::Ingress => &skel.progs.monitor_ingress,
             TcDirection::Egress => &skel.progs.monitor_egress,
@@ -164,18 +214,37 @@ pub fn run(args: &MonitorArgs) -> Result<()> {
         attachments.push(TcxAttachment::attach(prog, &iface, direction)?);
     }
     let shutdown = Shutdown::install()?;
-    let sides: Vec<&str> = args.direction.tc().iter().map(|d| d.name()).collect();
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
+    let sides: Vec<&str> = settings.direction.tc().iter().map(|d| d.name()).collect();
     run::announce_ready(
         SUBCOMMAND,
-        &format!("{} {} every {}s", iface.name, sides.join("+"), args.interval),
+        &format!("{} {} every {}s", iface.name, sides.join("+"), settings.interval),
     );
 
-    let map = MapHandle::try_from(&skel.maps.monitor_flows).context("flow table handle")?;
-    let interval = Duration::from_secs_f64(args.interval);
     let mut previous: HashMap<Flow, Counters> = HashMap::new();
     let mut last = Instant::now();
+    let mut next_report = Instant::now() + Duration::from_secs_f64(settings.interval);
     let mut reports = 0;
-    while !shutdown.wait_timeout(interval) {
+    loop {
+        match shutdown.next_timeout(next_report.saturating_duration_since(Instant::now())) {
+            Some(run::Request::Stop) => break,
+            Some(run::Request::Reload) => {
+                let outcome = Settings::read(args).and_then(|new| {
+                    if new.iface.text != iface.name || new.direction != settings.direction {
+                        bail!("the interface or direction changed; that needs a restart");
+                    }
+                    next_report = Instant::now() + Duration::from_secs_f64(new.interval);
+                    settings = new;
+                    Ok(format!("every {}s", settings.interval))
+                });
+                run::log_reload(SUBCOMMAND, outcome);
+                continue;
+            }
+            None => {}
+        }
+        next_report = Instant::now() + Duration::from_secs_f64(settings.interval);
         let flows = read_flows(&map)?;
         let elapsed = last.elapsed().as_secs_f64();
         last = Instant::now();
@@ -193,6 +262,36 @@ pub fn run(args: &MonitorArgs) -> Result<()> {
     drop(attachments);
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// Metrics of the flow table: flows, packets and bytes by direction and protocol.
+fn flow_families(flows: &HashMap<Flow, Counters>) -> Vec<metrics::Family> {
+    let mut totals: std::collections::BTreeMap<(&str, String), (u64, Counters)> = Default::default();
+    for (flow, counters) in flows {
+        let entry = totals.entry((flow.direction, flow.proto_name())).or_default();
+        entry.0 += 1;
+        entry.1.packets += counters.packets;
+        entry.1.bytes += counters.bytes;
+    }
+    let mut count = metrics::Family::gauge(
+        "ebpf_net_monitor_flows",
+        "flows in the table, by direction and protocol",
+    );
+    let mut packets = metrics::Family::gauge(
+        "ebpf_net_monitor_packets",
+        "packets of the flows in the table (a gauge: evicted flows leave it)",
+    );
+    let mut bytes = metrics::Family::gauge(
+        "ebpf_net_monitor_bytes",
+        "bytes of the flows in the table (a gauge: evicted flows leave it)",
+    );
+    for ((direction, proto), (flows, counters)) in &totals {
+        let labels = [("direction", *direction), ("proto", proto.as_str())];
+        count.add(&labels, *flows);
+        packets.add(&labels, counters.packets);
+        bytes.add(&labels, counters.bytes);
+    }
+    vec![count, packets, bytes]
 }
 
 fn sorted_by_bytes(flows: &HashMap<Flow, Counters>) -> Vec<(&Flow, &Counters)> {

@@ -1,9 +1,10 @@
 //! `ebpf-net proxy`: transparent destination rewriting at tc. Egress sends packets for FROM
 //! to TO (re-routed, MACs rewritten); ingress makes TO's replies come from FROM, per flow.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
@@ -12,7 +13,10 @@ use serde_json::{json, Value};
 
 use crate::addr::Interface;
 use crate::attach::{self, TcDirection, TcxAttachment};
+use crate::config::{self, ConfigFile, Item, RunOptions};
+use crate::instance::Instance;
 use crate::maps::{self, as_bytes};
+use crate::metrics;
 use crate::pin::PinDir;
 use crate::run::{self, Shutdown};
 use crate::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
@@ -35,13 +39,48 @@ unsafe impl plain::Plain for proxy_stats {}
 pub struct ProxyArgs {
     /// interface the clients' traffic leaves by
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
-    pub iface: String,
+    pub iface: Option<String>,
     /// FROM_IP:PORT=TO_IP:PORT, repeatable; IPv6 in brackets: [2001:db8::1]:80=[2001:db8::2]:8080
-    #[arg(long = "map", value_name = "FROM=TO", required = true)]
+    #[arg(long = "map", value_name = "FROM=TO")]
     pub maps: Vec<String>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/proxy/, print ready and exit; run again to update rules in place
     #[arg(long)]
     pub persist: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+/// What flags and config file say together.
+struct Settings {
+    iface: Item,
+    rules: Vec<Rule>,
+}
+
+impl Settings {
+    fn read(args: &ProxyArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.proxy, SUBCOMMAND)?;
+        let iface = config::require(
+            args.iface.as_ref(),
+            "-i",
+            config.as_ref(),
+            section.map(|s| &s.interface),
+            "interface",
+            SUBCOMMAND,
+        )?;
+        let from_file = config.as_ref().zip(section).map(|(c, s)| c.rules(&s.map));
+        let items = config::entries(
+            Item::flags("--map", &args.maps),
+            from_file.unwrap_or_default(),
+            "rules",
+            "--map",
+            "proxy.map",
+        )?;
+        Ok(Self {
+            iface,
+            rules: parse_rule_items(&items)?,
+        })
+    }
 }
 
 /// One `--map`: TCP and UDP packets to `from` go to `to`.
@@ -51,39 +90,48 @@ pub struct Rule {
     pub to: SocketAddr,
 }
 
-fn parse_endpoint(rule: &str, text: &str) -> Result<SocketAddr> {
-    let addr: SocketAddr = text.parse().with_context(|| {
-        format!("--map {rule}: '{text}' is not IP:PORT (IPv6 goes in brackets: [2001:db8::1]:80)")
-    })?;
+fn parse_endpoint(text: &str) -> Result<SocketAddr> {
+    let addr: SocketAddr = text
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("'{text}' is not IP:PORT (IPv6 goes in brackets: [2001:db8::1]:80)"))?;
     if addr.port() == 0 {
-        bail!("--map {rule}: port 0 in '{text}'");
+        bail!("port 0 in '{text}'");
     }
     if addr.ip().is_unspecified() || addr.ip().is_multicast() {
-        bail!("--map {rule}: '{}' is not a unicast address", addr.ip());
+        bail!("'{}' is not a unicast address", addr.ip());
     }
     Ok(addr)
 }
 
+fn parse_rule(text: &str) -> Result<Rule> {
+    let (from, to) = text.split_once('=').context("expected FROM_IP:PORT=TO_IP:PORT")?;
+    let rule = Rule {
+        from: parse_endpoint(from)?,
+        to: parse_endpoint(to)?,
+    };
+    if rule.from.is_ipv4() != rule.to.is_ipv4() {
+        bail!("FROM and TO are of different address families");
+    }
+    if rule.from == rule.to {
+        bail!("FROM and TO are the same");
+    }
+    Ok(rule)
+}
+
 /// Parses and checks every `--map`: one family per rule, FROM never twice, FROM != TO.
 pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
-    let mut seen = HashSet::new();
+    parse_rule_items(&Item::flags("--map", maps))
+}
+
+/// Parses rules from flags and a config file, each error naming the flag or file line.
+pub fn parse_rule_items(items: &[Item]) -> Result<Vec<Rule>> {
+    let mut seen = HashMap::new();
     let mut rules = Vec::new();
-    for text in maps {
-        let (from, to) = text
-            .split_once('=')
-            .with_context(|| format!("--map {text}: expected FROM_IP:PORT=TO_IP:PORT"))?;
-        let rule = Rule {
-            from: parse_endpoint(text, from)?,
-            to: parse_endpoint(text, to)?,
-        };
-        if rule.from.is_ipv4() != rule.to.is_ipv4() {
-            bail!("--map {text}: FROM and TO are of different address families");
-        }
-        if rule.from == rule.to {
-            bail!("--map {text}: FROM and TO are the same");
-        }
-        if !seen.insert(rule.from) {
-            bail!("--map {text}: FROM {} is mapped twice", rule.from);
+    for item in items {
+        let rule = parse_rule(&item.text).map_err(|err| item.fail(err))?;
+        if let Some(first) = seen.insert(rule.from, &item.origin) {
+            return Err(item.fail(format!("FROM {} is mapped twice (also at {first})", rule.from)));
         }
         rules.push(rule);
     }
@@ -194,11 +242,15 @@ fn describe_rules(rules: &[Rule]) -> String {
 }
 
 pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
-    let rules = parse_rules(&args.maps)?;
-    let iface = Interface::by_name(&args.iface)?;
+    let Settings { iface, mut rules } = Settings::read(args)?;
+    let iface = Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
     if args.persist {
+        if args.run.metrics.is_some() {
+            bail!("--metrics needs a foreground run; --persist exits at once");
+        }
         return persist(&rules, &iface, &pins);
     }
     if pins.exists() {
@@ -210,19 +262,82 @@ pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
     }
     let mut object = MaybeUninit::uninit();
     let skel = load_with_rules(&mut object, &rules)?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
     let attachments = [
         TcxAttachment::attach(&skel.progs.proxy_egress, &iface, TcDirection::Egress)?,
         TcxAttachment::attach(&skel.progs.proxy_ingress, &iface, TcDirection::Ingress)?,
     ];
     let shutdown = Shutdown::install()?;
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
     run::announce_ready(SUBCOMMAND, &format!("{}: {}", iface.name, describe_rules(&rules)));
-    shutdown.wait();
+    shutdown.serve(SUBCOMMAND, || {
+        let new = Settings::read(args)?;
+        if new.iface.text != iface.name {
+            bail!(
+                "the interface changed ({} -> {}); that needs a restart",
+                iface.name,
+                new.iface.text
+            );
+        }
+        sync_rules(&skel.maps.proxy_rules, &skel.maps.proxy_stats, &new.rules)?;
+        rules = new.rules;
+        Ok(describe_rules(&rules))
+    });
     drop(attachments);
     for entry in rule_report(&skel.maps.proxy_rules, &skel.maps.proxy_stats)? {
         eprintln!("{SUBCOMMAND}: {}", summarize_rule(&entry));
     }
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// Metrics read at each scrape: per-rule counters, rewrites by direction, tracked flows.
+fn metrics_source(skel: &ProxySkel<'_>) -> Result<metrics::Source> {
+    let rules_map = MapHandle::try_from(&skel.maps.proxy_rules)?;
+    let stats_map = MapHandle::try_from(&skel.maps.proxy_stats)?;
+    let flows_map = MapHandle::try_from(&skel.maps.proxy_flows)?;
+    Ok(Arc::new(move || {
+        let report = rule_report(&rules_map, &stats_map)?;
+        let fields = [
+            ("packets", "client packets to FROM sent to TO"),
+            ("bytes", "bytes of those packets"),
+            ("replies", "reply packets from TO made to come from FROM"),
+            ("reply_bytes", "bytes of those replies"),
+            ("rerouted", "packets whose next hop changed with the destination"),
+        ];
+        let mut families = Vec::new();
+        let (mut out, mut back) = (0, 0);
+        for (field, help) in fields {
+            let mut family = metrics::Family::counter(&format!("ebpf_net_proxy_rule_{field}"), help);
+            for rule in &report {
+                let value = rule[field].as_u64().unwrap_or(0);
+                match field {
+                    "packets" => out += value,
+                    "replies" => back += value,
+                    _ => {}
+                }
+                family.add(
+                    &[
+                        ("from", rule["from"].as_str().unwrap_or_default()),
+                        ("to", rule["to"].as_str().unwrap_or_default()),
+                    ],
+                    value,
+                );
+            }
+            families.push(family);
+        }
+        families.push(metrics::rewrites(
+            SUBCOMMAND,
+            &[("egress", out), ("ingress", back)],
+        ));
+        let mut flows =
+            metrics::Family::gauge("ebpf_net_proxy_flows", "flows whose replies are translated back");
+        flows.add(&[], flows_map.keys().count() as u64);
+        families.push(flows);
+        Ok(families)
+    }))
 }
 
 fn persist(rules: &[Rule], iface: &Interface, pins: &PinDir) -> Result<()> {

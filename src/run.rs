@@ -1,47 +1,87 @@
-//! Foreground lifecycle: announce `ready`, wait for SIGINT or SIGTERM.
+//! Foreground lifecycle: announce `ready`, then wait for SIGINT or SIGTERM (stop) and
+//! SIGHUP (reload the configuration).
 
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// The line tests and scripts wait for: every program attached, every map filled.
 pub fn announce_ready(subcommand: &str, what: &str) {
     eprintln!("{subcommand}: ready: {what}");
 }
 
-/// SIGINT or SIGTERM, delivered as a message so a run can also wake on a timer.
+/// What a signal asks a foreground run to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGINT or SIGTERM: detach and exit.
+    Stop,
+    /// SIGHUP: re-read the configuration and apply the difference.
+    Reload,
+}
+
+/// Signals, delivered as messages so a run can also wake on a timer.
 pub struct Shutdown {
-    signals: mpsc::Receiver<()>,
+    requests: mpsc::Receiver<Request>,
 }
 
 impl Shutdown {
-    /// Installs the handler; once per process.
+    /// Installs the handlers; once per process.
     pub fn install() -> Result<Self> {
-        let (tx, signals) = mpsc::channel();
-        ctrlc::set_handler(move || {
-            let _ = tx.send(());
-        })
-        .context("installing the SIGINT/SIGTERM handler")?;
-        Ok(Self { signals })
+        let (tx, requests) = mpsc::channel();
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+            .context("installing the SIGINT/SIGTERM/SIGHUP handlers")?;
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let request = if signal == SIGHUP {
+                        Request::Reload
+                    } else {
+                        Request::Stop
+                    };
+                    if tx.send(request).is_err() {
+                        break;
+                    }
+                }
+            })
+            .context("starting the signal thread")?;
+        Ok(Self { requests })
     }
 
-    /// Blocks until a signal.
+    /// Blocks until a signal asks to stop; SIGHUP is ignored (for runs with nothing to reload).
     pub fn wait(&self) {
-        let _ = self.signals.recv();
+        while self.next() == Request::Reload {}
     }
 
-    /// Sleeps up to `timeout`; true when a signal cut it short.
-    pub fn wait_timeout(&self, timeout: Duration) -> bool {
-        !matches!(
-            self.signals.recv_timeout(timeout),
-            Err(mpsc::RecvTimeoutError::Timeout)
-        )
+    /// Blocks until the next signal.
+    pub fn next(&self) -> Request {
+        self.requests.recv().unwrap_or(Request::Stop)
+    }
+
+    /// Sleeps up to `timeout`; the signal that cut it short, if any.
+    pub fn next_timeout(&self, timeout: Duration) -> Option<Request> {
+        match self.requests.recv_timeout(timeout) {
+            Ok(request) => Some(request),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => Some(Request::Stop),
+        }
+    }
+
+    /// Serves signals until one asks to stop: each SIGHUP runs `reload`, whose outcome is
+    /// logged in one line; a failed reload keeps what runs.
+    pub fn serve(&self, subcommand: &str, mut reload: impl FnMut() -> Result<String>) {
+        while self.next() == Request::Reload {
+            log_reload(subcommand, reload());
+        }
     }
 }
 
-/// Blocks until SIGINT or SIGTERM; attachments owned by the caller detach as it unwinds.
-pub fn wait_for_shutdown() -> Result<()> {
-    Shutdown::install()?.wait();
-    Ok(())
+/// The one line a reload leaves in the log.
+pub fn log_reload(subcommand: &str, outcome: Result<String>) {
+    match outcome {
+        Ok(what) => eprintln!("{subcommand}: reloaded: {what}"),
+        Err(err) => eprintln!("{subcommand}: reload failed, kept the running configuration: {err:#}"),
+    }
 }

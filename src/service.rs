@@ -2,7 +2,7 @@
 //! parsing, and the service tables of include/service.h, kept in sync with what the user
 //! asked for without a moment where a VIP is missing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
+use crate::config::Item;
 use crate::maps::{self, as_bytes};
 use crate::pin::PinDir;
 use crate::skel::sock_xlate::types::{service_endpoint, service_range};
@@ -44,70 +45,72 @@ pub struct Limits {
     pub backends: usize,
 }
 
-fn parse_endpoint(service: &str, what: &str, text: &str) -> Result<SocketAddr> {
-    let addr: SocketAddr = text.trim().parse().with_context(|| {
-        format!(
-            "--service {service}: {what} '{text}' is not IP:PORT (IPv6 goes in brackets: [2001:db8::1]:80)"
-        )
+fn parse_endpoint(what: &str, text: &str) -> Result<SocketAddr> {
+    let addr: SocketAddr = text.trim().parse().map_err(|_| {
+        anyhow::anyhow!("{what} '{text}' is not IP:PORT (IPv6 goes in brackets: [2001:db8::1]:80)")
     })?;
     if addr.port() == 0 {
-        bail!("--service {service}: {what} '{text}' has port 0");
+        bail!("{what} '{text}' has port 0");
     }
     let ip = addr.ip();
     if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() || ip == std::net::Ipv4Addr::BROADCAST {
-        bail!("--service {service}: {what} '{ip}' is not a unicast address other nodes can reach");
+        bail!("{what} '{ip}' is not a unicast address other nodes can reach");
     }
     Ok(addr)
 }
 
-/// Parses one `--service`: VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], one address family,
-/// at least one backend, none twice.
+/// Parses one service in the `--service` syntax: VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], one
+/// address family, at least one backend, none twice. Errors do not say where it came from.
 pub fn parse_service(text: &str) -> Result<Service> {
     let (vip, backends) = text
         .split_once('=')
-        .with_context(|| format!("--service {text}: expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]"))?;
-    let vip = parse_endpoint(text, "VIP", vip)?;
+        .context("expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]")?;
+    let vip = parse_endpoint("VIP", vip)?;
     if backends.trim().is_empty() {
-        bail!("--service {text}: no backends");
+        bail!("no backends");
     }
     let mut seen = HashSet::new();
     let mut list = Vec::new();
     for backend in backends.split(',') {
         if backend.trim().is_empty() {
-            bail!("--service {text}: empty backend in the list");
+            bail!("empty backend in the list");
         }
-        let backend = parse_endpoint(text, "backend", backend)?;
+        let backend = parse_endpoint("backend", backend)?;
         if backend.is_ipv4() != vip.is_ipv4() {
-            bail!("--service {text}: backend {backend} is not of the VIP's address family (one family per service)");
+            bail!("backend {backend} is not of the VIP's address family (one family per service)");
         }
         if backend == vip {
-            bail!("--service {text}: the VIP is its own backend");
+            bail!("the VIP is its own backend");
         }
         if !seen.insert(backend) {
-            bail!("--service {text}: backend {backend} is listed twice");
+            bail!("backend {backend} is listed twice");
         }
         list.push(backend);
     }
     Ok(Service { vip, backends: list })
 }
 
-/// Parses every `--service` and checks them together against the table limits.
+/// Parses `--service` flags and checks them together against the table limits.
 pub fn parse_services(texts: &[String], limits: Limits) -> Result<Vec<Service>> {
-    let mut vips = HashSet::new();
-    let mut services = Vec::with_capacity(texts.len());
+    parse_service_items(&Item::flags("--service", texts), limits)
+}
+
+/// Parses services from flags and a config file, each error naming the flag or file line.
+pub fn parse_service_items(items: &[Item], limits: Limits) -> Result<Vec<Service>> {
+    let mut vips = HashMap::new();
+    let mut services = Vec::with_capacity(items.len());
     let mut total = 0;
-    for text in texts {
-        let service = parse_service(text)?;
-        if !vips.insert(service.vip) {
-            bail!("--service {text}: VIP {} is given twice", service.vip);
+    for item in items {
+        let service = parse_service(&item.text).map_err(|err| item.fail(err))?;
+        if let Some(first) = vips.insert(service.vip, &item.origin) {
+            return Err(item.fail(format!("VIP {} is given twice (also at {first})", service.vip)));
         }
         if service.backends.len() > limits.backends_per_service {
-            bail!(
-                "--service {}: {} backends; at most {} per service",
-                service.vip,
+            return Err(item.fail(format!(
+                "{} backends; at most {} per service",
                 service.backends.len(),
                 limits.backends_per_service
-            );
+            )));
         }
         total += service.backends.len();
         services.push(service);

@@ -6,6 +6,7 @@ use serde_json::{json, Value};
 
 use crate::addr::Interface;
 use crate::attach::{self, PinnedLink, TcDirection};
+use crate::instance::{self, RUN_ROOT};
 use crate::pin::{PinDir, PIN_ROOT};
 use crate::{clusterip, ipv6_hp, lb, monitor, netns, proxy, xdp_lb};
 
@@ -135,8 +136,27 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
         }));
     }
 
+    let runs: Vec<Value> = instance::all()
+        .iter()
+        .map(|claim| {
+            json!({
+                "subcommand": claim.record.subcommand,
+                "netns": claim.record.netns,
+                "target": claim.record.target,
+                "target_display": claim.target_display(),
+                "pid": claim.record.pid,
+                "mode": claim.record.mode,
+                "command": claim.record.command,
+                "left": claim.record.left,
+                "state": if claim.alive { "running" } else { "orphaned" },
+                "description": claim.describe(),
+            })
+        })
+        .collect();
+
     if json_output {
-        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached });
+        let report =
+            json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -155,6 +175,18 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                 entry["netns"].as_str().unwrap_or_default(),
                 entry["target_display"].as_str().unwrap_or_default(),
                 entry["state"].as_str().unwrap_or_default(),
+            );
+        }
+    }
+    if !runs.is_empty() {
+        println!("runs (all namespaces, {RUN_ROOT}):");
+        for run in &runs {
+            println!(
+                "  {:<9} netns {:<12} {:<12} {}",
+                run["subcommand"].as_str().unwrap_or_default(),
+                run["netns"].as_str().unwrap_or_default(),
+                run["target_display"].as_str().unwrap_or_default(),
+                run["description"].as_str().unwrap_or_default(),
             );
         }
     }
@@ -207,8 +239,34 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             }
         }
     }
+    for claim in instance::all() {
+        let record = &claim.record;
+        if claim.alive
+            || (!all && record.netns != netns_key)
+            || subcommand.is_some_and(|name| name != record.subcommand)
+            || target.is_some_and(|name| name != record.target)
+        {
+            continue;
+        }
+        if !claim.remove()? {
+            continue;
+        }
+        eprintln!(
+            "down: removed the record of a killed {} run (pid {}) on {} (netns {})",
+            record.subcommand,
+            record.pid,
+            claim.target_display(),
+            record.netns
+        );
+        removed += 1;
+        if record.subcommand == lb::SUBCOMMAND && record.netns == netns_key {
+            for line in lb::release_namespace(netns_key)? {
+                eprintln!("down: {line}");
+            }
+        }
+    }
     if removed == 0 {
-        eprintln!("down: nothing persisted to remove in network namespace {netns_key}");
+        eprintln!("down: nothing persisted or left behind to remove in network namespace {netns_key}");
     }
     Ok(())
 }

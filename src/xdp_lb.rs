@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -15,7 +16,10 @@ use serde_json::{json, Value};
 
 use crate::addr::{ip_from_words, ip_to_words, Interface};
 use crate::attach::{self, PinnedLink, XdpAttachment, XdpMode};
+use crate::config::{self, ConfigFile, Item, RunOptions};
+use crate::instance::Instance;
 use crate::maps::{self, as_bytes};
+use crate::metrics;
 use crate::pin::PinDir;
 use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
 use crate::skel::xdp_lb::types::{
@@ -64,14 +68,14 @@ crate::endpoint_conversions!(service_endpoint);
 pub struct XdpLbArgs {
     /// the interface clients, this node and the backends share; packets leave where they came in
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
-    pub iface: String,
+    pub iface: Option<String>,
     /// VIP:PORT=BACKEND:PORT[@MAC][,BACKEND:PORT[@MAC]...], repeatable; TCP and UDP; IPv6 in
     /// brackets; a backend's MAC is looked up (and resolved) unless given
-    #[arg(long = "service", value_name = "VIP=BACKENDS", required = true)]
+    #[arg(long = "service", value_name = "VIP=BACKENDS")]
     pub services: Vec<String>,
-    /// XDP mode
-    #[arg(long, value_enum, default_value = "auto")]
-    pub mode: XdpMode,
+    /// XDP mode [default: auto]
+    #[arg(long, value_enum)]
+    pub mode: Option<XdpMode>,
     /// print events as JSON lines
     #[arg(long)]
     pub json: bool,
@@ -79,12 +83,75 @@ pub struct XdpLbArgs {
     #[arg(long)]
     pub trace: bool,
     /// entries of the flow tables (LRU: the least recently used flow makes room)
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_FLOWS, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
-    pub max_flows: u32,
+    /// [default: 262144]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(MAX_FLOWS_RANGE))]
+    pub max_flows: Option<u32>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/xdp-lb/, print ready and exit; run again to
     /// update the services in place (no events: nobody reads them)
     #[arg(long, conflicts_with_all = ["json", "trace"])]
     pub persist: bool,
+    #[command(flatten)]
+    pub run: RunOptions,
+}
+
+const MAX_FLOWS_RANGE: std::ops::RangeInclusive<i64> = 16..=16_777_216;
+
+/// What flags and config file say together.
+struct Settings {
+    iface: Item,
+    services: Vec<Service>,
+    macs: BackendMacs,
+    mode: XdpMode,
+    max_flows: u32,
+}
+
+impl Settings {
+    fn read(args: &XdpLbArgs) -> Result<Self> {
+        let config = ConfigFile::load(args.run.config.as_deref())?;
+        let section = config::section_of(config.as_ref(), |doc| &doc.xdp_lb, SUBCOMMAND)?;
+        let iface = config::require(
+            args.iface.as_ref(),
+            "-i",
+            config.as_ref(),
+            section.map(|s| &s.interface),
+            "interface",
+            SUBCOMMAND,
+        )?;
+        let from_file = config.as_ref().zip(section).map(|(c, s)| c.services(&s.service));
+        let items = config::entries(
+            Item::flags("--service", &args.services),
+            from_file.unwrap_or_default(),
+            "services",
+            "--service",
+            "xdp-lb.service",
+        )?;
+        let (items, macs) = split_mac_items(&items)?;
+        let max_flows = match (args.max_flows, section.and_then(|s| s.max_flows.as_ref())) {
+            (Some(n), _) => n,
+            (None, Some(n)) => {
+                let value = *n.get_ref();
+                if !MAX_FLOWS_RANGE.contains(&i64::from(value)) {
+                    let config = config.as_ref().expect("a section comes from a file");
+                    bail!(
+                        "{}: max-flows {value} is not in 16..=16777216",
+                        config.at(n.span())
+                    );
+                }
+                value
+            }
+            (None, None) => DEFAULT_MAX_FLOWS,
+        };
+        Ok(Self {
+            iface,
+            services: service::parse_service_items(&items, LIMITS)?,
+            macs,
+            mode: args
+                .mode
+                .or(section.and_then(|s| s.mode))
+                .unwrap_or(XdpMode::Auto),
+            max_flows,
+        })
+    }
 }
 
 /// Where packets to one backend go: this node's address towards it and its next hop's MAC.
@@ -112,11 +179,17 @@ pub type BackendMacs = HashMap<SocketAddr, [u8; 6]>;
 /// Splits `@MAC` off every backend of every `--service`: the plain texts for
 /// [`service::parse_services`] and the MACs named.
 pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, BackendMacs)> {
-    let mut plain = Vec::with_capacity(texts.len());
+    let (items, macs) = split_mac_items(&Item::flags("--service", texts))?;
+    Ok((items.into_iter().map(|item| item.text).collect(), macs))
+}
+
+/// [`split_macs`] of services from flags and a config file, errors naming where each came from.
+pub fn split_mac_items(items: &[Item]) -> Result<(Vec<Item>, BackendMacs)> {
+    let mut plain = Vec::with_capacity(items.len());
     let mut macs = BackendMacs::new();
-    for text in texts {
-        let Some((vip, backends)) = text.split_once('=') else {
-            plain.push(text.clone());
+    for item in items {
+        let Some((vip, backends)) = item.text.split_once('=') else {
+            plain.push(item.clone());
             continue;
         };
         let mut list = Vec::new();
@@ -126,15 +199,18 @@ pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, BackendMacs)> {
                 continue;
             };
             let mac =
-                neigh::parse_mac(mac.trim()).with_context(|| format!("--service {text}: backend {addr}"))?;
+                neigh::parse_mac(mac.trim()).map_err(|err| item.fail(format!("backend {addr}: {err:#}")))?;
             if let Ok(endpoint) = addr.trim().parse::<SocketAddr>() {
                 if macs.insert(endpoint, mac).is_some_and(|other| other != mac) {
-                    bail!("--service {text}: backend {endpoint} is given two different MACs");
+                    return Err(item.fail(format!("backend {endpoint} is given two different MACs")));
                 }
             }
             list.push(addr.to_string());
         }
-        plain.push(format!("{vip}={}", list.join(",")));
+        plain.push(Item {
+            text: format!("{vip}={}", list.join(",")),
+            origin: item.origin.clone(),
+        });
     }
     Ok((plain, macs))
 }
@@ -448,11 +524,14 @@ pub fn format_event(event: &xdp_lb_event, as_json: bool) -> String {
 }
 
 pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
-    let (texts, macs) = split_macs(&args.services)?;
-    let services = service::parse_services(&texts, LIMITS)?;
-    let iface = Interface::by_name(&args.iface)?;
+    let mut settings = Settings::read(args)?;
+    let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
+    let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     refuse_if_attached(&iface, &pins)?;
+    if args.persist && args.run.metrics.is_some() {
+        bail!("--metrics needs a foreground run; --persist exits at once");
+    }
     if !args.persist && pins.exists() {
         bail!(
             "xdp-lb is persisted on {} (see `ebpf-net status`); run `ebpf-net down xdp-lb -i {}` first",
@@ -460,29 +539,37 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
             iface.name
         );
     }
-    let backends = resolve_backends(&services, &macs, &iface)?;
+    let backends = resolve_backends(&settings.services, &settings.macs, &iface)?;
     let ports = port_range()?;
-    check_vips(&services, &backends, ports)?;
+    check_vips(&settings.services, &backends, ports)?;
     let options = Options {
         events: match (args.persist, args.trace) {
             (true, _) => 0,
             (false, false) => 1,
             (false, true) => 2,
         },
-        max_flows: args.max_flows,
+        max_flows: settings.max_flows,
         ports,
         seed: None,
     };
     if args.persist {
-        return persist(&services, &backends, &options, args.mode, &iface, &pins);
+        return persist(
+            &settings.services,
+            &backends,
+            &options,
+            settings.mode,
+            &iface,
+            &pins,
+        );
     }
 
     let mut object = MaybeUninit::uninit();
     let skel = load(&mut object, None, &options)?;
     let tables = Tables::of(&skel)?;
-    sync(&tables, &services, &backends)?;
-    let attachment = XdpAttachment::attach(&skel.progs.xdp_lb, &iface, args.mode)?;
-    warn_native_veth(&iface, args.mode);
+    sync(&tables, &settings.services, &backends)?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let attachment = XdpAttachment::attach(&skel.progs.xdp_lb, &iface, settings.mode)?;
+    warn_native_veth(&iface, settings.mode);
     let shutdown = run::Shutdown::install()?;
     let as_json = args.json;
     let mut builder = RingBufferBuilder::new();
@@ -493,17 +580,38 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
         0
     })?;
     let events = builder.build()?;
+    if let Some(addr) = metrics {
+        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    }
     run::announce_ready(
         SUBCOMMAND,
         &format!(
             "{} ({} XDP): {}; source ports {}-{}",
             iface.name,
             attachment.mode.name(),
-            service::describe(&services),
+            service::describe(&settings.services),
             ports.0,
             u32::from(ports.0) + u32::from(ports.1) - 1
         ),
     );
+    let mut reload = || -> Result<String> {
+        let new = Settings::read(args)?;
+        if new.iface.text != iface.name {
+            bail!(
+                "the interface changed ({} -> {}); that needs a restart",
+                iface.name,
+                new.iface.text
+            );
+        }
+        if new.mode != settings.mode || new.max_flows != settings.max_flows {
+            bail!("mode or max-flows changed; that needs a restart");
+        }
+        let backends = resolve_backends(&new.services, &new.macs, &iface)?;
+        check_vips(&new.services, &backends, ports)?;
+        let report = sync(&tables, &new.services, &backends)?;
+        settings = new;
+        Ok(format!("{} ({report})", service::describe(&settings.services)))
+    };
     let mut lost_reported = 0;
     let mut next_check = Instant::now();
     loop {
@@ -514,8 +622,10 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
                 return Err(err).context("reading events");
             }
         }
-        if shutdown.wait_timeout(Duration::ZERO) {
-            break;
+        match shutdown.next_timeout(Duration::ZERO) {
+            Some(run::Request::Stop) => break,
+            Some(run::Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
+            None => {}
         }
         if Instant::now() >= next_check {
             next_check = Instant::now() + Duration::from_secs(1);
@@ -542,6 +652,59 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     eprintln!("{SUBCOMMAND}: {}", describe_counters(&totals));
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// Metrics read at each scrape: packets, bytes and new flows per backend and service, both
+/// directions translated, the event and error counters, and the flows in the table.
+fn metrics_source(skel: &XdpLbSkel<'_>) -> Result<metrics::Source> {
+    let tables = Tables::of(skel)?;
+    let counters_map = MapHandle::try_from(&skel.maps.xdp_lb_counters)?;
+    let flows_map = MapHandle::try_from(&skel.maps.xdp_lb_flows)?;
+    Ok(Arc::new(move || {
+        let report = service_report(&tables.services)?;
+        let mut families = metrics::service_families(
+            SUBCOMMAND,
+            &report,
+            &[
+                ("new_flows", "flows sent to the backend"),
+                ("packets_in", "client packets sent to the backend"),
+                ("bytes_in", "bytes of those packets"),
+                ("packets_out", "backend packets sent back to the client"),
+                ("bytes_out", "bytes of those packets"),
+            ],
+        );
+        let totals = with_service_totals(report);
+        let sum = |field: &str| -> u64 {
+            totals
+                .iter()
+                .map(|svc| svc["totals"][field].as_u64().unwrap_or(0))
+                .sum()
+        };
+        families.push(metrics::rewrites(
+            SUBCOMMAND,
+            &[("in", sum("packets_in")), ("out", sum("packets_out"))],
+        ));
+        let t: xdp_lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
+        families.extend(metrics::counter_families(
+            SUBCOMMAND,
+            &[
+                ("new_flows", t.new_flows, false),
+                ("rerouted", t.rerouted, false),
+                ("stale_replies", t.stale_replies, false),
+                ("no_port", t.no_port, true),
+                ("flow_failed", t.flow_failed, true),
+                ("lost_events", t.lost_events, true),
+                ("unattributed", t.unattributed, true),
+            ],
+        ));
+        let mut flows = metrics::Family::gauge(
+            "ebpf_net_xdp_lb_flows",
+            "entries in the flow table (both directions)",
+        );
+        flows.add(&[], flows_map.keys().count() as u64);
+        families.push(flows);
+        Ok(families)
+    }))
 }
 
 fn warn_native_veth(iface: &Interface, mode: XdpMode) {

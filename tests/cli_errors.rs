@@ -64,7 +64,7 @@ fn ipv6_hp_bad_input_fails_cleanly() {
             "must differ",
         ),
         (&["ipv6-hp", "-i", "eth0", "--bogus"], "--bogus"),
-        (&["ipv6-hp"], "--interface"),
+        (&["ipv6-hp"], "no interface: give -i"),
         (&["down", "no-such-datapath"], "no-such-datapath"),
     ];
     for (args, needle) in cases {

@@ -300,7 +300,7 @@ fn a_second_instance_on_the_same_cgroup_is_refused() {
     let output = ebpf_net(&lab.service_args(&cgroup, &lab.backends4));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        !output.status.success() && stderr.contains("already attached"),
+        !output.status.success() && stderr.contains("another ebpf-net clusterip already runs on cgroup"),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");

@@ -494,7 +494,7 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     let second = lab.ebpf_net(&["xdp-lb", "-i", "eth0", "--service", &good]);
     assert!(!second.status.success());
     assert!(
-        String::from_utf8_lossy(&second.stderr).contains("another ebpf-net xdp-lb is already attached"),
+        String::from_utf8_lossy(&second.stderr).contains("another ebpf-net xdp-lb already runs on eth0"),
         "{second:?}"
     );
     drop(first);

@@ -1,0 +1,372 @@
+//! `--config FILE`: a TOML file with one table per datapath. Flags override the file's single
+//! values and add to its lists; every problem is reported as FILE:LINE.
+
+use std::fmt::Display;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::attach::XdpMode;
+use crate::monitor::Directions;
+
+/// Options every datapath takes besides its own.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RunOptions {
+    /// TOML file with this datapath's settings (a `[SUBCOMMAND]` table); flags override its
+    /// single values and add to its lists; SIGHUP re-reads it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// serve Prometheus metrics at http://ADDR:PORT/metrics while running in the foreground
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<String>,
+}
+
+/// The whole file: every datapath's table is checked, whichever subcommand reads it.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Document {
+    pub ipv6_hp: Option<Spanned<Ipv6HpSection>>,
+    pub monitor: Option<Spanned<MonitorSection>>,
+    pub proxy: Option<Spanned<ProxySection>>,
+    pub clusterip: Option<Spanned<ClusteripSection>>,
+    pub lb: Option<Spanned<LbSection>>,
+    pub xdp_lb: Option<Spanned<XdpLbSection>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Ipv6HpSection {
+    pub interface: Option<Spanned<String>>,
+    pub link_local: Option<Spanned<String>>,
+    pub global: Option<Spanned<String>>,
+    pub remove_nft_table: Option<bool>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct MonitorSection {
+    pub interface: Option<Spanned<String>>,
+    pub direction: Option<Directions>,
+    pub interval: Option<Spanned<f64>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ProxySection {
+    pub interface: Option<Spanned<String>>,
+    #[serde(default)]
+    pub map: Vec<Spanned<RuleEntry>>,
+}
+
+/// One `[[proxy.map]]`: what `--map FROM=TO` says.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct RuleEntry {
+    pub from: String,
+    pub to: String,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ClusteripSection {
+    pub cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    pub service: Vec<Spanned<ServiceEntry>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LbSection {
+    pub interface: Option<Spanned<String>>,
+    pub no_snat: Option<bool>,
+    #[serde(default)]
+    pub service: Vec<Spanned<ServiceEntry>>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct XdpLbSection {
+    pub interface: Option<Spanned<String>>,
+    pub mode: Option<XdpMode>,
+    pub max_flows: Option<Spanned<u32>>,
+    #[serde(default)]
+    pub service: Vec<Spanned<ServiceEntry>>,
+}
+
+/// One `[[DATAPATH.service]]`: what `--service VIP=BACKEND,...` says.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEntry {
+    pub vip: String,
+    pub backends: Vec<String>,
+}
+
+/// A list entry in the flags' syntax, with where it came from for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item {
+    pub text: String,
+    pub origin: String,
+}
+
+impl Item {
+    /// Entries given as repeated flags: `--service TEXT`.
+    pub fn flags(flag: &str, texts: &[String]) -> Vec<Item> {
+        texts
+            .iter()
+            .map(|text| Item {
+                text: text.clone(),
+                origin: format!("{flag} {text}"),
+            })
+            .collect()
+    }
+
+    /// Prefixes a problem with where the entry came from.
+    pub fn fail(&self, problem: impl Display) -> anyhow::Error {
+        anyhow!("{}: {problem:#}", self.origin)
+    }
+}
+
+/// A parsed config file, kept with its text to turn byte offsets into line numbers.
+#[derive(Debug)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    text: String,
+    pub doc: Document,
+}
+
+impl ConfigFile {
+    /// Reads and checks the whole file; a syntax or schema error names FILE:LINE:COLUMN.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::parse(path, text)
+    }
+
+    pub fn parse(path: &Path, text: String) -> Result<Self> {
+        match toml::from_str::<Document>(&text) {
+            Ok(doc) => Ok(Self {
+                path: path.to_path_buf(),
+                text,
+                doc,
+            }),
+            Err(err) => {
+                let at = match err.span() {
+                    Some(span) => location(path, &text, span.start, true),
+                    None => path.display().to_string(),
+                };
+                bail!("{at}: {}", err.message().trim())
+            }
+        }
+    }
+
+    /// Reads `path` when given.
+    pub fn load(path: Option<&Path>) -> Result<Option<Self>> {
+        path.map(Self::read).transpose()
+    }
+
+    /// "FILE:LINE" of a value in the file.
+    pub fn at(&self, span: Range<usize>) -> String {
+        location(&self.path, &self.text, span.start, false)
+    }
+
+    /// The datapath's table; a file given to a datapath must say something about it.
+    pub fn section<'a, T>(&self, table: &'a Option<Spanned<T>>, name: &str) -> Result<&'a T> {
+        table
+            .as_ref()
+            .map(Spanned::get_ref)
+            .ok_or_else(|| anyhow!("{}: no [{name}] table", self.path.display()))
+    }
+
+    /// Services of a table as items in the `--service` syntax, each naming its line.
+    pub fn services(&self, entries: &[Spanned<ServiceEntry>]) -> Vec<Item> {
+        entries
+            .iter()
+            .map(|entry| Item {
+                text: format!("{}={}", entry.get_ref().vip, entry.get_ref().backends.join(",")),
+                origin: format!("{}: service {}", self.at(entry.span()), entry.get_ref().vip),
+            })
+            .collect()
+    }
+
+    /// Proxy rules as items in the `--map` syntax, each naming its line.
+    pub fn rules(&self, entries: &[Spanned<RuleEntry>]) -> Vec<Item> {
+        entries
+            .iter()
+            .map(|entry| Item {
+                text: format!("{}={}", entry.get_ref().from, entry.get_ref().to),
+                origin: format!("{}: map {}", self.at(entry.span()), entry.get_ref().from),
+            })
+            .collect()
+    }
+
+    /// A string value as an item, naming its line and key.
+    pub fn item(&self, key: &str, value: &Spanned<String>) -> Item {
+        Item {
+            text: value.get_ref().clone(),
+            origin: format!("{}: {key}", self.at(value.span())),
+        }
+    }
+}
+
+fn location(path: &Path, text: &str, offset: usize, with_column: bool) -> String {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    if with_column {
+        let column = before.len() - before.rfind('\n').map_or(0, |at| at + 1) + 1;
+        format!("{}:{line}:{column}", path.display())
+    } else {
+        format!("{}:{line}", path.display())
+    }
+}
+
+/// This datapath's table of the config file, when a file is given.
+pub fn section_of<'a, T>(
+    config: Option<&'a ConfigFile>,
+    table: impl Fn(&'a Document) -> &'a Option<Spanned<T>>,
+    name: &str,
+) -> Result<Option<&'a T>> {
+    config
+        .map(|config| config.section(table(&config.doc), name))
+        .transpose()
+}
+
+/// A single value: the flag's when given, else the file's, else none.
+pub fn pick(
+    flag: Option<&String>,
+    flag_name: &str,
+    file: Option<(&ConfigFile, &Option<Spanned<String>>, &str)>,
+) -> Option<Item> {
+    if let Some(text) = flag {
+        return Some(Item {
+            text: text.clone(),
+            origin: format!("{flag_name} {text}"),
+        });
+    }
+    let (config, value, key) = file?;
+    value.as_ref().map(|value| config.item(key, value))
+}
+
+/// Like [`pick`], for a value the datapath cannot run without.
+pub fn require(
+    flag: Option<&String>,
+    flag_name: &str,
+    config: Option<&ConfigFile>,
+    value: Option<&Option<Spanned<String>>>,
+    key: &str,
+    table: &str,
+) -> Result<Item> {
+    let file = config.zip(value).map(|(config, value)| (config, value, key));
+    pick(flag, flag_name, file).ok_or_else(|| match config {
+        Some(config) => anyhow!(
+            "no {key}: give {flag_name} or `{key}` in the [{table}] table of {}",
+            config.path.display()
+        ),
+        None => anyhow!("no {key}: give {flag_name} (or --config FILE)"),
+    })
+}
+
+/// The list entries of flags and file together; at least one.
+pub fn entries(
+    flag_items: Vec<Item>,
+    file_items: Vec<Item>,
+    what: &str,
+    flag: &str,
+    table_key: &str,
+) -> Result<Vec<Item>> {
+    let mut items = file_items;
+    items.extend(flag_items);
+    if items.is_empty() {
+        bail!("no {what}: give {flag} or [[{table_key}]] entries in --config FILE");
+    }
+    Ok(items)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ConfigFile> {
+        ConfigFile::parse(Path::new("node.toml"), text.to_string())
+    }
+
+    #[test]
+    fn every_table_parses_and_items_name_their_lines() {
+        let config = parse(
+            "[lb]\ninterface = \"eth0\"\nno-snat = true\n\n[[lb.service]]\nvip = \"10.96.0.10:80\"\nbackends = [\"10.1.0.2:8080\", \"10.1.0.3:8080\"]\n\n[xdp-lb]\nmode = \"generic\"\nmax-flows = 4096\n\n[monitor]\ndirection = \"ingress\"\ninterval = 0.5\n\n[[proxy.map]]\nfrom = \"10.0.0.1:80\"\nto = \"10.0.0.2:8080\"\n",
+        )
+        .unwrap();
+        let lb = config.section(&config.doc.lb, "lb").unwrap();
+        let items = config.services(&lb.service);
+        assert_eq!(items[0].text, "10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080");
+        assert_eq!(items[0].origin, "node.toml:5: service 10.96.0.10:80");
+        assert_eq!(lb.no_snat, Some(true));
+        let xdp = config.section(&config.doc.xdp_lb, "xdp-lb").unwrap();
+        assert_eq!(xdp.mode, Some(XdpMode::Generic));
+        let proxy = config.section(&config.doc.proxy, "proxy").unwrap();
+        assert_eq!(config.rules(&proxy.map)[0].text, "10.0.0.1:80=10.0.0.2:8080");
+        assert!(config.section(&config.doc.clusterip, "clusterip").is_err());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_problem() {
+        for (text, expected) in [
+            (
+                "[lb]\ninterface = \"eth0\"\nbogus = 1\n",
+                "node.toml:3:1: unknown field `bogus`",
+            ),
+            (
+                "[lb]\n[[lb.service]]\nvip = \"10.0.0.1:80\"\n",
+                "node.toml:2:1: missing field `backends`",
+            ),
+            ("[lb\n", "node.toml:1:4:"),
+            (
+                "[xdp-lb]\nmode = \"fast\"\n",
+                "node.toml:2:8: unknown variant `fast`",
+            ),
+            ("[lbb]\n", "node.toml:1:2: unknown field `lbb`"),
+            ("[lb]\nno-snat = \"yes\"\n", "node.toml:2:11: invalid type"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(
+                err.starts_with(expected),
+                "{text:?}: got {err:?}, expected {expected:?}"
+            );
+            assert!(!err.contains('\n'), "one line: {err:?}");
+        }
+    }
+
+    #[test]
+    fn flags_win_over_single_values_and_add_to_lists() {
+        let config = parse("[lb]\ninterface = \"eth0\"\n[[lb.service]]\nvip = \"10.96.0.10:80\"\nbackends = [\"10.1.0.2:80\"]\n").unwrap();
+        let lb = config.section(&config.doc.lb, "lb").unwrap();
+        let flag = "eth1".to_string();
+        let from_flag = require(
+            Some(&flag),
+            "-i",
+            Some(&config),
+            Some(&lb.interface),
+            "interface",
+            "lb",
+        )
+        .unwrap();
+        assert_eq!(from_flag.text, "eth1");
+        let from_file = require(None, "-i", Some(&config), Some(&lb.interface), "interface", "lb").unwrap();
+        assert_eq!(
+            (from_file.text.as_str(), from_file.origin.as_str()),
+            ("eth0", "node.toml:2: interface")
+        );
+        let items = entries(
+            Item::flags("--service", &["10.96.0.11:80=10.1.0.3:80".to_string()]),
+            config.services(&lb.service),
+            "services",
+            "--service",
+            "lb.service",
+        )
+        .unwrap();
+        assert_eq!(items.len(), 2);
+        assert!(entries(vec![], vec![], "services", "--service", "lb.service").is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! `--metrics ADDR:PORT`: Prometheus metrics of a foreground run, read from its per-CPU maps
+//! at every scrape and encoded by prometheus-client.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+
+pub type Labels = Vec<(String, String)>;
+
+/// One metric family as read at a scrape: a name (counters without `_total`, which the
+/// encoder adds), its help, and one value per label set.
+#[derive(Debug, Clone)]
+pub struct Family {
+    pub name: String,
+    pub help: String,
+    pub gauge: bool,
+    pub samples: Vec<(Labels, u64)>,
+}
+
+impl Family {
+    pub fn counter(name: &str, help: &str) -> Self {
+        Self {
+            name: name.into(),
+            help: help.into(),
+            gauge: false,
+            samples: Vec::new(),
+        }
+    }
+
+    pub fn gauge(name: &str, help: &str) -> Self {
+        Self {
+            gauge: true,
+            ..Self::counter(name, help)
+        }
+    }
+
+    pub fn add(&mut self, labels: &[(&str, &str)], value: u64) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.samples.push((labels, value));
+    }
+}
+
+/// Reads every family; runs on the exporter's thread at each scrape.
+pub type Source = Arc<dyn Fn() -> Result<Vec<Family>> + Send + Sync>;
+
+struct Scrape {
+    families: Vec<Family>,
+}
+
+impl std::fmt::Debug for Scrape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Scrape({} families)", self.families.len())
+    }
+}
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for family in &self.families {
+            let kind = if family.gauge {
+                MetricType::Gauge
+            } else {
+                MetricType::Counter
+            };
+            let mut metric = encoder.encode_descriptor(&family.name, &family.help, None, kind)?;
+            for (labels, value) in &family.samples {
+                let sample = metric.encode_family(labels)?;
+                if family.gauge {
+                    ConstGauge::new(*value as i64).encode(sample)?;
+                } else {
+                    ConstCounter::new(*value).encode(sample)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The whole exposition of one scrape, in the OpenMetrics text format.
+pub fn render(families: Vec<Family>) -> Result<String> {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Scrape { families }));
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &registry).context("encoding metrics")?;
+    Ok(text)
+}
+
+/// Parses `--metrics ADDR:PORT` (IPv6 in brackets).
+pub fn parse_listen(text: &str) -> Result<SocketAddr> {
+    text.parse().map_err(|_| {
+        anyhow::anyhow!("--metrics {text}: expected ADDR:PORT, e.g. 127.0.0.1:9465 or [::1]:9465")
+    })
+}
+
+/// The HTTP endpoint; it serves until the process exits.
+pub struct Exporter {
+    pub addr: SocketAddr,
+}
+
+impl Exporter {
+    /// Binds first (so a taken port fails before anything is attached), then serves
+    /// `GET /metrics` on a thread of its own, one connection at a time.
+    pub fn bind(text: &str) -> Result<(Self, TcpListener)> {
+        let addr = parse_listen(text)?;
+        let listener = TcpListener::bind(addr).with_context(|| format!("--metrics {text}: cannot listen"))?;
+        let addr = listener.local_addr()?;
+        Ok((Self { addr }, listener))
+    }
+
+    pub fn start(listener: TcpListener, source: Source) -> Result<()> {
+        std::thread::Builder::new()
+            .name("metrics".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    // a client that misbehaves costs one connection, never the datapath
+                    let _ = answer(stream, &source);
+                }
+            })
+            .context("starting the metrics thread")?;
+        Ok(())
+    }
+}
+
+fn answer(mut stream: TcpStream, source: &Source) -> Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = String::new();
+    reader.read_line(&mut request)?;
+    // the headers are read and ignored; bounded so a client cannot make us buffer forever
+    for _ in 0..100 {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header.trim().is_empty() {
+            break;
+        }
+    }
+    let mut parts = request.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let (status, content_type, body) = if method != "GET" {
+        ("405 Method Not Allowed", "text/plain", "only GET\n".to_string())
+    } else if path != "/metrics" && !path.starts_with("/metrics?") {
+        (
+            "404 Not Found",
+            "text/plain",
+            "metrics are at /metrics\n".to_string(),
+        )
+    } else {
+        match source().and_then(render) {
+            Ok(text) => (
+                "200 OK",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            ),
+            Err(err) => ("500 Internal Server Error", "text/plain", format!("{err:#}\n")),
+        }
+    };
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    Ok(())
+}
+
+/// Starts the exporter when `--metrics` is given and says where it listens; refuses it for
+/// `--persist`, which exits at once.
+pub fn serve(
+    listen: Option<&String>,
+    persist: bool,
+    source: impl FnOnce() -> Result<Source>,
+) -> Result<Option<SocketAddr>> {
+    let Some(text) = listen else {
+        return Ok(None);
+    };
+    if persist {
+        bail!("--metrics needs a foreground run; --persist exits at once");
+    }
+    let (exporter, listener) = Exporter::bind(text)?;
+    Exporter::start(listener, source()?)?;
+    Ok(Some(exporter.addr))
+}
+
+/// Per-backend and per-service families of a service report (`service::service_report`):
+/// every numeric backend field F becomes `ebpf_net_backend_F_total` and
+/// `ebpf_net_service_F_total`.
+pub fn service_families(datapath: &str, report: &[Value], help: &[(&str, &str)]) -> Vec<Family> {
+    let mut families = Vec::new();
+    for (field, what) in help {
+        let mut backend = Family::counter(
+            &format!("ebpf_net_backend_{field}"),
+            &format!("{what}, per backend"),
+        );
+        let mut service = Family::counter(
+            &format!("ebpf_net_service_{field}"),
+            &format!("{what}, per service"),
+        );
+        for entry in report {
+            let vip = entry["vip"].as_str().unwrap_or_default();
+            let mut sum = 0;
+            for b in entry["backends"].as_array().into_iter().flatten() {
+                let value = b[*field].as_u64().unwrap_or(0);
+                sum += value;
+                backend.add(
+                    &[
+                        ("datapath", datapath),
+                        ("service", vip),
+                        ("backend", b["backend"].as_str().unwrap_or_default()),
+                    ],
+                    value,
+                );
+            }
+            service.add(&[("datapath", datapath), ("service", vip)], sum);
+        }
+        families.push(backend);
+        families.push(service);
+    }
+    families
+}
+
+/// `ebpf_net_events_total{datapath,event}` and `ebpf_net_errors_total{datapath,error}` from a
+/// datapath's counters, given as (name, value, is_error).
+pub fn counter_families(datapath: &str, counters: &[(&str, u64, bool)]) -> Vec<Family> {
+    let mut events = Family::counter("ebpf_net_events", "datapath events, by kind");
+    let mut errors = Family::counter(
+        "ebpf_net_errors",
+        "packets or flows a datapath could not handle, by cause",
+    );
+    for (name, value, is_error) in counters {
+        if *is_error {
+            errors.add(&[("datapath", datapath), ("error", name)], *value);
+        } else {
+            events.add(&[("datapath", datapath), ("event", name)], *value);
+        }
+    }
+    vec![events, errors]
+}
+
+/// `ebpf_net_rewrites_total{datapath,direction}`: packets (or socket calls) translated.
+pub fn rewrites(datapath: &str, by_direction: &[(&str, u64)]) -> Family {
+    let mut family = Family::counter(
+        "ebpf_net_rewrites",
+        "packets or socket calls translated, by direction",
+    );
+    for (direction, value) in by_direction {
+        family.add(&[("datapath", datapath), ("direction", direction)], *value);
+    }
+    family
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn service_report_becomes_backend_and_service_counters() {
+        let report = vec![json!({
+            "vip": "10.96.0.10:80",
+            "backends": [
+                { "backend": "10.1.0.2:80", "new_flows": 3 },
+                { "backend": "10.1.0.3:80", "new_flows": 4 },
+            ],
+        })];
+        let mut families = service_families("lb", &report, &[("new_flows", "flows opened")]);
+        families.extend(counter_families(
+            "lb",
+            &[("known_flows", 2, false), ("alloc_failed", 1, true)],
+        ));
+        let text = render(families).unwrap();
+        for line in [
+            "# TYPE ebpf_net_backend_new_flows counter",
+            "ebpf_net_backend_new_flows_total{datapath=\"lb\",service=\"10.96.0.10:80\",backend=\"10.1.0.3:80\"} 4",
+            "ebpf_net_service_new_flows_total{datapath=\"lb\",service=\"10.96.0.10:80\"} 7",
+            "ebpf_net_events_total{datapath=\"lb\",event=\"known_flows\"} 2",
+            "ebpf_net_errors_total{datapath=\"lb\",error=\"alloc_failed\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+    }
+}
