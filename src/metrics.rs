@@ -75,16 +75,30 @@ impl Collector for Scrape {
                 MetricType::Counter
             };
             let mut metric = encoder.encode_descriptor(&family.name, &family.help, None, kind)?;
-            for (labels, value) in &family.samples {
-                let sample = metric.encode_family(labels)?;
-                if family.gauge {
-                    ConstGauge::new(*value as i64).encode(sample)?;
-                } else {
-                    ConstCounter::new(*value).encode(sample)?;
+            if let [(labels, value)] = family.samples.as_slice() {
+                if labels.is_empty() {
+                    // no labels: no `{}` either
+                    encode_value(metric, family.gauge, *value)?;
+                    continue;
                 }
+            }
+            for (labels, value) in &family.samples {
+                encode_value(metric.encode_family(labels)?, family.gauge, *value)?;
             }
         }
         Ok(())
+    }
+}
+
+fn encode_value(
+    metric: prometheus_client::encoding::MetricEncoder<'_>,
+    gauge: bool,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    if gauge {
+        ConstGauge::new(value as i64).encode(metric)
+    } else {
+        ConstCounter::new(value).encode(metric)
     }
 }
 

@@ -4,65 +4,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
+use common::lab::{bin_dir, root, Lab};
 use common::topology::{output_within, sh, BIN};
-
-const LAB_BIN: &str = env!("CARGO_BIN_EXE_ebpf-net-lab");
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn bin_dir() -> PathBuf {
-    Path::new(BIN).parent().unwrap().to_path_buf()
-}
-
-/// A lab of this test's own name; `scripts/lab down` on drop, also when the test fails.
-struct Lab {
-    name: String,
-}
-
-impl Lab {
-    fn new(tag: &str) -> Self {
-        Self {
-            name: format!("ebnt{tag}{}", std::process::id()),
-        }
-    }
-
-    /// `scripts/lab ARGS` on this lab.
-    fn lab(&self, args: &[&str]) -> Output {
-        output_within(
-            Command::new(root().join("scripts/lab"))
-                .args(args)
-                .env("EBPF_NET_LAB", &self.name)
-                .env("EBPF_NET_BIN_DIR", bin_dir()),
-        )
-    }
-
-    fn namespaces(&self) -> Vec<String> {
-        sh("ip netns list")
-            .lines()
-            .filter_map(|line| line.split_whitespace().next())
-            .filter(|ns| ns.starts_with(&format!("{}-", self.name)))
-            .map(str::to_string)
-            .collect()
-    }
-
-    /// `ebpf-net-lab ARGS` from a lab node through `scripts/lab exec`.
-    fn request(&self, node: &str, args: &[&str]) -> Output {
-        let mut full = vec!["exec", node, LAB_BIN];
-        full.extend(args);
-        self.lab(&full)
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = self.lab(&["down"]);
-    }
-}
 
 fn text(output: &Output) -> String {
     format!(

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -47,6 +47,21 @@ enum Command {
     Tcp(Request),
     /// send a datagram to a UDP echo server and check the answer
     Udp(Request),
+    /// keep one TCP echo connection and one UDP socket busy for a while: a message on each
+    /// every interval, every echo checked; fails on any loss, reset or change of backend
+    Stream {
+        /// TCP echo server ADDR:PORT
+        tcp: SocketAddr,
+        /// UDP echo server ADDR:PORT [default: the TCP one]
+        #[arg(long)]
+        udp: Option<SocketAddr>,
+        /// how long
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// milliseconds between messages
+        #[arg(long, default_value_t = 20)]
+        interval_ms: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -290,6 +305,79 @@ fn run_requests(
     Ok(())
 }
 
+/// One long TCP connection and one UDP socket, both echoed every `interval` for `seconds`.
+fn stream(tcp: SocketAddr, udp: SocketAddr, seconds: f64, interval: Duration) -> Result<()> {
+    let duration = Duration::try_from_secs_f64(seconds).map_err(|_| anyhow!("--seconds must be positive"))?;
+    let timeout = Duration::from_secs(2);
+    let connection =
+        TcpStream::connect_timeout(&tcp, timeout).with_context(|| format!("connecting to {tcp}"))?;
+    connection.set_read_timeout(Some(timeout))?;
+    let mut reader = BufReader::new(connection.try_clone()?);
+    let mut greeting = String::new();
+    reader.read_line(&mut greeting)?;
+    let tcp_backend = parse_answer(&greeting, connection.local_addr()?, connection.peer_addr()?)?.backend;
+    let bind: SocketAddr = if udp.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let socket = UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(timeout))?;
+    println!("stream: started; tcp to {tcp} answered by {tcp_backend}, udp to {udp}");
+    std::io::stdout().flush()?;
+
+    let (mut echoed, mut answered, mut lost) = (0u32, 0u32, Vec::new());
+    let mut udp_backends: BTreeMap<String, u32> = BTreeMap::new();
+    let deadline = Instant::now() + duration;
+    let mut sequence = 0u32;
+    while Instant::now() < deadline {
+        sequence += 1;
+        let line = format!("tcp {sequence}\n");
+        (&connection)
+            .write_all(line.as_bytes())
+            .with_context(|| format!("tcp message {sequence}: connection broken after {echoed} echoes"))?;
+        let mut echo = String::new();
+        reader
+            .read_line(&mut echo)
+            .with_context(|| format!("tcp message {sequence}: no echo after {echoed} echoes"))?;
+        if echo != line {
+            bail!("tcp message {sequence}: echo {echo:?} differs (connection reset or moved?)");
+        }
+        echoed += 1;
+        let datagram = format!("udp {sequence}");
+        socket.send_to(datagram.as_bytes(), udp)?;
+        let mut buf = [0u8; 2048];
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => {
+                    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let (first, body) = text.split_once('\n').unwrap_or((&text, ""));
+                    if body != datagram {
+                        continue; // a late answer to an earlier datagram
+                    }
+                    let answer = parse_answer(first, socket.local_addr()?, from)?;
+                    *udp_backends.entry(answer.backend).or_default() += 1;
+                    answered += 1;
+                    break;
+                }
+                Err(_) => {
+                    lost.push(sequence);
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(interval);
+    }
+    let spread: Vec<String> = udp_backends
+        .iter()
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    println!(
+        "stream: tcp {echoed}/{sequence} echoed by {tcp_backend} over one connection; udp {answered}/{sequence} answered by: {}",
+        spread.join(", ")
+    );
+    if !lost.is_empty() {
+        bail!("udp datagrams without an answer: {lost:?}");
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -302,6 +390,17 @@ fn main() -> ExitCode {
         Command::Http(request) => run_requests("http", &request, http_request),
         Command::Tcp(request) => run_requests("tcp", &request, tcp_request),
         Command::Udp(request) => run_requests("udp", &request, udp_request),
+        Command::Stream {
+            tcp,
+            udp,
+            seconds,
+            interval_ms,
+        } => stream(
+            tcp,
+            udp.unwrap_or(tcp),
+            seconds,
+            Duration::from_millis(interval_ms),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

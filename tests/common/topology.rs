@@ -172,6 +172,31 @@ impl Daemon {
         self.stdout.lock().unwrap().clone()
     }
 
+    /// Sends a signal (SIGHUP to reload, SIGKILL to leave state behind).
+    pub fn signal(&self, signal: i32) {
+        if let Some(child) = &self.child {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`, printed after the first
+    /// `skip` lines.
+    pub fn wait_stderr(&self, needle: &str, skip: usize, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(line) = self.stderr().into_iter().skip(skip).find(|l| l.contains(needle)) {
+                return Some(line);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// Whether it has exited by now (without waiting).
     pub fn has_exited(&mut self) -> bool {
         match self.child.as_mut() {
