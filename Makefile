@@ -9,7 +9,7 @@ BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 HEADERS := $(wildcard include/*.h)
 CARGO ?= cargo
 
-.PHONY: all setup demo test bench clean
+.PHONY: all setup demo test bench fuzz clean
 
 all: $(BPF_OBJS)
 
@@ -32,6 +32,12 @@ test: setup all
 
 bench: setup
 	$(CARGO) bench --bench suite
+
+# The fuzz test of every packet program, long: FUZZ_PACKETS per program (seed: FUZZ_SEED).
+FUZZ_PACKETS ?= 5000000
+fuzz: setup
+	EBPF_NET_FUZZ_PACKETS=$(FUZZ_PACKETS) $(if $(FUZZ_SEED),EBPF_NET_FUZZ_SEED=$(FUZZ_SEED)) \
+		$(CARGO) test --release --test fuzz -- --nocapture
 
 clean:
 	rm -rf build
