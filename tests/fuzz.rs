@@ -549,7 +549,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             if name == "proxy_egress" {
                 // the flows the replies belong to
                 for frame in pairs_shapes(&requests) {
-                    run(&prog, &frame);
+                    run(prog, &frame);
                 }
             }
             fuzz_and_report(
