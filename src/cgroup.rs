@@ -127,8 +127,8 @@ impl Cgroup {
         }
         let mount = cgroup2_mount()?;
         let full = Self::full_path(&mount, path);
-        let inside = full.strip_prefix(&mount).with_context(|| {
-            format!(
+        let inside = full.strip_prefix(&mount).map_err(|_| {
+            anyhow::anyhow!(
                 "--cgroup {}: outside the cgroup v2 mount at {}",
                 full.display(),
                 mount.display()
