@@ -188,7 +188,7 @@ fn every_subcommand_refuses_malformed_arguments_and_configs_with_one_line() {
         (vec!["clusterip"], Some(format!("[clusterip]\ncgroup = \"{cg}\"\n[[clusterip.service]]\nvip = \"10.96.0.1:80\"\nbackends = [\"10.0.0.1:80\", \"[fd00::1]:80\"]\n")), format!("{path}:3: service 10.96.0.1:80: backend [fd00::1]:80 is not of the VIP's address family")),
         (vec!["clusterip", "--service", svc], Some("[clusterip]\ncgroup = \"/tmp\"\n".into()), format!("{path}:2: cgroup:")),
         // lb
-        (vec!["lb"], Some(format!("[lb]\n[[lb.service]]\nvip = \"10.96.0.1:80\"\nbackends = [\"10.0.0.1:80\"]\n")), format!("no interface: give -i or `interface` in the [lb] table of {path}")),
+        (vec!["lb"], Some("[lb]\n[[lb.service]]\nvip = \"10.96.0.1:80\"\nbackends = [\"10.0.0.1:80\"]\n".into()), format!("no interface: give -i or `interface` in the [lb] table of {path}")),
         (vec!["lb"], Some("[lb]\ninterface = \"eth0\"\n[[lb.service]]\nvip = \"10.96.0.1:80\"\nbackends = []\n".into()), format!("{path}:3: service 10.96.0.1:80: no backends")),
         (vec!["lb", "--service", svc], Some("[lb]\ninterface = \"nope0\"\n".into()), format!("{path}:2: interface: unknown interface 'nope0'")),
         (vec!["lb", "-i", "eth0", "--service", "10.96.0.1:80=127.0.0.1:80"], None, "not a unicast address".into()),
