@@ -86,13 +86,11 @@ impl Settings {
                 .zip(section)
                 .map(|(c, s)| (c, &s.cgroup, "cgroup")),
         );
-        let from_file = config.as_ref().zip(section).map(|(c, s)| c.services(&s.service));
-        let items = config::entries(
-            Item::flags("--service", &args.services),
-            from_file.unwrap_or_default(),
-            "services",
-            "--service",
-            "clusterip.service",
+        let items = config::services(
+            &args.services,
+            config.as_ref(),
+            section.map(|s| &s.service),
+            SUBCOMMAND,
         )?;
         Ok(Self {
             cgroup,

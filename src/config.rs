@@ -268,6 +268,33 @@ pub fn require(
     })
 }
 
+/// The interface of an interface datapath: `-i` or the table's `interface`.
+pub fn interface(
+    flag: Option<&String>,
+    config: Option<&ConfigFile>,
+    value: Option<&Option<Spanned<String>>>,
+    table: &str,
+) -> Result<Item> {
+    require(flag, "-i", config, value, "interface", table)
+}
+
+/// Services from `--service` flags and the table's `[[TABLE.service]]` entries; at least one.
+pub fn services(
+    flags: &[String],
+    config: Option<&ConfigFile>,
+    entries_of_table: Option<&Vec<Spanned<ServiceEntry>>>,
+    table: &str,
+) -> Result<Vec<Item>> {
+    let from_file = config.zip(entries_of_table).map(|(c, e)| c.services(e));
+    entries(
+        Item::flags("--service", flags),
+        from_file.unwrap_or_default(),
+        "services",
+        "--service",
+        &format!("{table}.service"),
+    )
+}
+
 /// The list entries of flags and file together; at least one.
 pub fn entries(
     flag_items: Vec<Item>,

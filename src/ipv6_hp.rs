@@ -75,12 +75,10 @@ impl Settings {
         let file = |pick: fn(&Ipv6HpSection) -> &Option<Spanned<String>>, key: &'static str| {
             config.as_ref().zip(section).map(|(c, s)| (c, pick(s), key))
         };
-        let iface = config::require(
+        let iface = config::interface(
             args.iface.as_ref(),
-            "-i",
             config.as_ref(),
             section.map(|s| &s.interface),
-            "interface",
             SUBCOMMAND,
         )?;
         let address = |flag: Option<&String>, name: &str, key: &'static str, pick, default: &str| {

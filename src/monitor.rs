@@ -80,12 +80,10 @@ impl Settings {
     fn read(args: &MonitorArgs) -> Result<Self> {
         let config = ConfigFile::load(args.run.config.as_deref())?;
         let section = config::section_of(config.as_ref(), |doc| &doc.monitor, SUBCOMMAND)?;
-        let iface = config::require(
+        let iface = config::interface(
             args.iface.as_ref(),
-            "-i",
             config.as_ref(),
             section.map(|s| &s.interface),
-            "interface",
             SUBCOMMAND,
         )?;
         let interval = match (args.interval, section.and_then(|s| s.interval.as_ref())) {

@@ -60,12 +60,10 @@ impl Settings {
     fn read(args: &ProxyArgs) -> Result<Self> {
         let config = ConfigFile::load(args.run.config.as_deref())?;
         let section = config::section_of(config.as_ref(), |doc| &doc.proxy, SUBCOMMAND)?;
-        let iface = config::require(
+        let iface = config::interface(
             args.iface.as_ref(),
-            "-i",
             config.as_ref(),
             section.map(|s| &s.interface),
-            "interface",
             SUBCOMMAND,
         )?;
         let from_file = config.as_ref().zip(section).map(|(c, s)| c.rules(&s.map));

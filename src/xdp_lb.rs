@@ -109,21 +109,17 @@ impl Settings {
     fn read(args: &XdpLbArgs) -> Result<Self> {
         let config = ConfigFile::load(args.run.config.as_deref())?;
         let section = config::section_of(config.as_ref(), |doc| &doc.xdp_lb, SUBCOMMAND)?;
-        let iface = config::require(
+        let iface = config::interface(
             args.iface.as_ref(),
-            "-i",
             config.as_ref(),
             section.map(|s| &s.interface),
-            "interface",
             SUBCOMMAND,
         )?;
-        let from_file = config.as_ref().zip(section).map(|(c, s)| c.services(&s.service));
-        let items = config::entries(
-            Item::flags("--service", &args.services),
-            from_file.unwrap_or_default(),
-            "services",
-            "--service",
-            "xdp-lb.service",
+        let items = config::services(
+            &args.services,
+            config.as_ref(),
+            section.map(|s| &s.service),
+            SUBCOMMAND,
         )?;
         let (items, macs) = split_mac_items(&items)?;
         let max_flows = match (args.max_flows, section.and_then(|s| s.max_flows.as_ref())) {

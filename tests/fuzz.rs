@@ -16,14 +16,11 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 
-use etherparse::{
-    IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6RawExtHeader, Ipv6RoutingExtensions,
-    NetHeaders, NetSlice, SlicedPacket, TransportSlice,
-};
+use etherparse::{IpNumber, Ipv6Extensions, NetHeaders, NetSlice, SlicedPacket, TransportSlice};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ProgramInput, ProgramMut};
 
-use common::packets::{ip_frame, verify_l4_checksum, with_vlan, zero_udp_checksum, L4};
+use common::packets::{ext_chain, fragment, ip_frame, verify_l4_checksum, with_vlan, zero_udp_checksum, L4};
 use common::topology::Netns;
 use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
 use ebpf_net::lb;
@@ -81,31 +78,6 @@ fn sock(text: &str) -> SocketAddr {
     text.parse().unwrap()
 }
 
-fn ext_chain() -> Ipv6Extensions {
-    let pad = [0u8; 6];
-    Ipv6Extensions {
-        hop_by_hop_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
-        destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &[0u8; 14]).unwrap()),
-        routing: Some(Ipv6RoutingExtensions {
-            routing: Ipv6RawExtHeader::new_raw(IpNumber(0), &[0, 0, 0, 0, 0, 0]).unwrap(),
-            final_destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
-        }),
-        ..Default::default()
-    }
-}
-
-fn fragment_ext(offset: u16, more: bool) -> Ipv6Extensions {
-    Ipv6Extensions {
-        fragment: Some(Ipv6FragmentHeader::new(
-            IpNumber(0),
-            IpFragOffset::try_new(offset).unwrap(),
-            more,
-            0x1234,
-        )),
-        ..Default::default()
-    }
-}
-
 /// Sets IPv4 fragment bits (MF and/or an offset) and fixes the header checksum.
 fn ipv4_fragment(mut frame: Vec<u8>, more: bool, offset: u16) -> Vec<u8> {
     let flags_offset = (u16::from(more) << 13) | (offset & 0x1fff);
@@ -148,8 +120,8 @@ fn shapes(src: SocketAddr, dst: SocketAddr) -> Vec<Vec<u8>> {
     } else {
         shapes.push(frame(ext_chain(), &[], L4::Tcp));
         shapes.push(frame(ext_chain(), &[], L4::Udp));
-        shapes.push(frame(fragment_ext(0, true), &[], L4::Tcp));
-        shapes.push(frame(fragment_ext(185, false), &[], L4::Udp));
+        shapes.push(frame(fragment(0, true), &[], L4::Tcp));
+        shapes.push(frame(fragment(185, false), &[], L4::Udp));
         shapes.push(frame(plain(), &[], L4::Icmpv6Echo));
     }
     shapes

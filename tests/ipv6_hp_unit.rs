@@ -7,9 +7,7 @@ use std::net::Ipv6Addr;
 
 use common::packets::*;
 use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
-use etherparse::{
-    IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6RawExtHeader, Ipv6RoutingExtensions,
-};
+use etherparse::Ipv6Extensions;
 
 fn azure() -> ProbeAddresses {
     ProbeAddresses {
@@ -28,32 +26,6 @@ fn other() -> Ipv6Addr {
 
 fn no_exts() -> Ipv6Extensions {
     Ipv6Extensions::default()
-}
-
-/// Hop-by-hop, routing (with final destination options) and destination options before L4.
-fn ext_chain() -> Ipv6Extensions {
-    let pad = [0u8; 6];
-    Ipv6Extensions {
-        hop_by_hop_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
-        destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &[0u8; 14]).unwrap()),
-        routing: Some(Ipv6RoutingExtensions {
-            routing: Ipv6RawExtHeader::new_raw(IpNumber(0), &[0, 0, 0, 0, 0, 0]).unwrap(),
-            final_destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
-        }),
-        ..Default::default()
-    }
-}
-
-fn fragment(offset_units: u16, more: bool) -> Ipv6Extensions {
-    Ipv6Extensions {
-        fragment: Some(Ipv6FragmentHeader::new(
-            IpNumber(0),
-            IpFragOffset::try_new(offset_units).unwrap(),
-            more,
-            0x1234,
-        )),
-        ..Default::default()
-    }
 }
 
 fn ingress_cases(hp: &ProbeAddresses) -> Vec<Case> {

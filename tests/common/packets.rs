@@ -4,8 +4,8 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 use etherparse::{
-    IpNumber, Ipv6Extensions, Ipv6Header, NetHeaders, NetSlice, PacketBuilder, SlicedPacket, TcpSlice,
-    TransportSlice,
+    IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, Ipv6Header, Ipv6RawExtHeader,
+    Ipv6RoutingExtensions, NetHeaders, NetSlice, PacketBuilder, SlicedPacket, TcpSlice, TransportSlice,
 };
 use libbpf_rs::{ProgramInput, ProgramMut};
 
@@ -122,6 +122,33 @@ pub fn ipv6_raw_frame(
         .write(&mut frame, IpNumber(proto), payload)
         .expect("building frame");
     frame
+}
+
+/// Hop-by-hop, routing (with final destination options) and destination options before L4.
+pub fn ext_chain() -> Ipv6Extensions {
+    let pad = [0u8; 6];
+    Ipv6Extensions {
+        hop_by_hop_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
+        destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &[0u8; 14]).unwrap()),
+        routing: Some(Ipv6RoutingExtensions {
+            routing: Ipv6RawExtHeader::new_raw(IpNumber(0), &[0, 0, 0, 0, 0, 0]).unwrap(),
+            final_destination_options: Some(Ipv6RawExtHeader::new_raw(IpNumber(0), &pad).unwrap()),
+        }),
+        ..Default::default()
+    }
+}
+
+/// A fragment header at `offset_units` (of 8 bytes), with or without more fragments.
+pub fn fragment(offset_units: u16, more: bool) -> Ipv6Extensions {
+    Ipv6Extensions {
+        fragment: Some(Ipv6FragmentHeader::new(
+            IpNumber(0),
+            IpFragOffset::try_new(offset_units).unwrap(),
+            more,
+            0x1234,
+        )),
+        ..Default::default()
+    }
 }
 
 /// The same frame with an 802.1Q tag (VLAN 100) between the MACs and the EtherType.
