@@ -137,6 +137,12 @@ impl Drop for Instance {
     fn drop(&mut self) {
         // removed while still locked: nobody can claim the file we are about to release
         let _ = fs::remove_file(&self.path);
+        // and the directories it needed, once empty (another run's file keeps them)
+        for dir in self.path.ancestors().skip(1).take(3) {
+            if fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
     }
 }
 
@@ -184,8 +190,10 @@ impl Claim {
             return Ok(false);
         }
         fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
-        for dir in self.path.ancestors().skip(1).take(2) {
-            let _ = fs::remove_dir(dir);
+        for dir in self.path.ancestors().skip(1).take(3) {
+            if fs::remove_dir(dir).is_err() {
+                break;
+            }
         }
         Ok(true)
     }

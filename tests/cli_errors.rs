@@ -156,6 +156,14 @@ fn every_subcommand_refuses_malformed_arguments_and_configs_with_one_line() {
     let cg = cgroup.path_str().to_string();
     let file = std::env::temp_dir().join(format!("ebn-cli-{}.toml", std::process::id()));
     let path = file.to_str().unwrap().to_string();
+    // removed on drop, also when an assertion fails
+    struct Removed(std::path::PathBuf);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _removed = Removed(file.clone());
     let svc = "10.96.0.1:80=10.0.0.1:80";
     // (subcommand and flags, config file text or none, what the one line must say)
     let cases: Vec<(Vec<&str>, Option<String>, String)> = vec![
@@ -217,5 +225,4 @@ fn every_subcommand_refuses_malformed_arguments_and_configs_with_one_line() {
         assert_one_clear_line(&output, needle);
         assert_nothing_left(&node, &cg);
     }
-    let _ = std::fs::remove_file(&file);
 }
