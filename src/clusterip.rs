@@ -182,6 +182,7 @@ fn refuse_if_attached(cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
 }
 
 pub fn run(args: &ClusteripArgs) -> Result<()> {
+    args.run.check(args.persist)?;
     let settings = Settings::read(args)?;
     let mut services = settings.services.clone();
     let cgroup = settings.resolve_cgroup()?;
@@ -189,9 +190,6 @@ pub fn run(args: &ClusteripArgs) -> Result<()> {
     let _instance = Instance::claim(SUBCOMMAND, netns::HOST_KEY, &cgroup.target(), args.persist)?;
     refuse_if_attached(&cgroup, &pins)?;
     if args.persist {
-        if args.run.metrics.is_some() {
-            bail!("--metrics needs a foreground run; --persist exits at once");
-        }
         return persist(&services, &cgroup, &pins);
     }
     if pins.exists() {
@@ -204,7 +202,7 @@ pub fn run(args: &ClusteripArgs) -> Result<()> {
     let mut object = MaybeUninit::uninit();
     let skel = load_with_services(&mut object, &services)?;
     let tables = tables(&skel)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
     let dir = cgroup.open()?;
     let links = programs(&skel)
         .into_iter()
@@ -258,16 +256,12 @@ fn metrics_source(skel: &SockXlateSkel<'_>) -> Result<metrics::Source> {
                 ("datagrams", "unconnected UDP sendmsg() calls sent to the backend"),
             ],
         );
-        let sum = |field: &str| -> u64 {
-            report
-                .iter()
-                .flat_map(|svc| svc["backends"].as_array().cloned().unwrap_or_default())
-                .map(|b| b[field].as_u64().unwrap_or(0))
-                .sum()
-        };
         families.push(metrics::rewrites(
             SUBCOMMAND,
-            &[("connect", sum("connects")), ("sendmsg", sum("datagrams"))],
+            &[
+                ("connect", metrics::report_total(&report, "connects")),
+                ("sendmsg", metrics::report_total(&report, "datagrams")),
+            ],
         ));
         Ok(families)
     }))

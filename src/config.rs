@@ -24,6 +24,16 @@ pub struct RunOptions {
     pub metrics: Option<String>,
 }
 
+impl RunOptions {
+    /// `--metrics` serves only while the process runs; `--persist` exits at once.
+    pub fn check(&self, persist: bool) -> Result<()> {
+        if persist && self.metrics.is_some() {
+            bail!("--metrics needs a foreground run; --persist exits at once");
+        }
+        Ok(())
+    }
+}
+
 /// The whole file: every datapath's table is checked, whichever subcommand reads it.
 #[derive(Deserialize, Debug, Default)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]

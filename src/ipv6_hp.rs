@@ -18,7 +18,7 @@ use toml::Spanned;
 
 use crate::addr::{parse_ipv6, Interface};
 use crate::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
-use crate::config::{self, ConfigFile, Ipv6HpSection, Item, RunOptions};
+use crate::config::{self, ConfigFile, RunOptions};
 use crate::instance::Instance;
 use crate::metrics;
 use crate::pin::PinDir;
@@ -72,40 +72,35 @@ impl Settings {
     fn read(args: &Ipv6HpArgs) -> Result<Self> {
         let config = ConfigFile::load(args.run.config.as_deref())?;
         let section = config::section_of(config.as_ref(), |doc| &doc.ipv6_hp, SUBCOMMAND)?;
-        let file = |pick: fn(&Ipv6HpSection) -> &Option<Spanned<String>>, key: &'static str| {
-            config.as_ref().zip(section).map(|(c, s)| (c, pick(s), key))
-        };
         let iface = config::interface(
             args.iface.as_ref(),
             config.as_ref(),
             section.map(|s| &s.interface),
             SUBCOMMAND,
         )?;
-        let address = |flag: Option<&String>, name: &str, key: &'static str, pick, default: &str| {
-            let item = config::pick(flag, name, file(pick, key)).unwrap_or_else(|| Item {
-                text: default.into(),
-                origin: format!("{name} {default}"),
-            });
-            parse_ipv6(name, &item.text).map_err(|err| {
-                if item.origin.starts_with("--") {
-                    err
-                } else {
-                    item.fail(err)
+        // the flag, else the file (errors name its line), else the default
+        let address =
+            |flag: Option<&String>, name: &str, key: &str, value: Option<&Spanned<String>>, default: &str| {
+                match (flag, config.as_ref().zip(value)) {
+                    (Some(text), _) => parse_ipv6(name, text),
+                    (None, Some((config, value))) => {
+                        parse_ipv6(&format!("{}: {key}", config.at(value.span())), value.get_ref())
+                    }
+                    (None, None) => parse_ipv6(name, default),
                 }
-            })
-        };
+            };
         let link_local = address(
             args.link_local.as_ref(),
             "--link-local",
             "link-local",
-            |s| &s.link_local,
+            section.and_then(|s| s.link_local.as_ref()),
             DEFAULT_LINK_LOCAL,
         )?;
         let global = address(
             args.global.as_ref(),
             "--global",
             "global",
-            |s| &s.global,
+            section.and_then(|s| s.global.as_ref()),
             DEFAULT_GLOBAL,
         )?;
         if link_local == global {
@@ -199,6 +194,7 @@ fn stats_pin_name(direction: TcDirection) -> String {
 }
 
 pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
+    args.run.check(args.persist)?;
     let settings = Settings::read(args)?;
     let addrs = settings.addrs;
     let iface = Interface::by_name(&settings.iface)?;
@@ -207,9 +203,6 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
     let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
 
     if args.persist {
-        if args.run.metrics.is_some() {
-            bail!("--metrics needs a foreground run; --persist exits at once");
-        }
         return persist(&settings, &iface, &pins, csum_flag);
     }
     if pins.exists() {
@@ -224,7 +217,7 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
     let egress = load_egress(&mut egress_obj, &addrs, csum_flag, None)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || {
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || {
         let ingress_map = MapHandle::try_from(&ingress.maps.ipv6_hp_stats)?;
         let egress_map = MapHandle::try_from(&egress.maps.ipv6_hp_stats)?;
         Ok(Arc::new(move || {

@@ -394,15 +394,13 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
 }
 
 pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
+    args.run.check(args.persist)?;
     let mut settings = Settings::read(args)?;
     probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
     let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
     let (mut instance, orphan) = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
-    if args.run.metrics.is_some() && args.persist {
-        bail!("--metrics needs a foreground run; --persist exits at once");
-    }
     let values = backend_values(&settings.services, !settings.no_snat)?;
     if args.persist {
         return persist(&settings.services, &values, &iface, &pins);
@@ -424,11 +422,9 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
     let skel = load(&mut object, None)?;
     let tables = tables(&skel)?;
     sync(&tables, &settings.services, &values)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
     let setup = prepare_namespace(&settings.services)?;
-    if let Some(changes) = recorded_changes() {
-        instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" ")))?;
-    }
+    note_leftovers(&mut instance)?;
     let attachment = match TcxAttachment::attach(&skel.progs.lb_ingress, &iface, TcDirection::Ingress) {
         Ok(attachment) => attachment,
         Err(err) => {
@@ -460,9 +456,7 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
         for line in prepare_namespace(&new.services)? {
             eprintln!("{SUBCOMMAND}: {line}");
         }
-        if let Some(changes) = recorded_changes() {
-            instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" ")))?;
-        }
+        note_leftovers(&mut instance)?;
         settings = new;
         Ok(format!("{} ({report})", service::describe(&settings.services)))
     });
@@ -478,6 +472,15 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
     }
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// Records in the run's lock file what a SIGKILL would leave in this namespace: lb's nft table
+/// and what its comment says lb changed.
+fn note_leftovers(instance: &mut Instance) -> Result<()> {
+    match recorded_changes() {
+        Some(changes) => instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))),
+        None => Ok(()),
+    }
 }
 
 /// Metrics read at each scrape: new flows per backend and service, and the event and error

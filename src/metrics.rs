@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -118,35 +118,6 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr> {
     })
 }
 
-/// The HTTP endpoint; it serves until the process exits.
-pub struct Exporter {
-    pub addr: SocketAddr,
-}
-
-impl Exporter {
-    /// Binds first (so a taken port fails before anything is attached), then serves
-    /// `GET /metrics` on a thread of its own, one connection at a time.
-    pub fn bind(text: &str) -> Result<(Self, TcpListener)> {
-        let addr = parse_listen(text)?;
-        let listener = TcpListener::bind(addr).with_context(|| format!("--metrics {text}: cannot listen"))?;
-        let addr = listener.local_addr()?;
-        Ok((Self { addr }, listener))
-    }
-
-    pub fn start(listener: TcpListener, source: Source) -> Result<()> {
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    // a client that misbehaves costs one connection, never the datapath
-                    let _ = answer(stream, &source);
-                }
-            })
-            .context("starting the metrics thread")?;
-        Ok(())
-    }
-}
-
 fn answer(mut stream: TcpStream, source: &Source) -> Result<()> {
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     stream.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -188,22 +159,27 @@ fn answer(mut stream: TcpStream, source: &Source) -> Result<()> {
     Ok(())
 }
 
-/// Starts the exporter when `--metrics` is given and says where it listens; refuses it for
-/// `--persist`, which exits at once.
-pub fn serve(
-    listen: Option<&String>,
-    persist: bool,
-    source: impl FnOnce() -> Result<Source>,
-) -> Result<Option<SocketAddr>> {
+/// Starts the exporter when `--metrics` is given and returns where it listens. It binds
+/// first, so a bad or taken address fails before anything is attached, then answers
+/// `GET /metrics` on a thread of its own, one connection at a time, until the process exits.
+pub fn serve(listen: Option<&String>, source: impl FnOnce() -> Result<Source>) -> Result<Option<SocketAddr>> {
     let Some(text) = listen else {
         return Ok(None);
     };
-    if persist {
-        bail!("--metrics needs a foreground run; --persist exits at once");
-    }
-    let (exporter, listener) = Exporter::bind(text)?;
-    Exporter::start(listener, source()?)?;
-    Ok(Some(exporter.addr))
+    let listener =
+        TcpListener::bind(parse_listen(text)?).with_context(|| format!("--metrics {text}: cannot listen"))?;
+    let addr = listener.local_addr()?;
+    let source = source()?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                // a client that misbehaves costs one connection, never the datapath
+                let _ = answer(stream, &source);
+            }
+        })
+        .context("starting the metrics thread")?;
+    Ok(Some(addr))
 }
 
 /// Per-backend and per-service families of a service report (`service::service_report`):
@@ -241,6 +217,15 @@ pub fn service_families(datapath: &str, report: &[Value], help: &[(&str, &str)])
         families.push(service);
     }
     families
+}
+
+/// The sum of one numeric backend field over every backend of a service report.
+pub fn report_total(report: &[Value], field: &str) -> u64 {
+    report
+        .iter()
+        .flat_map(|service| service["backends"].as_array().into_iter().flatten())
+        .map(|backend| backend[field].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// `ebpf_net_events_total{datapath,event}` and `ebpf_net_errors_total{datapath,error}` from a

@@ -199,7 +199,7 @@ pub fn run(args: &MonitorArgs) -> Result<()> {
         .load()
         .context("loading the monitor programs")?;
     let map = MapHandle::try_from(&skel.maps.monitor_flows).context("flow table handle")?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || {
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || {
         let map = MapHandle::try_from(&skel.maps.monitor_flows)?;
         Ok(Arc::new(move || Ok(flow_families(&read_flows(&map)?))) as metrics::Source)
     })?;

@@ -240,15 +240,13 @@ fn describe_rules(rules: &[Rule]) -> String {
 }
 
 pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
+    args.run.check(args.persist)?;
     let Settings { iface, mut rules } = Settings::read(args)?;
     let iface = Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
     let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
     if args.persist {
-        if args.run.metrics.is_some() {
-            bail!("--metrics needs a foreground run; --persist exits at once");
-        }
         return persist(&rules, &iface, &pins);
     }
     if pins.exists() {
@@ -260,7 +258,7 @@ pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
     }
     let mut object = MaybeUninit::uninit();
     let skel = load_with_rules(&mut object, &rules)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
     let attachments = [
         TcxAttachment::attach(&skel.progs.proxy_egress, &iface, TcDirection::Egress)?,
         TcxAttachment::attach(&skel.progs.proxy_ingress, &iface, TcDirection::Ingress)?,
@@ -305,30 +303,25 @@ fn metrics_source(skel: &ProxySkel<'_>) -> Result<metrics::Source> {
             ("reply_bytes", "bytes of those replies"),
             ("rerouted", "packets whose next hop changed with the destination"),
         ];
+        let total =
+            |field: &str| -> u64 { report.iter().map(|rule| rule[field].as_u64().unwrap_or(0)).sum() };
         let mut families = Vec::new();
-        let (mut out, mut back) = (0, 0);
         for (field, help) in fields {
             let mut family = metrics::Family::counter(&format!("ebpf_net_proxy_rule_{field}"), help);
             for rule in &report {
-                let value = rule[field].as_u64().unwrap_or(0);
-                match field {
-                    "packets" => out += value,
-                    "replies" => back += value,
-                    _ => {}
-                }
                 family.add(
                     &[
                         ("from", rule["from"].as_str().unwrap_or_default()),
                         ("to", rule["to"].as_str().unwrap_or_default()),
                     ],
-                    value,
+                    rule[field].as_u64().unwrap_or(0),
                 );
             }
             families.push(family);
         }
         families.push(metrics::rewrites(
             SUBCOMMAND,
-            &[("egress", out), ("ingress", back)],
+            &[("egress", total("packets")), ("ingress", total("replies"))],
         ));
         let mut flows =
             metrics::Family::gauge("ebpf_net_proxy_flows", "flows whose replies are translated back");

@@ -50,11 +50,6 @@ impl Shutdown {
         Ok(Self { requests })
     }
 
-    /// Blocks until a signal asks to stop; SIGHUP is ignored (for runs with nothing to reload).
-    pub fn wait(&self) {
-        while self.next() == Request::Reload {}
-    }
-
     /// Blocks until the next signal.
     pub fn next(&self) -> Request {
         self.requests.recv().unwrap_or(Request::Stop)

@@ -212,6 +212,17 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a removed lb changed in this namespace beyond its pins or links (its nft table,
+/// forwarding) goes once no lb is left; other namespaces' are left to a `down` run there.
+fn release_after(subcommand: &str, netns: &str, netns_key: &str) -> Result<()> {
+    if subcommand == lb::SUBCOMMAND && netns == netns_key {
+        for line in lb::release_namespace(netns_key)? {
+            eprintln!("down: {line}");
+        }
+    }
+    Ok(())
+}
+
 /// Removes persisted state of this namespace (or of every namespace with `all`), optionally
 /// only of one subcommand and/or one target.
 pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key: &str) -> Result<()> {
@@ -233,11 +244,7 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             pins.netns
         );
         removed += 1;
-        if pins.subcommand == lb::SUBCOMMAND && pins.netns == netns_key {
-            for line in lb::release_namespace(netns_key)? {
-                eprintln!("down: {line}");
-            }
-        }
+        release_after(&pins.subcommand, &pins.netns, netns_key)?;
     }
     for claim in instance::all() {
         let record = &claim.record;
@@ -259,11 +266,7 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             record.netns
         );
         removed += 1;
-        if record.subcommand == lb::SUBCOMMAND && record.netns == netns_key {
-            for line in lb::release_namespace(netns_key)? {
-                eprintln!("down: {line}");
-            }
-        }
+        release_after(&record.subcommand, &record.netns, netns_key)?;
     }
     if removed == 0 {
         eprintln!("down: nothing persisted or left behind to remove in network namespace {netns_key}");

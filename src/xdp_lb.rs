@@ -172,14 +172,8 @@ pub struct Options {
 /// MACs named on the command line, per backend.
 pub type BackendMacs = HashMap<SocketAddr, [u8; 6]>;
 
-/// Splits `@MAC` off every backend of every `--service`: the plain texts for
-/// [`service::parse_services`] and the MACs named.
-pub fn split_macs(texts: &[String]) -> Result<(Vec<String>, BackendMacs)> {
-    let (items, macs) = split_mac_items(&Item::flags("--service", texts))?;
-    Ok((items.into_iter().map(|item| item.text).collect(), macs))
-}
-
-/// [`split_macs`] of services from flags and a config file, errors naming where each came from.
+/// Splits `@MAC` off every backend of every service (from flags or a config file): the plain
+/// entries for [`service::parse_service_items`] and the MACs named.
 pub fn split_mac_items(items: &[Item]) -> Result<(Vec<Item>, BackendMacs)> {
     let mut plain = Vec::with_capacity(items.len());
     let mut macs = BackendMacs::new();
@@ -520,14 +514,12 @@ pub fn format_event(event: &xdp_lb_event, as_json: bool) -> String {
 }
 
 pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
+    args.run.check(args.persist)?;
     let mut settings = Settings::read(args)?;
     let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
     let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
     refuse_if_attached(&iface, &pins)?;
-    if args.persist && args.run.metrics.is_some() {
-        bail!("--metrics needs a foreground run; --persist exits at once");
-    }
     if !args.persist && pins.exists() {
         bail!(
             "xdp-lb is persisted on {} (see `ebpf-net status`); run `ebpf-net down xdp-lb -i {}` first",
@@ -563,7 +555,7 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     let skel = load(&mut object, None, &options)?;
     let tables = Tables::of(&skel)?;
     sync(&tables, &settings.services, &backends)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), false, || metrics_source(&skel))?;
+    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
     let attachment = XdpAttachment::attach(&skel.progs.xdp_lb, &iface, settings.mode)?;
     warn_native_veth(&iface, settings.mode);
     let shutdown = run::Shutdown::install()?;
@@ -669,16 +661,12 @@ fn metrics_source(skel: &XdpLbSkel<'_>) -> Result<metrics::Source> {
                 ("bytes_out", "bytes of those packets"),
             ],
         );
-        let totals = with_service_totals(report);
-        let sum = |field: &str| -> u64 {
-            totals
-                .iter()
-                .map(|svc| svc["totals"][field].as_u64().unwrap_or(0))
-                .sum()
-        };
         families.push(metrics::rewrites(
             SUBCOMMAND,
-            &[("in", sum("packets_in")), ("out", sum("packets_out"))],
+            &[
+                ("in", metrics::report_total(&report, "packets_in")),
+                ("out", metrics::report_total(&report, "packets_out")),
+            ],
         ));
         let t: xdp_lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
         families.extend(metrics::counter_families(
@@ -890,16 +878,20 @@ mod tests {
 
     #[test]
     fn macs_split_off_backends() {
-        let (plain, macs) = split_macs(&[
-            "10.0.0.10:80=10.0.0.1:8080@02:00:00:00:00:01,10.0.0.2:8080".to_string(),
-            "[fd00::10]:80=[fd00::1]:80@02:00:00:00:00:03".to_string(),
+        let split = |texts: &[&str]| {
+            let texts: Vec<String> = texts.iter().map(|t| t.to_string()).collect();
+            split_mac_items(&Item::flags("--service", &texts))
+        };
+        let (plain, macs) = split(&[
+            "10.0.0.10:80=10.0.0.1:8080@02:00:00:00:00:01,10.0.0.2:8080",
+            "[fd00::10]:80=[fd00::1]:80@02:00:00:00:00:03",
         ])
         .unwrap();
-        assert_eq!(plain[0], "10.0.0.10:80=10.0.0.1:8080,10.0.0.2:8080");
-        assert_eq!(plain[1], "[fd00::10]:80=[fd00::1]:80");
+        assert_eq!(plain[0].text, "10.0.0.10:80=10.0.0.1:8080,10.0.0.2:8080");
+        assert_eq!(plain[1].text, "[fd00::10]:80=[fd00::1]:80");
         assert_eq!(macs[&"10.0.0.1:8080".parse().unwrap()], [2, 0, 0, 0, 0, 1]);
         assert_eq!(macs.len(), 2);
-        let err = split_macs(&["10.0.0.10:80=10.0.0.1:8080@02:00:zz:00:00:01".to_string()]).unwrap_err();
+        let err = split(&["10.0.0.10:80=10.0.0.1:8080@02:00:zz:00:00:01"]).unwrap_err();
         assert!(format!("{err:#}").contains("not a MAC address"), "{err:#}");
     }
 }
