@@ -1,25 +1,13 @@
-//! ebpf-net: eBPF service networking for a Linux node, one module per concern.
+//! ebpf-net: eBPF service networking for a Linux node.
+//!
+//! Three layers, each using only the ones below it:
+//! - `kernel`: what talks to the kernel (attach, pins, probes, namespaces, cgroups, netlink,
+//!   nft, the generated skeletons);
+//! - `control`: what every datapath shares (configuration, typed services, the lifecycle,
+//!   instances, status, metrics, counters);
+//! - `datapath`: one module per datapath, each implementing the lifecycle once, and the
+//!   registry that `status`, `down` and the CLI loop over.
 
-pub mod addr;
-pub mod attach;
-pub mod cgroup;
-pub mod clusterip;
-pub mod config;
-pub mod instance;
-pub mod ipv6_hp;
-pub mod lb;
-pub mod maglev;
-pub mod maps;
-pub mod metrics;
-pub mod monitor;
-pub mod neigh;
-pub mod netns;
-pub mod nft;
-pub mod pin;
-pub mod probe;
-pub mod proxy;
-pub mod run;
-pub mod service;
-pub mod skel;
-pub mod status;
-pub mod xdp_lb;
+pub mod control;
+pub mod datapath;
+pub mod kernel;

@@ -5,13 +5,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
-use ebpf_net::clusterip::{self, ClusteripArgs};
-use ebpf_net::ipv6_hp::{self, Ipv6HpArgs};
-use ebpf_net::lb::{self, LbArgs};
-use ebpf_net::monitor::{self, MonitorArgs};
-use ebpf_net::proxy::{self, ProxyArgs};
-use ebpf_net::xdp_lb::{self, XdpLbArgs};
-use ebpf_net::{netns, probe, status};
+use ebpf_net::control::status;
+use ebpf_net::datapath::clusterip::{self, ClusteripArgs};
+use ebpf_net::datapath::ipv6_hp::{self, Ipv6HpArgs};
+use ebpf_net::datapath::lb::{self, LbArgs};
+use ebpf_net::datapath::monitor::{self, MonitorArgs};
+use ebpf_net::datapath::proxy::{self, ProxyArgs};
+use ebpf_net::datapath::xdp_lb::{self, XdpLbArgs};
+use ebpf_net::kernel::{netns, probe};
 
 /// eBPF service networking for a Linux node.
 #[derive(Parser, Debug)]
@@ -114,7 +115,7 @@ fn run(cli: Cli) -> Result<()> {
             all,
         } => {
             let target = match cgroup {
-                Some(path) => Some(ebpf_net::cgroup::Cgroup::target_of(Some(path))?),
+                Some(path) => Some(ebpf_net::kernel::cgroup::Cgroup::target_of(Some(path))?),
                 None => iface.clone(),
             };
             status::down(

@@ -6,7 +6,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 use common::topology::{output_within, Netns, BIN};
-use ebpf_net::attach::{tcx_programs, TcDirection};
+use ebpf_net::kernel::attach::{tcx_programs, TcDirection};
 
 /// Asserts a failure with exactly one line that mentions `needle`.
 fn assert_one_clear_line(output: &Output, needle: &str) {
@@ -27,7 +27,7 @@ fn assert_one_clear_line(output: &Output, needle: &str) {
 /// Nothing of ours on any hook of the namespace, and nothing pinned for it.
 fn assert_nothing_attached(netns: &Netns) {
     let attached: Vec<String> = netns.enter(|| {
-        ebpf_net::addr::Interface::all()
+        ebpf_net::kernel::addr::Interface::all()
             .iter()
             .flat_map(|iface| {
                 TcDirection::BOTH.iter().flat_map(move |&dir| {
@@ -40,7 +40,7 @@ fn assert_nothing_attached(netns: &Netns) {
             .collect()
     });
     assert!(attached.is_empty(), "left attached: {attached:?}");
-    let pins: Vec<_> = ebpf_net::pin::PinDir::all()
+    let pins: Vec<_> = ebpf_net::kernel::pin::PinDir::all()
         .into_iter()
         .filter(|pins| pins.netns == netns.name)
         .collect();
@@ -118,10 +118,11 @@ fn persist_under_ip_netns_exec_refuses_instead_of_pinning_into_a_private_sys() {
 fn assert_nothing_left(netns: &Netns, cgroup: &str) {
     assert_nothing_attached(netns);
     let xdp: Vec<String> = netns.enter(|| {
-        ebpf_net::addr::Interface::all()
+        ebpf_net::kernel::addr::Interface::all()
             .iter()
             .filter_map(|iface| {
-                ebpf_net::attach::xdp_program(iface.index).map(|p| format!("{} {}", iface.name, p.name))
+                ebpf_net::kernel::attach::xdp_program(iface.index)
+                    .map(|p| format!("{} {}", iface.name, p.name))
             })
             .collect()
     });
@@ -129,12 +130,12 @@ fn assert_nothing_left(netns: &Netns, cgroup: &str) {
     let relative = cgroup
         .trim_start_matches(&common::cgroup::cgroup2_root().display().to_string())
         .to_string();
-    let on_cgroup: Vec<_> = ebpf_net::clusterip::attached()
+    let on_cgroup: Vec<_> = ebpf_net::datapath::clusterip::attached()
         .into_iter()
         .filter(|(path, _, _)| *path == relative)
         .collect();
     assert!(on_cgroup.is_empty(), "left on the cgroup: {on_cgroup:?}");
-    let runs: Vec<_> = ebpf_net::instance::all()
+    let runs: Vec<_> = ebpf_net::control::instance::all()
         .into_iter()
         .filter(|claim| claim.record.netns == netns.name || claim.record.target.contains("ebn-clicg"))
         .map(|claim| claim.path)

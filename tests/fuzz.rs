@@ -22,12 +22,14 @@ use libbpf_rs::{ProgramInput, ProgramMut};
 
 use common::packets::{ext_chain, fragment, ip_frame, verify_l4_checksum, with_vlan, zero_udp_checksum, L4};
 use common::topology::Netns;
-use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
-use ebpf_net::lb;
-use ebpf_net::proxy::{load_with_rules, Rule};
-use ebpf_net::service::parse_services;
-use ebpf_net::skel::monitor::MonitorSkelBuilder;
-use ebpf_net::xdp_lb::{self, Backend, Options};
+use ebpf_net::control::service::parse_services;
+use ebpf_net::datapath::ipv6_hp::{
+    load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL,
+};
+use ebpf_net::datapath::lb;
+use ebpf_net::datapath::proxy::{load_with_rules, Rule};
+use ebpf_net::datapath::xdp_lb::{self, Backend, Options};
+use ebpf_net::kernel::skel::monitor::MonitorSkelBuilder;
 
 const TCX_NEXT: i32 = -1;
 const TCX_PASS: i32 = 0;
@@ -423,7 +425,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             link_local: DEFAULT_LINK_LOCAL.parse().unwrap(),
             global: DEFAULT_GLOBAL.parse().unwrap(),
         };
-        let flag = ebpf_net::probe::l4_csum_ipv6_flag();
+        let flag = ebpf_net::kernel::probe::l4_csum_ipv6_flag();
         let ingress = load_ingress(ingress_obj, &hp, flag, None).unwrap();
         let egress = load_egress(egress_obj, &hp, flag, None).unwrap();
         let ll = format!("[{DEFAULT_LINK_LOCAL}]:40000");

@@ -33,7 +33,11 @@ fn lab(tag: &str) -> ProbeLab {
     node.exec(&format!(
         "ip -6 addr add {NODE}/64 dev eth0 nodad && ip -6 route add {GLOBAL}/128 via {LINK_LOCAL} dev eth0"
     ));
-    let probe_ifindex = prober.enter(|| ebpf_net::addr::Interface::by_name("probe0").unwrap().index);
+    let probe_ifindex = prober.enter(|| {
+        ebpf_net::kernel::addr::Interface::by_name("probe0")
+            .unwrap()
+            .index
+    });
     ProbeLab {
         node,
         prober,

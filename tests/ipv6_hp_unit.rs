@@ -6,7 +6,9 @@ use std::mem::MaybeUninit;
 use std::net::Ipv6Addr;
 
 use common::packets::*;
-use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
+use ebpf_net::datapath::ipv6_hp::{
+    load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL,
+};
 use etherparse::Ipv6Extensions;
 
 fn azure() -> ProbeAddresses {
@@ -147,14 +149,26 @@ fn egress_cases(hp: &ProbeAddresses) -> Vec<Case> {
 #[test]
 fn ingress_rewrites_probe_source_with_azure_defaults() {
     let mut object = MaybeUninit::uninit();
-    let skel = load_ingress(&mut object, &azure(), ebpf_net::probe::l4_csum_ipv6_flag(), None).unwrap();
+    let skel = load_ingress(
+        &mut object,
+        &azure(),
+        ebpf_net::kernel::probe::l4_csum_ipv6_flag(),
+        None,
+    )
+    .unwrap();
     run_table(&skel.progs.ipv6_hp_ingress, &ingress_cases(&azure()));
 }
 
 #[test]
 fn egress_rewrites_reply_destination_with_azure_defaults() {
     let mut object = MaybeUninit::uninit();
-    let skel = load_egress(&mut object, &azure(), ebpf_net::probe::l4_csum_ipv6_flag(), None).unwrap();
+    let skel = load_egress(
+        &mut object,
+        &azure(),
+        ebpf_net::kernel::probe::l4_csum_ipv6_flag(),
+        None,
+    )
+    .unwrap();
     run_table(&skel.progs.ipv6_hp_egress, &egress_cases(&azure()));
 }
 

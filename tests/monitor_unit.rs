@@ -8,8 +8,8 @@ use std::mem::MaybeUninit;
 use std::net::IpAddr;
 
 use common::packets::*;
-use ebpf_net::monitor::{read_flows, Counters, Flow};
-use ebpf_net::skel::monitor::MonitorSkelBuilder;
+use ebpf_net::datapath::monitor::{read_flows, Counters, Flow};
+use ebpf_net::kernel::skel::monitor::MonitorSkelBuilder;
 use etherparse::{IpFragOffset, IpNumber, Ipv6Extensions, Ipv6FragmentHeader, PacketBuilder};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::packets::*;
 use common::topology::Netns;
-use ebpf_net::proxy::{load_with_rules, Rule};
+use ebpf_net::datapath::proxy::{load_with_rules, Rule};
 
 const CLIENT4: &str = "10.0.0.1";
 const CLIENT6: &str = "2001:db8::1";

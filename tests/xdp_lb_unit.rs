@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::packets::*;
 use common::topology::Netns;
-use ebpf_net::service::{parse_services, Service};
-use ebpf_net::skel::xdp_lb::types::xdp_lb_counters;
-use ebpf_net::xdp_lb::{self, Backend, Flow, Options};
+use ebpf_net::control::service::{parse_services, Service};
+use ebpf_net::datapath::xdp_lb::{self, Backend, Flow, Options};
+use ebpf_net::kernel::skel::xdp_lb::types::xdp_lb_counters;
 use libbpf_rs::{ProgramInput, ProgramMut};
 
 const XDP_DROP: i32 = 1;
@@ -78,7 +78,7 @@ fn load<'obj>(
     services: &[Service],
     max_flows: u32,
     ports: (u16, u16),
-) -> ebpf_net::skel::xdp_lb::XdpLbSkel<'obj> {
+) -> ebpf_net::kernel::skel::xdp_lb::XdpLbSkel<'obj> {
     xdp_lb::load_with_services(
         object,
         &options(max_flows, ports),
@@ -426,7 +426,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             );
         }
         let counters: xdp_lb_counters =
-            ebpf_net::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
+            ebpf_net::kernel::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
         assert_eq!((counters.no_port, counters.new_flows), (1, 4));
     });
 }

@@ -15,13 +15,15 @@ use std::time::Instant;
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ProgramInput, ProgramMut};
 
-use ebpf_net::ipv6_hp::{load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL};
-use ebpf_net::lb;
-use ebpf_net::proxy::{load_with_rules, Rule};
-use ebpf_net::service::parse_services;
-use ebpf_net::skel::monitor::MonitorSkelBuilder;
-use ebpf_net::skel::noop::NoopSkelBuilder;
-use ebpf_net::xdp_lb::{self, Backend, Options};
+use ebpf_net::control::service::parse_services;
+use ebpf_net::datapath::ipv6_hp::{
+    load_egress, load_ingress, ProbeAddresses, DEFAULT_GLOBAL, DEFAULT_LINK_LOCAL,
+};
+use ebpf_net::datapath::lb;
+use ebpf_net::datapath::proxy::{load_with_rules, Rule};
+use ebpf_net::datapath::xdp_lb::{self, Backend, Options};
+use ebpf_net::kernel::skel::monitor::MonitorSkelBuilder;
+use ebpf_net::kernel::skel::noop::NoopSkelBuilder;
 
 use crate::chart::{bar_chart, Bar};
 use crate::common::bench::{median, test_run_median_ns};
@@ -102,7 +104,7 @@ fn tc_rows(settings: &Settings) -> Vec<Row> {
             link_local: DEFAULT_LINK_LOCAL.parse().unwrap(),
             global: DEFAULT_GLOBAL.parse().unwrap(),
         };
-        let flag = ebpf_net::probe::l4_csum_ipv6_flag();
+        let flag = ebpf_net::kernel::probe::l4_csum_ipv6_flag();
         let ingress = load_ingress(ingress_obj, &addrs, flag, None).unwrap();
         let egress = load_egress(egress_obj, &addrs, flag, None).unwrap();
         let monitor = MonitorSkelBuilder::default()

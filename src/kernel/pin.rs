@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-use crate::probe;
+use crate::kernel::attach::PinnedLink;
+use crate::kernel::probe;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PIN_ROOT: &str = "/sys/fs/bpf/ebpf-net";
@@ -34,7 +35,7 @@ impl PinDir {
     /// The target as users name it: an interface, or `cgroup /path` for a cgroup.
     pub fn target_display(&self) -> String {
         if self.target.starts_with("%2F") {
-            format!("cgroup {}", crate::cgroup::decode_target(&self.target))
+            format!("cgroup {}", crate::kernel::cgroup::decode_target(&self.target))
         } else {
             self.target.clone()
         }
@@ -45,7 +46,7 @@ impl PinDir {
     }
 
     /// Where the link of one side of an interface is pinned.
-    pub fn link_file(&self, direction: crate::attach::TcDirection) -> PathBuf {
+    pub fn link_file(&self, direction: crate::kernel::attach::TcDirection) -> PathBuf {
         self.file(&format!("link_{}", direction.name()))
     }
 
@@ -57,6 +58,14 @@ impl PinDir {
     pub fn create(&self) -> Result<()> {
         probe::require_bpffs(Path::new(BPFFS))?;
         fs::create_dir_all(&self.path).with_context(|| format!("creating {}", self.path.display()))
+    }
+
+    /// The program ids of every link pinned in this directory.
+    pub fn prog_ids(&self) -> Vec<u32> {
+        self.links()
+            .iter()
+            .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
+            .collect()
     }
 
     /// Pinned links in this directory, as (name without `link_`, path).

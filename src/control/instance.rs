@@ -148,7 +148,7 @@ impl Drop for Instance {
 
 fn display_target(target: &str) -> String {
     if target.starts_with("%2F") {
-        format!("cgroup {}", crate::cgroup::decode_target(target))
+        format!("cgroup {}", crate::kernel::cgroup::decode_target(target))
     } else {
         target.to_string()
     }

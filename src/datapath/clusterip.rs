@@ -11,18 +11,18 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{Link, MapHandle, Program, ProgramAttachType};
 use serde_json::{json, Value};
 
-use crate::attach::{self, PinnedLink};
-use crate::cgroup::{self, Cgroup};
-use crate::config::{self, ConfigFile, Item, RunOptions};
-use crate::instance::Instance;
-use crate::maps;
-use crate::metrics;
-use crate::netns;
-use crate::pin::PinDir;
-use crate::run;
-use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
-use crate::skel::sock_xlate::types::clusterip_stats;
-use crate::skel::sock_xlate::{SockXlateSkel, SockXlateSkelBuilder};
+use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::instance::Instance;
+use crate::control::metrics;
+use crate::control::run;
+use crate::control::service::{self, Limits, Service, ServiceTables, SyncReport};
+use crate::kernel::attach;
+use crate::kernel::cgroup::{self, Cgroup};
+use crate::kernel::maps;
+use crate::kernel::netns;
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::sock_xlate::types::clusterip_stats;
+use crate::kernel::skel::sock_xlate::{SockXlateSkel, SockXlateSkelBuilder};
 
 pub const SUBCOMMAND: &str = "clusterip";
 /// Program names as the kernel reports them (at most 15 characters).
@@ -167,7 +167,7 @@ fn programs<'a>(skel: &'a SockXlateSkel<'_>) -> [(&'a Program<'a>, &'static str)
 
 /// Refuses when another clusterip (not the one pinned in `pins`) is on the cgroup already.
 fn refuse_if_attached(cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
-    let pinned = PinnedLink::prog_ids(pins);
+    let pinned = pins.prog_ids();
     let dir = cgroup.open()?;
     for prog in attach::cgroup_programs(dir.as_fd(), ProgramAttachType::CgroupInet4Connect)? {
         if PROGRAMS.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {

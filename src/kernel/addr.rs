@@ -139,7 +139,7 @@ macro_rules! endpoint_conversions {
     ($ty:ty) => {
         impl From<std::net::SocketAddr> for $ty {
             fn from(addr: std::net::SocketAddr) -> Self {
-                let (family, words) = $crate::addr::ip_to_words(addr.ip());
+                let (family, words) = $crate::kernel::addr::ip_to_words(addr.ip());
                 Self {
                     addr: words,
                     port: addr.port().to_be(),
@@ -152,7 +152,7 @@ macro_rules! endpoint_conversions {
         impl From<&$ty> for std::net::SocketAddr {
             fn from(endpoint: &$ty) -> Self {
                 std::net::SocketAddr::new(
-                    $crate::addr::ip_from_words(endpoint.family, endpoint.addr),
+                    $crate::kernel::addr::ip_from_words(endpoint.family, endpoint.addr),
                     u16::from_be(endpoint.port),
                 )
             }

@@ -9,8 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::attach::XdpMode;
-use crate::monitor::Directions;
+use crate::kernel::attach::{Directions, XdpMode};
 
 /// Options every datapath takes besides its own.
 #[derive(clap::Args, Debug, Clone, Default)]

@@ -4,11 +4,12 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 
-use crate::addr::Interface;
-use crate::attach::{self, PinnedLink, TcDirection};
-use crate::instance::{self, RUN_ROOT};
-use crate::pin::{PinDir, PIN_ROOT};
-use crate::{clusterip, ipv6_hp, lb, monitor, netns, proxy, xdp_lb};
+use crate::control::instance::{self, RUN_ROOT};
+use crate::datapath::{clusterip, ipv6_hp, lb, monitor, proxy, xdp_lb};
+use crate::kernel::addr::Interface;
+use crate::kernel::attach::{self, PinnedLink, TcDirection};
+use crate::kernel::netns;
+use crate::kernel::pin::{PinDir, PIN_ROOT};
 
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
 fn is_ours(name: &str) -> bool {
@@ -89,7 +90,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
     let pinned_prog_ids: Vec<u32> = all_pins
         .iter()
         .filter(|pins| pins.netns == netns_key || pins.subcommand == clusterip::SUBCOMMAND)
-        .flat_map(PinnedLink::prog_ids)
+        .flat_map(PinDir::prog_ids)
         .collect();
     let owner = |id: u32| {
         if pinned_prog_ids.contains(&id) {

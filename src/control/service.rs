@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
-use crate::config::Item;
-use crate::maps::{self, as_bytes};
-use crate::pin::PinDir;
-use crate::skel::sock_xlate::types::{service_endpoint, service_range};
+use crate::control::config::Item;
+use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::sock_xlate::types::{service_endpoint, service_range};
 
 /// Longer than any program that read a service's old slot range before the swap can still
 /// be running, before that range is written again in the same update.

@@ -12,16 +12,17 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::MapHandle;
 use serde_json::{json, Value};
 
-use crate::addr::{ip_to_words, Interface};
-use crate::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
-use crate::config::{self, ConfigFile, Item, RunOptions};
-use crate::instance::Instance;
-use crate::maps::{self, as_bytes};
-use crate::pin::PinDir;
-use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
-use crate::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
-use crate::skel::lb::{LbSkel, LbSkelBuilder};
-use crate::{metrics, nft, probe, run};
+use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::instance::Instance;
+use crate::control::service::{self, Limits, Service, ServiceTables, SyncReport};
+use crate::control::{metrics, run};
+use crate::kernel::addr::{ip_to_words, Interface};
+use crate::kernel::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
+use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
+use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
+use crate::kernel::{nft, probe};
 
 pub const SUBCOMMAND: &str = "lb";
 pub const PROGRAMS: [&str; 1] = ["lb_ingress"];
@@ -400,7 +401,7 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
     let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
     let (mut instance, orphan) = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
     let values = backend_values(&settings.services, !settings.no_snat)?;
     if args.persist {
         return persist(&settings.services, &values, &iface, &pins);

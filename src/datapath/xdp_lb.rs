@@ -14,19 +14,21 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBufferBuilder};
 use serde_json::{json, Value};
 
-use crate::addr::{ip_from_words, ip_to_words, Interface};
-use crate::attach::{self, PinnedLink, XdpAttachment, XdpMode};
-use crate::config::{self, ConfigFile, Item, RunOptions};
-use crate::instance::Instance;
-use crate::maps::{self, as_bytes};
-use crate::metrics;
-use crate::pin::PinDir;
-use crate::service::{self, Limits, Service, ServiceTables, SyncReport};
-use crate::skel::xdp_lb::types::{
+use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::instance::Instance;
+use crate::control::metrics;
+use crate::control::run;
+use crate::control::service::{self, Limits, Service, ServiceTables, SyncReport};
+use crate::datapath::maglev;
+use crate::kernel::addr::{ip_from_words, ip_to_words, Interface};
+use crate::kernel::attach::{self, XdpAttachment, XdpMode};
+use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::neigh;
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::xdp_lb::types::{
     service_endpoint, xdp_lb_backend, xdp_lb_counters, xdp_lb_event, xdp_lb_flow, xdp_lb_stats, xdp_lb_tuple,
 };
-use crate::skel::xdp_lb::{XdpLbSkel, XdpLbSkelBuilder};
-use crate::{maglev, neigh, run};
+use crate::kernel::skel::xdp_lb::{XdpLbSkel, XdpLbSkelBuilder};
 
 pub const SUBCOMMAND: &str = "xdp-lb";
 pub const PROGRAMS: [&str; 1] = ["xdp_lb"];
@@ -425,7 +427,7 @@ fn refuse_if_attached(iface: &Interface, pins: &PinDir) -> Result<()> {
     let Some(prog) = attach::xdp_program(iface.index) else {
         return Ok(());
     };
-    if PinnedLink::prog_ids(pins).contains(&prog.id) {
+    if pins.prog_ids().contains(&prog.id) {
         return Ok(());
     }
     if PROGRAMS.contains(&prog.name.as_str()) {

@@ -11,16 +11,16 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
-use crate::addr::Interface;
-use crate::attach::{self, TcDirection, TcxAttachment};
-use crate::config::{self, ConfigFile, Item, RunOptions};
-use crate::instance::Instance;
-use crate::maps::{self, as_bytes};
-use crate::metrics;
-use crate::pin::PinDir;
-use crate::run::{self, Shutdown};
-use crate::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
-use crate::skel::proxy::{ProxySkel, ProxySkelBuilder};
+use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::instance::Instance;
+use crate::control::metrics;
+use crate::control::run::{self, Shutdown};
+use crate::kernel::addr::Interface;
+use crate::kernel::attach::{self, TcDirection, TcxAttachment};
+use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
+use crate::kernel::skel::proxy::{ProxySkel, ProxySkelBuilder};
 
 pub const SUBCOMMAND: &str = "proxy";
 pub const PROGRAMS: [&str; 2] = ["proxy_egress", "proxy_ingress"];
@@ -245,7 +245,7 @@ pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
     let iface = Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?;
     let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
     let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
     if args.persist {
         return persist(&rules, &iface, &pins);
     }

@@ -9,7 +9,7 @@ use std::ptr::NonNull;
 use anyhow::{Context, Result};
 use libbpf_rs::{AsRawLibbpf, Link, MapCore, OpenProgramMut, Program, ProgramAttachType};
 
-use crate::addr::Interface;
+use crate::kernel::addr::Interface;
 
 /// Which side of an interface a tc program sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +41,25 @@ impl TcDirection {
         match self {
             TcDirection::Ingress => libbpf_sys::BPF_F_BEFORE,
             TcDirection::Egress => libbpf_sys::BPF_F_AFTER,
+        }
+    }
+}
+
+/// Which sides of an interface a datapath watches (monitor's `--direction`).
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Directions {
+    Ingress,
+    Egress,
+    Both,
+}
+
+impl Directions {
+    pub fn tc(self) -> Vec<TcDirection> {
+        match self {
+            Directions::Ingress => vec![TcDirection::Ingress],
+            Directions::Egress => vec![TcDirection::Egress],
+            Directions::Both => TcDirection::BOTH.to_vec(),
         }
     }
 }
@@ -355,14 +374,6 @@ impl PinnedLink {
             target,
         })
     }
-
-    /// The program ids of every link pinned in a directory.
-    pub fn prog_ids(pins: &crate::pin::PinDir) -> Vec<u32> {
-        pins.links()
-            .iter()
-            .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
-            .collect()
-    }
 }
 
 /// Swaps `prog` into the link pinned at `link_path` (atomically: the hook never runs
@@ -407,14 +418,14 @@ pub fn attach_or_update_pinned(
 }
 
 /// Refuses when one of `programs` is already on the interface and not one of the links
-/// pinned in `pins`: another ebpf-net would fight us for the same packets.
+/// whose program is in `pinned` (our own persisted links): another ebpf-net would fight us
+/// for the same packets.
 pub fn refuse_if_attached(
     subcommand: &str,
     programs: &[&str],
     iface: &Interface,
-    pins: &crate::pin::PinDir,
+    pinned: &[u32],
 ) -> Result<()> {
-    let pinned = PinnedLink::prog_ids(pins);
     for direction in TcDirection::BOTH {
         for prog in tcx_programs(iface.index, direction)? {
             if programs.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {

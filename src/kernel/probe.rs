@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::ProgramInput;
 
-use crate::netns;
-use crate::skel::probe::ProbeSkelBuilder;
+use crate::kernel::netns;
+use crate::kernel::skel::probe::ProbeSkelBuilder;
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;

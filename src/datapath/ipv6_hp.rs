@@ -16,16 +16,17 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, Program};
 use serde_json::{json, Value};
 use toml::Spanned;
 
-use crate::addr::{parse_ipv6, Interface};
-use crate::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
-use crate::config::{self, ConfigFile, RunOptions};
-use crate::instance::Instance;
-use crate::metrics;
-use crate::pin::PinDir;
-use crate::skel::egress::EgressSkel;
-use crate::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
-use crate::skel::ingress::IngressSkel;
-use crate::{maps, probe, run};
+use crate::control::config::{self, ConfigFile, RunOptions};
+use crate::control::instance::Instance;
+use crate::control::metrics;
+use crate::control::run;
+use crate::kernel::addr::{parse_ipv6, Interface};
+use crate::kernel::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
+use crate::kernel::pin::PinDir;
+use crate::kernel::skel::egress::EgressSkel;
+use crate::kernel::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
+use crate::kernel::skel::ingress::IngressSkel;
+use crate::kernel::{maps, probe};
 
 pub const SUBCOMMAND: &str = "ipv6-hp";
 pub const DEFAULT_LINK_LOCAL: &str = "fe80::1234:5678:9abc";
@@ -126,7 +127,7 @@ pub struct ProbeAddresses {
 /// because the two skeletons are distinct generated types with the same shape.
 macro_rules! load_hp_skeleton {
     ($module:ident, $builder:ident, $prog:ident, $direction:expr, $storage:expr, $addrs:expr, $csum_flag:expr, $stats_pin:expr) => {{
-        use crate::skel::$module::{types::in6_addr, $builder};
+        use crate::kernel::skel::$module::{types::in6_addr, $builder};
         let mut open = $builder::default()
             .open($storage)
             .with_context(|| format!("opening the {} program", stringify!($prog)))?;
@@ -212,7 +213,7 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
             iface.name
         );
     }
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
 
     let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
     let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
@@ -305,7 +306,7 @@ fn stats_summary(stats: &ipv6_hp_stats) -> String {
 /// existing links atomically: no moment without translation.
 fn persist(settings: &Settings, iface: &Interface, pins: &PinDir, csum_flag: u64) -> Result<()> {
     let addrs = &settings.addrs;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, iface, pins)?;
+    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, iface, &pins.prog_ids())?;
     let fresh = !pins.exists();
     pins.create()?;
     let result = persist_into(addrs, iface, pins, csum_flag);

@@ -12,14 +12,14 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
-use crate::addr::{ip_from_words, Interface};
-use crate::attach::{TcDirection, TcxAttachment};
-use crate::config::{self, ConfigFile, Item, RunOptions};
-use crate::maps;
-use crate::metrics;
-use crate::run::{self, Shutdown};
-use crate::skel::monitor::types::{flow_counters, flow_key};
-use crate::skel::monitor::MonitorSkelBuilder;
+use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::metrics;
+use crate::control::run::{self, Shutdown};
+use crate::kernel::addr::{ip_from_words, Interface};
+use crate::kernel::attach::{Directions, TcDirection, TcxAttachment};
+use crate::kernel::maps;
+use crate::kernel::skel::monitor::types::{flow_counters, flow_key};
+use crate::kernel::skel::monitor::MonitorSkelBuilder;
 
 pub const SUBCOMMAND: &str = "monitor";
 pub const PROGRAMS: [&str; 2] = ["monitor_ingress", "monitor_egress"];
@@ -29,24 +29,6 @@ const TOP_ROWS: usize = 25;
 // SAFETY: plain C structs of integers from include/monitor.h.
 unsafe impl plain::Plain for flow_key {}
 unsafe impl plain::Plain for flow_counters {}
-
-#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Directions {
-    Ingress,
-    Egress,
-    Both,
-}
-
-impl Directions {
-    fn tc(self) -> Vec<TcDirection> {
-        match self {
-            Directions::Ingress => vec![TcDirection::Ingress],
-            Directions::Egress => vec![TcDirection::Egress],
-            Directions::Both => TcDirection::BOTH.to_vec(),
-        }
-    }
-}
 
 #[derive(clap::Args, Debug)]
 pub struct MonitorArgs {
