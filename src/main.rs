@@ -5,13 +5,15 @@ use std::process::ExitCode;
 use anyhow::{bail, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
+use ebpf_net::control::lifecycle;
 use ebpf_net::control::status;
-use ebpf_net::datapath::clusterip::{self, ClusteripArgs};
-use ebpf_net::datapath::ipv6_hp::{self, Ipv6HpArgs};
-use ebpf_net::datapath::lb::{self, LbArgs};
+use ebpf_net::datapath::clusterip::{self, Clusterip, ClusteripArgs};
+use ebpf_net::datapath::ipv6_hp::{self, Ipv6Hp, Ipv6HpArgs};
+use ebpf_net::datapath::lb::{self, Lb, LbArgs};
 use ebpf_net::datapath::monitor::{self, MonitorArgs};
-use ebpf_net::datapath::proxy::{self, ProxyArgs};
-use ebpf_net::datapath::xdp_lb::{self, XdpLbArgs};
+use ebpf_net::datapath::proxy::{self, Proxy, ProxyArgs};
+use ebpf_net::datapath::xdp_lb::{self, XdpLb, XdpLbArgs};
+use ebpf_net::datapath::REGISTRY;
 use ebpf_net::kernel::{netns, probe};
 
 /// eBPF service networking for a Linux node.
@@ -101,13 +103,13 @@ fn run(cli: Cli) -> Result<()> {
     }
     let netns_key = netns::current_key()?;
     match &cli.command {
-        Command::Ipv6Hp(args) => ipv6_hp::run(args, &netns_key),
+        Command::Ipv6Hp(args) => lifecycle::run::<Ipv6Hp>(args, &netns_key),
         Command::Monitor(args) => monitor::run(args),
-        Command::Proxy(args) => proxy::run(args, &netns_key),
-        Command::Clusterip(args) => clusterip::run(args),
-        Command::Lb(args) => lb::run(args, &netns_key),
-        Command::XdpLb(args) => xdp_lb::run(args, &netns_key),
-        Command::Status { json } => status::status(*json, &netns_key),
+        Command::Proxy(args) => lifecycle::run::<Proxy>(args, &netns_key),
+        Command::Clusterip(args) => lifecycle::run::<Clusterip>(args, &netns_key),
+        Command::Lb(args) => lifecycle::run::<Lb>(args, &netns_key),
+        Command::XdpLb(args) => lifecycle::run::<XdpLb>(args, &netns_key),
+        Command::Status { json } => status::status(&REGISTRY, *json, &netns_key),
         Command::Down {
             subcommand,
             iface,
@@ -119,6 +121,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => iface.clone(),
             };
             status::down(
+                &REGISTRY,
                 subcommand.map(Datapath::subcommand),
                 target.as_deref(),
                 *all,
@@ -135,6 +138,24 @@ fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) if err.kind() == clap::error::ErrorKind::ValueValidation => {
+            // "--service TEXT: problem", as for the same entry in a config file
+            use clap::error::{ContextKind, ContextValue};
+            let context = |kind| match err.get(kind) {
+                Some(ContextValue::String(text)) => text.clone(),
+                _ => String::new(),
+            };
+            let flag = context(ContextKind::InvalidArg);
+            let flag = flag.split_whitespace().next().unwrap_or_default();
+            let problem = std::error::Error::source(&err)
+                .map(|source| format!("{source:#}"))
+                .unwrap_or_default();
+            eprintln!(
+                "ebpf-net: {flag} {}: {problem}",
+                context(ContextKind::InvalidValue)
+            );
+            return ExitCode::from(2);
+        }
         Err(err) => {
             // One line naming the problem, without clap's usage and tip lines.
             let rendered = err.render().to_string();

@@ -495,10 +495,12 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             Rule {
                 from: sock("10.96.0.10:80"),
                 to: sock("10.1.0.2:8080"),
+                origin: String::new(),
             },
             Rule {
                 from: sock("[fd96::10]:80"),
                 to: sock("[2001:db8:1::2]:8080"),
+                origin: String::new(),
             },
         ];
         let proxy = load_with_rules(proxy_obj, &rules).unwrap();
@@ -584,11 +586,11 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         .unwrap();
         let backends: HashMap<SocketAddr, Backend> = services
             .iter()
-            .flat_map(|svc| svc.backends.iter())
+            .flat_map(|svc| svc.addrs())
             .map(|b| {
                 let lb_addr = if b.is_ipv4() { "10.1.0.1" } else { "2001:db8:1::1" };
                 (
-                    *b,
+                    b,
                     Backend {
                         lb_addr: lb_addr.parse().unwrap(),
                         mac: [2, 0, 0, 0, 0xbb, 1],

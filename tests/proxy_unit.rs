@@ -23,6 +23,7 @@ fn rule(from: &str, to: &str) -> Rule {
     Rule {
         from: from.parse().unwrap(),
         to: to.parse().unwrap(),
+        origin: String::new(),
     }
 }
 

@@ -504,3 +504,127 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["attached"].as_array().unwrap().is_empty(), "{status}");
 }
+
+/// One round on an open connection: `data` out, the same bytes echoed back.
+fn echo_round(stream: &TcpStream, data: &[u8]) -> std::io::Result<()> {
+    let mut writer = stream;
+    writer.write_all(data)?;
+    let mut back = vec![0u8; data.len()];
+    let mut reader = stream;
+    reader.read_exact(&mut back)?;
+    assert_eq!(back, data, "echo");
+    Ok(())
+}
+
+#[test]
+fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_layout_is_refused() {
+    let lab = Lab::new("xlb-e2e5");
+    let persist = |max_flows: &str| {
+        let mut args: Vec<String> = vec!["xdp-lb".into(), "-i".into(), "eth0".into()];
+        args.extend(lab.services());
+        args.extend(["--persist".into(), "--max-flows".into(), max_flows.into()]);
+        lab.ebpf_net(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let first = persist("1024");
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let stream = connect_from(&lab, CLIENTS4[0], sock(VIP4)).expect("connect to the VIP");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    greeting(&stream);
+    echo_round(&stream, b"before the resize").unwrap();
+
+    // a bigger flow table: the flows are copied over, the connection keeps its backend
+    let second = persist("2048");
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(second.status.success(), "{stderr}");
+    assert!(!stderr.contains("libbpf"), "{stderr}");
+    assert!(stderr.contains("entries copied over"), "{stderr}");
+    echo_round(&stream, b"after the resize").expect("the open connection survived the resize");
+    let status = lab.ebpf_net(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let entry = status["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["subcommand"] == "xdp-lb" && entry["netns"] == lab.lb.name.as_str())
+        .expect("xdp-lb persisted");
+    assert_eq!(entry["details"]["max_flows"], 2048, "{entry}");
+    assert!(entry["details"]["flows"].as_u64().unwrap() >= 1, "{entry}");
+
+    // someone else's map where the flow table's pin was: one line, nothing changed
+    let dir = entry["path"].as_str().unwrap().to_string();
+    std::fs::remove_file(format!("{dir}/flows_v1")).unwrap();
+    let made = Command::new("bpftool")
+        .args(["map", "create", &format!("{dir}/flows_v1"), "type", "hash"])
+        .args(["key", "8", "value", "8", "entries", "64", "name", "foreign"])
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let third = persist("2048");
+    let stderr = String::from_utf8_lossy(&third.stderr);
+    assert!(!third.status.success(), "a foreign flow table was taken: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("flows_v1") && stderr.contains("ebpf-net down xdp-lb -i eth0"), "{stderr}");
+    assert!(!stderr.contains("libbpf"), "{stderr}");
+    echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
+    let down = lab.ebpf_net(&["down", "xdp-lb"]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    assert!(!lab.xdp_attached());
+}
+
+#[test]
+fn status_json_and_metrics_show_the_same_counters() {
+    use ebpf_net::datapath::REGISTRY;
+    let lab = Lab::new("xlb-e2e6");
+    let mut args: Vec<String> = vec!["xdp-lb".into(), "-i".into(), "eth0".into()];
+    args.extend(lab.services());
+    args.push("--persist".into());
+    let out = lab.ebpf_net(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for (i, client) in CLIENTS4.iter().enumerate() {
+        let stream = connect_from(&lab, client, sock(VIP4)).expect("connect");
+        tcp_talk(&stream, format!("hello {i}").as_bytes());
+    }
+    let status = lab.ebpf_net(&["status", "--json"]);
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap();
+    let entry = status["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|entry| entry["subcommand"] == "xdp-lb" && entry["netns"] == lab.lb.name.as_str())
+        .expect("xdp-lb persisted")
+        .clone();
+    let pins = ebpf_net::kernel::pin::PinDir::new("xdp-lb", &lab.lb.name, "eth0");
+    let datapath = REGISTRY.iter().find(|d| d.name() == "xdp-lb").unwrap();
+    let report = datapath.report_pinned(&pins).unwrap();
+    let metrics = ebpf_net::control::metrics::render(report.families).unwrap();
+    let sample = |line: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(line).map(|v| v.trim().parse().unwrap()))
+            .unwrap_or_else(|| panic!("no {line} in\n{metrics}"))
+    };
+    let details = &entry["details"];
+    for (name, value) in details["counters"].as_object().unwrap() {
+        let family = if ["no_port", "flow_failed", "lost_events", "unattributed"].contains(&name.as_str()) {
+            format!("ebpf_net_errors_total{{datapath=\"xdp-lb\",error=\"{name}\"}}")
+        } else {
+            format!("ebpf_net_events_total{{datapath=\"xdp-lb\",event=\"{name}\"}}")
+        };
+        assert_eq!(sample(&family), value.as_u64().unwrap(), "{name}");
+    }
+    let service = &details["services"][0];
+    let vip = service["vip"].as_str().unwrap();
+    for (name, value) in service["totals"].as_object().unwrap() {
+        let line = format!("ebpf_net_service_{name}_total{{datapath=\"xdp-lb\",service=\"{vip}\"}}");
+        assert_eq!(sample(&line), value.as_u64().unwrap(), "{name}");
+    }
+    assert_eq!(service["totals"]["new_flows"], 3, "{service}");
+    // the text line of `status` says the same
+    let text = lab.ebpf_net(&["status"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    let flows = details["flows"].as_u64().unwrap();
+    assert!(text.contains(&format!("{flows} flows in the table")), "{text}");
+    assert!(text.contains(&format!("{} new flows", service["backends"][0]["new_flows"])), "{text}");
+    let down = lab.ebpf_net(&["down", "xdp-lb"]);
+    assert!(down.status.success());
+}

@@ -51,8 +51,8 @@ fn services(texts: &[&str]) -> Vec<Service> {
 fn backends_of(services: &[Service]) -> HashMap<SocketAddr, Backend> {
     services
         .iter()
-        .flat_map(|svc| svc.backends.iter())
-        .map(|&backend| {
+        .flat_map(|svc| svc.addrs())
+        .map(|backend| {
             (
                 backend,
                 Backend {
@@ -448,7 +448,7 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
             run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
         }
         let before = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
-        let removed = all[0].backends[0];
+        let removed = all[0].backends[0].addr;
         let fewer = services(&["10.96.0.10:80=10.1.0.3:8080,10.1.0.4:8080"]);
         xdp_lb::sync(&tables, &fewer, &backends_of(&all)).unwrap();
         for client in &clients {

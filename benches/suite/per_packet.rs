@@ -115,8 +115,9 @@ fn tc_rows(settings: &Settings) -> Vec<Row> {
         let rule = Rule {
             from: sock("10.96.0.10:80"),
             to: sock("10.1.0.2:8080"),
+            origin: String::new(),
         };
-        let proxy = load_with_rules(proxy_obj, &[rule]).unwrap();
+        let proxy = load_with_rules(proxy_obj, std::slice::from_ref(&rule)).unwrap();
         let services = parse_services(
             &["10.96.0.20:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080".to_string()],
             lb::LIMITS,
@@ -249,7 +250,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
         .unwrap();
         let backend_mac = [2, 0, 0, 0, 0xbb, 1];
         let backends: HashMap<SocketAddr, Backend> = services[0]
-            .backends
+            .addrs()
             .iter()
             .map(|b| {
                 let backend = Backend {

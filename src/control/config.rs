@@ -9,6 +9,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::control::service::Service;
 use crate::kernel::attach::{Directions, XdpMode};
 
 /// Options every datapath takes besides its own.
@@ -189,13 +190,14 @@ impl ConfigFile {
             .ok_or_else(|| anyhow!("{}: no [{name}] table", self.path.display()))
     }
 
-    /// Services of a table as items in the `--service` syntax, each naming its line.
-    pub fn services(&self, entries: &[Spanned<ServiceEntry>]) -> Vec<Item> {
+    /// Services of a table, each naming its line in errors.
+    pub fn services(&self, entries: &[Spanned<ServiceEntry>]) -> Result<Vec<Service>> {
         entries
             .iter()
-            .map(|entry| Item {
-                text: format!("{}={}", entry.get_ref().vip, entry.get_ref().backends.join(",")),
-                origin: format!("{}: service {}", self.at(entry.span()), entry.get_ref().vip),
+            .map(|entry| {
+                let origin = format!("{}: service {}", self.at(entry.span()), entry.get_ref().vip);
+                Service::from_entry(&entry.get_ref().vip, &entry.get_ref().backends, origin.clone())
+                    .map_err(|err| anyhow!("{origin}: {err:#}"))
             })
             .collect()
     }
@@ -289,14 +291,17 @@ pub fn interface(
 
 /// Services from `--service` flags and the table's `[[TABLE.service]]` entries; at least one.
 pub fn services(
-    flags: &[String],
+    flags: &[Service],
     config: Option<&ConfigFile>,
     entries_of_table: Option<&Vec<Spanned<ServiceEntry>>>,
     table: &str,
-) -> Result<Vec<Item>> {
-    let from_file = config.zip(entries_of_table).map(|(c, e)| c.services(e));
+) -> Result<Vec<Service>> {
+    let from_file = config
+        .zip(entries_of_table)
+        .map(|(c, e)| c.services(e))
+        .transpose()?;
     entries(
-        Item::flags("--service", flags),
+        flags.to_vec(),
         from_file.unwrap_or_default(),
         "services",
         "--service",
@@ -305,13 +310,13 @@ pub fn services(
 }
 
 /// The list entries of flags and file together; at least one.
-pub fn entries(
-    flag_items: Vec<Item>,
-    file_items: Vec<Item>,
+pub fn entries<T>(
+    flag_items: Vec<T>,
+    file_items: Vec<T>,
     what: &str,
     flag: &str,
     table_key: &str,
-) -> Result<Vec<Item>> {
+) -> Result<Vec<T>> {
     let mut items = file_items;
     items.extend(flag_items);
     if items.is_empty() {
@@ -335,8 +340,16 @@ mod tests {
         )
         .unwrap();
         let lb = config.section(&config.doc.lb, "lb").unwrap();
-        let items = config.services(&lb.service);
-        assert_eq!(items[0].text, "10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080");
+        let items = config.services(&lb.service).unwrap();
+        assert_eq!(
+            items[0],
+            Service::parse("10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080")
+                .map(|s| Service {
+                    origin: items[0].origin.clone(),
+                    ..s
+                })
+                .unwrap()
+        );
         assert_eq!(items[0].origin, "node.toml:5: service 10.96.0.10:80");
         assert_eq!(lb.no_snat, Some(true));
         let xdp = config.section(&config.doc.xdp_lb, "xdp-lb").unwrap();
@@ -395,14 +408,14 @@ mod tests {
             ("eth0", "node.toml:2: interface")
         );
         let items = entries(
-            Item::flags("--service", &["10.96.0.11:80=10.1.0.3:80".to_string()]),
-            config.services(&lb.service),
+            vec![Service::parse("10.96.0.11:80=10.1.0.3:80").unwrap()],
+            config.services(&lb.service).unwrap(),
             "services",
             "--service",
             "lb.service",
         )
         .unwrap();
         assert_eq!(items.len(), 2);
-        assert!(entries(vec![], vec![], "services", "--service", "lb.service").is_err());
+        assert!(entries::<Service>(vec![], vec![], "services", "--service", "lb.service").is_err());
     }
 }

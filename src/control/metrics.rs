@@ -13,7 +13,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use serde_json::Value;
 
 pub type Labels = Vec<(String, String)>;
 
@@ -182,70 +181,6 @@ pub fn serve(listen: Option<&String>, source: impl FnOnce() -> Result<Source>) -
     Ok(Some(addr))
 }
 
-/// Per-backend and per-service families of a service report (`service::service_report`):
-/// every numeric backend field F becomes `ebpf_net_backend_F_total` and
-/// `ebpf_net_service_F_total`.
-pub fn service_families(datapath: &str, report: &[Value], help: &[(&str, &str)]) -> Vec<Family> {
-    let mut families = Vec::new();
-    for (field, what) in help {
-        let mut backend = Family::counter(
-            &format!("ebpf_net_backend_{field}"),
-            &format!("{what}, per backend"),
-        );
-        let mut service = Family::counter(
-            &format!("ebpf_net_service_{field}"),
-            &format!("{what}, per service"),
-        );
-        for entry in report {
-            let vip = entry["vip"].as_str().unwrap_or_default();
-            let mut sum = 0;
-            for b in entry["backends"].as_array().into_iter().flatten() {
-                let value = b[*field].as_u64().unwrap_or(0);
-                sum += value;
-                backend.add(
-                    &[
-                        ("datapath", datapath),
-                        ("service", vip),
-                        ("backend", b["backend"].as_str().unwrap_or_default()),
-                    ],
-                    value,
-                );
-            }
-            service.add(&[("datapath", datapath), ("service", vip)], sum);
-        }
-        families.push(backend);
-        families.push(service);
-    }
-    families
-}
-
-/// The sum of one numeric backend field over every backend of a service report.
-pub fn report_total(report: &[Value], field: &str) -> u64 {
-    report
-        .iter()
-        .flat_map(|service| service["backends"].as_array().into_iter().flatten())
-        .map(|backend| backend[field].as_u64().unwrap_or(0))
-        .sum()
-}
-
-/// `ebpf_net_events_total{datapath,event}` and `ebpf_net_errors_total{datapath,error}` from a
-/// datapath's counters, given as (name, value, is_error).
-pub fn counter_families(datapath: &str, counters: &[(&str, u64, bool)]) -> Vec<Family> {
-    let mut events = Family::counter("ebpf_net_events", "datapath events, by kind");
-    let mut errors = Family::counter(
-        "ebpf_net_errors",
-        "packets or flows a datapath could not handle, by cause",
-    );
-    for (name, value, is_error) in counters {
-        if *is_error {
-            errors.add(&[("datapath", datapath), ("error", name)], *value);
-        } else {
-            events.add(&[("datapath", datapath), ("event", name)], *value);
-        }
-    }
-    vec![events, errors]
-}
-
 /// `ebpf_net_rewrites_total{datapath,direction}`: packets (or socket calls) translated.
 pub fn rewrites(datapath: &str, by_direction: &[(&str, u64)]) -> Family {
     let mut family = Family::counter(
@@ -261,29 +196,16 @@ pub fn rewrites(datapath: &str, by_direction: &[(&str, u64)]) -> Family {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
     #[test]
-    fn service_report_becomes_backend_and_service_counters() {
-        let report = vec![json!({
-            "vip": "10.96.0.10:80",
-            "backends": [
-                { "backend": "10.1.0.2:80", "new_flows": 3 },
-                { "backend": "10.1.0.3:80", "new_flows": 4 },
-            ],
-        })];
-        let mut families = service_families("lb", &report, &[("new_flows", "flows opened")]);
-        families.extend(counter_families(
-            "lb",
-            &[("known_flows", 2, false), ("alloc_failed", 1, true)],
-        ));
-        let text = render(families).unwrap();
+    fn families_render_with_and_without_labels() {
+        let mut flows = Family::gauge("ebpf_net_xdp_lb_flows", "flows");
+        flows.add(&[], 3);
+        let text = render(vec![flows, rewrites("lb", &[("in", 4)])]).unwrap();
         for line in [
-            "# TYPE ebpf_net_backend_new_flows counter",
-            "ebpf_net_backend_new_flows_total{datapath=\"lb\",service=\"10.96.0.10:80\",backend=\"10.1.0.3:80\"} 4",
-            "ebpf_net_service_new_flows_total{datapath=\"lb\",service=\"10.96.0.10:80\"} 7",
-            "ebpf_net_events_total{datapath=\"lb\",event=\"known_flows\"} 2",
-            "ebpf_net_errors_total{datapath=\"lb\",error=\"alloc_failed\"} 1",
+            "# TYPE ebpf_net_xdp_lb_flows gauge",
+            "ebpf_net_xdp_lb_flows 3",
+            "ebpf_net_rewrites_total{datapath=\"lb\",direction=\"in\"} 4",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");

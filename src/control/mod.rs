@@ -2,7 +2,9 @@
 //! status, metrics and counters.
 
 pub mod config;
+pub mod counters;
 pub mod instance;
+pub mod lifecycle;
 pub mod metrics;
 pub mod run;
 pub mod service;

@@ -10,9 +10,9 @@ use anyhow::{bail, Context, Result};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
-use crate::control::config::Item;
+use crate::control::counters::Counters;
 use crate::kernel::maps::{self, as_bytes};
-use crate::kernel::pin::PinDir;
+use crate::kernel::pin::{MapPin, PinDir};
 use crate::kernel::skel::sock_xlate::types::{service_endpoint, service_range};
 
 /// Longer than any program that read a service's old slot range before the swap can still
@@ -30,11 +30,120 @@ pub fn endpoint_bytes(addr: SocketAddr) -> Vec<u8> {
     as_bytes(&service_endpoint::from(addr)).to_vec()
 }
 
-/// A service: TCP and UDP to `vip` go to one of `backends`.
+/// A backend of a service: where its packets go, and (xdp-lb) the MAC of its next hop when
+/// given rather than looked up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub mac: Option<[u8; 6]>,
+}
+
+impl Backend {
+    /// `IP:PORT` or `IP:PORT@MAC`.
+    pub fn parse(text: &str) -> Result<Self> {
+        let (addr, mac) = match text.rsplit_once('@') {
+            Some((addr, mac)) => {
+                let mac = crate::kernel::neigh::parse_mac(mac.trim())
+                    .with_context(|| format!("backend {}", addr.trim()))?;
+                (addr, Some(mac))
+            }
+            None => (text, None),
+        };
+        Ok(Self {
+            addr: parse_endpoint("backend", addr)?,
+            mac,
+        })
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.mac {
+            Some(mac) => write!(f, "{}@{}", self.addr, crate::kernel::neigh::format_mac(&mac)),
+            None => write!(f, "{}", self.addr),
+        }
+    }
+}
+
+/// A service: TCP and UDP to `vip` go to one of `backends`. Made by the `--service` parser,
+/// from a config file entry, or by a program; never printed to text and parsed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub vip: SocketAddr,
-    pub backends: Vec<SocketAddr>,
+    pub backends: Vec<Backend>,
+    /// where it came from, for error messages: `--service TEXT` or `FILE:LINE: service VIP`
+    pub origin: String,
+}
+
+impl Service {
+    /// A service after the checks every source gets: one address family, at least one
+    /// backend, none twice, the VIP not its own backend. Errors do not say where it came from.
+    pub fn new(vip: SocketAddr, backends: Vec<Backend>, origin: String) -> Result<Self> {
+        if backends.is_empty() {
+            bail!("no backends");
+        }
+        let mut seen = HashSet::new();
+        for backend in &backends {
+            if backend.addr.is_ipv4() != vip.is_ipv4() {
+                bail!(
+                    "backend {} is not of the VIP's address family (one family per service)",
+                    backend.addr
+                );
+            }
+            if backend.addr == vip {
+                bail!("the VIP is its own backend");
+            }
+            if !seen.insert(backend.addr) {
+                bail!("backend {} is listed twice", backend.addr);
+            }
+        }
+        Ok(Self {
+            vip,
+            backends,
+            origin,
+        })
+    }
+
+    /// One service in the `--service` syntax: VIP:PORT=BACKEND:PORT[@MAC][,...].
+    pub fn parse(text: &str) -> Result<Self> {
+        let (vip, backends) = text
+            .split_once('=')
+            .context("expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]")?;
+        let vip = parse_endpoint("VIP", vip)?;
+        if backends.trim().is_empty() {
+            bail!("no backends");
+        }
+        let backends = backends
+            .split(',')
+            .map(|backend| {
+                if backend.trim().is_empty() {
+                    bail!("empty backend in the list");
+                }
+                Backend::parse(backend)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(vip, backends, format!("--service {text}"))
+    }
+
+    /// A `[[DATAPATH.service]]` entry of a config file; `origin` names its line.
+    pub fn from_entry(vip: &str, backends: &[String], origin: String) -> Result<Self> {
+        let vip = parse_endpoint("VIP", vip)?;
+        let backends = backends
+            .iter()
+            .map(|backend| Backend::parse(backend))
+            .collect::<Result<Vec<_>>>()?;
+        Self::new(vip, backends, origin)
+    }
+
+    /// The backends' addresses, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.backends.iter().map(|backend| backend.addr).collect()
+    }
+}
+
+/// clap's value parser for `--service`.
+pub fn service_flag(text: &str) -> Result<Service> {
+    Service::parse(text)
 }
 
 /// Limits of the tables a datapath keeps services in.
@@ -43,6 +152,8 @@ pub struct Limits {
     pub services: usize,
     pub backends_per_service: usize,
     pub backends: usize,
+    /// whether backends may name their next hop's MAC (xdp-lb)
+    pub macs: bool,
 }
 
 fn parse_endpoint(what: &str, text: &str) -> Result<SocketAddr> {
@@ -59,61 +170,52 @@ fn parse_endpoint(what: &str, text: &str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// Parses one service in the `--service` syntax: VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], one
-/// address family, at least one backend, none twice. Errors do not say where it came from.
-pub fn parse_service(text: &str) -> Result<Service> {
-    let (vip, backends) = text
-        .split_once('=')
-        .context("expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]")?;
-    let vip = parse_endpoint("VIP", vip)?;
-    if backends.trim().is_empty() {
-        bail!("no backends");
-    }
-    let mut seen = HashSet::new();
-    let mut list = Vec::new();
-    for backend in backends.split(',') {
-        if backend.trim().is_empty() {
-            bail!("empty backend in the list");
-        }
-        let backend = parse_endpoint("backend", backend)?;
-        if backend.is_ipv4() != vip.is_ipv4() {
-            bail!("backend {backend} is not of the VIP's address family (one family per service)");
-        }
-        if backend == vip {
-            bail!("the VIP is its own backend");
-        }
-        if !seen.insert(backend) {
-            bail!("backend {backend} is listed twice");
-        }
-        list.push(backend);
-    }
-    Ok(Service { vip, backends: list })
-}
-
 /// Parses `--service` flags and checks them together against the table limits.
 pub fn parse_services(texts: &[String], limits: Limits) -> Result<Vec<Service>> {
-    parse_service_items(&Item::flags("--service", texts), limits)
+    let services = texts
+        .iter()
+        .map(|text| Service::parse(text).map_err(|err| anyhow::anyhow!("--service {text}: {err:#}")))
+        .collect::<Result<Vec<_>>>()?;
+    check_services(services, limits)
 }
 
-/// Parses services from flags and a config file, each error naming the flag or file line.
-pub fn parse_service_items(items: &[Item], limits: Limits) -> Result<Vec<Service>> {
-    let mut vips = HashMap::new();
-    let mut services = Vec::with_capacity(items.len());
+/// Checks services from every source together: a VIP once, the table limits, and MACs only
+/// where the datapath uses them; each error names the flag or file line.
+pub fn check_services(services: Vec<Service>, limits: Limits) -> Result<Vec<Service>> {
+    let mut vips: HashMap<SocketAddr, &str> = HashMap::new();
+    let mut macs: HashMap<SocketAddr, [u8; 6]> = HashMap::new();
     let mut total = 0;
-    for item in items {
-        let service = parse_service(&item.text).map_err(|err| item.fail(err))?;
-        if let Some(first) = vips.insert(service.vip, &item.origin) {
-            return Err(item.fail(format!("VIP {} is given twice (also at {first})", service.vip)));
+    for service in &services {
+        let fail = |problem: String| anyhow::anyhow!("{}: {problem}", service.origin);
+        if let Some(first) = vips.insert(service.vip, &service.origin) {
+            return Err(fail(format!(
+                "VIP {} is given twice (also at {first})",
+                service.vip
+            )));
         }
         if service.backends.len() > limits.backends_per_service {
-            return Err(item.fail(format!(
+            return Err(fail(format!(
                 "{} backends; at most {} per service",
                 service.backends.len(),
                 limits.backends_per_service
             )));
         }
+        for backend in &service.backends {
+            let Some(mac) = backend.mac else { continue };
+            if !limits.macs {
+                return Err(fail(format!(
+                    "backend {}: a next-hop MAC is for xdp-lb only",
+                    backend.addr
+                )));
+            }
+            if macs.insert(backend.addr, mac).is_some_and(|other| other != mac) {
+                return Err(fail(format!(
+                    "backend {} is given two different MACs",
+                    backend.addr
+                )));
+            }
+        }
         total += service.backends.len();
-        services.push(service);
     }
     if services.len() > limits.services {
         bail!("{} services; at most {}", services.len(), limits.services);
@@ -131,7 +233,7 @@ pub fn describe(services: &[Service]) -> String {
         .iter()
         .take(SHOWN)
         .map(|service| {
-            let backends: Vec<String> = service.backends.iter().map(|b| b.to_string()).collect();
+            let backends: Vec<String> = service.backends.iter().map(|b| b.addr.to_string()).collect();
             format!("{} -> {}", service.vip, backends.join(", "))
         })
         .collect();
@@ -163,13 +265,13 @@ impl ServiceTables {
         }
     }
 
-    /// The tables pinned in `pins` under these names.
-    pub fn pinned(pins: &PinDir, names: [&str; 3]) -> Result<Self> {
-        let open = |name: &str| {
-            let path = pins.file(name);
-            MapHandle::from_pinned_path(&path).with_context(|| format!("opening {}", path.display()))
-        };
-        Ok(Self::new(open(names[0])?, open(names[1])?, open(names[2])?))
+    /// The tables pinned in `pins`: services, backends, counters.
+    pub fn pinned(pins: &PinDir, specs: [MapPin; 3]) -> Result<Self> {
+        Ok(Self::new(
+            pins.open_map(&specs[0])?,
+            pins.open_map(&specs[1])?,
+            pins.open_map(&specs[2])?,
+        ))
     }
 }
 
@@ -194,8 +296,10 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Install
                 .backends
                 .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
                 .context("backend slot out of range")?;
-            let backend: service_endpoint =
-                maps::from_bytes("backend", &bytes[..size_of::<service_endpoint>()])?;
+            let endpoint = bytes
+                .get(..size_of::<service_endpoint>())
+                .context("a backend value shorter than an endpoint")?;
+            let backend: service_endpoint = maps::from_bytes("backend", endpoint)?;
             backends.push(SocketAddr::from(&backend));
         }
         installed.insert(
@@ -334,7 +438,7 @@ pub fn sync_services_with(
     let mut pending: Vec<&Service> = Vec::new();
     for service in services {
         match installed.get(&service.vip) {
-            Some(old) if same_backends(&old.backends, &service.backends) => report.unchanged += 1,
+            Some(old) if same_backends(&old.backends, &service.addrs()) => report.unchanged += 1,
             Some(_) => {
                 report.changed += 1;
                 pending.push(service);
@@ -401,7 +505,7 @@ fn write_ranges(
     let mut service_values = Vec::new();
     for (service, base) in placed {
         let old = installed.get(&service.vip);
-        for (index, backend) in service.backends.iter().enumerate() {
+        for (index, backend) in service.addrs().iter().enumerate() {
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
             backend_values.extend_from_slice(&backend_value(*backend)?);
@@ -484,49 +588,76 @@ fn write_stats(tables: &ServiceTables, keys: &[u8], values: &[u8], slots: u32) -
     Ok(())
 }
 
-/// Every service with its backends, each with the fields `stats` makes of its counters, for
-/// `status` and exit summaries.
-pub fn service_report(
-    tables: &ServiceTables,
-    stats: impl Fn(&[u8]) -> Result<serde_json::Map<String, Value>>,
-) -> Result<Vec<Value>> {
+/// One backend of a service report, with its counters.
+#[derive(Debug, Clone)]
+pub struct BackendReport<T> {
+    pub backend: SocketAddr,
+    pub counters: T,
+}
+
+/// One service as the tables hold it, with every backend's counters.
+#[derive(Debug, Clone)]
+pub struct ServiceReport<T> {
+    pub vip: SocketAddr,
+    pub backends: Vec<BackendReport<T>>,
+}
+
+impl<T: Counters> ServiceReport<T> {
+    /// The sum of its backends' counters.
+    pub fn totals(&self) -> T {
+        T::sum(self.backends.iter().map(|backend| &backend.counters))
+    }
+
+    /// `{ "vip", "backends": [{ "backend", counters... }], "totals": {...} }`
+    pub fn json(&self) -> Value {
+        let backends: Vec<Value> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let mut entry = b.counters.json();
+                entry.insert("backend".into(), json!(b.backend.to_string()));
+                Value::Object(entry)
+            })
+            .collect();
+        json!({ "vip": self.vip.to_string(), "backends": backends, "totals": self.totals().json() })
+    }
+
+    /// "VIP -> backend (counters), ..."; `words` says a backend's counters.
+    pub fn summary(&self, words: impl Fn(&T) -> String) -> String {
+        let backends: Vec<String> = self
+            .backends
+            .iter()
+            .map(|b| format!("{} ({})", b.backend, words(&b.counters)))
+            .collect();
+        format!("{} -> {}", self.vip, backends.join(", "))
+    }
+}
+
+/// Every service with its backends and their counters, for `status`, metrics and exit
+/// summaries.
+pub fn service_report<T: Counters>(tables: &ServiceTables) -> Result<Vec<ServiceReport<T>>> {
     let mut report = Vec::new();
     for (vip, installed) in read_installed(tables)? {
         let mut backends = Vec::new();
         for (index, backend) in installed.backends.iter().enumerate() {
-            let counters = read_stats(tables, installed.base + index as u32)?;
-            let mut entry = stats(&counters)?;
-            entry.insert("backend".into(), json!(backend.to_string()));
-            backends.push(Value::Object(entry));
+            let bytes = read_stats(tables, installed.base + index as u32)?;
+            backends.push(BackendReport {
+                backend: *backend,
+                counters: maps::from_bytes(T::C_STRUCT, &bytes)?,
+            });
         }
-        report.push(json!({ "vip": vip.to_string(), "backends": backends }));
+        report.push(ServiceReport { vip, backends });
     }
     Ok(report)
 }
 
-/// "VIP -> backend (counters), ..." of one service of a report; `counters` words them.
-pub fn summarize_service(service: &Value, counters: impl Fn(&Value) -> String) -> String {
-    let backends: Vec<String> = service["backends"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(|b| format!("{} ({})", b["backend"].as_str().unwrap_or("?"), counters(b)))
-        .collect();
-    format!(
-        "{} -> {}",
-        service["vip"].as_str().unwrap_or("?"),
-        backends.join(", ")
-    )
-}
-
 /// The services of a report, the first few spelled out, for `status`.
-pub fn summarize_report(services: &Value, counters: impl Fn(&Value) -> String) -> String {
+pub fn summarize_report<T: Counters>(services: &[ServiceReport<T>], words: impl Fn(&T) -> String) -> String {
     const SHOWN: usize = 10;
-    let services = services.as_array().cloned().unwrap_or_default();
     let mut parts: Vec<String> = services
         .iter()
         .take(SHOWN)
-        .map(|service| summarize_service(service, &counters))
+        .map(|service| service.summary(&words))
         .collect();
     if services.len() > SHOWN {
         parts.push(format!("and {} more (see --json)", services.len() - SHOWN));
@@ -542,6 +673,7 @@ mod tests {
         services: 3,
         backends_per_service: 3,
         backends: 5,
+        macs: false,
     };
 
     fn texts(list: &[&str]) -> Vec<String> {
@@ -560,7 +692,7 @@ mod tests {
         .unwrap();
         assert_eq!(services[0].vip, "10.96.0.10:80".parse().unwrap());
         assert_eq!(services[0].backends.len(), 2);
-        assert_eq!(services[1].backends, vec!["[fd00::1]:53".parse().unwrap()]);
+        assert_eq!(services[1].addrs(), vec!["[fd00::1]:53".parse().unwrap()]);
     }
 
     #[test]

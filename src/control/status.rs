@@ -5,42 +5,27 @@ use anyhow::Result;
 use serde_json::{json, Value};
 
 use crate::control::instance::{self, RUN_ROOT};
-use crate::datapath::{clusterip, ipv6_hp, lb, monitor, proxy, xdp_lb};
+use crate::control::lifecycle::{Registered, Report};
 use crate::kernel::addr::Interface;
 use crate::kernel::attach::{self, PinnedLink, TcDirection};
 use crate::kernel::netns;
 use crate::kernel::pin::{PinDir, PIN_ROOT};
 
+/// Every datapath, as the CLI's registry lists them.
+pub type Registry = [&'static dyn Registered];
+
 /// Every program name ebpf-net loads onto a hook, to recognise ours among others.
-fn is_ours(name: &str) -> bool {
-    ipv6_hp::PROGRAMS.contains(&name)
-        || monitor::PROGRAMS.contains(&name)
-        || proxy::PROGRAMS.contains(&name)
-        || clusterip::PROGRAMS.contains(&name)
-        || lb::PROGRAMS.contains(&name)
-        || xdp_lb::PROGRAMS.contains(&name)
+fn is_ours(registry: &Registry, name: &str) -> bool {
+    registry
+        .iter()
+        .any(|datapath| datapath.programs().contains(&name))
 }
 
-fn describe(pins: &PinDir) -> Result<Value> {
-    match pins.subcommand.as_str() {
-        ipv6_hp::SUBCOMMAND => ipv6_hp::describe_persisted(pins),
-        proxy::SUBCOMMAND => proxy::describe_persisted(pins),
-        clusterip::SUBCOMMAND => clusterip::describe_persisted(pins),
-        lb::SUBCOMMAND => lb::describe_persisted(pins),
-        xdp_lb::SUBCOMMAND => xdp_lb::describe_persisted(pins),
-        other => anyhow::bail!("unknown subcommand directory '{other}'"),
-    }
-}
-
-fn summarize(subcommand: &str, details: &Value) -> String {
-    match subcommand {
-        ipv6_hp::SUBCOMMAND => ipv6_hp::summarize(details),
-        proxy::SUBCOMMAND => proxy::summarize(details),
-        clusterip::SUBCOMMAND => clusterip::summarize(details),
-        lb::SUBCOMMAND => lb::summarize(details),
-        xdp_lb::SUBCOMMAND => xdp_lb::summarize(details),
-        _ => details.to_string(),
-    }
+fn find<'a>(registry: &'a Registry, subcommand: &str) -> Option<&'a dyn Registered> {
+    registry
+        .iter()
+        .copied()
+        .find(|datapath| datapath.name() == subcommand)
 }
 
 /// Whether a persisted entry still does its job, and if not, why.
@@ -65,14 +50,21 @@ fn health(pins: &PinDir) -> String {
     "active".into()
 }
 
-pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
+pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result<()> {
     let all_pins = PinDir::all();
     let persisted: Vec<Value> = all_pins
         .iter()
         .map(|pins| {
-            let (details, error) = match describe(pins) {
-                Ok(details) => (details, None),
-                Err(err) => (Value::Null, Some(format!("{err:#}"))),
+            let report = match find(registry, &pins.subcommand) {
+                Some(datapath) => datapath.report_pinned(pins),
+                None => Err(anyhow::anyhow!(
+                    "unknown subcommand directory '{}'",
+                    pins.subcommand
+                )),
+            };
+            let (details, summary, error) = match report {
+                Ok(Report { details, summary, .. }) => (details, summary, None),
+                Err(err) => (Value::Null, String::new(), Some(format!("{err:#}"))),
             };
             json!({
                 "subcommand": pins.subcommand,
@@ -82,6 +74,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                 "path": pins.path,
                 "state": health(pins),
                 "details": details,
+                "summary": summary,
                 "error": error,
             })
         })
@@ -89,7 +82,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
 
     let pinned_prog_ids: Vec<u32> = all_pins
         .iter()
-        .filter(|pins| pins.netns == netns_key || pins.subcommand == clusterip::SUBCOMMAND)
+        .filter(|pins| pins.netns == netns_key || pins.netns == netns::HOST_KEY)
         .flat_map(PinDir::prog_ids)
         .collect();
     let owner = |id: u32| {
@@ -104,7 +97,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
         for direction in TcDirection::BOTH {
             // An interface without tcx support or gone meanwhile simply has nothing to show.
             for prog in attach::tcx_programs(iface.index, direction).unwrap_or_default() {
-                if is_ours(&prog.name) {
+                if is_ours(registry, &prog.name) {
                     attached.push(json!({
                         "interface": iface.name,
                         "hook": format!("tcx/{}", direction.name()),
@@ -115,7 +108,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
                 }
             }
         }
-        if let Some(prog) = attach::xdp_program(iface.index).filter(|prog| is_ours(&prog.name)) {
+        if let Some(prog) = attach::xdp_program(iface.index).filter(|prog| is_ours(registry, &prog.name)) {
             let mode = attach::xdp_mode(iface.index).map_or("?", attach::XdpMode::name);
             attached.push(json!({
                 "interface": iface.name,
@@ -126,14 +119,14 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
             }));
         }
     }
-    // cgroup hooks belong to no network namespace; the connect4 program stands for all eight
-    for (cgroup, program, prog_id) in clusterip::attached() {
+    // cgroup hooks belong to no network namespace
+    for found in registry.iter().flat_map(|datapath| datapath.attached_elsewhere()) {
         attached.push(json!({
-            "cgroup": cgroup,
-            "hook": "cgroup/connect4 (+7 more)",
-            "program": program,
-            "prog_id": prog_id,
-            "owner": owner(prog_id),
+            "cgroup": found.cgroup,
+            "hook": found.hook,
+            "program": found.program,
+            "prog_id": found.prog_id,
+            "owner": owner(found.prog_id),
         }));
     }
 
@@ -169,7 +162,7 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
             let subcommand = entry["subcommand"].as_str().unwrap_or_default();
             let detail = match entry["error"].as_str() {
                 Some(error) => format!("unreadable: {error}"),
-                None => summarize(subcommand, &entry["details"]),
+                None => entry["summary"].as_str().unwrap_or_default().to_string(),
             };
             println!(
                 "  {subcommand:<9} netns {:<12} {:<12} {:<10} {detail}",
@@ -215,9 +208,12 @@ pub fn status(json_output: bool, netns_key: &str) -> Result<()> {
 
 /// What a removed lb changed in this namespace beyond its pins or links (its nft table,
 /// forwarding) goes once no lb is left; other namespaces' are left to a `down` run there.
-fn release_after(subcommand: &str, netns: &str, netns_key: &str) -> Result<()> {
-    if subcommand == lb::SUBCOMMAND && netns == netns_key {
-        for line in lb::release_namespace(netns_key)? {
+fn release_after(registry: &Registry, subcommand: &str, netns: &str, netns_key: &str) -> Result<()> {
+    if netns != netns_key {
+        return Ok(());
+    }
+    if let Some(datapath) = find(registry, subcommand) {
+        for line in datapath.release(netns_key)? {
             eprintln!("down: {line}");
         }
     }
@@ -226,7 +222,13 @@ fn release_after(subcommand: &str, netns: &str, netns_key: &str) -> Result<()> {
 
 /// Removes persisted state of this namespace (or of every namespace with `all`), optionally
 /// only of one subcommand and/or one target.
-pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key: &str) -> Result<()> {
+pub fn down(
+    registry: &Registry,
+    subcommand: Option<&str>,
+    target: Option<&str>,
+    all: bool,
+    netns_key: &str,
+) -> Result<()> {
     let mut removed = 0;
     for pins in PinDir::all() {
         if !all && pins.netns != netns_key {
@@ -245,7 +247,7 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             pins.netns
         );
         removed += 1;
-        release_after(&pins.subcommand, &pins.netns, netns_key)?;
+        release_after(registry, &pins.subcommand, &pins.netns, netns_key)?;
     }
     for claim in instance::all() {
         let record = &claim.record;
@@ -267,7 +269,7 @@ pub fn down(subcommand: Option<&str>, target: Option<&str>, all: bool, netns_key
             record.netns
         );
         removed += 1;
-        release_after(&record.subcommand, &record.netns, netns_key)?;
+        release_after(registry, &record.subcommand, &record.netns, netns_key)?;
     }
     if removed == 0 {
         eprintln!("down: nothing persisted or left behind to remove in network namespace {netns_key}");

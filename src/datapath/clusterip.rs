@@ -4,29 +4,27 @@
 
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{Link, MapHandle, Program, ProgramAttachType};
-use serde_json::{json, Value};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapHandle, Program, ProgramAttachType};
+use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::instance::Instance;
+use crate::control::counters::{self, Counters};
+use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Report, Storage, Target};
 use crate::control::metrics;
-use crate::control::run;
-use crate::control::service::{self, Limits, Service, ServiceTables, SyncReport};
+use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 use crate::kernel::attach;
-use crate::kernel::cgroup::{self, Cgroup};
-use crate::kernel::maps;
+use crate::kernel::cgroup::Cgroup;
 use crate::kernel::netns;
-use crate::kernel::pin::PinDir;
+use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::sock_xlate::types::clusterip_stats;
 use crate::kernel::skel::sock_xlate::{SockXlateSkel, SockXlateSkelBuilder};
 
 pub const SUBCOMMAND: &str = "clusterip";
 /// Program names as the kernel reports them (at most 15 characters).
-pub const PROGRAMS: [&str; 8] = [
+pub const PROGRAMS: &[&str] = &[
     "cip_connect4",
     "cip_connect6",
     "cip_sendmsg4",
@@ -41,15 +39,54 @@ pub const LIMITS: Limits = Limits {
     services: 65536,
     backends_per_service: 16384,
     backends: BACKEND_SLOTS as usize,
+    macs: false,
 };
 const BACKEND_SLOTS: u32 = 131072;
-const PIN_SERVICES: &str = "services";
-const PIN_BACKENDS: &str = "backends";
-const PIN_REVERSE: &str = "reverse";
-const PIN_STATS: &str = "stats";
+const PIN_SERVICES: MapPin = MapPin {
+    map: "clusterip_services",
+    name: "services",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_BACKENDS: MapPin = MapPin {
+    map: "clusterip_backends",
+    name: "backends",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_REVERSE: MapPin = MapPin {
+    map: "clusterip_reverse",
+    name: "reverse",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the UDP reply table",
+    },
+};
+const PIN_STATS: MapPin = MapPin {
+    map: "clusterip_stats",
+    name: "stats",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the backend counters",
+    },
+};
 
-// SAFETY: a plain C struct of integers from include/clusterip.h.
-unsafe impl plain::Plain for clusterip_stats {}
+crate::declare_counters!(
+    clusterip_stats,
+    "clusterip_stats",
+    [
+        (
+            connects,
+            Traffic,
+            "connect() calls sent to the backend (TCP and connected UDP)"
+        ),
+        (
+            datagrams,
+            Traffic,
+            "unconnected UDP sendmsg() calls sent to the backend"
+        ),
+    ]
+);
 
 #[derive(clap::Args, Debug)]
 pub struct ClusteripArgs {
@@ -58,8 +95,8 @@ pub struct ClusteripArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
     /// VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], repeatable; TCP and UDP; IPv6 in brackets
-    #[arg(long = "service", value_name = "VIP=BACKENDS")]
-    pub services: Vec<String>,
+    #[arg(long = "service", value_name = "VIP=BACKENDS", value_parser = service::service_flag)]
+    pub services: Vec<Service>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/clusterip/, print ready and exit; run again to
     /// update the services in place
     #[arg(long)]
@@ -69,7 +106,7 @@ pub struct ClusteripArgs {
 }
 
 /// What flags and config file say together.
-struct Settings {
+pub struct Settings {
     cgroup: Option<Item>,
     services: Vec<Service>,
 }
@@ -94,7 +131,7 @@ impl Settings {
         )?;
         Ok(Self {
             cgroup,
-            services: service::parse_service_items(&items, LIMITS)?,
+            services: service::check_services(items, LIMITS)?,
         })
     }
 
@@ -108,21 +145,13 @@ impl Settings {
 
 fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    pins: Option<&PinDir>,
+    pins: Option<&mut PinSet>,
 ) -> Result<SockXlateSkel<'obj>> {
     let mut open = SockXlateSkelBuilder::default()
         .open(storage)
         .context("opening the clusterip programs")?;
     if let Some(pins) = pins {
-        // libbpf reuses these when pinned already: a re-run updates the live tables
-        open.maps
-            .clusterip_services
-            .set_pin_path(pins.file(PIN_SERVICES))?;
-        open.maps
-            .clusterip_backends
-            .set_pin_path(pins.file(PIN_BACKENDS))?;
-        open.maps.clusterip_reverse.set_pin_path(pins.file(PIN_REVERSE))?;
-        open.maps.clusterip_stats.set_pin_path(pins.file(PIN_STATS))?;
+        pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
     }
     open.load().context("loading the clusterip programs")
 }
@@ -138,16 +167,6 @@ fn tables(skel: &SockXlateSkel<'_>) -> Result<ServiceTables> {
 fn sync(tables: &ServiceTables, services: &[Service]) -> Result<SyncReport> {
     // a backend is just its endpoint here
     service::sync_services(tables, services, |backend| Ok(service::endpoint_bytes(backend)))
-}
-
-/// Loads the programs with `services` installed, nothing attached yet.
-fn load_with_services<'obj>(
-    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    services: &[Service],
-) -> Result<SockXlateSkel<'obj>> {
-    let skel = load(storage, None)?;
-    sync(&tables(&skel)?, services)?;
-    Ok(skel)
 }
 
 /// Every program with the name its link is pinned under.
@@ -166,8 +185,7 @@ fn programs<'a>(skel: &'a SockXlateSkel<'_>) -> [(&'a Program<'a>, &'static str)
 }
 
 /// Refuses when another clusterip (not the one pinned in `pins`) is on the cgroup already.
-fn refuse_if_attached(cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
-    let pinned = pins.prog_ids();
+fn refuse_if_attached(cgroup: &Cgroup, pinned: &[u32]) -> Result<()> {
     let dir = cgroup.open()?;
     for prog in attach::cgroup_programs(dir.as_fd(), ProgramAttachType::CgroupInet4Connect)? {
         if PROGRAMS.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {
@@ -181,103 +199,88 @@ fn refuse_if_attached(cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
     Ok(())
 }
 
-pub fn run(args: &ClusteripArgs) -> Result<()> {
-    args.run.check(args.persist)?;
-    let settings = Settings::read(args)?;
-    let mut services = settings.services.clone();
-    let cgroup = settings.resolve_cgroup()?;
-    let pins = PinDir::new(SUBCOMMAND, netns::HOST_KEY, &cgroup.target());
-    let _instance = Instance::claim(SUBCOMMAND, netns::HOST_KEY, &cgroup.target(), args.persist)?;
-    refuse_if_attached(&cgroup, &pins)?;
-    if args.persist {
-        return persist(&services, &cgroup, &pins);
+/// The clusterip datapath on the lifecycle.
+pub struct Clusterip;
+
+/// Every map pinned with `--persist`.
+const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_REVERSE, PIN_STATS];
+
+/// The maps a report reads.
+pub struct View {
+    tables: ServiceTables,
+}
+
+impl Datapath for Clusterip {
+    const NAME: &'static str = SUBCOMMAND;
+    const PROGRAMS: &'static [&'static str] = PROGRAMS;
+    type Args = ClusteripArgs;
+    type Desired = Settings;
+    type Plan = Vec<Service>;
+    type Loaded<'obj> = SockXlateSkel<'obj>;
+    type View = View;
+
+    fn run_options(args: &ClusteripArgs) -> &RunOptions {
+        &args.run
     }
-    if pins.exists() {
-        bail!(
-            "clusterip is persisted on cgroup {} (see `ebpf-net status`); run `ebpf-net down clusterip --cgroup {}` first",
-            cgroup.relative,
-            cgroup.path.display()
-        );
+    fn persist(args: &ClusteripArgs) -> bool {
+        args.persist
     }
-    let mut object = MaybeUninit::uninit();
-    let skel = load_with_services(&mut object, &services)?;
-    let tables = tables(&skel)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
-    let dir = cgroup.open()?;
-    let links = programs(&skel)
-        .into_iter()
-        .map(|(prog, _)| attach::attach_cgroup(prog, dir.as_fd(), &cgroup.relative))
-        .collect::<Result<Vec<Link>>>()?;
-    let shutdown = run::Shutdown::install()?;
-    if let Some(addr) = metrics {
-        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    fn desired(args: &ClusteripArgs) -> Result<Settings> {
+        Settings::read(args)
     }
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!("cgroup {}: {}", cgroup.relative, service::describe(&services)),
-    );
-    shutdown.serve(SUBCOMMAND, || {
-        let new = Settings::read(args)?;
-        let new_cgroup = new.resolve_cgroup()?;
-        if new_cgroup.path != cgroup.path {
-            bail!(
-                "the cgroup changed ({} -> {}); that needs a restart",
-                cgroup.relative,
-                new_cgroup.relative
-            );
+    fn netns_key(_netns_key: &str) -> String {
+        // cgroup hooks serve their processes in every network namespace
+        netns::HOST_KEY.to_string()
+    }
+    fn target(desired: &Settings) -> Result<Target> {
+        Ok(Target::Cgroup(desired.resolve_cgroup()?))
+    }
+    fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
+        refuse_if_attached(target.cgroup(), pinned)
+    }
+    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Vec<Service>> {
+        Ok(desired.services.clone())
+    }
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        _plan: &Vec<Service>,
+        pins: Option<&mut PinSet>,
+    ) -> Result<SockXlateSkel<'obj>> {
+        load(&mut storage[0], pins)
+    }
+    fn apply(skel: &SockXlateSkel<'_>, services: &Vec<Service>) -> Result<Applied> {
+        Ok(Applied {
+            report: sync(&tables(skel)?, services)?.to_string(),
+            ..Applied::default()
+        })
+    }
+    fn attach(
+        loaded: &SockXlateSkel<'_>,
+        target: &Target,
+        _plan: &Vec<Service>,
+    ) -> Result<Vec<Box<dyn std::any::Any>>> {
+        let cgroup = target.cgroup();
+        let dir = cgroup.open()?;
+        let mut links: Vec<Box<dyn std::any::Any>> = Vec::new();
+        for (prog, _) in programs(loaded) {
+            links.push(Box::new(attach::attach_cgroup(
+                prog,
+                dir.as_fd(),
+                &cgroup.relative,
+            )?));
         }
-        let report = sync(&tables, &new.services)?;
-        services = new.services;
-        Ok(format!("{} ({report})", service::describe(&services)))
-    });
-    drop(links);
-    let report = service_report(&tables)?;
-    for entry in report.iter().take(20) {
-        eprintln!("{SUBCOMMAND}: {}", service::summarize_service(entry, counters));
+        Ok(links)
     }
-    eprintln!("{SUBCOMMAND}: detached from cgroup {}", cgroup.relative);
-    Ok(())
-}
-
-/// Metrics read at each scrape: connects and datagrams per backend and service, and the
-/// socket calls translated.
-fn metrics_source(skel: &SockXlateSkel<'_>) -> Result<metrics::Source> {
-    let tables = tables(skel)?;
-    Ok(Arc::new(move || {
-        let report = service_report(&tables)?;
-        let mut families = metrics::service_families(
-            SUBCOMMAND,
-            &report,
-            &[
-                (
-                    "connects",
-                    "connect() calls sent to the backend (TCP and connected UDP)",
-                ),
-                ("datagrams", "unconnected UDP sendmsg() calls sent to the backend"),
-            ],
-        );
-        families.push(metrics::rewrites(
-            SUBCOMMAND,
-            &[
-                ("connect", metrics::report_total(&report, "connects")),
-                ("sendmsg", metrics::report_total(&report, "datagrams")),
-            ],
-        ));
-        Ok(families)
-    }))
-}
-
-fn persist(services: &[Service], cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
-    let fresh = !pins.exists();
-    pins.create()?;
-    let result = (|| -> Result<(bool, SyncReport)> {
-        let mut object = MaybeUninit::uninit();
-        let skel = load(&mut object, Some(pins))?;
-        // the tables are right before any (new) program runs
-        let report = sync(&tables(&skel)?, services)?;
+    fn attach_pinned(
+        loaded: &SockXlateSkel<'_>,
+        target: &Target,
+        pins: &PinDir,
+        _plan: &Vec<Service>,
+    ) -> Result<bool> {
+        let cgroup = target.cgroup();
         let dir = cgroup.open()?;
         let mut updated = false;
-        for (prog, name) in programs(&skel) {
+        for (prog, name) in programs(loaded) {
             let path = pins.file(&format!("link_{name}"));
             if attach::update_pinned(prog, &path)? {
                 updated = true;
@@ -287,52 +290,70 @@ fn persist(services: &[Service], cgroup: &Cgroup, pins: &PinDir) -> Result<()> {
                     .with_context(|| format!("pinning link at {}", path.display()))?;
             }
         }
-        Ok((updated, report))
-    })();
-    if result.is_err() && fresh {
-        let _ = pins.remove();
+        Ok(updated)
     }
-    let (updated, report) = result?;
-    let verb = if updated { "updated in place" } else { "pinned" };
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!(
-            "{verb}: cgroup {}: {} ({report})",
-            cgroup.relative,
-            service::describe(services)
-        ),
-    );
-    Ok(())
+    fn objects<'a>(loaded: &'a SockXlateSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
+        vec![(loaded.object(), PINS)]
+    }
+    fn check_reload(old: &Settings, new: &Settings) -> Result<()> {
+        let (old, new) = (old.resolve_cgroup()?, new.resolve_cgroup()?);
+        if new.path != old.path {
+            bail!(
+                "the cgroup changed ({} -> {}); that needs a restart",
+                old.relative,
+                new.relative
+            );
+        }
+        Ok(())
+    }
+    fn describe(desired: &Settings, _target: &Target, _plan: &Vec<Service>) -> String {
+        service::describe(&desired.services)
+    }
+    fn view(loaded: &SockXlateSkel<'_>) -> Result<View> {
+        Ok(View {
+            tables: tables(loaded)?,
+        })
+    }
+    fn view_pinned(pins: &PinDir) -> Result<View> {
+        Ok(View {
+            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
+        })
+    }
+    fn report(view: &View) -> Result<Report> {
+        let services: Vec<ServiceReport<clusterip_stats>> = service::service_report(&view.tables)?;
+        let mut families = counters::service_families(SUBCOMMAND, &services);
+        let totals = clusterip_stats::sum(services.iter().map(|s| s.totals()).collect::<Vec<_>>().iter());
+        families.push(metrics::rewrites(
+            SUBCOMMAND,
+            &[("connect", totals.connects), ("sendmsg", totals.datagrams)],
+        ));
+        Ok(Report {
+            details: json!({ "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>() }),
+            summary: service::summarize_report(&services, backend_words),
+            families,
+            exit: services
+                .iter()
+                .take(20)
+                .map(|service| service.summary(backend_words))
+                .collect(),
+        })
+    }
+    fn attached_elsewhere() -> Vec<AttachedElsewhere> {
+        attached()
+            .into_iter()
+            .map(|(cgroup, program, prog_id)| AttachedElsewhere {
+                cgroup,
+                // the connect4 program stands for all eight
+                hook: "cgroup/connect4 (+7 more)",
+                program,
+                prog_id,
+            })
+            .collect()
+    }
 }
 
-fn service_report(tables: &ServiceTables) -> Result<Vec<Value>> {
-    service::service_report(tables, |bytes| {
-        let stats: clusterip_stats = maps::from_bytes("clusterip counters", bytes)?;
-        let mut fields = serde_json::Map::new();
-        fields.insert("connects".into(), json!(stats.connects));
-        fields.insert("datagrams".into(), json!(stats.datagrams));
-        Ok(fields)
-    })
-}
-
-fn counters(backend: &Value) -> String {
-    format!(
-        "{} connects, {} datagrams",
-        backend["connects"], backend["datagrams"]
-    )
-}
-
-/// What `status` shows of one persisted clusterip directory.
-pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
-    let tables = ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?;
-    Ok(json!({
-        "cgroup": cgroup::decode_target(&pins.target),
-        "services": service_report(&tables)?,
-    }))
-}
-
-pub fn summarize(details: &Value) -> String {
-    service::summarize_report(&details["services"], counters)
+fn backend_words(stats: &clusterip_stats) -> String {
+    format!("{} connects, {} datagrams", stats.connects, stats.datagrams)
 }
 
 /// The clusterip programs attached anywhere in the cgroup hierarchy, as (cgroup, program

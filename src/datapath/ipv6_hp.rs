@@ -6,23 +6,21 @@
 
 use std::mem::MaybeUninit;
 use std::net::Ipv6Addr;
-use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
-use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject, Program};
-use serde_json::{json, Value};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
+use serde_json::json;
 use toml::Spanned;
 
 use crate::control::config::{self, ConfigFile, RunOptions};
-use crate::control::instance::Instance;
+use crate::control::counters::{self, Counters};
+use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
-use crate::control::run;
 use crate::kernel::addr::{parse_ipv6, Interface};
 use crate::kernel::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
-use crate::kernel::pin::PinDir;
+use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::egress::EgressSkel;
 use crate::kernel::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
 use crate::kernel::skel::ingress::IngressSkel;
@@ -34,11 +32,42 @@ pub const DEFAULT_GLOBAL: &str = "2603:1062:0:1:fe80:1234:5678:9abc";
 /// The nft table this datapath replaces.
 const NFT_TABLE: [&str; 2] = ["ip6", "azureSLBProbe"];
 /// Program names as the kernel reports them, ingress then egress.
-pub const PROGRAMS: [&str; 2] = ["ipv6_hp_ingress", "ipv6_hp_egress"];
+pub const PROGRAMS: &[&str] = &["ipv6_hp_ingress", "ipv6_hp_egress"];
+/// The counters of each side, one object each.
+const PIN_INGRESS: [MapPin; 1] = [MapPin {
+    map: "ipv6_hp_stats",
+    name: "stats_ingress",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the counters",
+    },
+}];
+const PIN_EGRESS: [MapPin; 1] = [MapPin {
+    map: "ipv6_hp_stats",
+    name: "stats_egress",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the counters",
+    },
+}];
 
-// SAFETY: both are plain C structs of integers and byte arrays from include/ipv6_hp.h.
-unsafe impl plain::Plain for ipv6_hp_stats {}
+// SAFETY: a plain C struct of integers and byte arrays from include/ipv6_hp.h.
 unsafe impl plain::Plain for Ipv6HpConfig {}
+
+crate::declare_counters!(
+    ipv6_hp_stats,
+    "ipv6_hp_stats",
+    [
+        (rewritten_packets, Traffic, "packets translated"),
+        (rewritten_bytes, Traffic, "bytes of the packets translated"),
+        (
+            l4_fixed,
+            Event,
+            "translated packets whose L4 checksum was fixed too"
+        ),
+        (skipped, Error, "packets of the probe address not translated"),
+    ]
+);
 
 #[derive(clap::Args, Debug)]
 pub struct Ipv6HpArgs {
@@ -63,7 +92,7 @@ pub struct Ipv6HpArgs {
 
 /// What flags and config file say together.
 #[derive(Debug, PartialEq, Eq)]
-struct Settings {
+pub struct Settings {
     iface: String,
     addrs: ProbeAddresses,
     remove_nft_table: bool,
@@ -142,9 +171,9 @@ macro_rules! load_hp_skeleton {
         rodata.global_addr = unsafe { std::mem::transmute::<[u8; 16], in6_addr>($addrs.global.octets()) };
         rodata.l4_csum_ipv6_flag = $csum_flag;
         prepare_tcx(&mut open.progs.$prog, $direction);
-        if let Some(path) = $stats_pin {
-            // libbpf reuses the pinned counters when they exist, so an update keeps counting.
-            open.maps.ipv6_hp_stats.set_pin_path(path)?;
+        if let Some((pins, specs)) = $stats_pin {
+            // the pinned counters are reused, so an update keeps counting
+            pins.prepare(open.open_object_mut(), SUBCOMMAND, specs)?;
         }
         open.load()
             .with_context(|| format!("loading the {} program", stringify!($prog)))
@@ -157,7 +186,7 @@ pub fn load_ingress<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     addrs: &ProbeAddresses,
     csum_flag: u64,
-    stats_pin: Option<&Path>,
+    stats_pin: Option<(&mut PinSet, &[MapPin])>,
 ) -> Result<IngressSkel<'obj>> {
     load_hp_skeleton!(
         ingress,
@@ -176,7 +205,7 @@ pub fn load_egress<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     addrs: &ProbeAddresses,
     csum_flag: u64,
-    stats_pin: Option<&Path>,
+    stats_pin: Option<(&mut PinSet, &[MapPin])>,
 ) -> Result<EgressSkel<'obj>> {
     load_hp_skeleton!(
         egress,
@@ -190,103 +219,224 @@ pub fn load_egress<'obj>(
     )
 }
 
-fn stats_pin_name(direction: TcDirection) -> String {
-    format!("stats_{}", direction.name())
+/// The ipv6-hp datapath on the lifecycle.
+pub struct Ipv6Hp;
+
+/// The two programs, one object each.
+pub type Loaded<'obj> = (IngressSkel<'obj>, EgressSkel<'obj>);
+
+/// What an ipv6-hp run works from.
+pub struct Plan {
+    settings: Settings,
+    csum_flag: u64,
 }
 
-pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
-    args.run.check(args.persist)?;
-    let settings = Settings::read(args)?;
-    let addrs = settings.addrs;
-    let iface = Interface::by_name(&settings.iface)?;
-    let csum_flag = probe::l4_csum_ipv6_flag();
-    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
-    let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
+/// The maps and links a report reads.
+pub struct View {
+    ingress: MapHandle,
+    egress: MapHandle,
+    /// persisted: each side's link, as (ifindex, prog_id)
+    links: Option<[(u32, u32); 2]>,
+}
 
-    if args.persist {
-        return persist(&settings, &iface, &pins, csum_flag);
-    }
-    if pins.exists() {
-        bail!(
-            "ipv6-hp is persisted on {} (see `ebpf-net status`); run `ebpf-net down ipv6-hp -i {}` first",
-            iface.name,
-            iface.name
-        );
-    }
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
+impl Datapath for Ipv6Hp {
+    const NAME: &'static str = SUBCOMMAND;
+    const PROGRAMS: &'static [&'static str] = PROGRAMS;
+    type Args = Ipv6HpArgs;
+    type Desired = Settings;
+    type Plan = Plan;
+    type Loaded<'obj> = Loaded<'obj>;
+    type View = View;
 
-    let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    let ingress = load_ingress(&mut ingress_obj, &addrs, csum_flag, None)?;
-    let egress = load_egress(&mut egress_obj, &addrs, csum_flag, None)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), || {
-        let ingress_map = MapHandle::try_from(&ingress.maps.ipv6_hp_stats)?;
-        let egress_map = MapHandle::try_from(&egress.maps.ipv6_hp_stats)?;
-        Ok(Arc::new(move || {
-            let i: ipv6_hp_stats = maps::sum_percpu_counters(&ingress_map, 0)?;
-            let e: ipv6_hp_stats = maps::sum_percpu_counters(&egress_map, 0)?;
-            let mut families = vec![metrics::rewrites(
-                SUBCOMMAND,
-                &[("ingress", i.rewritten_packets), ("egress", e.rewritten_packets)],
-            )];
-            let mut bytes =
-                metrics::Family::counter("ebpf_net_rewrite_bytes", "bytes of the packets translated");
-            bytes.add(
-                &[("datapath", SUBCOMMAND), ("direction", "ingress")],
-                i.rewritten_bytes,
-            );
-            bytes.add(
-                &[("datapath", SUBCOMMAND), ("direction", "egress")],
-                e.rewritten_bytes,
-            );
-            families.push(bytes);
-            families.extend(metrics::counter_families(
-                SUBCOMMAND,
-                &[
-                    ("l4_checksum_fixed", i.l4_fixed + e.l4_fixed, false),
-                    ("skipped", i.skipped + e.skipped, true),
-                ],
-            ));
-            Ok(families)
-        }) as metrics::Source)
-    })?;
-
-    let attachments = [
-        TcxAttachment::attach(&ingress.progs.ipv6_hp_ingress, &iface, TcDirection::Ingress)?,
-        TcxAttachment::attach(&egress.progs.ipv6_hp_egress, &iface, TcDirection::Egress)?,
-    ];
-    if settings.remove_nft_table {
-        eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
+    fn run_options(args: &Ipv6HpArgs) -> &RunOptions {
+        &args.run
     }
-    let shutdown = run::Shutdown::install()?;
-    if let Some(addr) = metrics {
-        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
+    fn persist(args: &Ipv6HpArgs) -> bool {
+        args.persist
     }
-    run::announce_ready(SUBCOMMAND, &describe_pair(&iface, &addrs, csum_flag));
-    // the addresses are compiled into the programs: a reload can only confirm them
-    shutdown.serve(SUBCOMMAND, || {
-        let new = Settings::read(args)?;
-        if new != settings {
+    fn desired(args: &Ipv6HpArgs) -> Result<Settings> {
+        Settings::read(args)
+    }
+    fn target(desired: &Settings) -> Result<Target> {
+        Ok(Target::Interface(Interface::by_name(&desired.iface)?))
+    }
+    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Plan> {
+        Ok(Plan {
+            settings: Settings {
+                iface: desired.iface.clone(),
+                addrs: desired.addrs,
+                remove_nft_table: desired.remove_nft_table,
+            },
+            csum_flag: probe::l4_csum_ipv6_flag(),
+        })
+    }
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        plan: &Plan,
+        mut pins: Option<&mut PinSet>,
+    ) -> Result<Loaded<'obj>> {
+        let [ingress_obj, egress_obj] = storage;
+        let addrs = &plan.settings.addrs;
+        let ingress = load_ingress(
+            ingress_obj,
+            addrs,
+            plan.csum_flag,
+            pins.as_deref_mut().map(|pins| (pins, &PIN_INGRESS[..])),
+        )?;
+        let egress = load_egress(
+            egress_obj,
+            addrs,
+            plan.csum_flag,
+            pins.map(|pins| (pins, &PIN_EGRESS[..])),
+        )?;
+        Ok((ingress, egress))
+    }
+    fn apply(_loaded: &Loaded<'_>, plan: &Plan) -> Result<Applied> {
+        // the addresses are compiled into the programs; the nft table is the one thing to do
+        let log = if plan.settings.remove_nft_table {
+            vec![remove_nft_table()?]
+        } else {
+            Vec::new()
+        };
+        Ok(Applied {
+            log,
+            ..Applied::default()
+        })
+    }
+    fn attach(loaded: &Loaded<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
+        let iface = target.iface();
+        Ok(vec![
+            Box::new(TcxAttachment::attach(
+                &loaded.0.progs.ipv6_hp_ingress,
+                iface,
+                TcDirection::Ingress,
+            )?),
+            Box::new(TcxAttachment::attach(
+                &loaded.1.progs.ipv6_hp_egress,
+                iface,
+                TcDirection::Egress,
+            )?),
+        ])
+    }
+    fn attach_pinned(loaded: &Loaded<'_>, target: &Target, pins: &PinDir, _plan: &Plan) -> Result<bool> {
+        let mut updated = false;
+        for (prog, direction) in [
+            (&loaded.0.progs.ipv6_hp_ingress, TcDirection::Ingress),
+            (&loaded.1.progs.ipv6_hp_egress, TcDirection::Egress),
+        ] {
+            updated |=
+                attach::attach_or_update_pinned(prog, target.iface(), direction, &pins.link_file(direction))?;
+        }
+        Ok(updated)
+    }
+    fn objects<'a>(loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
+        vec![
+            (loaded.0.object(), &PIN_INGRESS),
+            (loaded.1.object(), &PIN_EGRESS),
+        ]
+    }
+    fn check_reload(old: &Settings, new: &Settings) -> Result<()> {
+        if new != old {
             bail!("the interface or addresses changed; that needs a restart (or --persist, which swaps the programs in place)");
         }
-        Ok("nothing changed".into())
-    });
-    drop(attachments);
-
-    let ingress_stats: ipv6_hp_stats = maps::sum_percpu_counters(&ingress.maps.ipv6_hp_stats, 0)?;
-    let egress_stats: ipv6_hp_stats = maps::sum_percpu_counters(&egress.maps.ipv6_hp_stats, 0)?;
-    eprintln!(
-        "{SUBCOMMAND}: detached from {}; ingress {}; egress {}",
-        iface.name,
-        stats_summary(&ingress_stats),
-        stats_summary(&egress_stats)
-    );
-    Ok(())
+        Ok(())
+    }
+    fn describe(desired: &Settings, _target: &Target, plan: &Plan) -> String {
+        describe_pair(&desired.addrs, plan.csum_flag)
+    }
+    fn view(loaded: &Loaded<'_>) -> Result<View> {
+        Ok(View {
+            ingress: MapHandle::try_from(&loaded.0.maps.ipv6_hp_stats)?,
+            egress: MapHandle::try_from(&loaded.1.maps.ipv6_hp_stats)?,
+            links: None,
+        })
+    }
+    fn view_pinned(pins: &PinDir) -> Result<View> {
+        let mut links = [(0, 0); 2];
+        for (side, direction) in links.iter_mut().zip(TcDirection::BOTH) {
+            let link = PinnedLink::open(&pins.link_file(direction))?;
+            let ifindex = match link.target {
+                LinkTarget::Interface(ifindex) => ifindex,
+                _ => 0,
+            };
+            *side = (ifindex, link.prog_id);
+        }
+        Ok(View {
+            ingress: pins.open_map(&PIN_INGRESS[0])?,
+            egress: pins.open_map(&PIN_EGRESS[0])?,
+            links: Some(links),
+        })
+    }
+    fn report(view: &View) -> Result<Report> {
+        let ingress: ipv6_hp_stats = maps::sum_percpu_counters(&view.ingress, 0)?;
+        let egress: ipv6_hp_stats = maps::sum_percpu_counters(&view.egress, 0)?;
+        let mut families = vec![metrics::rewrites(
+            SUBCOMMAND,
+            &[
+                ("ingress", ingress.rewritten_packets),
+                ("egress", egress.rewritten_packets),
+            ],
+        )];
+        let mut bytes = metrics::Family::counter("ebpf_net_rewrite_bytes", "bytes of the packets translated");
+        bytes.add(
+            &[("datapath", SUBCOMMAND), ("direction", "ingress")],
+            ingress.rewritten_bytes,
+        );
+        bytes.add(
+            &[("datapath", SUBCOMMAND), ("direction", "egress")],
+            egress.rewritten_bytes,
+        );
+        families.push(bytes);
+        families.extend(counters::event_families(
+            SUBCOMMAND,
+            &ipv6_hp_stats::sum([&ingress, &egress]),
+        ));
+        let addresses = view.links.and_then(|links| program_addresses(links[0].1).ok());
+        let (link_local, global) = addresses
+            .map(|a| (a.link_local.to_string(), a.global.to_string()))
+            .unzip();
+        let side = |stats: &ipv6_hp_stats, link: Option<(u32, u32)>| {
+            let mut entry = stats.json();
+            if let Some((ifindex, prog_id)) = link {
+                entry.insert("attached".into(), json!(ifindex != 0));
+                entry.insert("ifindex".into(), json!(ifindex));
+                entry.insert("prog_id".into(), json!(prog_id));
+            }
+            serde_json::Value::Object(entry)
+        };
+        let words = |name: &str, stats: &ipv6_hp_stats| {
+            format!(
+                "{name} rewrote {} packets ({} skipped)",
+                stats.rewritten_packets, stats.skipped
+            )
+        };
+        Ok(Report {
+            details: json!({
+                "link_local": link_local,
+                "global": global,
+                "ingress": side(&ingress, view.links.map(|links| links[0])),
+                "egress": side(&egress, view.links.map(|links| links[1])),
+            }),
+            summary: format!(
+                "{} <-> {}; {}; {}",
+                link_local.as_deref().unwrap_or("?"),
+                global.as_deref().unwrap_or("?"),
+                words("ingress", &ingress),
+                words("egress", &egress)
+            ),
+            families,
+            exit: vec![format!(
+                "ingress {}; egress {}",
+                stats_summary(&ingress),
+                stats_summary(&egress)
+            )],
+        })
+    }
 }
 
-fn describe_pair(iface: &Interface, addrs: &ProbeAddresses, csum_flag: u64) -> String {
+fn describe_pair(addrs: &ProbeAddresses, csum_flag: u64) -> String {
     format!(
-        "{} ingress {} -> {}, egress {} -> {} (tcx{})",
-        iface.name,
+        "ingress {} -> {}, egress {} -> {} (tcx{})",
         addrs.link_local,
         addrs.global,
         addrs.global,
@@ -300,48 +450,6 @@ fn stats_summary(stats: &ipv6_hp_stats) -> String {
         "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}",
         stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped
     )
-}
-
-/// Attaches and pins, or, when pinned state exists, swaps the new programs into the
-/// existing links atomically: no moment without translation.
-fn persist(settings: &Settings, iface: &Interface, pins: &PinDir, csum_flag: u64) -> Result<()> {
-    let addrs = &settings.addrs;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, iface, &pins.prog_ids())?;
-    let fresh = !pins.exists();
-    pins.create()?;
-    let result = persist_into(addrs, iface, pins, csum_flag);
-    if result.is_err() && fresh {
-        let _ = pins.remove();
-    }
-    let updated = result?;
-    if settings.remove_nft_table {
-        eprintln!("{SUBCOMMAND}: {}", remove_nft_table()?);
-    }
-    let verb = if updated { "updated in place" } else { "pinned" };
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!("{verb}: {}", describe_pair(iface, addrs, csum_flag)),
-    );
-    Ok(())
-}
-
-/// Returns whether existing links were updated (true) or new ones pinned (false).
-fn persist_into(addrs: &ProbeAddresses, iface: &Interface, pins: &PinDir, csum_flag: u64) -> Result<bool> {
-    let (mut ingress_obj, mut egress_obj) = (MaybeUninit::uninit(), MaybeUninit::uninit());
-    let ingress_stats = pins.file(&stats_pin_name(TcDirection::Ingress));
-    let egress_stats = pins.file(&stats_pin_name(TcDirection::Egress));
-    let ingress = load_ingress(&mut ingress_obj, addrs, csum_flag, Some(&ingress_stats))?;
-    let egress = load_egress(&mut egress_obj, addrs, csum_flag, Some(&egress_stats))?;
-
-    let programs: [(&Program, TcDirection); 2] = [
-        (&ingress.progs.ipv6_hp_ingress, TcDirection::Ingress),
-        (&egress.progs.ipv6_hp_egress, TcDirection::Egress),
-    ];
-    let mut updated = false;
-    for (prog, direction) in programs {
-        updated |= attach::attach_or_update_pinned(prog, iface, direction, &pins.link_file(direction))?;
-    }
-    Ok(updated)
 }
 
 fn remove_nft_table() -> Result<String> {
@@ -376,59 +484,6 @@ fn remove_nft_table() -> Result<String> {
         );
     }
     Ok(format!("removed nft table {table}, which ebpf-net now replaces"))
-}
-
-/// What `status` shows of one persisted ipv6-hp directory.
-pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
-    let mut sides = serde_json::Map::new();
-    let mut addresses = None;
-    for direction in TcDirection::BOTH {
-        let link = PinnedLink::open(&pins.link_file(direction))?;
-        let ifindex = match link.target {
-            LinkTarget::Interface(ifindex) => ifindex,
-            _ => 0,
-        };
-        let stats_map = MapHandle::from_pinned_path(pins.file(&stats_pin_name(direction)))?;
-        let stats: ipv6_hp_stats = maps::sum_percpu_counters(&stats_map, 0)?;
-        if addresses.is_none() {
-            addresses = program_addresses(link.prog_id).ok();
-        }
-        sides.insert(
-            direction.name().into(),
-            json!({
-                "attached": ifindex != 0,
-                "ifindex": ifindex,
-                "prog_id": link.prog_id,
-                "rewritten_packets": stats.rewritten_packets,
-                "rewritten_bytes": stats.rewritten_bytes,
-                "l4_checksum_fixed": stats.l4_fixed,
-                "skipped": stats.skipped,
-            }),
-        );
-    }
-    let (link_local, global) = addresses
-        .map(|a| (a.link_local.to_string(), a.global.to_string()))
-        .unzip();
-    Ok(
-        json!({ "link_local": link_local, "global": global, "ingress": sides["ingress"], "egress": sides["egress"] }),
-    )
-}
-
-pub fn summarize(details: &Value) -> String {
-    let side = |name: &str| {
-        let side = &details[name];
-        format!(
-            "{name} rewrote {} packets ({} skipped)",
-            side["rewritten_packets"], side["skipped"]
-        )
-    };
-    format!(
-        "{} <-> {}; {}; {}",
-        details["link_local"].as_str().unwrap_or("?"),
-        details["global"].as_str().unwrap_or("?"),
-        side("ingress"),
-        side("egress")
-    )
 }
 
 /// The addresses a loaded ipv6-hp program was built with, read back from its constants.

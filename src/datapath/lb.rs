@@ -5,27 +5,27 @@
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::MapHandle;
 use serde_json::{json, Value};
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::instance::Instance;
-use crate::control::service::{self, Limits, Service, ServiceTables, SyncReport};
-use crate::control::{metrics, run};
+use crate::control::counters::{self, Counters};
+use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
+
 use crate::kernel::addr::{ip_to_words, Interface};
 use crate::kernel::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
 use crate::kernel::maps::{self, as_bytes};
-use crate::kernel::pin::PinDir;
+use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
 use crate::kernel::{nft, probe};
 
 pub const SUBCOMMAND: &str = "lb";
-pub const PROGRAMS: [&str; 1] = ["lb_ingress"];
+pub const PROGRAMS: &[&str] = &["lb_ingress"];
 /// Every conntrack kfunc bpf/lb.c calls.
 const KFUNCS: [&str; 7] = [
     "bpf_skb_ct_alloc",
@@ -41,19 +41,73 @@ pub const LIMITS: Limits = Limits {
     services: 65536,
     backends_per_service: 16384,
     backends: 131072,
+    macs: false,
 };
-const PIN_SERVICES: &str = "services";
-const PIN_BACKENDS: &str = "backends";
-const PIN_STATS: &str = "stats";
-const PIN_COUNTERS: &str = "counters";
+const PIN_SERVICES: MapPin = MapPin {
+    map: "lb_services",
+    name: "services",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_BACKENDS: MapPin = MapPin {
+    map: "lb_backends",
+    name: "backends",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_STATS: MapPin = MapPin {
+    map: "lb_stats",
+    name: "stats",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the backend counters",
+    },
+};
+const PIN_COUNTERS: MapPin = MapPin {
+    map: "lb_counters",
+    name: "counters",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the counters",
+    },
+};
 /// The nft table (family inet) lb adds when this namespace lacks conntrack and NAT hooks.
 /// Its comment records what lb changed, so the last lb to stop can undo exactly that.
 pub const NFT_TABLE: &str = "ebpf_net_lb";
 
-// SAFETY: plain C structs of integers from include/lb.h.
+// SAFETY: a plain C struct of integers from include/lb.h.
 unsafe impl plain::Plain for lb_backend {}
-unsafe impl plain::Plain for lb_stats {}
-unsafe impl plain::Plain for lb_counters {}
+
+crate::declare_counters!(
+    lb_stats,
+    "lb_stats",
+    [(
+        new_flows,
+        Traffic,
+        "flows given a conntrack entry towards the backend"
+    ),]
+);
+
+crate::declare_counters!(
+    lb_counters,
+    "lb_counters",
+    [
+        (new_flows, Event, "conntrack entries created"),
+        (
+            known_flows,
+            Event,
+            "flow openers conntrack already knew (SYN retransmits, later UDP)"
+        ),
+        (
+            reopened,
+            Event,
+            "SYNs on a closed connection's entry, replaced by a new one"
+        ),
+        (alloc_failed, Error, "bpf_skb_ct_alloc returned nothing"),
+        (nat_failed, Error, "bpf_ct_set_nat_info failed"),
+        (insert_failed, Error, "lost a race inserting the same flow"),
+    ]
+);
 
 crate::endpoint_conversions!(service_endpoint);
 
@@ -63,8 +117,8 @@ pub struct LbArgs {
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
     pub iface: Option<String>,
     /// VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], repeatable; TCP and UDP; IPv6 in brackets
-    #[arg(long = "service", value_name = "VIP=BACKENDS")]
-    pub services: Vec<String>,
+    #[arg(long = "service", value_name = "VIP=BACKENDS", value_parser = service::service_flag)]
+    pub services: Vec<Service>,
     /// keep the client's address towards the backends (for a load balancer that is their
     /// gateway); by default the source becomes this node's address towards each backend
     #[arg(long)]
@@ -79,7 +133,7 @@ pub struct LbArgs {
 
 /// What flags and config file say together.
 #[derive(Debug, PartialEq, Eq)]
-struct Settings {
+pub struct Settings {
     iface: Item,
     services: Vec<Service>,
     no_snat: bool,
@@ -103,7 +157,7 @@ impl Settings {
         )?;
         Ok(Self {
             iface,
-            services: service::parse_service_items(&items, LIMITS)?,
+            services: service::check_services(items, LIMITS)?,
             no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
         })
     }
@@ -137,26 +191,42 @@ fn source_towards(ip: IpAddr) -> Result<IpAddr> {
     Ok(socket.local_addr()?.ip())
 }
 
+/// This namespace's source address towards every backend address, looked up once per
+/// address.
+fn sources(services: &[Service]) -> Result<HashMap<IpAddr, IpAddr>> {
+    let mut sources = HashMap::new();
+    for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
+        let ip = backend.addr.ip();
+        if let std::collections::hash_map::Entry::Vacant(entry) = sources.entry(ip) {
+            entry.insert(source_towards(ip)?);
+        }
+    }
+    Ok(sources)
+}
+
 /// Each backend's table value: its endpoint and the source NAT address towards it.
-fn backend_values(services: &[Service], snat: bool) -> Result<HashMap<SocketAddr, Vec<u8>>> {
+fn backend_values(
+    services: &[Service],
+    sources: &HashMap<IpAddr, IpAddr>,
+    snat: bool,
+) -> HashMap<SocketAddr, Vec<u8>> {
     let mut values = HashMap::new();
     for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
-        if values.contains_key(backend) {
-            continue;
-        }
-        let source = source_towards(backend.ip())?;
         let value = lb_backend {
-            endpoint: (*backend).into(),
-            snat_addr: if snat { ip_to_words(source).1 } else { [0; 4] },
+            endpoint: backend.addr.into(),
+            snat_addr: match sources.get(&backend.addr.ip()) {
+                Some(source) if snat => ip_to_words(*source).1,
+                _ => [0; 4],
+            },
         };
-        values.insert(*backend, as_bytes(&value).to_vec());
+        values.insert(backend.addr, as_bytes(&value).to_vec());
     }
-    Ok(values)
+    values
 }
 
 fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    pins: Option<&PinDir>,
+    pins: Option<&mut PinSet>,
 ) -> Result<LbSkel<'obj>> {
     let mut open = LbSkelBuilder::default()
         .open(storage)
@@ -173,11 +243,7 @@ fn load<'obj>(
         .hash_seed = u32::from_ne_bytes(seed);
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
     if let Some(pins) = pins {
-        // libbpf reuses these when pinned already: a re-run updates the live tables
-        open.maps.lb_services.set_pin_path(pins.file(PIN_SERVICES))?;
-        open.maps.lb_backends.set_pin_path(pins.file(PIN_BACKENDS))?;
-        open.maps.lb_stats.set_pin_path(pins.file(PIN_STATS))?;
-        open.maps.lb_counters.set_pin_path(pins.file(PIN_COUNTERS))?;
+        pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
     }
     open.load().context("loading the lb program")
 }
@@ -190,7 +256,8 @@ pub fn load_with_services<'obj>(
     snat: bool,
 ) -> Result<LbSkel<'obj>> {
     let skel = load(storage, None)?;
-    sync(&tables(&skel)?, services, &backend_values(services, snat)?)?;
+    let values = backend_values(services, &sources(services)?, snat);
+    sync(&tables(&skel)?, services, &values)?;
     Ok(skel)
 }
 
@@ -277,7 +344,7 @@ const FORWARDING: [(&str, &str, bool); 2] = [
 /// Makes this namespace apply the entries lb creates: conntrack and NAT hooks (an nft table,
 /// only if none registers them yet) and forwarding towards backends that are not local (only
 /// if off). Returns what it did, for the log.
-fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
+fn prepare_namespace(services: &[Service], sources: &HashMap<IpAddr, IpAddr>) -> Result<Vec<String>> {
     let mut log = Vec::new();
     let mut changed = Vec::new();
     for (name, path, v4) in FORWARDING {
@@ -285,7 +352,7 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
             .iter()
             .filter(|svc| svc.vip.is_ipv4() == v4)
             .flat_map(|svc| svc.backends.iter())
-            .any(|backend| source_towards(backend.ip()).ok() != Some(backend.ip()));
+            .any(|backend| sources.get(&backend.addr.ip()) != Some(&backend.addr.ip()));
         if !forwards {
             continue;
         }
@@ -394,121 +461,145 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
     Ok(log)
 }
 
-pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
-    args.run.check(args.persist)?;
-    let mut settings = Settings::read(args)?;
-    probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
-    let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
-    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
-    let (mut instance, orphan) = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
-    let values = backend_values(&settings.services, !settings.no_snat)?;
-    if args.persist {
-        return persist(&settings.services, &values, &iface, &pins);
-    }
-    if pins.exists() {
-        bail!(
-            "lb is persisted on {} (see `ebpf-net status`); run `ebpf-net down lb -i {}` first",
-            iface.name,
-            iface.name
-        );
-    }
-    if let Some(orphan) = orphan {
-        eprintln!(
-            "{SUBCOMMAND}: taking over from a killed run (pid {}) on {}",
-            orphan.pid, iface.name
-        );
-    }
-    let mut object = MaybeUninit::uninit();
-    let skel = load(&mut object, None)?;
-    let tables = tables(&skel)?;
-    sync(&tables, &settings.services, &values)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
-    let setup = prepare_namespace(&settings.services)?;
-    note_leftovers(&mut instance)?;
-    let attachment = match TcxAttachment::attach(&skel.progs.lb_ingress, &iface, TcDirection::Ingress) {
-        Ok(attachment) => attachment,
-        Err(err) => {
-            let _ = release_namespace(netns_key);
-            return Err(err);
-        }
-    };
-    for line in &setup {
-        eprintln!("{SUBCOMMAND}: {line}");
-    }
-    let shutdown = run::Shutdown::install()?;
-    if let Some(addr) = metrics {
-        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
-    }
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!(
-            "{}: {}{}",
-            iface.name,
-            service::describe(&settings.services),
-            snat_note(settings.no_snat)
-        ),
-    );
-    shutdown.serve(SUBCOMMAND, || {
-        let new = Settings::read(args)?;
-        settings.check_reload(&new)?;
-        let values = backend_values(&new.services, !new.no_snat)?;
-        let report = sync(&tables, &new.services, &values)?;
-        for line in prepare_namespace(&new.services)? {
-            eprintln!("{SUBCOMMAND}: {line}");
-        }
-        note_leftovers(&mut instance)?;
-        settings = new;
-        Ok(format!("{} ({report})", service::describe(&settings.services)))
-    });
-    drop(attachment);
-    let report = service_report(&tables)?;
-    for entry in report.iter().take(20) {
-        eprintln!("{SUBCOMMAND}: {}", service::summarize_service(entry, counters));
-    }
-    let totals: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
-    eprintln!("{SUBCOMMAND}: {}", describe_counters(&totals));
-    for line in release_namespace(netns_key)? {
-        eprintln!("{SUBCOMMAND}: {line}");
-    }
-    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
-    Ok(())
+/// The lb datapath on the lifecycle.
+pub struct Lb;
+
+/// What an lb run works from: the settings, and each backend's table value.
+pub struct Plan {
+    settings: Settings,
+    sources: HashMap<IpAddr, IpAddr>,
+    values: HashMap<SocketAddr, Vec<u8>>,
 }
 
-/// Records in the run's lock file what a SIGKILL would leave in this namespace: lb's nft table
-/// and what its comment says lb changed.
-fn note_leftovers(instance: &mut Instance) -> Result<()> {
-    match recorded_changes() {
-        Some(changes) => instance.leaves(&format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))),
-        None => Ok(()),
-    }
+/// Every map pinned with `--persist`.
+const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_STATS, PIN_COUNTERS];
+
+/// The maps a report reads.
+pub struct View {
+    tables: ServiceTables,
+    counters: MapHandle,
 }
 
-/// Metrics read at each scrape: new flows per backend and service, and the event and error
-/// counters.
-fn metrics_source(skel: &LbSkel<'_>) -> Result<metrics::Source> {
-    let tables = tables(skel)?;
-    let counters_map = MapHandle::try_from(&skel.maps.lb_counters)?;
-    Ok(Arc::new(move || {
-        let mut families = metrics::service_families(
-            SUBCOMMAND,
-            &service_report(&tables)?,
-            &[("new_flows", "flows given a conntrack entry towards the backend")],
-        );
-        let t: lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
-        families.extend(metrics::counter_families(
-            SUBCOMMAND,
-            &[
-                ("new_flows", t.new_flows, false),
-                ("known_flows", t.known_flows, false),
-                ("reopened", t.reopened, false),
-                ("alloc_failed", t.alloc_failed, true),
-                ("nat_failed", t.nat_failed, true),
-                ("insert_failed", t.insert_failed, true),
-            ],
-        ));
-        Ok(families)
-    }))
+impl Datapath for Lb {
+    const NAME: &'static str = SUBCOMMAND;
+    const PROGRAMS: &'static [&'static str] = PROGRAMS;
+    type Args = LbArgs;
+    type Desired = Settings;
+    type Plan = Plan;
+    type Loaded<'obj> = LbSkel<'obj>;
+    type View = View;
+
+    fn run_options(args: &LbArgs) -> &RunOptions {
+        &args.run
+    }
+    fn persist(args: &LbArgs) -> bool {
+        args.persist
+    }
+    fn desired(args: &LbArgs) -> Result<Settings> {
+        Settings::read(args)
+    }
+    fn target(desired: &Settings) -> Result<Target> {
+        probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
+        let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
+        Ok(Target::Interface(iface))
+    }
+    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Plan> {
+        let sources = sources(&desired.services)?;
+        Ok(Plan {
+            values: backend_values(&desired.services, &sources, !desired.no_snat),
+            sources,
+            settings: Settings {
+                iface: desired.iface.clone(),
+                services: desired.services.clone(),
+                no_snat: desired.no_snat,
+            },
+        })
+    }
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        _plan: &Plan,
+        pins: Option<&mut PinSet>,
+    ) -> Result<LbSkel<'obj>> {
+        load(&mut storage[0], pins)
+    }
+    fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
+        let report = sync(&tables(skel)?, &plan.settings.services, &plan.values)?;
+        let log = prepare_namespace(&plan.settings.services, &plan.sources)?;
+        let leaves = recorded_changes()
+            .map(|changes| vec![format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))])
+            .unwrap_or_default();
+        Ok(Applied {
+            report: report.to_string(),
+            log,
+            leaves,
+        })
+    }
+    fn attach(skel: &LbSkel<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
+        let attachment = TcxAttachment::attach(&skel.progs.lb_ingress, target.iface(), TcDirection::Ingress)?;
+        Ok(vec![Box::new(attachment)])
+    }
+    fn attach_pinned(skel: &LbSkel<'_>, target: &Target, pins: &PinDir, _plan: &Plan) -> Result<bool> {
+        attach::attach_or_update_pinned(
+            &skel.progs.lb_ingress,
+            target.iface(),
+            TcDirection::Ingress,
+            &pins.link_file(TcDirection::Ingress),
+        )
+    }
+    fn objects<'a>(skel: &'a LbSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
+        vec![(skel.object(), PINS)]
+    }
+    fn check_reload(old: &Settings, new: &Settings) -> Result<()> {
+        old.check_reload(new)
+    }
+    fn describe(desired: &Settings, _target: &Target, _plan: &Plan) -> String {
+        format!(
+            "{}{}",
+            service::describe(&desired.services),
+            snat_note(desired.no_snat)
+        )
+    }
+    fn view(skel: &LbSkel<'_>) -> Result<View> {
+        Ok(View {
+            tables: tables(skel)?,
+            counters: MapHandle::try_from(&skel.maps.lb_counters)?,
+        })
+    }
+    fn view_pinned(pins: &PinDir) -> Result<View> {
+        Ok(View {
+            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
+            counters: pins.open_map(&PIN_COUNTERS)?,
+        })
+    }
+    fn report(view: &View) -> Result<Report> {
+        let services: Vec<ServiceReport<lb_stats>> = service::service_report(&view.tables)?;
+        let totals: lb_counters = maps::sum_percpu_counters(&view.counters, 0)?;
+        let mut families = counters::service_families(SUBCOMMAND, &services);
+        families.extend(counters::event_families(SUBCOMMAND, &totals));
+        let mut exit: Vec<String> = services
+            .iter()
+            .take(20)
+            .map(|service| service.summary(backend_words))
+            .collect();
+        exit.push(describe_counters(&totals));
+        Ok(Report {
+            details: json!({
+                "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                "counters": totals.json(),
+            }),
+            summary: format!(
+                "{}; conntrack entries created {}, failed {}",
+                service::summarize_report(&services, backend_words),
+                totals.new_flows,
+                totals.total_of(counters::Kind::Error)
+            ),
+            families,
+            exit,
+        })
+    }
+    fn release(netns_key: &str) -> Result<Vec<String>> {
+        release_namespace(netns_key)
+    }
 }
 
 fn snat_note(no_snat: bool) -> &'static str {
@@ -519,59 +610,8 @@ fn snat_note(no_snat: bool) -> &'static str {
     }
 }
 
-fn persist(
-    services: &[Service],
-    values: &HashMap<SocketAddr, Vec<u8>>,
-    iface: &Interface,
-    pins: &PinDir,
-) -> Result<()> {
-    let fresh = !pins.exists();
-    pins.create()?;
-    let result = (|| -> Result<(bool, SyncReport, Vec<String>)> {
-        let mut object = MaybeUninit::uninit();
-        let skel = load(&mut object, Some(pins))?;
-        // the tables are right before the (new) program sees a packet
-        let report = sync(&tables(&skel)?, services, values)?;
-        let setup = prepare_namespace(services)?;
-        let updated = attach::attach_or_update_pinned(
-            &skel.progs.lb_ingress,
-            iface,
-            TcDirection::Ingress,
-            &pins.link_file(TcDirection::Ingress),
-        )?;
-        Ok((updated, report, setup))
-    })();
-    if result.is_err() && fresh {
-        let _ = pins.remove();
-        let _ = release_namespace(&pins.netns);
-    }
-    let (updated, report, setup) = result?;
-    for line in &setup {
-        eprintln!("{SUBCOMMAND}: {line}");
-    }
-    let verb = if updated { "updated in place" } else { "pinned" };
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!(
-            "{verb}: {}: {} ({report})",
-            iface.name,
-            service::describe(services)
-        ),
-    );
-    Ok(())
-}
-
-fn service_report(tables: &ServiceTables) -> Result<Vec<Value>> {
-    service::service_report(tables, |bytes| {
-        let stats: lb_stats = maps::from_bytes("lb counters", bytes)?;
-        let mut fields = serde_json::Map::new();
-        fields.insert("new_flows".into(), json!(stats.new_flows));
-        Ok(fields)
-    })
-}
-
-fn counters(backend: &Value) -> String {
-    format!("{} new flows", backend["new_flows"])
+fn backend_words(stats: &lb_stats) -> String {
+    format!("{} new flows", stats.new_flows)
 }
 
 fn describe_counters(totals: &lb_counters) -> String {
@@ -583,35 +623,5 @@ fn describe_counters(totals: &lb_counters) -> String {
         totals.alloc_failed,
         totals.nat_failed,
         totals.insert_failed
-    )
-}
-
-/// What `status` shows of one persisted lb directory.
-pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
-    let tables = ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?;
-    let counters_map = MapHandle::from_pinned_path(pins.file(PIN_COUNTERS))?;
-    let totals: lb_counters = maps::sum_percpu_counters(&counters_map, 0)?;
-    Ok(json!({
-        "services": service_report(&tables)?,
-        "counters": {
-            "new_flows": totals.new_flows,
-            "known_flows": totals.known_flows,
-            "reopened": totals.reopened,
-            "alloc_failed": totals.alloc_failed,
-            "nat_failed": totals.nat_failed,
-            "insert_failed": totals.insert_failed,
-        },
-    }))
-}
-
-pub fn summarize(details: &Value) -> String {
-    let c = &details["counters"];
-    format!(
-        "{}; conntrack entries created {}, failed {}",
-        service::summarize_report(&details["services"], counters),
-        c["new_flows"],
-        c["alloc_failed"].as_u64().unwrap_or(0)
-            + c["nat_failed"].as_u64().unwrap_or(0)
-            + c["insert_failed"].as_u64().unwrap_or(0)
     )
 }

@@ -13,6 +13,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::lifecycle::Registered;
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
 use crate::kernel::addr::{ip_from_words, Interface};
@@ -22,7 +23,7 @@ use crate::kernel::skel::monitor::types::{flow_counters, flow_key};
 use crate::kernel::skel::monitor::MonitorSkelBuilder;
 
 pub const SUBCOMMAND: &str = "monitor";
-pub const PROGRAMS: [&str; 2] = ["monitor_ingress", "monitor_egress"];
+pub const PROGRAMS: &[&str] = &["monitor_ingress", "monitor_egress"];
 /// Rows of the text table; --json always has every flow.
 const TOP_ROWS: usize = 25;
 
@@ -377,6 +378,27 @@ fn human_count(per_sec: f64) -> String {
     scaled(per_sec, 1000.0, &["", "k", "M", "G"])
         .trim_end()
         .to_string()
+}
+
+/// Monitor in the registry: it persists nothing, so `status` only needs its program names.
+pub struct MonitorEntry;
+
+impl Registered for MonitorEntry {
+    fn name(&self) -> &'static str {
+        SUBCOMMAND
+    }
+    fn programs(&self) -> &'static [&'static str] {
+        PROGRAMS
+    }
+    fn report_pinned(&self, _pins: &crate::kernel::pin::PinDir) -> Result<crate::control::lifecycle::Report> {
+        bail!("monitor persists nothing")
+    }
+    fn release(&self, _netns_key: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    fn attached_elsewhere(&self) -> Vec<crate::control::lifecycle::AttachedElsewhere> {
+        Vec::new()
+    }
 }
 
 #[cfg(test)]

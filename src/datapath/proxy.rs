@@ -4,36 +4,69 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
-use serde_json::{json, Value};
+use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::instance::Instance;
+use crate::control::counters::Counters;
+use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
-use crate::control::run::{self, Shutdown};
 use crate::kernel::addr::Interface;
 use crate::kernel::attach::{self, TcDirection, TcxAttachment};
 use crate::kernel::maps::{self, as_bytes};
-use crate::kernel::pin::PinDir;
+use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
 use crate::kernel::skel::proxy::{ProxySkel, ProxySkelBuilder};
 
 pub const SUBCOMMAND: &str = "proxy";
-pub const PROGRAMS: [&str; 2] = ["proxy_egress", "proxy_ingress"];
+pub const PROGRAMS: &[&str] = &["proxy_egress", "proxy_ingress"];
 /// include/proxy.h PROXY_MAX_RULES
 const MAX_RULES: usize = 4096;
-const PIN_RULES: &str = "rules";
-const PIN_FLOWS: &str = "flows";
-const PIN_STATS: &str = "stats";
+const PIN_RULES: MapPin = MapPin {
+    map: "proxy_rules",
+    name: "rules",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_FLOWS: MapPin = MapPin {
+    map: "proxy_flows",
+    name: "flows",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the flow table",
+    },
+};
+const PIN_STATS: MapPin = MapPin {
+    map: "proxy_stats",
+    name: "stats",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "the rule counters",
+    },
+};
 
 // SAFETY: plain C structs of integers from include/proxy.h.
 unsafe impl plain::Plain for proxy_endpoint {}
 unsafe impl plain::Plain for proxy_target {}
-unsafe impl plain::Plain for proxy_stats {}
+
+crate::declare_counters!(
+    proxy_stats,
+    "proxy_stats",
+    [
+        (packets, Traffic, "client packets to FROM sent to TO"),
+        (bytes, Traffic, "bytes of those packets"),
+        (replies, Traffic, "reply packets from TO made to come from FROM"),
+        (reply_bytes, Traffic, "bytes of those replies"),
+        (
+            rerouted,
+            Traffic,
+            "packets whose next hop changed with the destination"
+        ),
+    ]
+);
 
 #[derive(clap::Args, Debug)]
 pub struct ProxyArgs {
@@ -41,8 +74,8 @@ pub struct ProxyArgs {
     #[arg(short = 'i', long = "interface", value_name = "IFACE")]
     pub iface: Option<String>,
     /// FROM_IP:PORT=TO_IP:PORT, repeatable; IPv6 in brackets: [2001:db8::1]:80=[2001:db8::2]:8080
-    #[arg(long = "map", value_name = "FROM=TO")]
-    pub maps: Vec<String>,
+    #[arg(long = "map", value_name = "FROM=TO", value_parser = rule_flag)]
+    pub maps: Vec<Rule>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/proxy/, print ready and exit; run again to update rules in place
     #[arg(long)]
     pub persist: bool,
@@ -51,7 +84,7 @@ pub struct ProxyArgs {
 }
 
 /// What flags and config file say together.
-struct Settings {
+pub struct Settings {
     iface: Item,
     rules: Vec<Rule>,
 }
@@ -66,9 +99,18 @@ impl Settings {
             section.map(|s| &s.interface),
             SUBCOMMAND,
         )?;
-        let from_file = config.as_ref().zip(section).map(|(c, s)| c.rules(&s.map));
-        let items = config::entries(
-            Item::flags("--map", &args.maps),
+        let from_file = config
+            .as_ref()
+            .zip(section)
+            .map(|(c, s)| {
+                c.rules(&s.map)
+                    .iter()
+                    .map(|item| parse_rule(&item.text, &item.origin).map_err(|err| item.fail(err)))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .transpose()?;
+        let rules = config::entries(
+            args.maps.clone(),
             from_file.unwrap_or_default(),
             "rules",
             "--map",
@@ -76,16 +118,18 @@ impl Settings {
         )?;
         Ok(Self {
             iface,
-            rules: parse_rule_items(&items)?,
+            rules: check_rules(rules)?,
         })
     }
 }
 
 /// One `--map`: TCP and UDP packets to `from` go to `to`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub from: SocketAddr,
     pub to: SocketAddr,
+    /// where it came from, for error messages: `--map TEXT` or `FILE:LINE: map FROM`
+    pub origin: String,
 }
 
 fn parse_endpoint(text: &str) -> Result<SocketAddr> {
@@ -102,11 +146,12 @@ fn parse_endpoint(text: &str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-fn parse_rule(text: &str) -> Result<Rule> {
+fn parse_rule(text: &str, origin: &str) -> Result<Rule> {
     let (from, to) = text.split_once('=').context("expected FROM_IP:PORT=TO_IP:PORT")?;
     let rule = Rule {
         from: parse_endpoint(from)?,
         to: parse_endpoint(to)?,
+        origin: origin.to_string(),
     };
     if rule.from.is_ipv4() != rule.to.is_ipv4() {
         bail!("FROM and TO are of different address families");
@@ -117,21 +162,31 @@ fn parse_rule(text: &str) -> Result<Rule> {
     Ok(rule)
 }
 
-/// Parses and checks every `--map`: one family per rule, FROM never twice, FROM != TO.
-pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
-    parse_rule_items(&Item::flags("--map", maps))
+/// clap's value parser for `--map`.
+pub fn rule_flag(text: &str) -> Result<Rule> {
+    parse_rule(text, &format!("--map {text}"))
 }
 
-/// Parses rules from flags and a config file, each error naming the flag or file line.
-pub fn parse_rule_items(items: &[Item]) -> Result<Vec<Rule>> {
-    let mut seen = HashMap::new();
-    let mut rules = Vec::new();
-    for item in items {
-        let rule = parse_rule(&item.text).map_err(|err| item.fail(err))?;
-        if let Some(first) = seen.insert(rule.from, &item.origin) {
-            return Err(item.fail(format!("FROM {} is mapped twice (also at {first})", rule.from)));
+/// Parses and checks every `--map`: one family per rule, FROM never twice, FROM != TO.
+pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
+    let rules = maps
+        .iter()
+        .map(|text| rule_flag(text).map_err(|err| anyhow::anyhow!("--map {text}: {err:#}")))
+        .collect::<Result<Vec<_>>>()?;
+    check_rules(rules)
+}
+
+/// Checks rules from flags and a config file together, each error naming the flag or line.
+pub fn check_rules(rules: Vec<Rule>) -> Result<Vec<Rule>> {
+    let mut seen: HashMap<SocketAddr, &str> = HashMap::new();
+    for rule in &rules {
+        if let Some(first) = seen.insert(rule.from, &rule.origin) {
+            bail!(
+                "{}: FROM {} is mapped twice (also at {first})",
+                rule.origin,
+                rule.from
+            );
         }
-        rules.push(rule);
     }
     if rules.len() > MAX_RULES {
         bail!("{} rules; at most {MAX_RULES}", rules.len());
@@ -207,16 +262,13 @@ fn sync_rules(rules_map: &impl MapCore, stats_map: &impl MapCore, rules: &[Rule]
 
 fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    pins: Option<&PinDir>,
+    pins: Option<&mut PinSet>,
 ) -> Result<ProxySkel<'obj>> {
     let mut open = ProxySkelBuilder::default()
         .open(storage)
         .context("opening the proxy programs")?;
     if let Some(pins) = pins {
-        // libbpf reuses these when pinned already: a re-run updates the live tables
-        open.maps.proxy_rules.set_pin_path(pins.file(PIN_RULES))?;
-        open.maps.proxy_flows.set_pin_path(pins.file(PIN_FLOWS))?;
-        open.maps.proxy_stats.set_pin_path(pins.file(PIN_STATS))?;
+        pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
     }
     open.load().context("loading the proxy programs")
 }
@@ -239,171 +291,187 @@ fn describe_rules(rules: &[Rule]) -> String {
         .join(", ")
 }
 
-pub fn run(args: &ProxyArgs, netns_key: &str) -> Result<()> {
-    args.run.check(args.persist)?;
-    let Settings { iface, mut rules } = Settings::read(args)?;
-    let iface = Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?;
-    let pins = PinDir::new(SUBCOMMAND, netns_key, &iface.name);
-    let _instance = Instance::claim(SUBCOMMAND, netns_key, &iface.name, args.persist)?;
-    attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins.prog_ids())?;
-    if args.persist {
-        return persist(&rules, &iface, &pins);
-    }
-    if pins.exists() {
-        bail!(
-            "proxy is persisted on {} (see `ebpf-net status`); run `ebpf-net down proxy -i {}` first",
-            iface.name,
-            iface.name
-        );
-    }
-    let mut object = MaybeUninit::uninit();
-    let skel = load_with_rules(&mut object, &rules)?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
-    let attachments = [
-        TcxAttachment::attach(&skel.progs.proxy_egress, &iface, TcDirection::Egress)?,
-        TcxAttachment::attach(&skel.progs.proxy_ingress, &iface, TcDirection::Ingress)?,
-    ];
-    let shutdown = Shutdown::install()?;
-    if let Some(addr) = metrics {
-        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
-    }
-    run::announce_ready(SUBCOMMAND, &format!("{}: {}", iface.name, describe_rules(&rules)));
-    shutdown.serve(SUBCOMMAND, || {
-        let new = Settings::read(args)?;
-        if new.iface.text != iface.name {
-            bail!(
-                "the interface changed ({} -> {}); that needs a restart",
-                iface.name,
-                new.iface.text
-            );
-        }
-        sync_rules(&skel.maps.proxy_rules, &skel.maps.proxy_stats, &new.rules)?;
-        rules = new.rules;
-        Ok(describe_rules(&rules))
-    });
-    drop(attachments);
-    for entry in rule_report(&skel.maps.proxy_rules, &skel.maps.proxy_stats)? {
-        eprintln!("{SUBCOMMAND}: {}", summarize_rule(&entry));
-    }
-    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
-    Ok(())
+/// The proxy datapath on the lifecycle.
+pub struct Proxy;
+
+/// Every map pinned with `--persist`.
+const PINS: &[MapPin] = &[PIN_RULES, PIN_FLOWS, PIN_STATS];
+
+/// The maps a report reads.
+pub struct View {
+    rules: MapHandle,
+    stats: MapHandle,
+    flows: MapHandle,
 }
 
-/// Metrics read at each scrape: per-rule counters, rewrites by direction, tracked flows.
-fn metrics_source(skel: &ProxySkel<'_>) -> Result<metrics::Source> {
-    let rules_map = MapHandle::try_from(&skel.maps.proxy_rules)?;
-    let stats_map = MapHandle::try_from(&skel.maps.proxy_stats)?;
-    let flows_map = MapHandle::try_from(&skel.maps.proxy_flows)?;
-    Ok(Arc::new(move || {
-        let report = rule_report(&rules_map, &stats_map)?;
-        let fields = [
-            ("packets", "client packets to FROM sent to TO"),
-            ("bytes", "bytes of those packets"),
-            ("replies", "reply packets from TO made to come from FROM"),
-            ("reply_bytes", "bytes of those replies"),
-            ("rerouted", "packets whose next hop changed with the destination"),
-        ];
-        let total =
-            |field: &str| -> u64 { report.iter().map(|rule| rule[field].as_u64().unwrap_or(0)).sum() };
-        let mut families = Vec::new();
-        for (field, help) in fields {
-            let mut family = metrics::Family::counter(&format!("ebpf_net_proxy_rule_{field}"), help);
-            for rule in &report {
-                family.add(
-                    &[
-                        ("from", rule["from"].as_str().unwrap_or_default()),
-                        ("to", rule["to"].as_str().unwrap_or_default()),
-                    ],
-                    rule[field].as_u64().unwrap_or(0),
-                );
-            }
-            families.push(family);
-        }
-        families.push(metrics::rewrites(
-            SUBCOMMAND,
-            &[("egress", total("packets")), ("ingress", total("replies"))],
-        ));
-        let mut flows =
-            metrics::Family::gauge("ebpf_net_proxy_flows", "flows whose replies are translated back");
-        flows.add(&[], flows_map.keys().count() as u64);
-        families.push(flows);
-        Ok(families)
-    }))
+/// One rule with its counters.
+struct RuleReport {
+    from: SocketAddr,
+    to: SocketAddr,
+    stats: proxy_stats,
 }
 
-fn persist(rules: &[Rule], iface: &Interface, pins: &PinDir) -> Result<()> {
-    let fresh = !pins.exists();
-    pins.create()?;
-    let result = (|| -> Result<bool> {
-        let mut object = MaybeUninit::uninit();
-        let skel = load(&mut object, Some(pins))?;
-        // the new rules are in place before any (new) program sees a packet
+impl Datapath for Proxy {
+    const NAME: &'static str = SUBCOMMAND;
+    const PROGRAMS: &'static [&'static str] = PROGRAMS;
+    type Args = ProxyArgs;
+    type Desired = Settings;
+    type Plan = Vec<Rule>;
+    type Loaded<'obj> = ProxySkel<'obj>;
+    type View = View;
+
+    fn run_options(args: &ProxyArgs) -> &RunOptions {
+        &args.run
+    }
+    fn persist(args: &ProxyArgs) -> bool {
+        args.persist
+    }
+    fn desired(args: &ProxyArgs) -> Result<Settings> {
+        Settings::read(args)
+    }
+    fn target(desired: &Settings) -> Result<Target> {
+        let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
+        Ok(Target::Interface(iface))
+    }
+    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Vec<Rule>> {
+        Ok(desired.rules.clone())
+    }
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        _plan: &Vec<Rule>,
+        pins: Option<&mut PinSet>,
+    ) -> Result<ProxySkel<'obj>> {
+        load(&mut storage[0], pins)
+    }
+    fn apply(skel: &ProxySkel<'_>, rules: &Vec<Rule>) -> Result<Applied> {
         sync_rules(&skel.maps.proxy_rules, &skel.maps.proxy_stats, rules)?;
+        Ok(Applied::default())
+    }
+    fn attach(
+        skel: &ProxySkel<'_>,
+        target: &Target,
+        _plan: &Vec<Rule>,
+    ) -> Result<Vec<Box<dyn std::any::Any>>> {
+        Ok(vec![
+            Box::new(TcxAttachment::attach(
+                &skel.progs.proxy_egress,
+                target.iface(),
+                TcDirection::Egress,
+            )?),
+            Box::new(TcxAttachment::attach(
+                &skel.progs.proxy_ingress,
+                target.iface(),
+                TcDirection::Ingress,
+            )?),
+        ])
+    }
+    fn attach_pinned(
+        skel: &ProxySkel<'_>,
+        target: &Target,
+        pins: &PinDir,
+        _plan: &Vec<Rule>,
+    ) -> Result<bool> {
         let mut updated = false;
         for (prog, direction) in [
             (&skel.progs.proxy_egress, TcDirection::Egress),
             (&skel.progs.proxy_ingress, TcDirection::Ingress),
         ] {
-            updated |= attach::attach_or_update_pinned(prog, iface, direction, &pins.link_file(direction))?;
+            updated |=
+                attach::attach_or_update_pinned(prog, target.iface(), direction, &pins.link_file(direction))?;
         }
         Ok(updated)
-    })();
-    if result.is_err() && fresh {
-        let _ = pins.remove();
     }
-    let verb = if result? { "updated in place" } else { "pinned" };
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!("{verb}: {}: {}", iface.name, describe_rules(rules)),
-    );
-    Ok(())
+    fn objects<'a>(skel: &'a ProxySkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
+        vec![(skel.object(), PINS)]
+    }
+    fn check_reload(old: &Settings, new: &Settings) -> Result<()> {
+        if new.iface.text != old.iface.text {
+            bail!(
+                "the interface changed ({} -> {}); that needs a restart",
+                old.iface.text,
+                new.iface.text
+            );
+        }
+        Ok(())
+    }
+    fn describe(desired: &Settings, _target: &Target, _plan: &Vec<Rule>) -> String {
+        describe_rules(&desired.rules)
+    }
+    fn view(skel: &ProxySkel<'_>) -> Result<View> {
+        Ok(View {
+            rules: MapHandle::try_from(&skel.maps.proxy_rules)?,
+            stats: MapHandle::try_from(&skel.maps.proxy_stats)?,
+            flows: MapHandle::try_from(&skel.maps.proxy_flows)?,
+        })
+    }
+    fn view_pinned(pins: &PinDir) -> Result<View> {
+        Ok(View {
+            rules: pins.open_map(&PIN_RULES)?,
+            stats: pins.open_map(&PIN_STATS)?,
+            flows: pins.open_map(&PIN_FLOWS)?,
+        })
+    }
+    fn report(view: &View) -> Result<Report> {
+        let rules = rule_report(&view.rules, &view.stats)?;
+        let flows = view.flows.keys().count() as u64;
+        let mut families = Vec::new();
+        for (index, field) in proxy_stats::FIELDS.iter().enumerate() {
+            let mut family =
+                metrics::Family::counter(&format!("ebpf_net_proxy_rule_{}", field.name), field.help);
+            for rule in &rules {
+                family.add(
+                    &[("from", &rule.from.to_string()), ("to", &rule.to.to_string())],
+                    rule.stats.values()[index],
+                );
+            }
+            families.push(family);
+        }
+        let all = proxy_stats::sum(rules.iter().map(|rule| &rule.stats));
+        families.push(metrics::rewrites(
+            SUBCOMMAND,
+            &[("egress", all.packets), ("ingress", all.replies)],
+        ));
+        let mut gauge =
+            metrics::Family::gauge("ebpf_net_proxy_flows", "flows whose replies are translated back");
+        gauge.add(&[], flows);
+        families.push(gauge);
+        let lines: Vec<String> = rules.iter().map(summarize_rule).collect();
+        let details: Vec<serde_json::Value> = rules
+            .iter()
+            .map(|rule| {
+                let mut entry = rule.stats.json();
+                entry.insert("from".into(), json!(rule.from.to_string()));
+                entry.insert("to".into(), json!(rule.to.to_string()));
+                serde_json::Value::Object(entry)
+            })
+            .collect();
+        Ok(Report {
+            details: json!({ "rules": details, "flows": flows }),
+            summary: format!("{flows} tracked flows; {}", lines.join("; ")),
+            families,
+            exit: lines,
+        })
+    }
 }
 
 /// Every rule with its counters, for `status` and the exit summary.
-fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec<Value>> {
+fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec<RuleReport>> {
     let mut report = Vec::new();
     for (from, (to, rule_id)) in installed_rules(rules_map)? {
-        let stats: proxy_stats = maps::sum_percpu_counters(stats_map, rule_id)?;
-        report.push(json!({
-            "from": from.to_string(),
-            "to": to.to_string(),
-            "packets": stats.packets,
-            "bytes": stats.bytes,
-            "replies": stats.replies,
-            "reply_bytes": stats.reply_bytes,
-            "rerouted": stats.rerouted,
-        }));
+        report.push(RuleReport {
+            from,
+            to,
+            stats: maps::sum_percpu_counters(stats_map, rule_id)?,
+        });
     }
     Ok(report)
 }
 
-fn summarize_rule(rule: &Value) -> String {
+fn summarize_rule(rule: &RuleReport) -> String {
     format!(
         "{} -> {}: {} packets out ({} re-routed), {} replies back",
-        rule["from"].as_str().unwrap_or("?"),
-        rule["to"].as_str().unwrap_or("?"),
-        rule["packets"],
-        rule["rerouted"],
-        rule["replies"]
+        rule.from, rule.to, rule.stats.packets, rule.stats.rerouted, rule.stats.replies
     )
-}
-
-/// What `status` shows of one persisted proxy directory.
-pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
-    let rules = MapHandle::from_pinned_path(pins.file(PIN_RULES))?;
-    let stats = MapHandle::from_pinned_path(pins.file(PIN_STATS))?;
-    let flows = MapHandle::from_pinned_path(pins.file(PIN_FLOWS))?;
-    Ok(json!({ "rules": rule_report(&rules, &stats)?, "flows": flows.keys().count() }))
-}
-
-pub fn summarize(details: &Value) -> String {
-    let rules: Vec<String> = details["rules"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(summarize_rule)
-        .collect();
-    format!("{} tracked flows; {}", details["flows"], rules.join("; "))
 }
 
 #[cfg(test)]

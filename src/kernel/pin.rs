@@ -4,7 +4,10 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use std::os::fd::AsFd;
+
+use anyhow::{bail, Context, Result};
+use libbpf_rs::MapCore;
 
 use crate::kernel::attach::PinnedLink;
 use crate::kernel::probe;
@@ -39,6 +42,26 @@ impl PinDir {
         } else {
             self.target.clone()
         }
+    }
+
+    /// How `down` names this target: `-i eth0` or `--cgroup /sys/fs/cgroup/x`.
+    pub fn down_args(&self) -> String {
+        if self.target.starts_with("%2F") {
+            format!("--cgroup {}", crate::kernel::cgroup::decode_target(&self.target))
+        } else {
+            format!("-i {}", self.target)
+        }
+    }
+
+    /// A pinned map of this directory, by its spec.
+    pub fn map_file(&self, spec: &MapPin) -> PathBuf {
+        self.file(&spec.file_name())
+    }
+
+    /// Opens a pinned map by its spec.
+    pub fn open_map(&self, spec: &MapPin) -> Result<libbpf_rs::MapHandle> {
+        let path = self.map_file(spec);
+        libbpf_rs::MapHandle::from_pinned_path(&path).with_context(|| format!("opening {}", path.display()))
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -134,4 +157,261 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
     fs::read_dir(dir)
         .map(|entries| entries.flatten().map(|entry| entry.path()).collect())
         .unwrap_or_default()
+}
+
+/// A map a datapath pins: its name in the BPF object, the file it is pinned as (with the
+/// layout version in the name, as Cilium's `cilium_lb4_services_v2`), and what to do when
+/// the pin in place has another shape.
+#[derive(Debug, Clone, Copy)]
+pub struct MapPin {
+    pub map: &'static str,
+    pub name: &'static str,
+    pub version: u32,
+    pub on_change: OnChange,
+}
+
+/// What a re-run does when a pinned map's shape differs from the one about to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnChange {
+    /// filled from the desired state by every run: a fresh map takes its place
+    Rebuild,
+    /// state the datapath made (flows, counters): copied into the fresh map when only its
+    /// size changed; refused, naming `setting` and the way out, when its layout changed
+    Copy { setting: &'static str },
+}
+
+impl MapPin {
+    /// The pin's file name: `flows_v1`.
+    pub fn file_name(&self) -> String {
+        format!("{}_v{}", self.name, self.version)
+    }
+}
+
+/// A map's shape as the kernel checks it when a pin is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub map_type: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    pub max_entries: u32,
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "type {}, key {} bytes, value {} bytes, {} entries",
+            self.map_type, self.key_size, self.value_size, self.max_entries
+        )
+    }
+}
+
+fn shape_of_handle(map: &libbpf_rs::MapHandle) -> Result<Shape> {
+    let info = libbpf_rs::MapInfo::new(map.as_fd()).context("reading a pinned map's info")?;
+    Ok(Shape {
+        map_type: info.info.type_,
+        key_size: info.info.key_size,
+        value_size: info.info.value_size,
+        max_entries: info.info.max_entries,
+    })
+}
+
+/// A pinned map that is not reused: the old one stays in service until the new program
+/// is swapped in, then the new map takes its pin.
+struct Replaced {
+    spec: MapPin,
+    old: Option<libbpf_rs::MapHandle>,
+    stale: Option<PathBuf>,
+    why: String,
+}
+
+/// Reusing, migrating or creating the pinned maps of one load. `prepare` runs on the opened
+/// object, `after_load` once loaded (copies, first pins), `after_swap` once the new
+/// program is attached (the last copies, the replaced pins).
+pub struct PinSet {
+    dir: PinDir,
+    replaced: Vec<Replaced>,
+    pub log: Vec<String>,
+}
+
+impl PinSet {
+    pub fn new(dir: &PinDir) -> Self {
+        Self {
+            dir: dir.clone(),
+            replaced: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
+    /// The path of a spec's pin.
+    pub fn path(&self, spec: &MapPin) -> PathBuf {
+        self.dir.file(&spec.file_name())
+    }
+
+    /// Older versions of a spec's pin in the directory.
+    fn stale_versions(&self, spec: &MapPin) -> Vec<PathBuf> {
+        entries(&self.dir.path)
+            .into_iter()
+            .filter(|path| {
+                let name = file_name(path);
+                name.strip_prefix(spec.name)
+                    .and_then(|rest| rest.strip_prefix("_v"))
+                    .is_some_and(|version| {
+                        version.parse::<u32>().is_ok() && version != spec.version.to_string()
+                    })
+            })
+            .collect()
+    }
+
+    /// Decides for every pinned map of the opened object: reuse the pin (same shape), or
+    /// load a fresh map and migrate (another shape, where the spec allows it), or refuse in
+    /// one line with nothing changed.
+    pub fn prepare(
+        &mut self,
+        object: &mut libbpf_rs::OpenObject,
+        subcommand: &str,
+        specs: &[MapPin],
+    ) -> Result<()> {
+        for spec in specs {
+            let mut map = object
+                .maps_mut()
+                .find(|map| map.name() == spec.map)
+                .with_context(|| format!("the {subcommand} program has no map {}", spec.map))?;
+            let wanted = Shape {
+                map_type: map.map_type() as u32,
+                key_size: map.key_size(),
+                value_size: map.value_size(),
+                max_entries: map.max_entries(),
+            };
+            let path = self.path(spec);
+            let (old, stale) = if path.exists() {
+                (Some(path.clone()), None)
+            } else {
+                match self.stale_versions(spec).into_iter().next() {
+                    Some(stale) => (Some(stale.clone()), Some(stale)),
+                    None => (None, None),
+                }
+            };
+            let Some(old_path) = old else { continue };
+            let handle = libbpf_rs::MapHandle::from_pinned_path(&old_path)
+                .with_context(|| format!("opening {}", old_path.display()))?;
+            let have = shape_of_handle(&handle)?;
+            if have == wanted && stale.is_none() {
+                map.reuse_fd(handle.as_fd())
+                    .with_context(|| format!("reusing {}", old_path.display()))?;
+                continue;
+            }
+            let layout_same = have.map_type == wanted.map_type
+                && have.key_size == wanted.key_size
+                && have.value_size == wanted.value_size
+                && stale.is_none();
+            let what = format!(
+                "pinned {} on {} ({}) is {have}; this version's is {wanted}",
+                file_name(&old_path),
+                self.dir.target_display(),
+                spec.name
+            );
+            let why = match spec.on_change {
+                OnChange::Rebuild => format!("{what}: rebuilt from the desired state"),
+                OnChange::Copy { .. } if layout_same => format!("{what}: entries copied over"),
+                OnChange::Copy { setting } => bail!(
+                    "{subcommand}: the {what}; keep {setting} as it was, or run `ebpf-net down {subcommand} {}` and start afresh (its entries are dropped)",
+                    self.dir.down_args()
+                ),
+            };
+            let copy = matches!(spec.on_change, OnChange::Copy { .. });
+            self.replaced.push(Replaced {
+                spec: *spec,
+                old: copy.then_some(handle),
+                stale,
+                why,
+            });
+        }
+        Ok(())
+    }
+
+    /// Once loaded: copies what the replaced maps held and pins every map that had no pin.
+    pub fn after_load(&mut self, object: &libbpf_rs::Object, specs: &[MapPin]) -> Result<()> {
+        for spec in specs {
+            let replaced = self.replaced.iter().find(|r| r.spec.name == spec.name);
+            let path = self.path(spec);
+            let mut map = handle_of(object, spec.map)?;
+            match replaced {
+                Some(replaced) => {
+                    if let Some(old) = &replaced.old {
+                        copy_entries(old, &map)?;
+                    }
+                }
+                None if !path.exists() => {
+                    map.pin(&path)
+                        .with_context(|| format!("pinning {}", path.display()))?;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Once the new program runs: copies what the old maps gained meanwhile, then moves
+    /// each replaced pin to its new map.
+    pub fn after_swap(&mut self, object: &libbpf_rs::Object, specs: &[MapPin]) -> Result<()> {
+        let (mine, others) = std::mem::take(&mut self.replaced)
+            .into_iter()
+            .partition(|r| specs.iter().any(|spec| spec.name == r.spec.name));
+        self.replaced = others;
+        for replaced in mine {
+            let mut map = handle_of(object, replaced.spec.map)?;
+            if let Some(old) = &replaced.old {
+                copy_entries(old, &map)?;
+            }
+            let path = self.path(&replaced.spec);
+            for old_path in [Some(path.clone()), replaced.stale].into_iter().flatten() {
+                if old_path.exists() {
+                    fs::remove_file(&old_path).with_context(|| format!("removing {}", old_path.display()))?;
+                }
+            }
+            map.pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
+            self.log.push(replaced.why);
+        }
+        Ok(())
+    }
+}
+
+/// A loaded object's map by its name in the C source.
+fn handle_of(object: &libbpf_rs::Object, name: &str) -> Result<libbpf_rs::MapHandle> {
+    let map = object
+        .maps()
+        .find(|map| map.name() == name)
+        .with_context(|| format!("no map {name} in the loaded object"))?;
+    libbpf_rs::MapHandle::try_from(&map).with_context(|| format!("opening map {name}"))
+}
+
+/// Copies every entry of `from` that `to` lacks (hash tables) or every slot (arrays), as far
+/// as `to` has room.
+fn copy_entries(from: &libbpf_rs::MapHandle, to: &impl MapCore) -> Result<()> {
+    use libbpf_rs::MapFlags;
+    let percpu = from.map_type().is_percpu();
+    let room = to.max_entries() as usize;
+    for (count, key) in from.keys().enumerate() {
+        if count >= room {
+            break;
+        }
+        let done = if percpu {
+            match from.lookup_percpu(&key, MapFlags::ANY)? {
+                Some(values) => to.update_percpu(&key, &values, MapFlags::ANY),
+                None => continue,
+            }
+        } else {
+            match from.lookup(&key, MapFlags::ANY)? {
+                Some(value) => to.update(&key, &value, MapFlags::ANY),
+                None => continue,
+            }
+        };
+        // a full hash table or a key beyond a smaller array ends the copy
+        if done.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }

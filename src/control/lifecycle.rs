@@ -1,0 +1,376 @@
+//! The one lifecycle every datapath runs on. A datapath says once how it loads, applies a
+//! desired state to its maps as a diff, attaches and reports; this module runs it in the
+//! foreground (signals first, attach, `ready`, SIGHUP reload, detach) or persisted (reuse or
+//! migrate the pins, diff-apply, swap the programs, exit), and answers `status`, `down` and
+//! `--metrics` for all of them through the registry.
+//!
+//! ```text
+//!   CLI flags ─┐                         ┌─ foreground: attach, ready, reload, detach
+//!   TOML file ─┼─> Desired ─> plan ─> load ─> apply (diff) ─┤
+//!   agent    ──┘                         └─ persist: pins reused/migrated, swap, exit
+//!                          report ─> status text, --json, /metrics, exit summary
+//! ```
+
+use std::any::Any;
+use std::mem::MaybeUninit;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+use libbpf_rs::OpenObject;
+use serde_json::Value;
+
+use crate::control::config::RunOptions;
+use crate::control::instance::Instance;
+use crate::control::metrics::{self, Family};
+use crate::control::run::{self, Shutdown};
+use crate::kernel::addr::Interface;
+use crate::kernel::attach;
+use crate::kernel::cgroup::Cgroup;
+use crate::kernel::pin::{MapPin, PinDir, PinSet};
+
+/// Room for the BPF objects of one load (ipv6-hp loads two).
+pub type Storage = [MaybeUninit<OpenObject>; 2];
+
+/// Where a datapath attaches.
+pub enum Target {
+    Interface(Interface),
+    Cgroup(Cgroup),
+}
+
+impl Target {
+    /// The name of its pin directory and run record.
+    pub fn key(&self) -> String {
+        match self {
+            Target::Interface(iface) => iface.name.clone(),
+            Target::Cgroup(cgroup) => cgroup.target(),
+        }
+    }
+
+    /// As users name it: `eth0`, `cgroup /pods`.
+    pub fn display(&self) -> String {
+        match self {
+            Target::Interface(iface) => iface.name.clone(),
+            Target::Cgroup(cgroup) => format!("cgroup {}", cgroup.relative),
+        }
+    }
+
+    /// The interface; datapaths on interfaces only ever get one.
+    pub fn iface(&self) -> &Interface {
+        match self {
+            Target::Interface(iface) => iface,
+            Target::Cgroup(_) => unreachable!("an interface datapath got a cgroup"),
+        }
+    }
+
+    /// The cgroup; clusterip only ever gets one.
+    pub fn cgroup(&self) -> &Cgroup {
+        match self {
+            Target::Cgroup(cgroup) => cgroup,
+            Target::Interface(_) => unreachable!("a cgroup datapath got an interface"),
+        }
+    }
+
+    fn down_args(&self) -> String {
+        match self {
+            Target::Interface(iface) => format!("-i {}", iface.name),
+            Target::Cgroup(cgroup) => format!("--cgroup {}", cgroup.path.display()),
+        }
+    }
+}
+
+/// What applying a desired state did.
+#[derive(Default)]
+pub struct Applied {
+    /// "1 added, 0 changed, ..." for the ready and reload lines (empty: nothing to count)
+    pub report: String,
+    /// lines for the log
+    pub log: Vec<String>,
+    /// what a SIGKILL would leave outside the links, for the run record
+    pub leaves: Vec<String>,
+}
+
+/// What a datapath shows of itself, read once and shown three ways.
+#[derive(Default)]
+pub struct Report {
+    /// `status --json`'s `details`
+    pub details: Value,
+    /// `status`'s one line
+    pub summary: String,
+    /// `/metrics`
+    pub families: Vec<Family>,
+    /// the lines printed when a foreground run stops
+    pub exit: Vec<String>,
+}
+
+/// Everything a datapath says once. The lifecycle functions below do the rest.
+pub trait Datapath: 'static {
+    /// The subcommand, and the directory name of its pins and run records.
+    const NAME: &'static str;
+    /// Program names as the kernel reports them, to recognise ours on a hook.
+    const PROGRAMS: &'static [&'static str];
+
+    /// Its command line.
+    type Args;
+    /// What the user (or a program) asked for: settings and services or rules, typed.
+    type Desired;
+    /// What the desired state needs resolved on this node (routes, MACs, ports).
+    type Plan;
+    /// Its loaded programs and maps.
+    type Loaded<'obj>;
+    /// What reports read: map handles, which the metrics thread may hold.
+    type View: Send + Sync + 'static;
+
+    fn run_options(args: &Self::Args) -> &RunOptions;
+    fn persist(args: &Self::Args) -> bool;
+    /// Reads the flags and the config file; SIGHUP calls it again.
+    fn desired(args: &Self::Args) -> Result<Self::Desired>;
+    /// The network namespace its state is keyed by (clusterip: none, the host's).
+    fn netns_key(netns_key: &str) -> String {
+        netns_key.to_string()
+    }
+    fn target(desired: &Self::Desired) -> Result<Target>;
+    /// Refuses when one of our programs not pinned by us is on the target already.
+    fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
+        attach::refuse_if_attached(Self::NAME, Self::PROGRAMS, target.iface(), pinned)
+    }
+    /// Checks and resolves a desired state before anything changes.
+    fn plan(desired: &Self::Desired, target: &Target, persist: bool) -> Result<Self::Plan>;
+    /// Opens, configures and loads; with `pins`, its maps are reused or migrated.
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        plan: &Self::Plan,
+        pins: Option<&mut PinSet>,
+    ) -> Result<Self::Loaded<'obj>>;
+    /// Makes the maps hold the desired state, touching only what differs.
+    fn apply(loaded: &Self::Loaded<'_>, plan: &Self::Plan) -> Result<Applied>;
+    /// Attaches for a foreground run: the values detach when dropped.
+    fn attach(loaded: &Self::Loaded<'_>, target: &Target, plan: &Self::Plan) -> Result<Vec<Box<dyn Any>>>;
+    /// Attaches and pins the links, or swaps the programs into the pinned links; true when
+    /// it swapped.
+    fn attach_pinned(
+        loaded: &Self::Loaded<'_>,
+        target: &Target,
+        pins: &PinDir,
+        plan: &Self::Plan,
+    ) -> Result<bool>;
+    /// The loaded object(s), each with the pins of its maps.
+    fn objects<'a>(loaded: &'a Self::Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])>;
+    /// What a reload may not change without a restart.
+    fn check_reload(old: &Self::Desired, new: &Self::Desired) -> Result<()>;
+    /// The ready line after the target.
+    fn describe(desired: &Self::Desired, target: &Target, plan: &Self::Plan) -> String;
+    /// Handles on the maps a report reads, from a running load...
+    fn view(loaded: &Self::Loaded<'_>) -> Result<Self::View>;
+    /// ...or from a persisted directory.
+    fn view_pinned(pins: &PinDir) -> Result<Self::View>;
+    /// Reads the maps once: status, `--json`, `/metrics` and the exit summary all show this.
+    fn report(view: &Self::View) -> Result<Report>;
+    /// Undoes what the datapath changed in the namespace beyond its links and pins, once no
+    /// instance of it is left there.
+    fn release(_netns_key: &str) -> Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+    /// Its programs attached elsewhere than on interfaces, for `status`.
+    fn attached_elsewhere() -> Vec<AttachedElsewhere> {
+        Vec::new()
+    }
+    /// Runs between `ready` and the stop: by default it serves signals (SIGHUP reloads).
+    fn serve(
+        _loaded: &Self::Loaded<'_>,
+        shutdown: &Shutdown,
+        reload: &mut dyn FnMut() -> Result<String>,
+    ) -> Result<()> {
+        shutdown.serve(Self::NAME, reload);
+        Ok(())
+    }
+}
+
+/// Runs a datapath as its command line says: in the foreground or persisted.
+pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
+    // first, so a stop at any moment of what follows is a stop we handle
+    let shutdown = Shutdown::install()?;
+    let persist = D::persist(args);
+    D::run_options(args).check(persist)?;
+    let mut desired = D::desired(args)?;
+    let target = D::target(&desired)?;
+    let netns_key = D::netns_key(netns_key);
+    let pins = PinDir::new(D::NAME, &netns_key, &target.key());
+    let (mut instance, orphan) = Instance::claim(D::NAME, &netns_key, &target.key(), persist)?;
+    D::refuse_if_attached(&target, &pins.prog_ids())?;
+    let mut plan = D::plan(&desired, &target, persist)?;
+    if persist {
+        return persist_run::<D>(&desired, &target, &plan, &pins);
+    }
+    if pins.exists() {
+        bail!(
+            "{} is persisted on {} (see `ebpf-net status`); run `ebpf-net down {} {}` first",
+            D::NAME,
+            target.display(),
+            D::NAME,
+            target.down_args()
+        );
+    }
+    if let Some(orphan) = orphan {
+        eprintln!(
+            "{}: taking over from a killed run (pid {}) on {}",
+            D::NAME,
+            orphan.pid,
+            target.display()
+        );
+    }
+    let mut storage: Storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
+    let loaded = D::load(&mut storage, &plan, None)?;
+    let applied = D::apply(&loaded, &plan)?;
+    for what in &applied.leaves {
+        instance.leaves(what)?;
+    }
+    let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
+        // the exporter's thread reads the same maps through its own handles
+        let view = D::view(&loaded)?;
+        Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)
+    });
+    let attachments = match metrics.and_then(|metrics| Ok((metrics, D::attach(&loaded, &target, &plan)?))) {
+        Ok(done) => done,
+        Err(err) => {
+            let _ = D::release(&netns_key);
+            return Err(err);
+        }
+    };
+    let (metrics, attachments) = attachments;
+    for line in &applied.log {
+        eprintln!("{}: {line}", D::NAME);
+    }
+    if let Some(addr) = metrics {
+        eprintln!("{}: metrics at http://{addr}/metrics", D::NAME);
+    }
+    run::announce_ready(
+        D::NAME,
+        &format!("{}: {}", target.display(), D::describe(&desired, &target, &plan)),
+    );
+    let mut reload = || -> Result<String> {
+        let new = D::desired(args)?;
+        D::check_reload(&desired, &new)?;
+        let new_plan = D::plan(&new, &target, false)?;
+        let applied = D::apply(&loaded, &new_plan)?;
+        for line in &applied.log {
+            eprintln!("{}: {line}", D::NAME);
+        }
+        for what in &applied.leaves {
+            instance.leaves(what)?;
+        }
+        let described = D::describe(&new, &target, &new_plan);
+        desired = new;
+        plan = new_plan;
+        Ok(if applied.report.is_empty() {
+            described
+        } else {
+            format!("{described} ({})", applied.report)
+        })
+    };
+    let served = D::serve(&loaded, &shutdown, &mut reload);
+    drop(attachments);
+    let report = D::view(&loaded).and_then(|view| D::report(&view));
+    for line in D::release(&netns_key)? {
+        eprintln!("{}: {line}", D::NAME);
+    }
+    served?;
+    for line in report?.exit {
+        eprintln!("{}: {line}", D::NAME);
+    }
+    eprintln!("{}: detached from {}", D::NAME, target.display());
+    Ok(())
+}
+
+/// Attaches and pins, or updates what is pinned in place: the maps are reused (or migrated
+/// to a new shape), the desired state applied as a diff, then the new programs swapped into
+/// the pinned links, so traffic never meets an empty table or a missing program.
+fn persist_run<D: Datapath>(
+    desired: &D::Desired,
+    target: &Target,
+    plan: &D::Plan,
+    pins: &PinDir,
+) -> Result<()> {
+    let fresh = !pins.exists();
+    pins.create()?;
+    let mut set = PinSet::new(pins);
+    let result = (|| -> Result<(bool, Applied)> {
+        let mut storage: Storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
+        let loaded = D::load(&mut storage, plan, Some(&mut set))?;
+        for (object, specs) in D::objects(&loaded) {
+            set.after_load(object, specs)?;
+        }
+        // the tables are right before the (new) program sees a packet
+        let applied = D::apply(&loaded, plan)?;
+        let updated = D::attach_pinned(&loaded, target, pins, plan)?;
+        for (object, specs) in D::objects(&loaded) {
+            set.after_swap(object, specs)?;
+        }
+        Ok((updated, applied))
+    })();
+    if result.is_err() && fresh {
+        let _ = pins.remove();
+        let _ = D::release(&pins.netns);
+    }
+    let (updated, applied) = result?;
+    for line in applied.log.iter().chain(&set.log) {
+        eprintln!("{}: {line}", D::NAME);
+    }
+    let verb = if updated { "updated in place" } else { "pinned" };
+    let counted = if applied.report.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", applied.report)
+    };
+    run::announce_ready(
+        D::NAME,
+        &format!(
+            "{verb}: {}: {}{counted}",
+            target.display(),
+            D::describe(desired, target, plan)
+        ),
+    );
+    Ok(())
+}
+
+/// A program of ours attached somewhere other than an interface (clusterip's cgroups), for
+/// `status`.
+pub struct AttachedElsewhere {
+    pub cgroup: String,
+    pub hook: &'static str,
+    pub program: String,
+    pub prog_id: u32,
+}
+
+/// A datapath as `status`, `down` and the CLI see it; every [`Datapath`] is one.
+pub trait Registered: Sync {
+    fn name(&self) -> &'static str;
+    fn programs(&self) -> &'static [&'static str];
+    fn report_pinned(&self, pins: &PinDir) -> Result<Report>;
+    fn release(&self, netns_key: &str) -> Result<Vec<String>>;
+    fn attached_elsewhere(&self) -> Vec<AttachedElsewhere>;
+}
+
+/// The registry entry of a datapath: `&Entry::<Lb>::NEW`.
+pub struct Entry<D>(std::marker::PhantomData<fn() -> D>);
+
+impl<D> Entry<D> {
+    pub const NEW: Self = Self(std::marker::PhantomData);
+}
+
+impl<D: Datapath> Registered for Entry<D> {
+    fn name(&self) -> &'static str {
+        D::NAME
+    }
+    fn programs(&self) -> &'static [&'static str] {
+        D::PROGRAMS
+    }
+    fn report_pinned(&self, pins: &PinDir) -> Result<Report> {
+        D::report(&D::view_pinned(pins)?)
+    }
+    fn release(&self, netns_key: &str) -> Result<Vec<String>> {
+        D::release(netns_key)
+    }
+    fn attached_elsewhere(&self) -> Vec<AttachedElsewhere> {
+        D::attached_elsewhere()
+    }
+}
