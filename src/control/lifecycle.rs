@@ -100,6 +100,8 @@ pub struct Report {
     pub families: Vec<Family>,
     /// the lines printed when a foreground run stops
     pub exit: Vec<String>,
+    /// said on the `detached from TARGET` line itself
+    pub on_detach: Option<String>,
 }
 
 /// Everything a datapath says once. The lifecycle functions below do the rest.
@@ -274,10 +276,12 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
         eprintln!("{}: {line}", D::NAME);
     }
     served?;
-    for line in report?.exit {
+    let report = report?;
+    for line in &report.exit {
         eprintln!("{}: {line}", D::NAME);
     }
-    eprintln!("{}: detached from {}", D::NAME, target.display());
+    let note = report.on_detach.map(|note| format!("; {note}")).unwrap_or_default();
+    eprintln!("{}: detached from {}{note}", D::NAME, target.display());
     Ok(())
 }
 

@@ -141,9 +141,9 @@ impl Service {
     }
 }
 
-/// clap's value parser for `--service`.
-pub fn service_flag(text: &str) -> Result<Service> {
-    Service::parse(text)
+/// clap's value parser for `--service`; the error is the whole chain, in one line.
+pub fn service_flag(text: &str) -> Result<Service, String> {
+    Service::parse(text).map_err(|err| format!("{err:#}"))
 }
 
 /// Limits of the tables a datapath keeps services in.

@@ -328,6 +328,7 @@ impl Datapath for Clusterip {
             &[("connect", totals.connects), ("sendmsg", totals.datagrams)],
         ));
         Ok(Report {
+            on_detach: None,
             details: json!({ "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>() }),
             summary: service::summarize_report(&services, backend_words),
             families,

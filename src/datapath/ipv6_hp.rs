@@ -425,11 +425,12 @@ impl Datapath for Ipv6Hp {
                 words("egress", &egress)
             ),
             families,
-            exit: vec![format!(
+            exit: Vec::new(),
+            on_detach: Some(format!(
                 "ingress {}; egress {}",
                 stats_summary(&ingress),
                 stats_summary(&egress)
-            )],
+            )),
         })
     }
 }

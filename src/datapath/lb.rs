@@ -583,6 +583,7 @@ impl Datapath for Lb {
             .collect();
         exit.push(describe_counters(&totals));
         Ok(Report {
+            on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
                 "counters": totals.json(),

@@ -162,16 +162,16 @@ fn parse_rule(text: &str, origin: &str) -> Result<Rule> {
     Ok(rule)
 }
 
-/// clap's value parser for `--map`.
-pub fn rule_flag(text: &str) -> Result<Rule> {
-    parse_rule(text, &format!("--map {text}"))
+/// clap's value parser for `--map`; the error is the whole chain, in one line.
+pub fn rule_flag(text: &str) -> Result<Rule, String> {
+    parse_rule(text, &format!("--map {text}")).map_err(|err| format!("{err:#}"))
 }
 
 /// Parses and checks every `--map`: one family per rule, FROM never twice, FROM != TO.
 pub fn parse_rules(maps: &[String]) -> Result<Vec<Rule>> {
     let rules = maps
         .iter()
-        .map(|text| rule_flag(text).map_err(|err| anyhow::anyhow!("--map {text}: {err:#}")))
+        .map(|text| rule_flag(text).map_err(|err| anyhow::anyhow!("--map {text}: {err}")))
         .collect::<Result<Vec<_>>>()?;
     check_rules(rules)
 }
@@ -446,6 +446,7 @@ impl Datapath for Proxy {
             })
             .collect();
         Ok(Report {
+            on_detach: None,
             details: json!({ "rules": details, "flows": flows }),
             summary: format!("{flows} tracked flows; {}", lines.join("; ")),
             families,

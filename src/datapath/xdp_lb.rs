@@ -737,6 +737,7 @@ impl Datapath for XdpLb {
             .collect();
         exit.push(describe_counters(&totals));
         Ok(Report {
+            on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
                 "flows": flows,
