@@ -102,6 +102,7 @@ pub struct XdpLbSection {
     pub interface: Option<Spanned<String>>,
     pub mode: Option<XdpMode>,
     pub max_flows: Option<Spanned<u32>>,
+    pub flood_rate: Option<u32>,
     #[serde(default)]
     pub service: Vec<Spanned<ServiceEntry>>,
 }

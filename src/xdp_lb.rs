@@ -38,13 +38,17 @@ pub const LIMITS: Limits = Limits {
 };
 const RING_PER_SLOT: u32 = 128;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// include/xdp_lb.h XDP_LB_DEFAULT_FLOOD_RATE
+pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
 const PIN_SERVICES: &str = "services";
 const PIN_BACKENDS: &str = "backends";
 const PIN_STATS: &str = "stats";
 const PIN_RINGS: &str = "rings";
-const PIN_FLOWS: &str = "flows";
-const PIN_REVERSE: &str = "reverse";
-const PIN_COUNTERS: &str = "counters";
+// v2: plain hashes with a flow clock instead of LRUs, and more counters
+const PIN_FLOWS: &str = "flows_v2";
+const PIN_REVERSE: &str = "reverse_v2";
+const PIN_CLOCK: &str = "clock";
+const PIN_COUNTERS: &str = "counters_v2";
 const LINK: &str = "link_xdp";
 /// How long a backend's next hop gets to answer ARP or neighbour discovery.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -86,6 +90,10 @@ pub struct XdpLbArgs {
     /// [default: 262144]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(MAX_FLOWS_RANGE))]
     pub max_flows: Option<u32>,
+    /// new flows per second per CPU above which xdp-lb is under flood: a new flow is then
+    /// only made for a client that sends its first packet again (0: never) [default: 40000]
+    #[arg(long, value_name = "N")]
+    pub flood_rate: Option<u32>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/xdp-lb/, print ready and exit; run again to
     /// update the services in place (no events: nobody reads them)
     #[arg(long, conflicts_with_all = ["json", "trace"])]
@@ -103,6 +111,7 @@ struct Settings {
     macs: BackendMacs,
     mode: XdpMode,
     max_flows: u32,
+    flood_rate: u32,
 }
 
 impl Settings {
@@ -146,6 +155,10 @@ impl Settings {
                 .or(section.and_then(|s| s.mode))
                 .unwrap_or(XdpMode::Auto),
             max_flows,
+            flood_rate: args
+                .flood_rate
+                .or(section.and_then(|s| s.flood_rate))
+                .unwrap_or(DEFAULT_FLOOD_RATE),
         })
     }
 }
@@ -163,6 +176,8 @@ pub struct Options {
     /// 0 no events, 1 flows, 2 every packet (include/xdp_lb.h XDP_LB_EVENTS_*)
     pub events: u8,
     pub max_flows: u32,
+    /// new flows per second per CPU that mean a flood (0: never)
+    pub flood_rate: u32,
     /// source ports handed out towards backends: first, count
     pub ports: (u16, u16),
     /// flow hash seed; random when None
@@ -322,8 +337,11 @@ pub fn load<'obj>(
     rodata.events_level = options.events;
     rodata.port_lo = options.ports.0;
     rodata.port_span = options.ports.1;
+    rodata.clock_size = options.max_flows;
+    rodata.flood_rate = options.flood_rate;
     open.maps.xdp_lb_flows.set_max_entries(options.max_flows)?;
     open.maps.xdp_lb_reverse.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_clock.set_max_entries(options.max_flows)?;
     if let Some(pins) = pins {
         // libbpf reuses these when pinned already: a re-run updates the live tables
         open.maps.xdp_lb_services.set_pin_path(pins.file(PIN_SERVICES))?;
@@ -332,6 +350,7 @@ pub fn load<'obj>(
         open.maps.xdp_lb_rings.set_pin_path(pins.file(PIN_RINGS))?;
         open.maps.xdp_lb_flows.set_pin_path(pins.file(PIN_FLOWS))?;
         open.maps.xdp_lb_reverse.set_pin_path(pins.file(PIN_REVERSE))?;
+        open.maps.xdp_lb_clock.set_pin_path(pins.file(PIN_CLOCK))?;
         open.maps.xdp_lb_counters.set_pin_path(pins.file(PIN_COUNTERS))?;
     }
     open.load().context("loading the xdp-lb program")
@@ -537,6 +556,7 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
             (false, true) => 2,
         },
         max_flows: settings.max_flows,
+        flood_rate: settings.flood_rate,
         ports,
         seed: None,
     };
@@ -591,8 +611,11 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
                 new.iface.text
             );
         }
-        if new.mode != settings.mode || new.max_flows != settings.max_flows {
-            bail!("mode or max-flows changed; that needs a restart");
+        if new.mode != settings.mode
+            || new.max_flows != settings.max_flows
+            || new.flood_rate != settings.flood_rate
+        {
+            bail!("mode, max-flows or flood-rate changed; that needs a restart");
         }
         let backends = resolve_backends(&new.services, &new.macs, &iface)?;
         check_vips(&new.services, &backends, ports)?;
@@ -601,6 +624,7 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
         Ok(format!("{} ({report})", service::describe(&settings.services)))
     };
     let mut lost_reported = 0;
+    let mut pressure = Pressure::default();
     let mut next_check = Instant::now();
     loop {
         // poll returns early on events; the signal is checked between polls
@@ -626,6 +650,9 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
                 );
                 lost_reported = totals.lost_events;
             }
+            if let Some(line) = pressure.report(&totals) {
+                eprintln!("{SUBCOMMAND}: {line}");
+            }
         }
     }
     drop(attachment);
@@ -640,6 +667,48 @@ pub fn run(args: &XdpLbArgs, netns_key: &str) -> Result<()> {
     eprintln!("{SUBCOMMAND}: {}", describe_counters(&totals));
     eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
     Ok(())
+}
+
+/// What ran low since the last second: the line the foreground run logs about it.
+#[derive(Default)]
+struct Pressure {
+    last: xdp_lb_counters,
+}
+
+impl Pressure {
+    fn report(&mut self, now: &xdp_lb_counters) -> Option<String> {
+        let last = std::mem::replace(&mut self.last, *now);
+        let delta = |f: fn(&xdp_lb_counters) -> u64| f(now).saturating_sub(f(&last));
+        let new_flows = delta(|c| c.new_flows);
+        let mut parts = Vec::new();
+        let flood = delta(|c| c.flood_dropped);
+        if flood > 0 {
+            parts.push(format!(
+                "under flood: {flood} first packets of new flows dropped, {} clients admitted on asking again",
+                delta(|c| c.flood_admitted)
+            ));
+        }
+        let no_port = delta(|c| c.no_port);
+        let retries = delta(|c| c.port_retries);
+        if no_port > 0 || retries > 4 * new_flows.max(1) {
+            parts.push(format!(
+                "source ports running low: {no_port} new flows found none, {retries} extra ports probed for {new_flows} new flows"
+            ));
+        }
+        let full = delta(|c| c.table_full) + delta(|c| c.flow_failed);
+        if full > 0 {
+            parts.push(format!(
+                "flow table full of established flows: {full} new flows dropped (see --max-flows)"
+            ));
+        }
+        let evicted = delta(|c| c.evicted);
+        if evicted > new_flows / 2 && evicted > 100 {
+            parts.push(format!(
+                "flow table low: {evicted} half-open or finished flows evicted for {new_flows} new flows"
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
+    }
 }
 
 /// Metrics read at each scrape: packets, bytes and new flows per backend and service, both
@@ -679,6 +748,11 @@ fn metrics_source(skel: &XdpLbSkel<'_>) -> Result<metrics::Source> {
                 ("flow_failed", t.flow_failed, true),
                 ("lost_events", t.lost_events, true),
                 ("unattributed", t.unattributed, true),
+                ("evicted", t.evicted, false),
+                ("port_retries", t.port_retries, false),
+                ("flood_dropped", t.flood_dropped, true),
+                ("flood_admitted", t.flood_admitted, false),
+                ("table_full", t.table_full, true),
             ],
         ));
         let mut flows = metrics::Family::gauge(
@@ -791,16 +865,25 @@ fn counters_json(totals: &xdp_lb_counters) -> Value {
         "stale_replies": totals.stale_replies,
         "lost_events": totals.lost_events,
         "unattributed": totals.unattributed,
+        "evicted": totals.evicted,
+        "port_retries": totals.port_retries,
+        "flood_dropped": totals.flood_dropped,
+        "flood_admitted": totals.flood_admitted,
+        "table_full": totals.table_full,
     })
 }
 
 fn describe_counters(totals: &xdp_lb_counters) -> String {
     format!(
-        "flows {} new, {} rerouted; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}",
+        "flows {} new, {} rerouted, {} evicted (half-open or finished); dropped: no source port {}, flow table {}, table full of established {}, under flood {} ({} admitted on asking again); stale replies passed {}; events lost {}",
         totals.new_flows,
         totals.rerouted,
+        totals.evicted,
         totals.no_port,
         totals.flow_failed,
+        totals.table_full,
+        totals.flood_dropped,
+        totals.flood_admitted,
         totals.stale_replies,
         totals.lost_events
     )
@@ -826,7 +909,10 @@ pub fn summarize(details: &Value) -> String {
         "{}; {} flows in the table, {} dropped",
         service::summarize_report(&details["services"], backend_counters),
         details["flows"],
-        c["no_port"].as_u64().unwrap_or(0) + c["flow_failed"].as_u64().unwrap_or(0)
+        ["no_port", "flow_failed", "table_full", "flood_dropped"]
+            .iter()
+            .map(|key| c[key].as_u64().unwrap_or(0))
+            .sum::<u64>()
     )
 }
 

@@ -597,6 +597,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         let options = Options {
             events: 0,
             max_flows: 65536,
+            flood_rate: 0,
             ports: (20000, 4096),
             seed: Some(7),
         };
