@@ -7,6 +7,7 @@
 #include "common.h"
 #include "parse.h"
 #include "hash.h"
+#include "flood.h"
 #include "xdp_lb.h"
 
 #define TCP_FLAG_FIN 0x01
@@ -88,13 +89,13 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct xdp_lb_flood_window);
+	__type(value, struct flood_window);
 } xdp_lb_flood SEC(".maps");
 
 /* under flood: flow hash -> (hash << 32 | ms) of a first packet dropped, by hash % slots */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, XDP_LB_FLOOD_SEEN_SLOTS);
+	__uint(max_entries, FLOOD_SEEN_SLOTS);
 	__type(key, __u32);
 	__type(value, __u64);
 } xdp_lb_flood_seen SEC(".maps");
@@ -229,7 +230,7 @@ static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u8 proto
 	/* coarse clocks of two CPUs may disagree by a tick: never "idle" for that */
 	__u64 idle = now > flow->last_seen ? now - flow->last_seen : 0;
 
-	if (!(flow->state & XDP_LB_REPLIED))
+	if (!(flow->state & XDP_LB_ESTABLISHED))
 		return idle > XDP_LB_HALF_OPEN_NS;
 	if (proto == IPPROTO_UDP)
 		return idle > XDP_LB_UDP_IDLE_NS;
@@ -273,7 +274,7 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 		return true;
 	if (!flow_owns(flow, rev))
 		return true;
-	if (flow->state & XDP_LB_REPLIED) {
+	if (flow->state & XDP_LB_ESTABLISHED) {
 		if (!flow_idle(flow, owner->proto, now))
 			return false;
 	} else {
@@ -514,7 +515,7 @@ static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
 			return true;
 		}
 		/* of the half-open flows seen, the one quiet the longest */
-		if (!(flow->state & XDP_LB_REPLIED) && (fallback == ~0U || flow->last_seen < oldest)) {
+		if (!(flow->state & XDP_LB_ESTABLISHED) && (fallback == ~0U || flow->last_seen < oldest)) {
 			fallback = at;
 			oldest = flow->last_seen;
 		}
@@ -528,55 +529,12 @@ static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, &victim);
 	if (flow && flow->clock_slot == fallback) {
 		/* looked at a moment ago; a reply may have come in between */
-		if (flow->state & XDP_LB_REPLIED)
+		if (flow->state & XDP_LB_ESTABLISHED)
 			return false;
 		evict(&victim, flow);
 	}
 	*slot = fallback;
 	return true;
-}
-
-/* Counts a new flow in this CPU's one-second window: whether it is one too many. */
-static __always_inline bool under_flood(__u64 now)
-{
-	struct xdp_lb_flood_window *window;
-	__u32 zero = 0;
-
-	if (!flood_rate)
-		return false;
-	window = bpf_map_lookup_elem(&xdp_lb_flood, &zero);
-	if (!window)
-		return false;
-	if (now - window->start > 1000000000ULL) {
-		window->start = now;
-		window->new_flows = 0;
-	}
-	return ++window->new_flows > flood_rate;
-}
-
-/* Under flood: whether this client sent the same first packet 0.2-10 s ago (a retransmitted
- * SYN, a repeated datagram), which was dropped; else remembers this one. */
-static __always_inline bool asked_again(__u32 hash, __u64 now)
-{
-	__u32 index = hash % XDP_LB_FLOOD_SEEN_SLOTS;
-	__u32 now_ms = (__u32)(now / 1000000);
-	__u64 *seen = bpf_map_lookup_elem(&xdp_lb_flood_seen, &index);
-	__u32 age;
-
-	if (!seen)
-		return false;
-	if ((__u32)(*seen >> 32) == hash) {
-		age = now_ms - (__u32)*seen;
-		if (age >= XDP_LB_RETRY_MIN_MS && age < XDP_LB_RETRY_MAX_MS) {
-			*seen = 0;
-			return true;
-		}
-		/* a duplicate at once is not a retransmission: keep the first time */
-		if (age < XDP_LB_RETRY_MIN_MS)
-			return false;
-	}
-	*seen = ((__u64)hash << 32) | now_ms;
-	return false;
 }
 
 /* Starts a flow on a backend (or moves one whose backend left its service). */
@@ -592,8 +550,8 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	__u32 hash = flow_hash(key);
 	__u32 slot, clock_slot;
 
-	if (!old && under_flood(now)) {
-		if (!asked_again(hash, now)) {
+	if (!old && flood_over_rate(&xdp_lb_flood, flood_rate, now)) {
+		if (!flood_asked_again(&xdp_lb_flood_seen, hash, now)) {
 			if (c)
 				c->flood_dropped++;
 			return NULL;
@@ -705,6 +663,11 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 			flow->state = 0;
 		track_tcp(flow, pkt->tcp_flags, true);
 	}
+	/* the client answered the backend (the handshake's ACK, a second datagram): a spoofed
+	 * source never sees the backend's reply, so never gets here */
+	if ((flow->state & (XDP_LB_REPLIED | XDP_LB_ESTABLISHED)) == XDP_LB_REPLIED &&
+	    (pkt->proto == IPPROTO_UDP || (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_ACK))
+		flow->state |= XDP_LB_ESTABLISHED;
 	/* written only when changed: a flow's cache line stays clean between clock ticks */
 	if (flow->last_seen != now)
 		flow->last_seen = now;

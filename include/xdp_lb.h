@@ -32,14 +32,10 @@
 #define XDP_LB_TCP_RESET_NS (2ULL * 1000000000ULL)   /* RST: no side keeps the port */
 #define XDP_LB_UDP_IDLE_NS (120ULL * 1000000000ULL)
 
-/* Flood detector (as Katran's is_under_flood): new flows per second per CPU above which a new
- * flow is only made for a client that asks again (a retransmitted SYN, a repeated datagram)
- * 0.2-10 s after its first packet, which was dropped; spoofed one-shot packets never take
- * state or ports. Full NAT cannot balance statelessly: the reply needs the flow. */
+/* Flood detector (include/flood.h): above this many new flows per second per CPU, a new flow
+ * is only made for a client that asks again. Full NAT cannot balance statelessly (the reply
+ * needs the flow), so the first packet is dropped. */
 #define XDP_LB_DEFAULT_FLOOD_RATE 40000
-#define XDP_LB_FLOOD_SEEN_SLOTS 65536
-#define XDP_LB_RETRY_MIN_MS 200
-#define XDP_LB_RETRY_MAX_MS 10000
 
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
  * backend -> this node (the reverse table's key). */
@@ -64,7 +60,10 @@ struct xdp_lb_backend {
 #define XDP_LB_FIN_CLIENT 0x01
 #define XDP_LB_FIN_BACKEND 0x02
 #define XDP_LB_RST 0x04
-#define XDP_LB_REPLIED 0x08 /* the backend answered: established, never evicted for new flows */
+#define XDP_LB_REPLIED 0x08 /* the backend answered */
+/* then the client (a TCP ACK, another datagram): never evicted for new flows; before, the
+ * flow is half-open (a backend answers spoofed SYNs too, with SYN cookies) */
+#define XDP_LB_ESTABLISHED 0x10
 
 /* A flow: client -> VIP becomes this node:lb_port -> backend. */
 struct xdp_lb_flow {
@@ -79,11 +78,6 @@ struct xdp_lb_flow {
 	__u32 clock_slot; /* its slot in the flow clock, which names it back */
 };
 
-/* Per CPU, key 0: the flood detector's window. */
-struct xdp_lb_flood_window {
-	__u64 start; /* ns */
-	__u64 new_flows;
-};
 
 /* Per backend slot, per CPU. */
 struct xdp_lb_stats {

@@ -92,6 +92,7 @@ pub struct ClusteripSection {
 pub struct LbSection {
     pub interface: Option<Spanned<String>>,
     pub no_snat: Option<bool>,
+    pub flood_rate: Option<u32>,
     #[serde(default)]
     pub service: Vec<Spanned<ServiceEntry>>,
 }

@@ -44,7 +44,10 @@ pub const LIMITS: Limits = Limits {
 const PIN_SERVICES: &str = "services";
 const PIN_BACKENDS: &str = "backends";
 const PIN_STATS: &str = "stats";
-const PIN_COUNTERS: &str = "counters";
+// v2: more counters (include/lb.h)
+const PIN_COUNTERS: &str = "counters_v2";
+/// include/lb.h LB_DEFAULT_FLOOD_RATE
+pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
 /// The nft table (family inet) lb adds when this namespace lacks conntrack and NAT hooks.
 /// Its comment records what lb changed, so the last lb to stop can undo exactly that.
 pub const NFT_TABLE: &str = "ebpf_net_lb";
@@ -68,6 +71,11 @@ pub struct LbArgs {
     /// gateway); by default the source becomes this node's address towards each backend
     #[arg(long)]
     pub no_snat: bool,
+    /// new flows per second per CPU above which lb is under flood: a new flow then gets a
+    /// conntrack entry only when its client sends its first packet again (0: never)
+    /// [default: 40000]
+    #[arg(long, value_name = "N")]
+    pub flood_rate: Option<u32>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/lb/, print ready and exit; run again to update
     /// the services in place
     #[arg(long)]
@@ -82,6 +90,7 @@ struct Settings {
     iface: Item,
     services: Vec<Service>,
     no_snat: bool,
+    flood_rate: u32,
 }
 
 impl Settings {
@@ -104,6 +113,10 @@ impl Settings {
             iface,
             services: service::parse_service_items(&items, LIMITS)?,
             no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
+            flood_rate: args
+                .flood_rate
+                .or(section.and_then(|s| s.flood_rate))
+                .unwrap_or(DEFAULT_FLOOD_RATE),
         })
     }
 
@@ -116,8 +129,8 @@ impl Settings {
                 new.iface.text
             );
         }
-        if new.no_snat != self.no_snat {
-            bail!("no-snat changed; that needs a restart");
+        if new.no_snat != self.no_snat || new.flood_rate != self.flood_rate {
+            bail!("no-snat or flood-rate changed; that needs a restart");
         }
         Ok(())
     }
@@ -156,6 +169,7 @@ fn backend_values(services: &[Service], snat: bool) -> Result<HashMap<SocketAddr
 fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     pins: Option<&PinDir>,
+    flood_rate: u32,
 ) -> Result<LbSkel<'obj>> {
     let mut open = LbSkelBuilder::default()
         .open(storage)
@@ -165,11 +179,13 @@ fn load<'obj>(
     if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != seed.len() as isize {
         bail!("getrandom failed: {}", std::io::Error::last_os_error());
     }
-    open.maps
+    let rodata = open
+        .maps
         .rodata_data
         .as_deref_mut()
-        .expect("lb.c declares constants")
-        .hash_seed = u32::from_ne_bytes(seed);
+        .expect("lb.c declares constants");
+    rodata.hash_seed = u32::from_ne_bytes(seed);
+    rodata.flood_rate = flood_rate;
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
     if let Some(pins) = pins {
         // libbpf reuses these when pinned already: a re-run updates the live tables
@@ -188,7 +204,8 @@ pub fn load_with_services<'obj>(
     services: &[Service],
     snat: bool,
 ) -> Result<LbSkel<'obj>> {
-    let skel = load(storage, None)?;
+    // no flood detector: benchmarks and fuzzing make new flows fast on purpose
+    let skel = load(storage, None, 0)?;
     sync(&tables(&skel)?, services, &backend_values(services, snat)?)?;
     Ok(skel)
 }
@@ -403,7 +420,7 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
     attach::refuse_if_attached(SUBCOMMAND, &PROGRAMS, &iface, &pins)?;
     let values = backend_values(&settings.services, !settings.no_snat)?;
     if args.persist {
-        return persist(&settings.services, &values, &iface, &pins);
+        return persist(&settings.services, &values, settings.flood_rate, &iface, &pins);
     }
     if pins.exists() {
         bail!(
@@ -419,7 +436,7 @@ pub fn run(args: &LbArgs, netns_key: &str) -> Result<()> {
         );
     }
     let mut object = MaybeUninit::uninit();
-    let skel = load(&mut object, None)?;
+    let skel = load(&mut object, None, settings.flood_rate)?;
     let tables = tables(&skel)?;
     sync(&tables, &settings.services, &values)?;
     let metrics = metrics::serve(args.run.metrics.as_ref(), || metrics_source(&skel))?;
@@ -504,6 +521,9 @@ fn metrics_source(skel: &LbSkel<'_>) -> Result<metrics::Source> {
                 ("alloc_failed", t.alloc_failed, true),
                 ("nat_failed", t.nat_failed, true),
                 ("insert_failed", t.insert_failed, true),
+                ("insert_raced", t.insert_raced, false),
+                ("flood_dropped", t.flood_dropped, true),
+                ("flood_admitted", t.flood_admitted, false),
             ],
         ));
         Ok(families)
@@ -521,6 +541,7 @@ fn snat_note(no_snat: bool) -> &'static str {
 fn persist(
     services: &[Service],
     values: &HashMap<SocketAddr, Vec<u8>>,
+    flood_rate: u32,
     iface: &Interface,
     pins: &PinDir,
 ) -> Result<()> {
@@ -528,7 +549,7 @@ fn persist(
     pins.create()?;
     let result = (|| -> Result<(bool, SyncReport, Vec<String>)> {
         let mut object = MaybeUninit::uninit();
-        let skel = load(&mut object, Some(pins))?;
+        let skel = load(&mut object, Some(pins), flood_rate)?;
         // the tables are right before the (new) program sees a packet
         let report = sync(&tables(&skel)?, services, values)?;
         let setup = prepare_namespace(services)?;
@@ -575,13 +596,16 @@ fn counters(backend: &Value) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed: alloc {} nat {} insert {}",
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again)",
         totals.new_flows,
         totals.reopened,
         totals.known_flows,
         totals.alloc_failed,
         totals.nat_failed,
-        totals.insert_failed
+        totals.insert_failed,
+        totals.insert_raced,
+        totals.flood_dropped,
+        totals.flood_admitted
     )
 }
 
@@ -599,6 +623,9 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
             "alloc_failed": totals.alloc_failed,
             "nat_failed": totals.nat_failed,
             "insert_failed": totals.insert_failed,
+            "insert_raced": totals.insert_raced,
+            "flood_dropped": totals.flood_dropped,
+            "flood_admitted": totals.flood_admitted,
         },
     }))
 }
@@ -612,5 +639,6 @@ pub fn summarize(details: &Value) -> String {
         c["alloc_failed"].as_u64().unwrap_or(0)
             + c["nat_failed"].as_u64().unwrap_or(0)
             + c["insert_failed"].as_u64().unwrap_or(0)
+            + c["flood_dropped"].as_u64().unwrap_or(0)
     )
 }

@@ -504,3 +504,70 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
     assert!(status["attached"].as_array().unwrap().is_empty(), "{status}");
 }
+
+/// 150,000 spoofed SYNs from random addresses of 10.71.0.0/16 in at most 2 s at the v4 VIP
+/// while 20 connections talk through it: every one of them lives, and new connections in the
+/// 10 s after the flood succeed (>= 95%). Returns the daemon's log.
+fn survive_a_syn_flood(tag: &str, extra: &[&str]) -> Vec<String> {
+    use common::flood::{mac_of, new_connections, syn_flood, Chatters};
+    let lab = Lab::new(tag);
+    let daemon = lab.start(extra);
+    let vip = sock(VIP4);
+    let chatters = Chatters::start(&lab.clients, vip, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let v4 = match vip {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+    let flood = syn_flood(
+        &lab.clients,
+        "eth0",
+        mac_of(&lab.lb, "eth0"),
+        v4,
+        [10, 71],
+        150_000,
+        Duration::from_secs(2),
+    );
+    let (ok, tried) = new_connections(
+        &lab.clients,
+        vip,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+        Duration::from_secs(4),
+    );
+    let talked = chatters.finish();
+    let (_, log) = daemon.stop();
+    eprintln!(
+        "{tag}: flood {} SYNs in {:?}; new connections after it {ok}/{tried}; {}",
+        flood.sent,
+        flood.elapsed,
+        log.last().map(String::as_str).unwrap_or("")
+    );
+    assert!(flood.sent >= 100_000, "the flood sent only {} SYNs", flood.sent);
+    let broken: Vec<&String> = talked.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        broken.is_empty(),
+        "{tag}: established connections broke: {broken:?}\n{log:#?}"
+    );
+    assert!(
+        ok * 100 >= tried * 95,
+        "{tag}: new connections after the flood: {ok} of {tried}\n{log:#?}"
+    );
+    log
+}
+
+#[test]
+fn a_syn_flood_takes_no_port_and_no_established_flow() {
+    // the default table: on main the flood held every source port for an hour
+    let log = survive_a_syn_flood("xlbf1", &[]);
+    assert!(
+        log.iter().any(|line| line.contains("under flood")),
+        "no flood logged: {log:#?}"
+    );
+}
+
+#[test]
+fn a_syn_flood_through_a_small_table_evicts_no_established_flow() {
+    // 4,096 flows: on main the flow and reverse LRUs evicted established flows
+    survive_a_syn_flood("xlbf2", &["--max-flows", "4096"]);
+}

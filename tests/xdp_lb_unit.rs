@@ -484,6 +484,21 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
     });
 }
 
+/// A TCP SYN frame (IPv4, no options) made the handshake's ACK, checksum updated.
+fn as_ack(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = 14 + 20;
+    let old = u16::from_be_bytes([frame[at + 12], frame[at + 13]]);
+    frame[at + 13] = 0x10;
+    let new = u16::from_be_bytes([frame[at + 12], frame[at + 13]]);
+    let check = u16::from_be_bytes([frame[at + 16], frame[at + 17]]);
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[at + 16..at + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    frame
+}
+
 #[test]
 fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_again() {
     let netns = Netns::new("xlb-unit5");
@@ -501,8 +516,9 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 16, PORTS);
         let prog = &skel.progs.xdp_lb;
-        // 12 of 16 slots established (the backend answered), then 3,000 SYNs that never get
-        // an answer: the established flows all stay, with their way back
+        // 12 of 16 slots established (the backend answered, then the client), then 3,000
+        // SYNs the backend answers but no client does: the established flows all stay,
+        // with their way back
         let established: Vec<Flow> = (0..12)
             .map(|i| {
                 let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
@@ -514,11 +530,18 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
                     6,
                 );
                 assert_eq!(run(prog, &reply_of(&flow)).0, XDP_TX);
+                let ack = as_ack(frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
+                assert_eq!(run(prog, &ack).0, XDP_TX);
                 flow
             })
             .collect();
-        let floods = (1000..4000)
-            .filter(|i| run(prog, &frame(CLIENT_MAC, LB_MAC, client(*i), vip, L4::Tcp)).0 == XDP_TX);
+        let floods = (1000..4000).filter(|i| {
+            if run(prog, &frame(CLIENT_MAC, LB_MAC, client(*i), vip, L4::Tcp)).0 != XDP_TX {
+                return false;
+            }
+            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            run(prog, &reply_of(&flow_of(&flows, client(*i), vip, 6))).0 == XDP_TX
+        });
         assert!(floods.count() > 2900, "half-open flows make room for each other");
         let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
         assert!(flows.len() <= 16, "{} flows in a table of 16", flows.len());
@@ -542,6 +565,8 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
                     run(prog, &reply_of(&flow_of(&flows, client(i), vip, 6))).0,
                     XDP_TX
                 );
+                let ack = as_ack(frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
+                assert_eq!(run(prog, &ack).0, XDP_TX);
             }
         }
         let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
