@@ -751,7 +751,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
                     stage[i] = 3;
                     tcp(client, vip, "A", &[])
                 }
-                (3, Some(f), 0) => {
+                (3, Some(_), 0) => {
                     stage[i] = 4;
                     established.remove(&client);
                     tcp(client, vip, "AR", &[])
