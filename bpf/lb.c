@@ -6,6 +6,7 @@
 #include "common.h"
 #include "parse.h"
 #include "hash.h"
+#include "flood.h"
 #include "lb.h"
 
 #define BPF_F_CURRENT_NETNS (-1)
@@ -27,6 +28,8 @@ int bpf_ct_set_nat_info(struct nf_conn___init *nfct, union nf_inet_addr *addr, i
 
 /* Set by user space before load: seeds the flow hash. */
 volatile const __u32 hash_seed = 0;
+/* new flows per second per CPU that mean a flood (include/flood.h); 0: never */
+volatile const __u32 flood_rate = LB_DEFAULT_FLOOD_RATE;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -56,6 +59,22 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_counters);
 } lb_counters SEC(".maps");
+
+/* the flood detector's one-second window, per CPU */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flood_window);
+} lb_flood SEC(".maps");
+
+/* under flood: first packets dropped, by flow hash (include/flood.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOOD_SEEN_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_flood_seen SEC(".maps");
 
 /* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
@@ -125,7 +144,8 @@ int lb_ingress(struct __sk_buff *skb)
 	struct l4_packet pkt;
 	struct nf_conn *ct;
 	struct lb_stats *stats;
-	__u32 tuple_sz, slot;
+	__u32 tuple_sz, slot, hash;
+	bool nat_ok = true;
 
 	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
 		return TC_PASS_ON;
@@ -175,16 +195,27 @@ int lb_ingress(struct __sk_buff *skb)
 		}
 	}
 
-	slot = range.base + flow_hash(&pkt) % range.count;
+	hash = flow_hash(&pkt);
+	slot = range.base + hash % range.count;
 	backend = bpf_map_lookup_elem(&lb_backends, &slot);
 	if (!backend || backend->endpoint.family != pkt.family)
 		return TC_PASS_ON;
+	if (flood_over_rate(&lb_flood, flood_rate, bpf_ktime_get_ns())) {
+		if (!flood_asked_again(&lb_flood_seen, hash, bpf_ktime_get_ns())) {
+			count->flood_dropped++;
+			return TC_ACT_SHOT;
+		}
+		count->flood_admitted++;
+	}
 
 	ct_opts(&opts, pkt.proto);
+	/* From here a packet without its entry is dropped, not passed on: the node's own stack
+	 * would answer a SYN to the VIP with an RST (the client gives up at once) where a drop
+	 * makes it retry. */
 	fresh = bpf_skb_ct_alloc(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
 	if (!fresh) {
 		count->alloc_failed++;
-		return TC_PASS_ON;
+		return TC_ACT_SHOT;
 	}
 	bpf_ct_set_timeout(fresh, pkt.proto == IPPROTO_TCP ? LB_TCP_NEW_TIMEOUT_MS : LB_UDP_NEW_TIMEOUT_MS);
 	/* destination first: the source NAT then picks a port unique towards the backend */
@@ -193,20 +224,33 @@ int lb_ingress(struct __sk_buff *skb)
 		count->nat_failed++;
 		/* an entry can only leave through insertion: make it die at once */
 		bpf_ct_set_timeout(fresh, 1);
+		nat_ok = false;
 	} else if (has_snat(backend)) {
 		to_inet_addr(backend->snat_addr, pkt.family, &addr);
 		/* port 0: keep the client's port unless that tuple is taken */
 		if (bpf_ct_set_nat_info(fresh, &addr, 0, NF_NAT_MANIP_SRC)) {
 			count->nat_failed++;
 			bpf_ct_set_timeout(fresh, 1);
+			nat_ok = false;
 		}
 	}
 	ct = bpf_ct_insert_entry(fresh);
 	if (!ct) {
+		/* the same flow inserted by another CPU meanwhile, or (a flood) no source port
+		 * left towards the backend: the tuple clashes */
+		ct_opts(&opts, pkt.proto);
+		ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
+		if (ct) {
+			bpf_ct_release(ct);
+			count->insert_raced++;
+			return TC_PASS_ON;
+		}
 		count->insert_failed++;
-		return TC_PASS_ON;
+		return TC_ACT_SHOT;
 	}
 	bpf_ct_release(ct);
+	if (!nat_ok)
+		return TC_ACT_SHOT;
 	count->new_flows++;
 	stats = bpf_map_lookup_elem(&lb_stats, &slot);
 	if (stats)

@@ -7,6 +7,7 @@
 #include "common.h"
 #include "parse.h"
 #include "hash.h"
+#include "flood.h"
 #include "xdp_lb.h"
 
 #define TCP_FLAG_FIN 0x01
@@ -20,6 +21,10 @@ volatile const __u8 events_level = XDP_LB_EVENTS_OFF;
 /* source ports this node hands out towards backends: [port_lo, port_lo + port_span) */
 volatile const __u16 port_lo = 1024;
 volatile const __u16 port_span = 31744;
+/* slots of the flow clock: --max-flows */
+volatile const __u32 clock_size = XDP_LB_DEFAULT_FLOWS;
+/* new flows per second per CPU above which we are under flood; 0: never */
+volatile const __u32 flood_rate = XDP_LB_DEFAULT_FLOOD_RATE;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -50,9 +55,12 @@ struct {
 	__type(value, __u32);
 } xdp_lb_rings SEC(".maps");
 
-/* client -> VIP tuple -> flow; user space sets the size (--max-flows) */
+/* client -> VIP tuple -> flow; user space sets the size (--max-flows). Plain hashes, not
+ * LRUs: only this program removes a flow (finished, idle, or half-open and making room) and
+ * always with its reverse entry, so an established flow is never evicted for a new one and
+ * never loses its way back. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
 	__type(key, struct xdp_lb_tuple);
 	__type(value, struct xdp_lb_flow);
@@ -60,11 +68,37 @@ struct {
 
 /* backend -> this node:lb_port tuple -> the flow's client -> VIP tuple */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
 	__type(key, struct xdp_lb_tuple);
 	__type(value, struct xdp_lb_tuple);
 } xdp_lb_reverse SEC(".maps");
+
+/* The flow clock: slot -> client tuple of the flow holding it (which names its slot back).
+ * As many slots as the flow table has entries, so a flow needs a slot to exist; a new flow
+ * takes a free random slot or evicts the finished, idle or half-open flow holding one. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_tuple);
+} xdp_lb_clock SEC(".maps");
+
+/* the flood detector's one-second window, per CPU */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flood_window);
+} xdp_lb_flood SEC(".maps");
+
+/* under flood: flow hash -> (hash << 32 | ms) of a first packet dropped, by hash % slots */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, FLOOD_SEEN_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64);
+} xdp_lb_flood_seen SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -193,8 +227,11 @@ static __always_inline __u32 pick_slot(const struct service_range *range, __u32 
 
 static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u8 proto, __u64 now)
 {
-	__u64 idle = now - flow->last_seen;
+	/* coarse clocks of two CPUs may disagree by a tick: never "idle" for that */
+	__u64 idle = now > flow->last_seen ? now - flow->last_seen : 0;
 
+	if (!(flow->state & XDP_LB_ESTABLISHED))
+		return idle > XDP_LB_HALF_OPEN_NS;
 	if (proto == IPPROTO_UDP)
 		return idle > XDP_LB_UDP_IDLE_NS;
 	if (flow->state & XDP_LB_RST)
@@ -222,10 +259,12 @@ static __always_inline bool flow_owns(const struct xdp_lb_flow *flow, const stru
 }
 
 /* Whether the source port of reverse entry `rev`, held by flow `owner`, may go to the flow
- * `want`: it is that flow itself, or its owner was evicted, moved on or went idle. */
+ * `want`: it is that flow itself, or its owner was removed, moved on, went idle, or is
+ * half-open for over a second (then it is evicted: an established flow never is). */
 static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct xdp_lb_tuple *owner,
 					  const struct xdp_lb_tuple *want, __u64 now)
 {
+	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
 
 	if (tuple_equal(owner, want))
@@ -235,8 +274,16 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 		return true;
 	if (!flow_owns(flow, rev))
 		return true;
-	if (!flow_idle(flow, owner->proto, now))
-		return false;
+	if (flow->state & XDP_LB_ESTABLISHED) {
+		if (!flow_idle(flow, owner->proto, now))
+			return false;
+	} else {
+		if (now < flow->last_seen + XDP_LB_PREEMPT_NS)
+			return false;
+		c = counters();
+		if (c)
+			c->evicted++;
+	}
 	bpf_map_delete_elem(&xdp_lb_flows, owner);
 	return true;
 }
@@ -246,6 +293,7 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const struct xdp_lb_backend *backend,
 				       __u32 hash, __u64 now, __be16 *port)
 {
+	struct xdp_lb_counters *c = counters();
 	struct xdp_lb_tuple rev = {};
 	struct xdp_lb_tuple *owner;
 
@@ -257,6 +305,8 @@ static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const str
 	for (__u32 i = 0; i < XDP_LB_PORT_PROBES; i++) {
 		__u32 span = port_span ? port_span : 1;
 
+		if (i && c)
+			c->port_retries++;
 		rev.dport = bpf_htons((__u16)(port_lo + (hash + i * 7919) % span));
 		if (bpf_map_update_elem(&xdp_lb_reverse, &rev, key, BPF_NOEXIST) == 0) {
 			*port = rev.dport;
@@ -424,6 +474,69 @@ static __always_inline void track_tcp(struct xdp_lb_flow *flow, __u8 flags, bool
 		flow->state |= from_client ? XDP_LB_FIN_CLIENT : XDP_LB_FIN_BACKEND;
 }
 
+/* Removes a flow and its reverse entry together. */
+static __always_inline void evict(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+{
+	struct xdp_lb_counters *c = counters();
+
+	release_port(key, flow);
+	bpf_map_delete_elem(&xdp_lb_flows, key);
+	if (c)
+		c->evicted++;
+}
+
+/* A slot of the flow clock for a new flow, from a few random ones: a free one at once, else
+ * one whose flow finished or went idle, else the one of the oldest half-open flow seen
+ * (evicted); never one of a live established flow. False: the table is (nearly) full of established flows. */
+static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
+{
+	__u32 size = clock_size ? clock_size : 1;
+	__u32 fallback = ~0U;
+	__u64 oldest = 0;
+	struct xdp_lb_tuple *occupant;
+	struct xdp_lb_tuple victim;
+	struct xdp_lb_flow *flow;
+
+	for (int i = 0; i < XDP_LB_CLOCK_TRIES; i++) {
+		__u32 at = bpf_get_prandom_u32() % size;
+
+		occupant = bpf_map_lookup_elem(&xdp_lb_clock, &at);
+		if (!occupant)
+			continue;
+		flow = occupant->family ? bpf_map_lookup_elem(&xdp_lb_flows, occupant) : NULL;
+		if (!flow || flow->clock_slot != at) {
+			*slot = at;
+			return true;
+		}
+		if (flow_idle(flow, occupant->proto, now)) {
+			victim = *occupant;
+			evict(&victim, flow);
+			*slot = at;
+			return true;
+		}
+		/* of the half-open flows seen, the one quiet the longest */
+		if (!(flow->state & XDP_LB_ESTABLISHED) && (fallback == ~0U || flow->last_seen < oldest)) {
+			fallback = at;
+			oldest = flow->last_seen;
+		}
+	}
+	if (fallback == ~0U)
+		return false;
+	occupant = bpf_map_lookup_elem(&xdp_lb_clock, &fallback);
+	if (!occupant)
+		return false;
+	victim = *occupant;
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, &victim);
+	if (flow && flow->clock_slot == fallback) {
+		/* looked at a moment ago; a reply may have come in between */
+		if (flow->state & XDP_LB_ESTABLISHED)
+			return false;
+		evict(&victim, flow);
+	}
+	*slot = fallback;
+	return true;
+}
+
 /* Starts a flow on a backend (or moves one whose backend left its service). */
 static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *key, const struct service_range *range,
 						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now)
@@ -431,23 +544,39 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	struct xdp_lb_counters *c = counters();
 	struct service_endpoint previous = {};
 	struct xdp_lb_backend *backend;
+	struct xdp_lb_tuple *clock_entry;
 	struct xdp_lb_stats *stats;
 	struct xdp_lb_flow flow = {};
 	__u32 hash = flow_hash(key);
-	__u32 slot;
+	__u32 slot, clock_slot;
 
+	if (!old && flood_over_rate(&xdp_lb_flood, flood_rate, now)) {
+		if (!flood_asked_again(&xdp_lb_flood_seen, hash, now)) {
+			if (c)
+				c->flood_dropped++;
+			return NULL;
+		}
+		if (c)
+			c->flood_admitted++;
+	}
 	slot = pick_slot(range, hash);
 	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
 	if (!backend)
 		return NULL;
 	if (old) {
 		previous = old->backend;
+		clock_slot = old->clock_slot;
 		release_port(key, old);
+	} else if (!take_clock_slot(now, &clock_slot)) {
+		if (c)
+			c->table_full++;
+		return NULL;
 	}
 	flow.backend = backend->endpoint;
 	copy_addr(flow.lb_addr, backend->lb_addr);
 	flow.last_seen = now;
 	flow.slot = slot;
+	flow.clock_slot = clock_slot;
 	__builtin_memcpy(flow.client_mac, client_mac, ETH_ALEN);
 	if (!claim_port(key, backend, hash, now, &flow.lb_port)) {
 		if (c)
@@ -459,8 +588,15 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	if (bpf_map_update_elem(&xdp_lb_flows, key, &flow, BPF_ANY)) {
 		if (c)
 			c->flow_failed++;
+		/* no flow without its reverse entry, and no reverse entry without its flow */
+		release_port(key, &flow);
+		if (old)
+			bpf_map_delete_elem(&xdp_lb_flows, key);
 		return NULL;
 	}
+	clock_entry = bpf_map_lookup_elem(&xdp_lb_clock, &clock_slot);
+	if (clock_entry)
+		*clock_entry = *key;
 	if (c) {
 		if (old)
 			c->rerouted++;
@@ -527,6 +663,11 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 			flow->state = 0;
 		track_tcp(flow, pkt->tcp_flags, true);
 	}
+	/* the client answered the backend (the handshake's ACK, a second datagram): a spoofed
+	 * source never sees the backend's reply, so never gets here */
+	if ((flow->state & (XDP_LB_REPLIED | XDP_LB_ESTABLISHED)) == XDP_LB_REPLIED &&
+	    (pkt->proto == IPPROTO_UDP || (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_ACK))
+		flow->state |= XDP_LB_ESTABLISHED;
 	/* written only when changed: a flow's cache line stays clean between clock ticks */
 	if (flow->last_seen != now)
 		flow->last_seen = now;
@@ -572,6 +713,8 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 			c->stale_replies++;
 		return XDP_PASS;
 	}
+	if (!(flow->state & XDP_LB_REPLIED))
+		flow->state |= XDP_LB_REPLIED;
 	if (pkt->proto == IPPROTO_TCP)
 		track_tcp(flow, pkt->tcp_flags, false);
 	now = bpf_ktime_get_coarse_ns();

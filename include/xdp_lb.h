@@ -16,13 +16,26 @@
 #define XDP_LB_RING_ENTRIES (XDP_LB_BACKEND_SLOTS * XDP_LB_RING_PER_SLOT)
 #define XDP_LB_DEFAULT_FLOWS 262144
 /* Source ports tried for a new flow before giving up on it */
-#define XDP_LB_PORT_PROBES 16
+#define XDP_LB_PORT_PROBES 32
+/* Random slots of the flow clock tried for a new flow before the table counts as full of
+ * established flows (at 85% of them, 16 tries all fail 7% of the time) */
+#define XDP_LB_CLOCK_TRIES 16
 
-/* Idle time after which a flow's source port may be given to another flow. */
+/* Idle time after which a flow's source port may be given to another flow. A flow that has
+ * seen no reply yet (a SYN, one UDP datagram: half-open) lives 30 s, as conntrack's
+ * unreplied UDP and within Cilium's CT_SYN_TIMEOUT (60 s); once older than 1 s it gives its
+ * port and table slot to a new flow that needs them (its backend had a second to answer). */
+#define XDP_LB_HALF_OPEN_NS (30ULL * 1000000000ULL)
+#define XDP_LB_PREEMPT_NS (1ULL * 1000000000ULL)
 #define XDP_LB_TCP_IDLE_NS (3600ULL * 1000000000ULL)
 #define XDP_LB_TCP_CLOSED_NS (10ULL * 1000000000ULL) /* FIN both ways (conntrack's CLOSE) */
 #define XDP_LB_TCP_RESET_NS (2ULL * 1000000000ULL)   /* RST: no side keeps the port */
 #define XDP_LB_UDP_IDLE_NS (120ULL * 1000000000ULL)
+
+/* Flood detector (include/flood.h): above this many new flows per second per CPU, a new flow
+ * is only made for a client that asks again. Full NAT cannot balance statelessly (the reply
+ * needs the flow), so the first packet is dropped. */
+#define XDP_LB_DEFAULT_FLOOD_RATE 40000
 
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
  * backend -> this node (the reverse table's key). */
@@ -47,6 +60,10 @@ struct xdp_lb_backend {
 #define XDP_LB_FIN_CLIENT 0x01
 #define XDP_LB_FIN_BACKEND 0x02
 #define XDP_LB_RST 0x04
+#define XDP_LB_REPLIED 0x08 /* the backend answered */
+/* then the client (a TCP ACK, another datagram): never evicted for new flows; before, the
+ * flow is half-open (a backend answers spoofed SYNs too, with SYN cookies) */
+#define XDP_LB_ESTABLISHED 0x10
 
 /* A flow: client -> VIP becomes this node:lb_port -> backend. */
 struct xdp_lb_flow {
@@ -57,8 +74,10 @@ struct xdp_lb_flow {
 	__be16 lb_port;
 	__u8 client_mac[6]; /* where replies go: the client or the router it came through */
 	__u8 state;
-	__u8 pad[7];
+	__u8 pad[3];
+	__u32 clock_slot; /* its slot in the flow clock, which names it back */
 };
+
 
 /* Per backend slot, per CPU. */
 struct xdp_lb_stats {
@@ -78,6 +97,11 @@ struct xdp_lb_counters {
 	__u64 stale_replies;  /* a reply whose flow was evicted or moved: passed to the kernel */
 	__u64 lost_events;    /* ring buffer full: event not sent (the packet went on) */
 	__u64 unattributed;   /* reply counted nowhere: its backend slot changed meanwhile */
+	__u64 evicted;	      /* half-open or finished flows that made room for a new flow */
+	__u64 port_retries;   /* source ports probed beyond the first: rising means ports run low */
+	__u64 flood_dropped;  /* first packet of a new flow dropped while under flood */
+	__u64 flood_admitted; /* new flows made under flood for a client that asked again */
+	__u64 table_full;     /* no room: every slot tried held a live established flow; dropped */
 };
 
 #define XDP_LB_EVENT_NEW_FLOW 1

@@ -52,12 +52,36 @@ unsafe impl plain::Plain for Forgotten {}
 impl Counters for Forgotten {
     const C_STRUCT: &'static str = "lb_counters";
     const FIELDS: &'static [Counter] = &[
-        Counter { name: "new_flows", kind: Kind::Event, help: "" },
-        Counter { name: "known_flows", kind: Kind::Event, help: "" },
-        Counter { name: "reopened", kind: Kind::Event, help: "" },
-        Counter { name: "alloc_failed", kind: Kind::Error, help: "" },
-        Counter { name: "nat_failed", kind: Kind::Error, help: "" },
-        Counter { name: "inserted_failed", kind: Kind::Error, help: "" },
+        Counter {
+            name: "new_flows",
+            kind: Kind::Event,
+            help: "",
+        },
+        Counter {
+            name: "known_flows",
+            kind: Kind::Event,
+            help: "",
+        },
+        Counter {
+            name: "reopened",
+            kind: Kind::Event,
+            help: "",
+        },
+        Counter {
+            name: "alloc_failed",
+            kind: Kind::Error,
+            help: "",
+        },
+        Counter {
+            name: "nat_failed",
+            kind: Kind::Error,
+            help: "",
+        },
+        Counter {
+            name: "inserted_failed",
+            kind: Kind::Error,
+            help: "",
+        },
     ];
 }
 
@@ -65,6 +89,9 @@ impl Counters for Forgotten {
 fn a_declaration_that_differs_from_c_is_caught() {
     loaded_btf!(skel::lb::LbSkelBuilder, |btf| {
         let err = check_declaration::<Forgotten>(&btf).unwrap_err().to_string();
-        assert!(err.contains("insert_failed") && err.contains("inserted_failed"), "{err}");
+        assert!(
+            err.contains("insert_failed") && err.contains("inserted_failed"),
+            "{err}"
+        );
     });
 }

@@ -601,6 +601,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         let options = Options {
             events: 0,
             max_flows: 65536,
+            flood_rate: 0,
             ports: (20000, 4096),
             seed: Some(7),
         };
@@ -636,4 +637,218 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Stateful mode on xdp-lb: TCP conversations (SYN, the backend's SYN-ACK, ACK, data both
+/// ways, FIN or RST, SYNs never answered) over many flows, interleaved at random, through a
+/// table of 64 flows and 256 source ports per backend. After every frame, the tables read
+/// back must hold: every flow has its reverse entry and every reverse entry its flow; no
+/// source port is owned twice; no established flow (handshake done, not closed) is gone or
+/// moved.
+#[test]
+fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
+    use ebpf_net::kernel::skel::xdp_lb::types::xdp_lb_tuple;
+    use etherparse::PacketBuilder;
+    use libbpf_rs::{MapCore, MapFlags};
+
+    const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
+    const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    let sequences = (packets_per_program() / 20).max(500);
+    let netns = Netns::new("fuzz-state");
+    let (frames, checks, peak, failures) = netns.enter(|| {
+        let services = parse_services(
+            &["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080".to_string()],
+            xdp_lb::LIMITS,
+        )
+        .unwrap();
+        let backends: HashMap<SocketAddr, Backend> = services[0]
+            .addrs()
+            .into_iter()
+            .map(|b| {
+                (
+                    b,
+                    Backend {
+                        lb_addr: "10.1.0.1".parse().unwrap(),
+                        mac: [2, 0, 0, 0, 0xbb, 1],
+                    },
+                )
+            })
+            .collect();
+        let options = Options {
+            events: 0,
+            max_flows: 64,
+            flood_rate: 0,
+            ports: (20000, 256),
+            seed: Some(11),
+        };
+        let mut object = MaybeUninit::uninit();
+        let skel = xdp_lb::load_with_services(&mut object, &options, &services, &backends).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        let vip = sock("10.96.0.10:80");
+        let tcp = |src: SocketAddr, dst: SocketAddr, flags: &str, payload: &[u8]| -> Vec<u8> {
+            let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
+                unreachable!()
+            };
+            let mut b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+                .ipv4(s.octets(), d.octets(), 64)
+                .tcp(src.port(), dst.port(), 1000, 64240);
+            for flag in flags.chars() {
+                b = match flag {
+                    'S' => b.syn(),
+                    'A' => b.ack(1),
+                    'F' => b.fin(),
+                    'R' => b.rst(),
+                    _ => b,
+                };
+            }
+            let mut out = Vec::new();
+            b.write(&mut out, payload).unwrap();
+            out
+        };
+        let run = |frame: &[u8]| -> i32 {
+            let mut out = vec![0u8; frame.len() + 64];
+            prog.test_run(ProgramInput {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap()
+            .return_value as i32
+        };
+        let decode =
+            |bytes: &[u8]| -> xdp_lb_tuple { ebpf_net::kernel::maps::from_bytes("tuple", bytes).unwrap() };
+        let mut rng = Rng(seed() ^ 0x57a7e);
+        // per client: 0 nothing, 1 SYN sent, 2 answered, 3 established, 4 closed
+        let clients: Vec<SocketAddr> = (0..150u32)
+            .map(|i| {
+                SocketAddr::new(
+                    IpAddr::from([10, 2, (i / 200) as u8, (i % 200) as u8 + 1]),
+                    40000 + (i % 7) as u16,
+                )
+            })
+            .collect();
+        let mut stage = vec![0u8; clients.len()];
+        let mut established: HashMap<SocketAddr, xdp_lb::Flow> = HashMap::new();
+        let (mut frames, mut checks, mut failures) = (0u64, 0u64, Vec::new());
+        let (mut started, mut peak) = (0usize, 0usize);
+        while started < sequences {
+            let i = rng.below(clients.len());
+            let client = clients[i];
+            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let flow = flows.iter().find(|f| f.client == client).cloned();
+            let from_backend = |f: &xdp_lb::Flow, flags: &str, data: &[u8]| {
+                tcp(f.backend, SocketAddr::new(f.lb_addr, f.lb_port), flags, data)
+            };
+            let frame = match (stage[i], &flow, rng.below(10)) {
+                // a SYN, or (one in ten) a SYN that will never be answered: a spoofed one
+                (0 | 4, _, _) | (_, None, _) => {
+                    stage[i] = 1;
+                    started += 1;
+                    established.remove(&client);
+                    tcp(client, vip, "S", &[])
+                }
+                (1, Some(f), n) if n < 9 => {
+                    stage[i] = 2;
+                    from_backend(f, "SA", &[])
+                }
+                (1, _, _) => tcp(client, vip, "S", &[]),
+                (2, Some(_), _) => {
+                    stage[i] = 3;
+                    tcp(client, vip, "A", &[])
+                }
+                (3, Some(_), 0) => {
+                    stage[i] = 4;
+                    established.remove(&client);
+                    tcp(client, vip, "AR", &[])
+                }
+                (3, Some(f), 1) => {
+                    stage[i] = 4;
+                    established.remove(&client);
+                    from_backend(f, "AF", &[])
+                }
+                (3, Some(f), n) if n < 6 => from_backend(f, "A", b"data from the backend"),
+                (_, _, _) => tcp(client, vip, "A", b"data from the client"),
+            };
+            let verdict = run(&frame);
+            frames += 1;
+            // the handshake's ACK went through: established from here on
+            if stage[i] == 3 && verdict == XDP_TX && !established.contains_key(&client) {
+                if let Some(f) = xdp_lb::flows(&skel.maps.xdp_lb_flows)
+                    .unwrap()
+                    .into_iter()
+                    .find(|f| f.client == client)
+                {
+                    established.insert(client, f);
+                }
+            }
+            if stage[i] == 1 && verdict != XDP_TX {
+                stage[i] = 0;
+            }
+            // invariants
+            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let mut reverse = HashMap::new();
+            for key in skel.maps.xdp_lb_reverse.keys() {
+                let Some(value) = skel.maps.xdp_lb_reverse.lookup(&key, MapFlags::ANY).unwrap() else {
+                    continue;
+                };
+                let (k, v) = (decode(&key), decode(&value));
+                let backend = SocketAddr::new(
+                    ebpf_net::kernel::addr::ip_from_words(k.family, k.src),
+                    u16::from_be(k.sport),
+                );
+                let port = u16::from_be(k.dport);
+                let client = SocketAddr::new(
+                    ebpf_net::kernel::addr::ip_from_words(v.family, v.src),
+                    u16::from_be(v.sport),
+                );
+                reverse.insert((backend, port), client);
+            }
+            checks += 1;
+            if reverse.len() != flows.len() {
+                failures.push(format!(
+                    "frame {frames}: {} flows, {} reverse entries",
+                    flows.len(),
+                    reverse.len()
+                ));
+            }
+            let mut owners = HashMap::new();
+            for f in &flows {
+                checks += 2;
+                if reverse.get(&(f.backend, f.lb_port)) != Some(&f.client) {
+                    failures.push(format!(
+                        "frame {frames}: flow of {} has no reverse entry",
+                        f.client
+                    ));
+                }
+                if let Some(other) = owners.insert((f.backend, f.lb_port), f.client) {
+                    failures.push(format!(
+                        "frame {frames}: port {} towards {} owned by {} and {other}",
+                        f.lb_port, f.backend, f.client
+                    ));
+                }
+            }
+            for (client, was) in &established {
+                checks += 1;
+                if flows.iter().find(|f| f.client == *client) != Some(was) {
+                    failures.push(format!(
+                        "frame {frames}: established flow of {client} lost or moved"
+                    ));
+                }
+            }
+            peak = peak.max(established.len());
+            if failures.len() > 20 {
+                break;
+            }
+        }
+        (frames, checks, peak, failures)
+    });
+    println!(
+        "xdp_lb stateful: {sequences} sequences over 150 clients through 64 flows, {frames} frames, {checks} invariant checks, up to {peak} established flows at once, {} broken",
+        failures.len()
+    );
+    assert!(
+        peak >= 16,
+        "only {peak} established flows at once: the table was never under pressure"
+    );
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -526,7 +526,11 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
         lab.ebpf_net(&args.iter().map(String::as_str).collect::<Vec<_>>())
     };
     let first = persist("1024");
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     let stream = connect_from(&lab, CLIENTS4[0], sock(VIP4)).expect("connect to the VIP");
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     greeting(&stream);
@@ -552,18 +556,24 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
 
     // someone else's map where the flow table's pin was: one line, nothing changed
     let dir = entry["path"].as_str().unwrap().to_string();
-    std::fs::remove_file(format!("{dir}/flows_v1")).unwrap();
+    std::fs::remove_file(format!("{dir}/flows_v2")).unwrap();
     let made = Command::new("bpftool")
-        .args(["map", "create", &format!("{dir}/flows_v1"), "type", "hash"])
+        .args(["map", "create", &format!("{dir}/flows_v2"), "type", "hash"])
         .args(["key", "8", "value", "8", "entries", "64", "name", "foreign"])
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
     let third = persist("2048");
     let stderr = String::from_utf8_lossy(&third.stderr);
-    assert!(!third.status.success(), "a foreign flow table was taken: {stderr}");
+    assert!(
+        !third.status.success(),
+        "a foreign flow table was taken: {stderr}"
+    );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("flows_v1") && stderr.contains("ebpf-net down xdp-lb -i eth0"), "{stderr}");
+    assert!(
+        stderr.contains("flows_v2") && stderr.contains("ebpf-net down xdp-lb -i eth0"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("libbpf"), "{stderr}");
     echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
     let down = lab.ebpf_net(&["down", "xdp-lb"]);
@@ -624,7 +634,77 @@ fn status_json_and_metrics_show_the_same_counters() {
     let text = String::from_utf8_lossy(&text.stdout);
     let flows = details["flows"].as_u64().unwrap();
     assert!(text.contains(&format!("{flows} flows in the table")), "{text}");
-    assert!(text.contains(&format!("{} new flows", service["backends"][0]["new_flows"])), "{text}");
+    assert!(
+        text.contains(&format!("{} new flows", service["backends"][0]["new_flows"])),
+        "{text}"
+    );
     let down = lab.ebpf_net(&["down", "xdp-lb"]);
     assert!(down.status.success());
+}
+
+/// 150,000 spoofed SYNs from random addresses of 10.71.0.0/16 in at most 2 s at the v4 VIP
+/// while 20 connections talk through it: every one of them lives, and new connections in the
+/// 10 s after the flood succeed (>= 95%). Returns the daemon's log.
+fn survive_a_syn_flood(tag: &str, extra: &[&str]) -> Vec<String> {
+    use common::flood::{mac_of, new_connections, syn_flood, Chatters};
+    let lab = Lab::new(tag);
+    let daemon = lab.start(extra);
+    let vip = sock(VIP4);
+    let chatters = Chatters::start(&lab.clients, vip, 20);
+    std::thread::sleep(Duration::from_millis(300));
+    let v4 = match vip {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(_) => unreachable!(),
+    };
+    let flood = syn_flood(
+        &lab.clients,
+        "eth0",
+        mac_of(&lab.lb, "eth0"),
+        v4,
+        [10, 71],
+        150_000,
+        Duration::from_secs(2),
+    );
+    let (ok, tried) = new_connections(
+        &lab.clients,
+        vip,
+        Duration::from_secs(10),
+        Duration::from_millis(500),
+        Duration::from_secs(4),
+    );
+    let talked = chatters.finish();
+    let (_, log) = daemon.stop();
+    eprintln!(
+        "{tag}: flood {} SYNs in {:?}; new connections after it {ok}/{tried}; {}",
+        flood.sent,
+        flood.elapsed,
+        log.last().map(String::as_str).unwrap_or("")
+    );
+    assert!(flood.sent >= 100_000, "the flood sent only {} SYNs", flood.sent);
+    let broken: Vec<&String> = talked.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        broken.is_empty(),
+        "{tag}: established connections broke: {broken:?}\n{log:#?}"
+    );
+    assert!(
+        ok * 100 >= tried * 95,
+        "{tag}: new connections after the flood: {ok} of {tried}\n{log:#?}"
+    );
+    log
+}
+
+#[test]
+fn a_syn_flood_takes_no_port_and_no_established_flow() {
+    // the default table: on main the flood held every source port for an hour
+    let log = survive_a_syn_flood("xlbf1", &[]);
+    assert!(
+        log.iter().any(|line| line.contains("under flood")),
+        "no flood logged: {log:#?}"
+    );
+}
+
+#[test]
+fn a_syn_flood_through_a_small_table_evicts_no_established_flow() {
+    // 4,096 flows: on main the flow and reverse LRUs evicted established flows
+    survive_a_syn_flood("xlbf2", &["--max-flows", "4096"]);
 }

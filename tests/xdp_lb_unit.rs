@@ -68,6 +68,7 @@ fn options(max_flows: u32, ports: (u16, u16)) -> Options {
     Options {
         events: 0,
         max_flows,
+        flood_rate: 0,
         ports,
         seed: Some(0x5eed),
     }
@@ -366,8 +367,9 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 256, PORTS);
         let prog = &skel.progs.xdp_lb;
-        // 2,000 flows through a table of 256: every one is balanced, the table stays within
-        // its size, and the latest flows are all there and answer
+        // 2,000 half-open flows through a table of 256: every one is balanced (a half-open
+        // flow gives its slot to a new one), the table stays within its size, the latest flow
+        // is there, and every flow in the table answers
         let clients: Vec<SocketAddr> = (0..2000u32)
             .map(|i| {
                 SocketAddr::new(
@@ -386,12 +388,18 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             "{} flows in a table of 256",
             flows.len()
         );
-        for client in &clients[clients.len() - 16..] {
-            let flow = flow_of(&flows, *client, vip, 6);
+        flow_of(&flows, clients[clients.len() - 1], vip, 6);
+        for flow in &flows {
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
             let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
-            let to_client = frame(LB_MAC, CLIENT_MAC, vip, *client, L4::Tcp);
-            expect(prog, &format!("reply to {client}"), &reply, XDP_TX, &to_client);
+            let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
+            expect(
+                prog,
+                &format!("reply to {}", flow.client),
+                &reply,
+                XDP_TX,
+                &to_client,
+            );
         }
 
         // four source ports towards a single backend, five clients on the same source port:
@@ -473,5 +481,127 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
             (50..=150).contains(&moved),
             "{moved} of 300 flows were on the removed backend"
         );
+    });
+}
+
+/// A TCP SYN frame (IPv4, no options) made the handshake's ACK, checksum updated.
+fn as_ack(mut frame: Vec<u8>) -> Vec<u8> {
+    let at = 14 + 20;
+    let old = u16::from_be_bytes([frame[at + 12], frame[at + 13]]);
+    frame[at + 13] = 0x10;
+    let new = u16::from_be_bytes([frame[at + 12], frame[at + 13]]);
+    let check = u16::from_be_bytes([frame[at + 16], frame[at + 17]]);
+    let mut sum = u32::from(!check) + u32::from(!old) + u32::from(new);
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[at + 16..at + 18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    frame
+}
+
+#[test]
+fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_again() {
+    let netns = Netns::new("xlb-unit5");
+    netns.enter(|| {
+        let services = services(&["10.96.0.10:80=10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080"]);
+        let vip = sock("10.96.0.10:80");
+        let client = |i: u32| SocketAddr::new(IpAddr::from([10, 9, (i >> 8) as u8, i as u8]), 40000);
+        let counters = |skel: &ebpf_net::kernel::skel::xdp_lb::XdpLbSkel<'_>| -> xdp_lb_counters {
+            ebpf_net::kernel::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap()
+        };
+        let reply_of = |flow: &Flow| {
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+            frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp)
+        };
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, &services, 16, PORTS);
+        let prog = &skel.progs.xdp_lb;
+        // 12 of 16 slots established (the backend answered, then the client), then 3,000
+        // SYNs the backend answers but no client does: the established flows all stay,
+        // with their way back
+        let established: Vec<Flow> = (0..12)
+            .map(|i| {
+                let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
+                assert_eq!(verdict, XDP_TX);
+                let flow = flow_of(
+                    &xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(),
+                    client(i),
+                    vip,
+                    6,
+                );
+                assert_eq!(run(prog, &reply_of(&flow)).0, XDP_TX);
+                let ack = as_ack(frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
+                assert_eq!(run(prog, &ack).0, XDP_TX);
+                flow
+            })
+            .collect();
+        let floods = (1000..4000).filter(|i| {
+            if run(prog, &frame(CLIENT_MAC, LB_MAC, client(*i), vip, L4::Tcp)).0 != XDP_TX {
+                return false;
+            }
+            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            run(prog, &reply_of(&flow_of(&flows, client(*i), vip, 6))).0 == XDP_TX
+        });
+        assert!(floods.count() > 2900, "half-open flows make room for each other");
+        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        assert!(flows.len() <= 16, "{} flows in a table of 16", flows.len());
+        for flow in &established {
+            assert_eq!(&flow_of(&flows, flow.client, vip, 6), flow);
+            let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
+            expect(
+                prog,
+                &format!("reply to {}", flow.client),
+                &reply_of(flow),
+                XDP_TX,
+                &to_client,
+            );
+        }
+        assert!(counters(&skel).evicted > 2900);
+        // a table full of established flows takes no new one: dropped and counted
+        for i in 4000..4200 {
+            if run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp)).0 == XDP_TX {
+                let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+                assert_eq!(
+                    run(prog, &reply_of(&flow_of(&flows, client(i), vip, 6))).0,
+                    XDP_TX
+                );
+                let ack = as_ack(frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
+                assert_eq!(run(prog, &ack).0, XDP_TX);
+            }
+        }
+        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        assert_eq!(flows.len(), 16);
+        for flow in &established {
+            assert_eq!(&flow_of(&flows, flow.client, vip, 6), flow);
+        }
+        assert!(counters(&skel).table_full > 0);
+
+        // flood detector at 50 new flows a second: the rest are dropped at first, and a
+        // client sending its SYN again 0.3 s later gets its flow
+        let mut object = MaybeUninit::uninit();
+        let options = Options {
+            flood_rate: 50,
+            ..options(4096, PORTS)
+        };
+        let skel =
+            xdp_lb::load_with_services(&mut object, &options, &services, &backends_of(&services)).unwrap();
+        let prog = &skel.progs.xdp_lb;
+        let verdicts: Vec<i32> = (0..200)
+            .map(|i| run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp)).0)
+            .collect();
+        assert_eq!(verdicts.iter().filter(|v| **v == XDP_TX).count(), 50);
+        assert!(verdicts[50..].iter().all(|v| *v == XDP_DROP));
+        // at once again: not a retransmission yet
+        assert_eq!(
+            run(prog, &frame(CLIENT_MAC, LB_MAC, client(199), vip, L4::Tcp)).0,
+            XDP_DROP
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert_eq!(
+            run(prog, &frame(CLIENT_MAC, LB_MAC, client(199), vip, L4::Tcp)).0,
+            XDP_TX
+        );
+        let c = counters(&skel);
+        assert_eq!((c.new_flows, c.flood_dropped, c.flood_admitted), (51, 151, 1));
     });
 }

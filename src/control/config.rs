@@ -92,6 +92,7 @@ pub struct ClusteripSection {
 pub struct LbSection {
     pub interface: Option<Spanned<String>>,
     pub no_snat: Option<bool>,
+    pub flood_rate: Option<u32>,
     #[serde(default)]
     pub service: Vec<Spanned<ServiceEntry>>,
 }
@@ -102,6 +103,7 @@ pub struct XdpLbSection {
     pub interface: Option<Spanned<String>>,
     pub mode: Option<XdpMode>,
     pub max_flows: Option<Spanned<u32>>,
+    pub flood_rate: Option<u32>,
     #[serde(default)]
     pub service: Vec<Spanned<ServiceEntry>>,
 }

@@ -280,7 +280,10 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     for line in &report.exit {
         eprintln!("{}: {line}", D::NAME);
     }
-    let note = report.on_detach.map(|note| format!("; {note}")).unwrap_or_default();
+    let note = report
+        .on_detach
+        .map(|note| format!("; {note}"))
+        .unwrap_or_default();
     eprintln!("{}: detached from {}{note}", D::NAME, target.display());
     Ok(())
 }

@@ -66,11 +66,14 @@ const PIN_STATS: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
-    version: 1,
+    // v2: more counters (include/lb.h)
+    version: 2,
     on_change: OnChange::Copy {
         setting: "the counters",
     },
 };
+/// include/lb.h LB_DEFAULT_FLOOD_RATE
+pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
 /// The nft table (family inet) lb adds when this namespace lacks conntrack and NAT hooks.
 /// Its comment records what lb changed, so the last lb to stop can undo exactly that.
 pub const NFT_TABLE: &str = "ebpf_net_lb";
@@ -105,7 +108,22 @@ crate::declare_counters!(
         ),
         (alloc_failed, Error, "bpf_skb_ct_alloc returned nothing"),
         (nat_failed, Error, "bpf_ct_set_nat_info failed"),
-        (insert_failed, Error, "lost a race inserting the same flow"),
+        (
+            insert_failed,
+            Error,
+            "no entry (source NAT ports all taken): dropped"
+        ),
+        (insert_raced, Event, "another CPU inserted the same flow first"),
+        (
+            flood_dropped,
+            Error,
+            "first packets of new flows dropped under flood"
+        ),
+        (
+            flood_admitted,
+            Event,
+            "new flows made under flood for a client that asked again"
+        ),
     ]
 );
 
@@ -123,6 +141,11 @@ pub struct LbArgs {
     /// gateway); by default the source becomes this node's address towards each backend
     #[arg(long)]
     pub no_snat: bool,
+    /// new flows per second per CPU above which lb is under flood: a new flow then gets a
+    /// conntrack entry only when its client sends its first packet again (0: never)
+    /// [default: 40000]
+    #[arg(long, value_name = "N")]
+    pub flood_rate: Option<u32>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/lb/, print ready and exit; run again to update
     /// the services in place
     #[arg(long)]
@@ -137,6 +160,7 @@ pub struct Settings {
     iface: Item,
     services: Vec<Service>,
     no_snat: bool,
+    flood_rate: u32,
 }
 
 impl Settings {
@@ -159,6 +183,10 @@ impl Settings {
             iface,
             services: service::check_services(items, LIMITS)?,
             no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
+            flood_rate: args
+                .flood_rate
+                .or(section.and_then(|s| s.flood_rate))
+                .unwrap_or(DEFAULT_FLOOD_RATE),
         })
     }
 
@@ -171,8 +199,8 @@ impl Settings {
                 new.iface.text
             );
         }
-        if new.no_snat != self.no_snat {
-            bail!("no-snat changed; that needs a restart");
+        if new.no_snat != self.no_snat || new.flood_rate != self.flood_rate {
+            bail!("no-snat or flood-rate changed; that needs a restart");
         }
         Ok(())
     }
@@ -227,6 +255,7 @@ fn backend_values(
 fn load<'obj>(
     storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     pins: Option<&mut PinSet>,
+    flood_rate: u32,
 ) -> Result<LbSkel<'obj>> {
     let mut open = LbSkelBuilder::default()
         .open(storage)
@@ -236,11 +265,13 @@ fn load<'obj>(
     if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != seed.len() as isize {
         bail!("getrandom failed: {}", std::io::Error::last_os_error());
     }
-    open.maps
+    let rodata = open
+        .maps
         .rodata_data
         .as_deref_mut()
-        .expect("lb.c declares constants")
-        .hash_seed = u32::from_ne_bytes(seed);
+        .expect("lb.c declares constants");
+    rodata.hash_seed = u32::from_ne_bytes(seed);
+    rodata.flood_rate = flood_rate;
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
     if let Some(pins) = pins {
         pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
@@ -255,7 +286,8 @@ pub fn load_with_services<'obj>(
     services: &[Service],
     snat: bool,
 ) -> Result<LbSkel<'obj>> {
-    let skel = load(storage, None)?;
+    // no flood detector: benchmarks and fuzzing make new flows fast on purpose
+    let skel = load(storage, None, 0)?;
     let values = backend_values(services, &sources(services)?, snat);
     sync(&tables(&skel)?, services, &values)?;
     Ok(skel)
@@ -512,15 +544,16 @@ impl Datapath for Lb {
                 iface: desired.iface.clone(),
                 services: desired.services.clone(),
                 no_snat: desired.no_snat,
+                flood_rate: desired.flood_rate,
             },
         })
     }
     fn load<'obj>(
         storage: &'obj mut Storage,
-        _plan: &Plan,
+        plan: &Plan,
         pins: Option<&mut PinSet>,
     ) -> Result<LbSkel<'obj>> {
-        load(&mut storage[0], pins)
+        load(&mut storage[0], pins, plan.settings.flood_rate)
     }
     fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
         let report = sync(&tables(skel)?, &plan.settings.services, &plan.values)?;
@@ -617,12 +650,15 @@ fn backend_words(stats: &lb_stats) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed: alloc {} nat {} insert {}",
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again)",
         totals.new_flows,
         totals.reopened,
         totals.known_flows,
         totals.alloc_failed,
         totals.nat_failed,
-        totals.insert_failed
+        totals.insert_failed,
+        totals.insert_raced,
+        totals.flood_dropped,
+        totals.flood_admitted
     )
 }

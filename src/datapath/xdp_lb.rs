@@ -41,6 +41,8 @@ pub const LIMITS: Limits = Limits {
 };
 const RING_PER_SLOT: u32 = 128;
 pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
+/// include/xdp_lb.h XDP_LB_DEFAULT_FLOOD_RATE
+pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
 const fn rebuilt(map: &'static str, name: &'static str) -> MapPin {
     MapPin {
         map,
@@ -61,10 +63,11 @@ const PIN_STATS: MapPin = MapPin {
     },
 };
 /// Flows survive a change of --max-flows: copied into the new tables.
+// v2: plain hashes with a flow clock instead of LRUs
 const PIN_FLOWS: MapPin = MapPin {
     map: "xdp_lb_flows",
     name: "flows",
-    version: 1,
+    version: 2,
     on_change: OnChange::Copy {
         setting: "--max-flows",
     },
@@ -72,6 +75,14 @@ const PIN_FLOWS: MapPin = MapPin {
 const PIN_REVERSE: MapPin = MapPin {
     map: "xdp_lb_reverse",
     name: "reverse",
+    version: 2,
+    on_change: OnChange::Copy {
+        setting: "--max-flows",
+    },
+};
+const PIN_CLOCK: MapPin = MapPin {
+    map: "xdp_lb_clock",
+    name: "clock",
     version: 1,
     on_change: OnChange::Copy {
         setting: "--max-flows",
@@ -80,7 +91,7 @@ const PIN_REVERSE: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "xdp_lb_counters",
     name: "counters",
-    version: 1,
+    version: 2,
     on_change: OnChange::Copy {
         setting: "the counters",
     },
@@ -145,6 +156,27 @@ crate::declare_counters!(
             Error,
             "replies counted nowhere: their backend slot changed meanwhile"
         ),
+        (
+            evicted,
+            Event,
+            "half-open or finished flows that made room for a new flow"
+        ),
+        (port_retries, Event, "source ports probed beyond the first"),
+        (
+            flood_dropped,
+            Error,
+            "first packets of new flows dropped under flood"
+        ),
+        (
+            flood_admitted,
+            Event,
+            "new flows made under flood for a client that asked again"
+        ),
+        (
+            table_full,
+            Error,
+            "no room: every slot tried held a live established flow"
+        ),
     ]
 );
 
@@ -170,6 +202,10 @@ pub struct XdpLbArgs {
     /// [default: 262144]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(MAX_FLOWS_RANGE))]
     pub max_flows: Option<u32>,
+    /// new flows per second per CPU above which xdp-lb is under flood: a new flow is then
+    /// only made for a client that sends its first packet again (0: never) [default: 40000]
+    #[arg(long, value_name = "N")]
+    pub flood_rate: Option<u32>,
     /// attach, pin under /sys/fs/bpf/ebpf-net/xdp-lb/, print ready and exit; run again to
     /// update the services in place (no events: nobody reads them)
     #[arg(long, conflicts_with_all = ["json", "trace"])]
@@ -186,6 +222,7 @@ pub struct Settings {
     services: Vec<Service>,
     mode: XdpMode,
     max_flows: u32,
+    flood_rate: u32,
 }
 
 impl Settings {
@@ -227,6 +264,10 @@ impl Settings {
                 .or(section.and_then(|s| s.mode))
                 .unwrap_or(XdpMode::Auto),
             max_flows,
+            flood_rate: args
+                .flood_rate
+                .or(section.and_then(|s| s.flood_rate))
+                .unwrap_or(DEFAULT_FLOOD_RATE),
         })
     }
 }
@@ -244,6 +285,8 @@ pub struct Options {
     /// 0 no events, 1 flows, 2 every packet (include/xdp_lb.h XDP_LB_EVENTS_*)
     pub events: u8,
     pub max_flows: u32,
+    /// new flows per second per CPU that mean a flood (0: never)
+    pub flood_rate: u32,
     /// source ports handed out towards backends: first, count
     pub ports: (u16, u16),
     /// flow hash seed; random when None
@@ -364,8 +407,11 @@ pub fn load<'obj>(
     rodata.events_level = options.events;
     rodata.port_lo = options.ports.0;
     rodata.port_span = options.ports.1;
+    rodata.clock_size = options.max_flows;
+    rodata.flood_rate = options.flood_rate;
     open.maps.xdp_lb_flows.set_max_entries(options.max_flows)?;
     open.maps.xdp_lb_reverse.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_clock.set_max_entries(options.max_flows)?;
     if let Some(pins) = pins {
         pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
     }
@@ -573,6 +619,7 @@ const PINS: &[MapPin] = &[
     PIN_RINGS,
     PIN_FLOWS,
     PIN_REVERSE,
+    PIN_CLOCK,
     PIN_COUNTERS,
 ];
 
@@ -626,11 +673,13 @@ impl Datapath for XdpLb {
                 services: settings.services.clone(),
                 mode: settings.mode,
                 max_flows: settings.max_flows,
+                flood_rate: settings.flood_rate,
             },
             backends,
             options: Options {
                 events: events.events,
                 max_flows: settings.max_flows,
+                flood_rate: settings.flood_rate,
                 ports,
                 seed: None,
             },
@@ -684,8 +733,8 @@ impl Datapath for XdpLb {
                 new.iface.text
             );
         }
-        if new.mode != old.mode || new.max_flows != old.max_flows {
-            bail!("mode or max-flows changed; that needs a restart (or --persist, which keeps the flows)");
+        if new.mode != old.mode || new.max_flows != old.max_flows || new.flood_rate != old.flood_rate {
+            bail!("mode, max-flows or flood-rate changed; that needs a restart (or --persist, which keeps the flows)");
         }
         Ok(())
     }
@@ -747,7 +796,7 @@ impl Datapath for XdpLb {
             summary: format!(
                 "{}; {flows} flows in the table, {} dropped",
                 service::summarize_report(&services, backend_words),
-                totals.no_port + totals.flow_failed
+                totals.no_port + totals.flow_failed + totals.table_full + totals.flood_dropped
             ),
             families,
             exit,
@@ -768,6 +817,7 @@ impl Datapath for XdpLb {
         })?;
         let events = builder.build()?;
         let mut lost_reported = 0;
+        let mut pressure = Pressure::default();
         let mut next_check = Instant::now();
         loop {
             // poll returns early on events; the signal is checked between polls
@@ -794,10 +844,55 @@ impl Datapath for XdpLb {
                     );
                     lost_reported = totals.lost_events;
                 }
+                if let Some(line) = pressure.report(&totals) {
+                    eprintln!("{SUBCOMMAND}: {line}");
+                }
             }
         }
         let _ = events.consume();
         Ok(())
+    }
+}
+
+/// What ran low since the last second: the line the foreground run logs about it.
+#[derive(Default)]
+struct Pressure {
+    last: xdp_lb_counters,
+}
+
+impl Pressure {
+    fn report(&mut self, now: &xdp_lb_counters) -> Option<String> {
+        let last = std::mem::replace(&mut self.last, *now);
+        let delta = |f: fn(&xdp_lb_counters) -> u64| f(now).saturating_sub(f(&last));
+        let new_flows = delta(|c| c.new_flows);
+        let mut parts = Vec::new();
+        let flood = delta(|c| c.flood_dropped);
+        if flood > 0 {
+            parts.push(format!(
+                "under flood: {flood} first packets of new flows dropped, {} clients admitted on asking again",
+                delta(|c| c.flood_admitted)
+            ));
+        }
+        let no_port = delta(|c| c.no_port);
+        let retries = delta(|c| c.port_retries);
+        if no_port > 0 || retries > 4 * new_flows.max(1) {
+            parts.push(format!(
+                "source ports running low: {no_port} new flows found none, {retries} extra ports probed for {new_flows} new flows"
+            ));
+        }
+        let full = delta(|c| c.table_full) + delta(|c| c.flow_failed);
+        if full > 0 {
+            parts.push(format!(
+                "flow table full of established flows: {full} new flows dropped (see --max-flows)"
+            ));
+        }
+        let evicted = delta(|c| c.evicted);
+        if evicted > new_flows / 2 && evicted > 100 {
+            parts.push(format!(
+                "flow table low: {evicted} half-open or finished flows evicted for {new_flows} new flows"
+            ));
+        }
+        (!parts.is_empty()).then(|| parts.join("; "))
     }
 }
 
@@ -826,11 +921,15 @@ fn backend_words(stats: &xdp_lb_stats) -> String {
 
 fn describe_counters(totals: &xdp_lb_counters) -> String {
     format!(
-        "flows {} new, {} rerouted; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}",
+        "flows {} new, {} rerouted, {} evicted (half-open or finished); dropped: no source port {}, flow table {}, table full of established {}, under flood {} ({} admitted on asking again); stale replies passed {}; events lost {}",
         totals.new_flows,
         totals.rerouted,
+        totals.evicted,
         totals.no_port,
         totals.flow_failed,
+        totals.table_full,
+        totals.flood_dropped,
+        totals.flood_admitted,
         totals.stale_replies,
         totals.lost_events
     )

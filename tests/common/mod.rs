@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cgroup;
+pub mod flood;
 pub mod lab;
 pub mod packets;
 pub mod servers;
