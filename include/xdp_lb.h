@@ -78,6 +78,8 @@ struct xdp_lb_counters {
 	__u64 stale_replies;  /* a reply whose flow was evicted or moved: passed to the kernel */
 	__u64 lost_events;    /* ring buffer full: event not sent (the packet went on) */
 	__u64 unattributed;   /* reply counted nowhere: its backend slot changed meanwhile */
+	__u64 icmp_to_client;  /* ICMP error about a flow's backend leg, sent on to its client */
+	__u64 icmp_to_backend; /* ICMP error about a flow's client leg, sent on to its backend */
 };
 
 #define XDP_LB_EVENT_NEW_FLOW 1

@@ -243,6 +243,7 @@ pub fn run(args: &Ipv6HpArgs, netns_key: &str) -> Result<()> {
                 &[
                     ("l4_checksum_fixed", i.l4_fixed + e.l4_fixed, false),
                     ("skipped", i.skipped + e.skipped, true),
+                    ("nd_passed", i.nd_passed + e.nd_passed, false),
                 ],
             ));
             Ok(families)
@@ -296,8 +297,8 @@ fn describe_pair(iface: &Interface, addrs: &ProbeAddresses, csum_flag: u64) -> S
 
 fn stats_summary(stats: &ipv6_hp_stats) -> String {
     format!(
-        "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}",
-        stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped
+        "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}, neighbour discovery left alone {}",
+        stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped, stats.nd_passed
     )
 }
 
@@ -402,6 +403,7 @@ pub fn describe_persisted(pins: &PinDir) -> Result<Value> {
                 "rewritten_bytes": stats.rewritten_bytes,
                 "l4_checksum_fixed": stats.l4_fixed,
                 "skipped": stats.skipped,
+                "nd_passed": stats.nd_passed,
             }),
         );
     }

@@ -302,6 +302,7 @@ fn metrics_source(skel: &ProxySkel<'_>) -> Result<metrics::Source> {
             ("replies", "reply packets from TO made to come from FROM"),
             ("reply_bytes", "bytes of those replies"),
             ("rerouted", "packets whose next hop changed with the destination"),
+            ("icmp_errors", "ICMP errors about the rule's flows, translated"),
         ];
         let total =
             |field: &str| -> u64 { report.iter().map(|rule| rule[field].as_u64().unwrap_or(0)).sum() };
@@ -372,6 +373,7 @@ fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec
             "replies": stats.replies,
             "reply_bytes": stats.reply_bytes,
             "rerouted": stats.rerouted,
+            "icmp_errors": stats.icmp_errors,
         }));
     }
     Ok(report)
@@ -379,12 +381,13 @@ fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec
 
 fn summarize_rule(rule: &Value) -> String {
     format!(
-        "{} -> {}: {} packets out ({} re-routed), {} replies back",
+        "{} -> {}: {} packets out ({} re-routed), {} replies back, {} ICMP errors translated",
         rule["from"].as_str().unwrap_or("?"),
         rule["to"].as_str().unwrap_or("?"),
         rule["packets"],
         rule["rerouted"],
-        rule["replies"]
+        rule["replies"],
+        rule["icmp_errors"]
     )
 }
 

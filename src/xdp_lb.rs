@@ -679,6 +679,8 @@ fn metrics_source(skel: &XdpLbSkel<'_>) -> Result<metrics::Source> {
                 ("flow_failed", t.flow_failed, true),
                 ("lost_events", t.lost_events, true),
                 ("unattributed", t.unattributed, true),
+                ("icmp_to_client", t.icmp_to_client, false),
+                ("icmp_to_backend", t.icmp_to_backend, false),
             ],
         ));
         let mut flows = metrics::Family::gauge(
@@ -791,18 +793,22 @@ fn counters_json(totals: &xdp_lb_counters) -> Value {
         "stale_replies": totals.stale_replies,
         "lost_events": totals.lost_events,
         "unattributed": totals.unattributed,
+        "icmp_to_client": totals.icmp_to_client,
+        "icmp_to_backend": totals.icmp_to_backend,
     })
 }
 
 fn describe_counters(totals: &xdp_lb_counters) -> String {
     format!(
-        "flows {} new, {} rerouted; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}",
+        "flows {} new, {} rerouted; dropped: no source port {}, flow table {}; stale replies passed {}; events lost {}; ICMP errors translated {} to clients, {} to backends",
         totals.new_flows,
         totals.rerouted,
         totals.no_port,
         totals.flow_failed,
         totals.stale_replies,
-        totals.lost_events
+        totals.lost_events,
+        totals.icmp_to_client,
+        totals.icmp_to_backend
     )
 }
 
