@@ -19,6 +19,7 @@ pub enum L4 {
     Tcp,
     Udp,
     Icmpv6Echo,
+    Icmpv4Echo,
 }
 
 /// An Ethernet + IPv6 (+ extension headers) + L4 frame with correct checksums, from port
@@ -66,6 +67,7 @@ pub fn ip_frame(
             .write(&mut frame, PAYLOAD),
         L4::Udp => builder.udp(sport, dport).write(&mut frame, PAYLOAD),
         L4::Icmpv6Echo => builder.icmpv6_echo_request(7, 1).write(&mut frame, PAYLOAD),
+        L4::Icmpv4Echo => builder.icmpv4_echo_request(7, 1).write(&mut frame, PAYLOAD),
     }
     .expect("building frame");
     frame
@@ -263,6 +265,32 @@ pub fn with_vlan(frame: &[u8]) -> Vec<u8> {
     tagged.extend_from_slice(&[0x81, 0x00, 0x00, 100]);
     tagged.extend_from_slice(&frame[12..]);
     tagged
+}
+
+/// The same frame with two tags, 802.1ad (outer, VLAN 200) and 802.1Q (inner, VLAN 100).
+pub fn with_qinq(frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&[0x88, 0xa8, 0x00, 200, 0x81, 0x00, 0x00, 100]);
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
+}
+
+/// An untagged IPv6 frame without extension headers given `count` destination-options
+/// headers (PadN only) before its upper layer: longer chains than a parser may walk. Upper
+/// layer checksums stay valid (they do not cover extension headers).
+pub fn with_long_ext_chain(frame: &[u8], count: usize) -> Vec<u8> {
+    assert_eq!(frame[12..14], [0x86, 0xdd]);
+    let upper = frame[14 + 6];
+    let mut out = frame[..14 + 40].to_vec();
+    out[14 + 6] = 60;
+    let payload_len = u16::from_be_bytes([out[18], out[19]]) as usize + count * 8;
+    out[18..20].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    for i in 0..count {
+        let next = if i + 1 == count { upper } else { 60 };
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[14 + 40..]);
+    out
 }
 
 /// A plain IPv4 TCP frame.
