@@ -147,6 +147,7 @@ int lb_ingress(struct __sk_buff *skb)
 	__u32 tuple_sz, slot, hash;
 	bool nat_ok = true;
 
+	linearize_headers(skb);
 	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
 		return TC_PASS_ON;
 	/* only a packet that can open a flow: a TCP SYN, any UDP datagram; conntrack knows

@@ -47,6 +47,7 @@ static __always_inline bool flow_key_of(struct __sk_buff *skb, enum flow_directi
 
 	__builtin_memset(key, 0, sizeof(*key));
 	key->direction = direction;
+	linearize_headers(skb);
 	cursor_init(&c, (void *)(long)skb->data, (void *)(long)skb->data_end);
 	if (!parse_eth(&c, &eth, &proto))
 		return false;

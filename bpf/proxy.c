@@ -27,6 +27,23 @@ struct {
 	__type(value, struct proxy_stats);
 } proxy_stats SEC(".maps");
 
+/* Per-CPU room for the ICMP error paths' structs, which do not fit the stack beside the
+ * program's own (512 bytes for the whole call chain). */
+struct icmp_scratch {
+	struct icmp_error err;
+	struct icmp_error_rewrite to;
+	struct l4_packet outer;
+	struct proxy_flow_key reply;
+	struct proxy_endpoint from;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct icmp_scratch);
+} proxy_icmp_scratch SEC(".maps");
+
 static __always_inline bool endpoint_equal(const struct proxy_endpoint *a, const struct proxy_endpoint *b)
 {
 	return a->addr[0] == b->addr[0] && a->addr[1] == b->addr[1] && a->addr[2] == b->addr[2] &&
@@ -123,6 +140,114 @@ static __always_inline int reroute(struct __sk_buff *skb, struct l4_packet *pkt,
 	return TC_PASS_ON;
 }
 
+/*
+ * ICMP errors of translated flows, both ways, as conntrack's DNAT translates them. Ingress:
+ * an error about a request (from TO or a router on the way, quoting client -> TO) is made to
+ * quote client -> FROM and to come from FROM, so the client's socket finds it and a
+ * frag-needed / packet-too-big lowers the path MTU of its route to FROM. Egress: an error
+ * this node sends about a reply (quoting FROM -> client, to FROM) is made to quote
+ * TO -> client and goes to TO. Errors about other flows pass untouched.
+ */
+static __noinline int icmp_error_ingress(struct __sk_buff *skb)
+{
+	struct icmp_error_rewrite *to;
+	struct icmp_scratch *scratch;
+	struct proxy_flow_key *reply;
+	struct proxy_stats *stats;
+	struct proxy_flow *flow;
+	struct icmp_error *err;
+
+	scratch = bpf_map_lookup_elem(&proxy_icmp_scratch, &(__u32){ 0 });
+	if (!scratch)
+		return TC_PASS_ON;
+	err = &scratch->err;
+	to = &scratch->to;
+	reply = &scratch->reply;
+	__builtin_memset(reply, 0, sizeof(*reply));
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, err))
+		return TC_PASS_ON;
+	__builtin_memcpy(reply->saddr, err->inner_dst, sizeof(reply->saddr));
+	__builtin_memcpy(reply->daddr, err->inner_src, sizeof(reply->daddr));
+	reply->sport = err->inner_dport;
+	reply->dport = err->inner_sport;
+	reply->family = err->family;
+	reply->proto = err->inner_proto;
+	flow = bpf_map_lookup_elem(&proxy_flows, reply);
+	if (!flow)
+		return TC_PASS_ON;
+	stats = bpf_map_lookup_elem(&proxy_stats, &flow->rule_id);
+	if (!stats)
+		return TC_PASS_ON;
+	__builtin_memcpy(to->outer_src, flow->from.addr, sizeof(to->outer_src));
+	__builtin_memcpy(to->outer_dst, err->outer_dst, sizeof(to->outer_dst));
+	__builtin_memcpy(to->inner_src, err->inner_src, sizeof(to->inner_src));
+	__builtin_memcpy(to->inner_dst, flow->from.addr, sizeof(to->inner_dst));
+	to->inner_sport = err->inner_sport;
+	to->inner_dport = flow->from.port;
+	if (!rewrite_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, err, to))
+		return TC_PASS_ON;
+	stats->icmp_errors++;
+	return TC_PASS_ON;
+}
+
+static __noinline int icmp_error_egress(struct __sk_buff *skb)
+{
+	struct icmp_error_rewrite *to;
+	struct icmp_scratch *scratch;
+	struct proxy_flow_key *reply;
+	struct proxy_endpoint *from;
+	struct proxy_target *target;
+	struct proxy_stats *stats;
+	struct proxy_flow *flow;
+	struct icmp_error *err;
+
+	scratch = bpf_map_lookup_elem(&proxy_icmp_scratch, &(__u32){ 0 });
+	if (!scratch)
+		return TC_PASS_ON;
+	err = &scratch->err;
+	to = &scratch->to;
+	reply = &scratch->reply;
+	from = &scratch->from;
+	__builtin_memset(reply, 0, sizeof(*reply));
+	__builtin_memset(from, 0, sizeof(*from));
+	if (!parse_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, err))
+		return TC_PASS_ON;
+	/* the quote is a reply as the client got it: FROM -> client */
+	__builtin_memcpy(from->addr, err->inner_src, sizeof(from->addr));
+	from->port = err->inner_sport;
+	from->family = err->family;
+	target = bpf_map_lookup_elem(&proxy_rules, from);
+	if (!target)
+		return TC_PASS_ON;
+	__builtin_memcpy(reply->saddr, target->to.addr, sizeof(reply->saddr));
+	__builtin_memcpy(reply->daddr, err->inner_dst, sizeof(reply->daddr));
+	reply->sport = target->to.port;
+	reply->dport = err->inner_dport;
+	reply->family = err->family;
+	reply->proto = err->inner_proto;
+	flow = bpf_map_lookup_elem(&proxy_flows, reply);
+	if (!flow || flow->rule_id != target->rule_id || !endpoint_equal(&flow->from, from))
+		return TC_PASS_ON;
+	stats = bpf_map_lookup_elem(&proxy_stats, &target->rule_id);
+	if (!stats)
+		return TC_PASS_ON;
+	__builtin_memcpy(to->outer_src, err->outer_src, sizeof(to->outer_src));
+	__builtin_memcpy(to->outer_dst, target->to.addr, sizeof(to->outer_dst));
+	__builtin_memcpy(to->inner_src, target->to.addr, sizeof(to->inner_src));
+	__builtin_memcpy(to->inner_dst, err->inner_dst, sizeof(to->inner_dst));
+	to->inner_sport = target->to.port;
+	to->inner_dport = err->inner_dport;
+	if (!rewrite_icmp_error((void *)(long)skb->data, (void *)(long)skb->data_end, err, to))
+		return TC_PASS_ON;
+	stats->icmp_errors++;
+	/* the new destination may have another next hop, like the requests' */
+	__builtin_memset(&scratch->outer, 0, sizeof(scratch->outer));
+	scratch->outer.family = err->family;
+	scratch->outer.proto = err->family == AF_INET ? IPPROTO_ICMP : NEXTHDR_ICMP;
+	__builtin_memcpy(scratch->outer.saddr, err->outer_src, sizeof(scratch->outer.saddr));
+	return reroute(skb, &scratch->outer, &target->to, stats);
+}
+
 SEC("tc/egress")
 int proxy_egress(struct __sk_buff *skb)
 {
@@ -133,8 +258,9 @@ int proxy_egress(struct __sk_buff *skb)
 	struct proxy_stats *stats;
 	struct l4_packet pkt = {};
 
+	linearize_headers(skb);
 	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
-		return TC_PASS_ON;
+		return icmp_error_egress(skb);
 	__builtin_memcpy(from.addr, pkt.daddr, sizeof(from.addr));
 	from.port = pkt.dport;
 	from.family = pkt.family;
@@ -174,8 +300,9 @@ int proxy_ingress(struct __sk_buff *skb)
 	struct proxy_flow *flow;
 	struct l4_packet pkt = {};
 
+	linearize_headers(skb);
 	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
-		return TC_PASS_ON;
+		return icmp_error_ingress(skb);
 	__builtin_memcpy(reply.saddr, pkt.saddr, sizeof(reply.saddr));
 	__builtin_memcpy(reply.daddr, pkt.daddr, sizeof(reply.daddr));
 	reply.sport = pkt.sport;

@@ -9,6 +9,7 @@
 #include "hash.h"
 #include "flood.h"
 #include "xdp_lb.h"
+#include "icmp_error.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -737,6 +738,88 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 	return XDP_TX;
 }
 
+/* ICMP errors of our flows. An error about the backend leg (from the backend or a router
+ * between us, to this node's address, quoting this node:lb_port -> backend) goes back to the
+ * client as an error about its client -> VIP packet, from the VIP as conntrack's full NAT
+ * does it, out the way replies go. An error about the client leg (to the VIP, quoting
+ * VIP -> client) goes on to the backend as an error about its reply, from this node's
+ * address: the backend's TCP then learns the client path's MTU. Anything else passes. */
+static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct icmp_error_rewrite to = {};
+	struct xdp_lb_backend *backend;
+	struct xdp_lb_tuple rev, key, *owner;
+	struct xdp_lb_counters *c;
+	struct xdp_lb_flow *flow;
+	struct icmp_error err;
+	struct ethhdr *eth;
+	const __u8 *dst_mac;
+
+	if (!parse_icmp_error(data, data_end, &err))
+		return XDP_PASS;
+
+	/* backend leg: the quote is this node:lb_port -> backend, a reverse entry swapped */
+	__builtin_memset(&rev, 0, sizeof(rev));
+	copy_addr(rev.src, err.inner_dst);
+	copy_addr(rev.dst, err.inner_src);
+	rev.sport = err.inner_dport;
+	rev.dport = err.inner_sport;
+	rev.proto = err.inner_proto;
+	rev.family = err.family;
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	if (owner) {
+		key = *owner;
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
+		if (!flow || !flow_owns(flow, &rev))
+			return XDP_PASS;
+		copy_addr(to.outer_src, key.dst);
+		copy_addr(to.outer_dst, key.src);
+		copy_addr(to.inner_src, key.src);
+		copy_addr(to.inner_dst, key.dst);
+		to.inner_sport = key.sport;
+		to.inner_dport = key.dport;
+		dst_mac = flow->client_mac;
+		c = counters();
+		if (c)
+			c->icmp_to_client++;
+	} else {
+		/* client leg: the quote is VIP -> client, a flow key swapped */
+		__builtin_memset(&key, 0, sizeof(key));
+		copy_addr(key.src, err.inner_dst);
+		copy_addr(key.dst, err.inner_src);
+		key.sport = err.inner_dport;
+		key.dport = err.inner_sport;
+		key.proto = err.inner_proto;
+		key.family = err.family;
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
+		if (!flow)
+			return XDP_PASS;
+		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
+		if (!backend || !endpoint_equal(&backend->endpoint, &flow->backend))
+			return XDP_PASS;
+		copy_addr(to.outer_src, flow->lb_addr);
+		copy_addr(to.outer_dst, flow->backend.addr);
+		copy_addr(to.inner_src, flow->backend.addr);
+		copy_addr(to.inner_dst, flow->lb_addr);
+		to.inner_sport = flow->backend.port;
+		to.inner_dport = flow->lb_port;
+		dst_mac = backend->mac;
+		c = counters();
+		if (c)
+			c->icmp_to_backend++;
+	}
+	eth = data;
+	if ((void *)(eth + 1) > data_end)
+		return XDP_PASS;
+	if (!rewrite_icmp_error(data, data_end, &err, &to))
+		return XDP_PASS;
+	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
+	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
+	return XDP_TX;
+}
+
 SEC("xdp")
 int xdp_lb(struct xdp_md *ctx)
 {
@@ -747,7 +830,9 @@ int xdp_lb(struct xdp_md *ctx)
 	struct l4_packet pkt;
 
 	/* fragments are not balanced: later ones carry no ports to find their flow by */
-	if (!parse_l4_packet(data, data_end, &pkt) || pkt.fragment || pkt.l4_off > 0x1ff - 20)
+	if (!parse_l4_packet(data, data_end, &pkt))
+		return icmp_error_of_flow(ctx);
+	if (pkt.fragment || pkt.l4_off > 0x1ff - 20)
 		return XDP_PASS;
 	copy_addr(vip.addr, pkt.daddr);
 	vip.port = pkt.dport;

@@ -11,9 +11,6 @@
  */
 const volatile __u64 l4_csum_ipv6_flag = 0;
 
-/* Highest offset we ever read headers at; pulled into the linear area before parsing. */
-#define MAX_HDR_PULL 256
-
 /* Makes the first bytes of the packet linear and writable so headers can be read directly. */
 static __always_inline void pull_headers(struct __sk_buff *skb)
 {

@@ -3,6 +3,10 @@
 
 #include "csum.h"
 
+/* Neighbour discovery: router solicitation .. redirect (RFC 4861) */
+#define ICMPV6_ND_FIRST 133
+#define ICMPV6_ND_LAST 137
+
 /* Per-CPU counters of one direction; user space sums them over CPUs. */
 struct ipv6_hp_stats {
 	/* packets whose address was rewritten, and their bytes */
@@ -12,6 +16,8 @@ struct ipv6_hp_stats {
 	__u64 l4_fixed;
 	/* packets with the address we look for that we left alone: unparsable headers or a helper error */
 	__u64 skipped;
+	/* neighbour discovery (ICMPv6 133-137) from or to the probe address, left alone */
+	__u64 nd_passed;
 };
 
 /* The two addresses, set from --link-local/--global before load (defaults: Azure SLB). */
@@ -46,9 +52,12 @@ static __always_inline int ipv6_hp_rewrite(struct __sk_buff *skb, enum hp_field 
 	struct cursor c;
 	__u32 addr_off, l4_csum_off = 0;
 	__be16 proto;
+	void *data;
 	int err;
 
-	cursor_init(&c, (void *)(long)skb->data, (void *)(long)skb->data_end);
+	linearize_headers(skb);
+	data = (void *)(long)skb->data;
+	cursor_init(&c, data, (void *)(long)skb->data_end);
 	if (!parse_eth(&c, &eth, &proto) || proto != bpf_htons(ETH_P_IPV6))
 		return TC_PASS_ON;
 	if (!parse_ipv6(&c, &ip6))
@@ -59,22 +68,33 @@ static __always_inline int ipv6_hp_rewrite(struct __sk_buff *skb, enum hp_field 
 	stats = bpf_map_lookup_elem(&ipv6_hp_stats, &(__u32){ 0 });
 	if (!stats)
 		return TC_PASS_ON;
-
-	/* A match is a probe, rare enough to afford making its headers linear. */
-	pull_headers(skb);
-	cursor_init(&c, (void *)(long)skb->data, (void *)(long)skb->data_end);
-	if (!parse_eth(&c, &eth, &proto) || !parse_ipv6(&c, &ip6) ||
-	    !parse_ipv6_ext(&c, ip6->nexthdr, &l4))
+	if (!parse_ipv6_ext(&c, ip6->nexthdr, &l4))
 		goto skip;
 
-	addr_off = (void *)ip6 - (void *)(long)skb->data +
+	/*
+	 * Neighbour discovery stays link-local, as Azure's own rules accept it before they
+	 * rewrite: the kernel drops a router advertisement from a global source (the default
+	 * route would time out), and NS/NA/redirects are about the link's addresses.
+	 */
+	if (!l4.later_fragment && l4.proto == NEXTHDR_ICMP) {
+		__u8 *type = c.pos;
+
+		if ((void *)(type + 1) > c.end)
+			goto skip;
+		if (*type >= ICMPV6_ND_FIRST && *type <= ICMPV6_ND_LAST) {
+			stats->nd_passed++;
+			return TC_PASS_ON;
+		}
+	}
+
+	addr_off = (void *)ip6 - data +
 		   (field == HP_SRC ? offsetof(struct ipv6hdr, saddr) : offsetof(struct ipv6hdr, daddr));
 
 	if (!l4.later_fragment && l4_csum_offset(l4.proto)) {
 		/* the checksum field must be in this packet, or the rewrite would break it */
 		if (c.pos + l4_csum_offset(l4.proto) + sizeof(__sum16) > c.end)
 			goto skip;
-		l4_csum_off = c.pos - (void *)(long)skb->data + l4_csum_offset(l4.proto);
+		l4_csum_off = c.pos - data + l4_csum_offset(l4.proto);
 	}
 
 	err = rewrite_ipv6_addr(skb, addr_off, from, to, l4_csum_off, l4.proto == IPPROTO_UDP);

@@ -3,6 +3,25 @@
 
 #include "common.h"
 
+/* Highest offset we ever read headers at; pulled into the linear area before parsing. */
+#define MAX_HDR_PULL 256
+
+/*
+ * As Cilium's revalidate_data_pull: a GRO'd, paged or AF_PACKET-built skb may hold its
+ * headers outside the linear area, where direct reads cannot see them. Pulls the first
+ * MAX_HDR_PULL bytes (or the whole packet if shorter) when fewer are linear; nothing to do,
+ * and no helper call, for the usual linear headers. Packet pointers taken before are stale.
+ * tc programs call it before parsing. A function of its own: inlined, the compiler may share
+ * the ctx field addresses it reads with the caller's reads after it, which the verifier refuses.
+ */
+static __noinline __attribute__((unused)) void linearize_headers(struct __sk_buff *skb)
+{
+	__u32 want = skb->len < MAX_HDR_PULL ? skb->len : MAX_HDR_PULL;
+
+	if ((__u32)(skb->data_end - skb->data) < want)
+		bpf_skb_pull_data(skb, want);
+}
+
 /* Walks a packet from data to data_end; every step checks bounds before it moves. */
 struct cursor {
 	void *pos;

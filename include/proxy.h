@@ -3,6 +3,7 @@
 #pragma once
 
 #include "csum.h"
+#include "icmp_error.h"
 
 #define PROXY_MAX_RULES 4096
 #define PROXY_MAX_FLOWS 65536
@@ -44,4 +45,5 @@ struct proxy_stats {
 	__u64 replies; /* TO -> client packets made to come from FROM */
 	__u64 reply_bytes;
 	__u64 rerouted; /* packets whose next hop changed with the destination */
+	__u64 icmp_errors; /* ICMP errors about this rule's flows, made to name FROM instead of TO */
 };

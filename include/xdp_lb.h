@@ -102,6 +102,8 @@ struct xdp_lb_counters {
 	__u64 flood_dropped;  /* first packet of a new flow dropped while under flood */
 	__u64 flood_admitted; /* new flows made under flood for a client that asked again */
 	__u64 table_full;     /* no room: every slot tried held a live established flow; dropped */
+	__u64 icmp_to_client;  /* ICMP error about a flow's backend leg, sent on to its client */
+	__u64 icmp_to_backend; /* ICMP error about a flow's client leg, sent on to its backend */
 };
 
 #define XDP_LB_EVENT_NEW_FLOW 1

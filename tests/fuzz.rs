@@ -20,7 +20,10 @@ use etherparse::{IpNumber, Ipv6Extensions, NetHeaders, NetSlice, SlicedPacket, T
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ProgramInput, ProgramMut};
 
-use common::packets::{ext_chain, fragment, ip_frame, verify_l4_checksum, with_vlan, zero_udp_checksum, L4};
+use common::packets::{
+    ext_chain, fragment, icmp_error_frame, ip_frame, minimal_quote, verify_l4_checksum, with_long_ext_chain,
+    with_qinq, with_vlan, zero_udp_checksum, IcmpError, CLIENT_MAC, L4, SERVER_MAC,
+};
 use common::topology::Netns;
 use ebpf_net::control::service::parse_services;
 use ebpf_net::datapath::ipv6_hp::{
@@ -112,6 +115,8 @@ fn shapes(src: SocketAddr, dst: SocketAddr) -> Vec<Vec<u8>> {
         zero_udp_checksum(udp.clone()),
         with_vlan(&tcp),
         with_vlan(&udp),
+        with_qinq(&tcp),
+        with_qinq(&udp),
     ];
     if src.is_ipv4() {
         let options = [1u8, 1, 1, 1, 1, 1, 1, 0];
@@ -119,14 +124,80 @@ fn shapes(src: SocketAddr, dst: SocketAddr) -> Vec<Vec<u8>> {
         shapes.push(frame(plain(), &options, L4::Udp));
         shapes.push(ipv4_fragment(tcp.clone(), true, 0));
         shapes.push(ipv4_fragment(udp.clone(), false, 185));
+        shapes.push(frame(plain(), &[], L4::Icmpv4Echo));
     } else {
         shapes.push(frame(ext_chain(), &[], L4::Tcp));
         shapes.push(frame(ext_chain(), &[], L4::Udp));
         shapes.push(frame(fragment(0, true), &[], L4::Tcp));
         shapes.push(frame(fragment(185, false), &[], L4::Udp));
         shapes.push(frame(plain(), &[], L4::Icmpv6Echo));
+        // longer extension chains than the parsers walk (8 headers)
+        shapes.push(with_long_ext_chain(&tcp, 9));
+        shapes.push(with_long_ext_chain(&udp, 12));
     }
     shapes
+}
+
+/// ICMP errors from `src` to `dst` about each of `quoted` (whole frames): every kind of error
+/// a translator handles, quoting the minimum RFC 792 asks for and the whole packet, and under
+/// a VLAN tag.
+fn errors(src: &str, dst: &str, quoted: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let (src, dst): (IpAddr, IpAddr) = (src.parse().unwrap(), dst.parse().unwrap());
+    let kinds = if src.is_ipv4() {
+        [
+            IcmpError::TooBig(1200),
+            IcmpError::Unreachable(3),
+            IcmpError::TimeExceeded,
+        ]
+    } else {
+        [
+            IcmpError::TooBig(1280),
+            IcmpError::Unreachable(4),
+            IcmpError::TimeExceeded,
+        ]
+    };
+    let mut frames = Vec::new();
+    for frame in quoted {
+        for kind in kinds {
+            for quote in [minimal_quote(frame), frame.len() - 14] {
+                frames.push(icmp_error_frame(
+                    (CLIENT_MAC, SERVER_MAC),
+                    src,
+                    dst,
+                    kind,
+                    frame,
+                    quote,
+                ));
+            }
+        }
+        let error = icmp_error_frame(
+            (CLIENT_MAC, SERVER_MAC),
+            src,
+            dst,
+            kinds[0],
+            frame,
+            frame.len() - 14,
+        );
+        frames.push(with_vlan(&error));
+    }
+    frames
+}
+
+/// A TCP and a UDP packet between two endpoints.
+fn tcp_udp(src: &str, dst: &str) -> Vec<Vec<u8>> {
+    [L4::Tcp, L4::Udp]
+        .map(|l4| {
+            ip_frame(
+                sock(src).ip(),
+                sock(src).port(),
+                sock(dst).ip(),
+                sock(dst).port(),
+                Ipv6Extensions::default(),
+                &[],
+                l4,
+            )
+        })
+        .to_vec()
 }
 
 /// Offset of the IP header: after the Ethernet header and an 802.1Q tag, if any.
@@ -219,6 +290,11 @@ struct Target<'a> {
     other: Vec<Vec<u8>>,
     /// whether the program never changes a packet (monitor, lb)
     read_only: bool,
+    /// frames carrying configured addresses that are still not the program's (ICMP errors
+    /// about flows it never made): they and every cut of them must pass byte-identical
+    foreign: Vec<Vec<u8>>,
+    /// frames it must translate (ICMP errors about its flows): changed, checksums valid
+    must_translate: Vec<Vec<u8>>,
 }
 
 #[derive(Default, Debug)]
@@ -230,6 +306,8 @@ struct Tally {
     translated: usize,
     passed_with_address: usize,
     dropped: usize,
+    /// invariants evaluated: one verdict/bytes check per frame, one per checksum verified
+    checks: usize,
     failures: Vec<String>,
 }
 
@@ -305,6 +383,7 @@ fn check(target: &Target<'_>, input: &[u8], tally: &mut Tally) {
         return;
     };
     tally.frames += 1;
+    tally.checks += 1;
     let mut problem = None;
     if !carries_address(input, &target.addresses) {
         tally.unaddressed += 1;
@@ -327,6 +406,7 @@ fn check(target: &Target<'_>, input: &[u8], tally: &mut Tally) {
     } else {
         tally.translated += 1;
         if output != input && checkable(input) && verify_l4_checksum(input, true).is_ok() {
+            tally.checks += 1;
             if let Err(err) = verify_l4_checksum(&output, true) {
                 problem = Some(format!(
                     "translated with a bad checksum ({err}): {}",
@@ -348,7 +428,41 @@ fn check(target: &Target<'_>, input: &[u8], tally: &mut Tally) {
 /// `count` frames in all.
 fn fuzz(target: &Target<'_>, count: usize, rng: &mut Rng) -> Tally {
     let mut tally = Tally::default();
-    let templates: Vec<&Vec<u8>> = target.addressed.iter().chain(target.other.iter()).collect();
+    for frame in &target.foreign {
+        for cut in 14..=frame.len() {
+            let input = &frame[..cut];
+            let Some((verdict, output)) = try_run(target.prog, input) else {
+                continue;
+            };
+            tally.checks += 1;
+            if !target.pass.contains(&verdict) || output != input {
+                tally.failures.push(format!(
+                    "a foreign ICMP error (cut at {cut}) changed: verdict {verdict}\n    input {}\n    output {}",
+                    hex(input),
+                    hex(&output)
+                ));
+            }
+        }
+    }
+    for input in &target.must_translate {
+        let (verdict, output) = run(target.prog, input);
+        tally.checks += 2;
+        let valid = verify_l4_checksum(&output, true);
+        if output == *input || !target.translated.contains(&verdict) || valid.is_err() {
+            tally.failures.push(format!(
+                "an ICMP error of a flow not translated right: verdict {verdict}, {valid:?}\n    input {}\n    output {}",
+                hex(input),
+                hex(&output)
+            ));
+        }
+    }
+    let templates: Vec<&Vec<u8>> = target
+        .addressed
+        .iter()
+        .chain(target.other.iter())
+        .chain(target.foreign.iter())
+        .chain(target.must_translate.iter())
+        .collect();
     for template in &templates {
         check(target, template, &mut tally);
         for cut in 0..template.len() {
@@ -371,8 +485,9 @@ fn fuzz(target: &Target<'_>, count: usize, rng: &mut Rng) -> Tally {
 fn fuzz_and_report(target: Target<'_>, rng: &mut Rng, failures: &mut Vec<String>) {
     let tally = fuzz(&target, packets_per_program(), rng);
     eprintln!(
-        "fuzz {:<16} {:>8} frames: {:>8} without a configured address (all untouched, passed); with one: {} translated, {} passed untouched, {} dropped; {} too short for test_run",
-        target.name, tally.frames, tally.unaddressed, tally.translated, tally.passed_with_address, tally.dropped, tally.refused
+        "fuzz {:<16} {:>8} frames: {:>8} without a configured address (all untouched, passed); with one: {} translated, {} passed untouched, {} dropped; {} too short for test_run; {} ICMP errors of its flows, {} foreign; {} invariant checks",
+        target.name, tally.frames, tally.unaddressed, tally.translated, tally.passed_with_address, tally.dropped, tally.refused,
+        target.must_translate.len(), target.foreign.len(), tally.checks
     );
     assert!(tally.frames >= packets_per_program());
     assert!(
@@ -397,6 +512,16 @@ fn pairs_shapes(pairs: &[(&str, &str)]) -> Vec<Vec<u8>> {
         .iter()
         .flat_map(|(src, dst)| shapes(sock(src), sock(dst)))
         .collect()
+}
+
+/// Frames between other addresses: every shape, and ICMP errors about their packets.
+fn other_shapes(pairs: &[(&str, &str)]) -> Vec<Vec<u8>> {
+    let mut frames = pairs_shapes(pairs);
+    for (src, dst) in pairs {
+        let (s, d) = (sock(src).ip().to_string(), sock(dst).ip().to_string());
+        frames.extend(errors(&d, &s, &tcp_udp(src, dst)));
+    }
+    frames
 }
 
 #[test]
@@ -431,16 +556,27 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         let ll = format!("[{DEFAULT_LINK_LOCAL}]:40000");
         let global = format!("[{DEFAULT_GLOBAL}]:40000");
         let hp_addresses = vec![IpAddr::V6(hp.link_local), IpAddr::V6(hp.global)];
-        for (name, prog, pairs) in [
+        for (name, prog, pairs, icmp) in [
             (
                 "ipv6_hp_ingress",
                 &ingress.progs.ipv6_hp_ingress,
                 [(ll.as_str(), "[2001:db8::10]:80")],
+                // the prober's errors about the node's replies: the address rewritten too
+                errors(
+                    DEFAULT_LINK_LOCAL,
+                    "2001:db8::10",
+                    &tcp_udp("[2001:db8::10]:80", &ll),
+                ),
             ),
             (
                 "ipv6_hp_egress",
                 &egress.progs.ipv6_hp_egress,
                 [("[2001:db8::10]:80", global.as_str())],
+                errors(
+                    "2001:db8::10",
+                    DEFAULT_GLOBAL,
+                    &tcp_udp(&global, "[2001:db8::10]:80"),
+                ),
             ),
         ] {
             fuzz_and_report(
@@ -452,8 +588,10 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                     owned_drop: &[],
                     addresses: hp_addresses.clone(),
                     addressed: pairs_shapes(&pairs),
-                    other: pairs_shapes(&other_pairs),
+                    other: other_shapes(&other_pairs),
                     read_only: false,
+                    foreign: vec![],
+                    must_translate: icmp,
                 },
                 &mut rng,
                 &mut failures,
@@ -478,12 +616,14 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                     translated: &[],
                     owned_drop: &[],
                     addresses: vec![],
-                    addressed: pairs_shapes(&[
+                    addressed: other_shapes(&[
                         ("10.0.0.1:40000", "10.96.0.10:80"),
                         ("[fd00::1]:40000", "[fd96::10]:53"),
                     ]),
-                    other: pairs_shapes(&other_pairs),
+                    other: other_shapes(&other_pairs),
                     read_only: true,
+                    foreign: vec![],
+                    must_translate: vec![],
                 },
                 &mut rng,
                 &mut failures,
@@ -528,6 +668,27 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                     run(prog, &frame);
                 }
             }
+            // ICMP errors: on ingress about requests (client -> TO), from a router; on egress
+            // this node's about replies (FROM -> client); of flows and of ports never seen
+            let about = |client: &str, v6: bool| -> Vec<Vec<u8>> {
+                let (rule, router) = if v6 {
+                    (&rules[1], "2001:db8:1::fe")
+                } else {
+                    (&rules[0], "10.1.0.254")
+                };
+                let client_ip = sock(client).ip().to_string();
+                if name == "proxy_egress" {
+                    errors(
+                        &client_ip,
+                        &rule.from.ip().to_string(),
+                        &tcp_udp(&rule.from.to_string(), client),
+                    )
+                } else {
+                    errors(router, &client_ip, &tcp_udp(client, &rule.to.to_string()))
+                }
+            };
+            let must_translate = [about("10.0.0.1:40000", false), about("[fd00::1]:40000", true)].concat();
+            let foreign = [about("10.0.0.77:40001", false), about("[fd00::77]:40001", true)].concat();
             fuzz_and_report(
                 Target {
                     name,
@@ -537,8 +698,10 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                     owned_drop: &[],
                     addresses: proxy_addresses.clone(),
                     addressed: pairs_shapes(&pairs),
-                    other: pairs_shapes(&other_pairs),
+                    other: other_shapes(&other_pairs),
                     read_only: false,
+                    foreign,
+                    must_translate,
                 },
                 &mut rng,
                 &mut failures,
@@ -564,12 +727,14 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                 translated: &[],
                 owned_drop: &[],
                 addresses: vec![],
-                addressed: pairs_shapes(&[
+                addressed: other_shapes(&[
                     ("10.0.0.1:40000", "10.96.0.20:80"),
                     ("[fd00::1]:40000", "[fd96::20]:80"),
                 ]),
-                other: pairs_shapes(&other_pairs),
+                other: other_shapes(&other_pairs),
                 read_only: true,
+                foreign: vec![],
+                must_translate: vec![],
             },
             &mut rng,
             &mut failures,
@@ -609,6 +774,49 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         let prog = &xdp.progs.xdp_lb;
         let mut addresses: Vec<IpAddr> = services.iter().map(|s| s.vip.ip()).collect();
         addresses.extend(backends.iter().flat_map(|(b, backend)| [b.ip(), backend.lb_addr]));
+        // ICMP errors of flows (made first): about the backend leg from a router, about the
+        // client leg to the VIP; and of ports never handed out or clients never seen
+        let clients = ["10.0.0.1:40000", "[fd00::1]:40000"];
+        let vips = ["10.96.0.10:80", "[fd96::10]:80"];
+        for (client, vip) in clients.iter().zip(vips) {
+            for frame in tcp_udp(client, vip) {
+                assert_eq!(run(prog, &frame).0, XDP_TX);
+            }
+        }
+        let mut must_translate = Vec::new();
+        let mut foreign = Vec::new();
+        for flow in xdp_lb::flows(&xdp.maps.xdp_lb_flows).unwrap() {
+            let (client, vip) = (flow.client.to_string(), flow.vip.to_string());
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port).to_string();
+            let never = SocketAddr::new(flow.lb_addr, 30000).to_string();
+            let backend = flow.backend.to_string();
+            let router = if flow.client.is_ipv4() {
+                "10.1.0.254"
+            } else {
+                "2001:db8:1::fe"
+            };
+            let stranger = if flow.client.is_ipv4() {
+                "10.0.0.77:40001"
+            } else {
+                "[fd00::77]:40001"
+            };
+            let (lb_ip, vip_ip, client_ip) = (
+                flow.lb_addr.to_string(),
+                flow.vip.ip().to_string(),
+                flow.client.ip().to_string(),
+            );
+            let pick = |frames: Vec<Vec<u8>>| -> Vec<Vec<u8>> {
+                frames
+                    .into_iter()
+                    .filter(|f| f[14 + if flow.client.is_ipv4() { 9 } else { 6 }] == flow.proto)
+                    .collect()
+            };
+            must_translate.extend(errors(router, &lb_ip, &pick(tcp_udp(&lb, &backend))));
+            must_translate.extend(errors(&client_ip, &vip_ip, &pick(tcp_udp(&vip, &client))));
+            foreign.extend(errors(router, &lb_ip, &pick(tcp_udp(&never, &backend))));
+            foreign.extend(errors(&client_ip, &vip_ip, &pick(tcp_udp(&vip, stranger))));
+        }
+        assert_eq!(must_translate.len(), 4 * 2 * 7);
         fuzz_and_report(
             Target {
                 name: "xdp_lb",
@@ -623,8 +831,10 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
                     ("10.1.0.2:8080", "10.1.0.1:20001"),
                     ("[2001:db8:1::2]:8080", "[2001:db8:1::1]:20001"),
                 ]),
-                other: pairs_shapes(&other_pairs),
+                other: other_shapes(&other_pairs),
                 read_only: false,
+                foreign,
+                must_translate,
             },
             &mut rng,
             &mut failures,

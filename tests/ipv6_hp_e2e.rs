@@ -378,3 +378,80 @@ fn remove_nft_table_deletes_the_table_it_replaces() {
         daemon.stderr()
     );
 }
+
+/// A router advertisement (lifetime 1800 s, no options) from the probe's link-local address
+/// to all nodes, hop limit 255 as ND requires; the kernel fills in the checksum.
+fn send_router_advertisement(lab: &ProbeLab) {
+    let source = lab.probe_source();
+    let all_nodes: SocketAddr = SocketAddrV6::new("ff02::1".parse().unwrap(), 0, 0, lab.probe_ifindex).into();
+    lab.prober.enter(|| {
+        let socket = Socket::new(Domain::IPV6, Type::RAW, Some(Protocol::ICMPV6)).unwrap();
+        socket.bind(&source.into()).unwrap();
+        socket.set_multicast_hops_v6(255).unwrap();
+        socket.set_unicast_hops_v6(255).unwrap();
+        let ra = [134u8, 0, 0, 0, 64, 0, 0x07, 0x08, 0, 0, 0, 0, 0, 0, 0, 0];
+        socket.send_to(&ra, &all_nodes.into()).unwrap();
+    });
+}
+
+/// Polls `cmd` in `netns` until its output contains `needle` (3 s at most).
+fn wait_for(netns: &Netns, cmd: &str, needle: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = netns.exec(cmd);
+        if out.contains(needle) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!("`{cmd}` never showed {needle}: {out}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Azure's rules accept ND before they rewrite: the node must learn its default route from the
+/// probe address's router advertisement (the kernel drops one from a global source) and answer
+/// its neighbour solicitations as link-local ones, while probes still arrive from the global
+/// address.
+#[test]
+fn neighbour_discovery_of_the_probe_address_stays_link_local() {
+    let lab = lab("hp-nd");
+    lab.node.exec("sysctl -qw net.ipv6.conf.eth0.accept_ra=2");
+    let daemon = lab.node.ebpf_net_daemon(&["ipv6-hp", "-i", "eth0"]);
+    send_router_advertisement(&lab);
+    let route = wait_for(
+        &lab.node,
+        "ip -6 route show default",
+        &format!("via {LINK_LOCAL}"),
+    );
+    // the prober solicits the node from its link-local address before its probe goes out
+    lab.prober.exec("ip -6 neigh flush dev probe0");
+    let seen = lab.tcp_exchange();
+    let answered = wait_for(
+        &lab.prober,
+        "ip -6 neigh show dev probe0",
+        &format!("{NODE} lladdr"),
+    );
+    let node_neighbours = lab.node.exec("ip -6 neigh show dev eth0");
+    let (code, lines) = daemon.stop();
+    assert_eq!(code, Some(0), "{lines:?}");
+    route.unwrap();
+    answered.unwrap();
+    assert_eq!(seen, global(), "the probe no longer seen from the global address");
+    assert!(
+        !node_neighbours.contains(GLOBAL),
+        "the node took a solicitation from the global address: {node_neighbours}"
+    );
+    // the exit summary: "ingress rewrote ..., neighbour discovery left alone N; egress ..."
+    let ingress_nd = lines
+        .iter()
+        .find_map(|line| line.split("neighbour discovery left alone ").nth(1))
+        .and_then(|rest| rest.split(';').next())
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(ingress_nd.is_some_and(|n| n > 0), "no ND counted: {lines:?}");
+    assert!(
+        checksum_errors(&lab.node).is_empty(),
+        "{:?}",
+        checksum_errors(&lab.node)
+    );
+}

@@ -78,6 +78,40 @@ fn ingress_cases(hp: &ProbeAddresses) -> Vec<Case> {
             ipv6_raw_frame(global, node(), no_exts(), 132, PAYLOAD),
         )
     });
+    // neighbour discovery stays link-local (Azure's rules accept it before rewriting)
+    let all_nodes: Ipv6Addr = "ff02::1".parse().unwrap();
+    let hop_by_hop = Ipv6Extensions {
+        hop_by_hop_options: Some(
+            etherparse::Ipv6RawExtHeader::new_raw(etherparse::IpNumber(0), &[0u8; 6]).unwrap(),
+        ),
+        ..Default::default()
+    };
+    for (name, kind, dst) in [
+        ("router solicitation", 133, all_nodes),
+        ("router advertisement", 134, all_nodes),
+        ("neighbor solicitation", 135, node()),
+        ("neighbor advertisement", 136, node()),
+        ("redirect", 137, node()),
+    ] {
+        cases.push(untouched(
+            name,
+            icmpv6_frame(ll, dst, no_exts(), (kind, 0), &[0u8; 24]),
+        ));
+    }
+    cases.push(untouched(
+        "router advertisement behind hop-by-hop options",
+        icmpv6_frame(ll, all_nodes, hop_by_hop, (134, 0), &[0u8; 24]),
+    ));
+    for (name, kind) in [
+        ("icmpv6 type 132 (not ND)", 132),
+        ("icmpv6 type 138 (not ND)", 138),
+    ] {
+        cases.push(rewritten(
+            name,
+            icmpv6_frame(ll, node(), no_exts(), (kind, 0), &[0u8; 24]),
+            icmpv6_frame(global, node(), no_exts(), (kind, 0), &[0u8; 24]),
+        ));
+    }
     cases.push(untouched(
         "other link-local source",
         ipv6_frame(other(), node(), no_exts(), L4::Tcp),
@@ -128,6 +162,17 @@ fn egress_cases(hp: &ProbeAddresses) -> Vec<Case> {
         "extension-header chain before udp",
         ipv6_frame(node(), global, ext_chain(), L4::Udp),
         ipv6_frame(node(), ll, ext_chain(), L4::Udp),
+    ));
+    for (name, kind) in [("neighbor solicitation", 135), ("neighbor advertisement", 136)] {
+        cases.push(untouched(
+            name,
+            icmpv6_frame(node(), global, no_exts(), (kind, 0), &[0u8; 24]),
+        ));
+    }
+    cases.push(rewritten(
+        "icmpv6 echo reply to the probe",
+        icmpv6_frame(node(), global, no_exts(), (129, 0), PAYLOAD),
+        icmpv6_frame(node(), ll, no_exts(), (129, 0), PAYLOAD),
     ));
     cases.push(untouched(
         "other destination",

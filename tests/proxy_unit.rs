@@ -156,3 +156,185 @@ fn egress_rewrites_destination_and_ingress_rewrites_replies() {
         run_table(&skel.progs.proxy_ingress, &ingress);
     });
 }
+
+#[test]
+fn icmp_errors_of_translated_flows_name_from_instead_of_to() {
+    let netns = Netns::new("proxy-icmp");
+    netns.enter(|| {
+        let rules = [
+            rule("10.96.0.10:80", "10.1.0.2:8080"),
+            rule("10.96.0.10:53", "10.1.0.3:5353"),
+            rule("[fd96::10]:80", "[2001:db8:1::2]:8080"),
+            rule("[fd96::10]:53", "[2001:db8:1::3]:53"),
+        ];
+        let mut object = MaybeUninit::uninit();
+        let skel = load_with_rules(&mut object, &rules).unwrap();
+        let client4 = sock(CLIENT4, 40000);
+        let client6 = sock(CLIENT6, 40000);
+        let macs = (SERVER_MAC, CLIENT_MAC);
+        let mut ingress = Vec::new();
+        let mut egress = Vec::new();
+        for (rule, client, l4, router) in [
+            (&rules[0], client4, L4::Tcp, "10.1.0.254"),
+            (&rules[1], client4, L4::Udp, "10.1.0.254"),
+            (&rules[2], client6, L4::Tcp, "2001:db8:1::fe"),
+            (&rules[3], client6, L4::Udp, "2001:db8:1::fe"),
+        ] {
+            // the flow: the request leaves translated
+            let request = l4_frame(client, rule.from, l4);
+            let sent = l4_frame(client, rule.to, l4);
+            run_table(
+                &skel.progs.proxy_egress,
+                &[redirected("flow", request.clone(), sent.clone())],
+            );
+            let kinds: &[IcmpError] = if client.is_ipv4() {
+                &[
+                    IcmpError::TooBig(1200),
+                    IcmpError::Unreachable(3),
+                    IcmpError::Unreachable(1),
+                    IcmpError::TimeExceeded,
+                ]
+            } else {
+                &[
+                    IcmpError::TooBig(1280),
+                    IcmpError::Unreachable(4),
+                    IcmpError::Unreachable(3),
+                    IcmpError::TimeExceeded,
+                ]
+            };
+            for &kind in kinds {
+                for quote in [minimal_quote(&sent), sent.len() - 14] {
+                    // about the request, from TO or a router: as if about client -> FROM, from FROM
+                    for from in [ip(router), rule.to.ip()] {
+                        ingress.push(rewritten(
+                            "error about a request",
+                            icmp_error_frame(macs, from, client.ip(), kind, &sent, quote),
+                            icmp_error_frame(macs, rule.from.ip(), client.ip(), kind, &request, quote),
+                        ));
+                    }
+                    // this node's error about a reply (FROM -> client): to TO, about TO -> client
+                    egress.push(redirected(
+                        "error about a reply",
+                        icmp_error_frame(
+                            macs,
+                            client.ip(),
+                            rule.from.ip(),
+                            kind,
+                            &l4_frame(rule.from, client, l4),
+                            quote,
+                        ),
+                        icmp_error_frame(
+                            macs,
+                            client.ip(),
+                            rule.to.ip(),
+                            kind,
+                            &l4_frame(rule.to, client, l4),
+                            quote,
+                        ),
+                    ));
+                }
+            }
+            let quote = sent.len() - 14;
+            let other_client = SocketAddr::new(client.ip(), 40001);
+            let other_kind = if client.is_ipv4() {
+                IcmpError::Raw(12, 0)
+            } else {
+                IcmpError::Raw(4, 0)
+            };
+            ingress.extend([
+                untouched(
+                    "error about another client port",
+                    icmp_error_frame(
+                        macs,
+                        ip(router),
+                        client.ip(),
+                        kinds[0],
+                        &l4_frame(other_client, rule.to, l4),
+                        quote,
+                    ),
+                ),
+                untouched(
+                    "error about a flow to FROM itself",
+                    icmp_error_frame(macs, ip(router), client.ip(), kinds[0], &request, quote),
+                ),
+                untouched(
+                    "parameter problem",
+                    icmp_error_frame(macs, ip(router), client.ip(), other_kind, &sent, quote),
+                ),
+                untouched(
+                    "quote without ports",
+                    icmp_error_frame(
+                        macs,
+                        ip(router),
+                        client.ip(),
+                        kinds[0],
+                        &sent,
+                        minimal_quote(&sent) - 5,
+                    ),
+                ),
+            ]);
+            egress.extend([
+                untouched(
+                    "error about a reply never translated",
+                    icmp_error_frame(
+                        macs,
+                        client.ip(),
+                        rule.from.ip(),
+                        kinds[0],
+                        &l4_frame(rule.from, other_client, l4),
+                        quote,
+                    ),
+                ),
+                untouched(
+                    "error about TO's own packet",
+                    icmp_error_frame(
+                        macs,
+                        client.ip(),
+                        rule.to.ip(),
+                        kinds[0],
+                        &l4_frame(rule.to, client, l4),
+                        quote,
+                    ),
+                ),
+            ]);
+        }
+        let zero = zero_udp_checksum;
+        ingress.push(rewritten(
+            "zero UDP checksum quoted",
+            icmp_error_frame(
+                macs,
+                ip("10.1.0.254"),
+                client4.ip(),
+                IcmpError::TooBig(1200),
+                &zero(l4_frame(client4, rules[1].to, L4::Udp)),
+                200,
+            ),
+            icmp_error_frame(
+                macs,
+                rules[1].from.ip(),
+                client4.ip(),
+                IcmpError::TooBig(1200),
+                &zero(l4_frame(client4, rules[1].from, L4::Udp)),
+                200,
+            ),
+        ));
+        run_table(&skel.progs.proxy_ingress, &ingress);
+        run_table(&skel.progs.proxy_egress, &egress);
+        let translated = ingress
+            .iter()
+            .chain(&egress)
+            .filter(|case| case.input != case.output)
+            .count() as u64;
+        let counted: u64 =
+            (0..rules.len() as u32)
+                .map(|rule| {
+                    ebpf_net::kernel::maps::sum_percpu_counters::<
+                        ebpf_net::kernel::skel::proxy::types::proxy_stats,
+                    >(&skel.maps.proxy_stats, rule)
+                    .unwrap()
+                    .icmp_errors
+                })
+                .sum();
+        assert_eq!(counted, translated);
+    });
+}

@@ -605,3 +605,253 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         assert_eq!((c.new_flows, c.flood_dropped, c.flood_admitted), (51, 151, 1));
     });
 }
+
+#[test]
+fn icmp_errors_of_flows_reach_the_other_side_translated() {
+    let netns = Netns::new("xlb-icmp");
+    netns.enter(|| {
+        let services = services(&[
+            "10.96.0.10:80=10.1.0.2:8080",
+            "10.96.0.10:53=10.1.0.5:5353",
+            "[fd96::10]:80=[fd01::2]:8080",
+            "[fd96::10]:53=[fd01::5]:5353",
+        ]);
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, &services, 1024, PORTS);
+        let prog = &skel.progs.xdp_lb;
+        let v4_kinds = [
+            IcmpError::TooBig(1200),
+            IcmpError::Unreachable(3),
+            IcmpError::Unreachable(1),
+            IcmpError::Unreachable(13),
+            IcmpError::TimeExceeded,
+        ];
+        let v6_kinds = [
+            IcmpError::TooBig(1280),
+            IcmpError::Unreachable(4),
+            IcmpError::Unreachable(3),
+            IcmpError::TimeExceeded,
+        ];
+        let mut to_client = 0;
+        let mut to_backend = 0;
+        for (client, vip, l4, router) in [
+            (
+                sock("10.0.0.1:40000"),
+                sock("10.96.0.10:80"),
+                L4::Tcp,
+                "10.1.0.254",
+            ),
+            (
+                sock("10.0.0.1:40000"),
+                sock("10.96.0.10:53"),
+                L4::Udp,
+                "10.1.0.254",
+            ),
+            (
+                sock("[2001:db8::1]:40000"),
+                sock("[fd96::10]:80"),
+                L4::Tcp,
+                "fd01::fe",
+            ),
+            (
+                sock("[2001:db8::1]:40000"),
+                sock("[fd96::10]:53"),
+                L4::Udp,
+                "fd01::fe",
+            ),
+        ] {
+            let router: IpAddr = router.parse().unwrap();
+            let request = frame(ROUTER_MAC, LB_MAC, client, vip, l4);
+            let (verdict, _) = run(prog, &request);
+            assert_eq!(verdict, XDP_TX);
+            let flow = flow_of(
+                &xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(),
+                client,
+                vip,
+                proto_of(l4),
+            );
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+            let backend = flow.backend;
+            let bmac = backend_mac(backend);
+            // the packets as each side sent or got them
+            let forwarded = frame(LB_MAC, bmac, lb, backend, l4);
+            let reply = frame(bmac, LB_MAC, backend, lb, l4);
+            let reply_out = frame(LB_MAC, ROUTER_MAC, vip, client, l4);
+            let kinds: &[IcmpError] = if client.is_ipv4() { &v4_kinds } else { &v6_kinds };
+            for &kind in kinds {
+                for quote in [minimal_quote(&request), request.len() - 14] {
+                    let name = format!("{client} -> {vip} {l4:?} {kind:?} quoting {quote}");
+                    // about the backend leg, from the backend or a router: back to the client,
+                    // about its own packet, from the VIP
+                    for from in [router, backend.ip()] {
+                        let input = icmp_error_frame((bmac, LB_MAC), from, lb.ip(), kind, &forwarded, quote);
+                        let output = icmp_error_frame(
+                            (LB_MAC, ROUTER_MAC),
+                            vip.ip(),
+                            client.ip(),
+                            kind,
+                            &request,
+                            quote,
+                        );
+                        expect(prog, &format!("{name} from {from}"), &input, XDP_TX, &output);
+                        to_client += 1;
+                    }
+                    // about the client leg, to the VIP: on to the backend, about its reply
+                    let input = icmp_error_frame(
+                        (ROUTER_MAC, LB_MAC),
+                        client.ip(),
+                        vip.ip(),
+                        kind,
+                        &reply_out,
+                        quote,
+                    );
+                    let output = icmp_error_frame((LB_MAC, bmac), lb.ip(), backend.ip(), kind, &reply, quote);
+                    expect(prog, &format!("{name} about the reply"), &input, XDP_TX, &output);
+                    to_backend += 1;
+                }
+            }
+            // a UDP quote without a checksum keeps none
+            if l4 == L4::Udp {
+                let input = icmp_error_frame(
+                    (bmac, LB_MAC),
+                    router,
+                    lb.ip(),
+                    kinds[0],
+                    &zero_udp_checksum(forwarded.clone()),
+                    200,
+                );
+                let output = icmp_error_frame(
+                    (LB_MAC, ROUTER_MAC),
+                    vip.ip(),
+                    client.ip(),
+                    kinds[0],
+                    &zero_udp_checksum(request.clone()),
+                    200,
+                );
+                expect(prog, "zero UDP checksum quoted", &input, XDP_TX, &output);
+                to_client += 1;
+            }
+
+            // not ours: passed byte for byte
+            let other_port = SocketAddr::new(lb.ip(), lb.port() + 1);
+            let other_client = SocketAddr::new(client.ip(), client.port() + 1);
+            let quote = request.len() - 14;
+            let other_kind = if client.is_ipv4() {
+                IcmpError::Raw(12, 0)
+            } else {
+                IcmpError::Raw(4, 0)
+            };
+            let untouched = [
+                (
+                    "a flow's port we never gave out",
+                    icmp_error_frame(
+                        (bmac, LB_MAC),
+                        router,
+                        lb.ip(),
+                        kinds[0],
+                        &frame(LB_MAC, bmac, other_port, backend, l4),
+                        quote,
+                    ),
+                ),
+                (
+                    "another backend port",
+                    icmp_error_frame(
+                        (bmac, LB_MAC),
+                        router,
+                        lb.ip(),
+                        kinds[0],
+                        &frame(LB_MAC, bmac, lb, SocketAddr::new(backend.ip(), 9), l4),
+                        quote,
+                    ),
+                ),
+                (
+                    "a reply to another client",
+                    icmp_error_frame(
+                        (ROUTER_MAC, LB_MAC),
+                        client.ip(),
+                        vip.ip(),
+                        kinds[0],
+                        &frame(LB_MAC, ROUTER_MAC, vip, other_client, l4),
+                        quote,
+                    ),
+                ),
+                (
+                    "parameter problem about our flow",
+                    icmp_error_frame((bmac, LB_MAC), router, lb.ip(), other_kind, &forwarded, quote),
+                ),
+                (
+                    "redirect about our flow",
+                    icmp_error_frame(
+                        (bmac, LB_MAC),
+                        router,
+                        lb.ip(),
+                        if client.is_ipv4() {
+                            IcmpError::Raw(5, 1)
+                        } else {
+                            IcmpError::Raw(137, 0)
+                        },
+                        &forwarded,
+                        quote,
+                    ),
+                ),
+                (
+                    "quote without the ports",
+                    icmp_error_frame(
+                        (bmac, LB_MAC),
+                        router,
+                        lb.ip(),
+                        kinds[0],
+                        &forwarded,
+                        minimal_quote(&request) - 5,
+                    ),
+                ),
+            ];
+            for (what, input) in untouched {
+                expect(
+                    prog,
+                    &format!("{client} {l4:?}: {what}"),
+                    &input,
+                    XDP_PASS,
+                    &input,
+                );
+            }
+            // an error cut anywhere before the quoted ports end passes as it is
+            let whole = icmp_error_frame((bmac, LB_MAC), router, lb.ip(), kinds[0], &forwarded, quote);
+            let ports_end = whole.len() - quote + minimal_quote(&request) - 4;
+            for cut in 14..ports_end {
+                expect(
+                    prog,
+                    &format!("{client} {l4:?} error cut at {cut}"),
+                    &whole[..cut],
+                    XDP_PASS,
+                    &whole[..cut],
+                );
+            }
+        }
+        // an echo request to the VIP, and an error quoting an ICMP echo, are not flows
+        let echo = frame(
+            CLIENT_MAC,
+            LB_MAC,
+            sock("[2001:db8::1]:0"),
+            sock("[fd96::10]:0"),
+            L4::Icmpv6Echo,
+        );
+        expect(prog, "icmpv6 echo to the VIP", &echo, XDP_PASS, &echo);
+        let about_echo = icmp_error_frame(
+            (ROUTER_MAC, LB_MAC),
+            "2001:db8::1".parse().unwrap(),
+            "fd96::10".parse().unwrap(),
+            IcmpError::TooBig(1280),
+            &echo,
+            100,
+        );
+        expect(prog, "error quoting an echo", &about_echo, XDP_PASS, &about_echo);
+
+        let counters: xdp_lb_counters =
+            ebpf_net::kernel::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
+        assert_eq!(
+            (counters.icmp_to_client, counters.icmp_to_backend),
+            (to_client, to_backend)
+        );
+    });
+}

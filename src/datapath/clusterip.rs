@@ -66,9 +66,7 @@ const PIN_STATS: MapPin = MapPin {
     map: "clusterip_stats",
     name: "stats",
     version: 1,
-    on_change: OnChange::Copy {
-        setting: "the backend counters",
-    },
+    on_change: OnChange::Rebuild,
 };
 
 crate::declare_counters!(

@@ -37,18 +37,15 @@ pub const PROGRAMS: &[&str] = &["ipv6_hp_ingress", "ipv6_hp_egress"];
 const PIN_INGRESS: [MapPin; 1] = [MapPin {
     map: "ipv6_hp_stats",
     name: "stats_ingress",
-    version: 1,
-    on_change: OnChange::Copy {
-        setting: "the counters",
-    },
+    // v2: nd_passed
+    version: 2,
+    on_change: OnChange::Rebuild,
 }];
 const PIN_EGRESS: [MapPin; 1] = [MapPin {
     map: "ipv6_hp_stats",
     name: "stats_egress",
-    version: 1,
-    on_change: OnChange::Copy {
-        setting: "the counters",
-    },
+    version: 2,
+    on_change: OnChange::Rebuild,
 }];
 
 // SAFETY: a plain C struct of integers and byte arrays from include/ipv6_hp.h.
@@ -66,6 +63,11 @@ crate::declare_counters!(
             "translated packets whose L4 checksum was fixed too"
         ),
         (skipped, Error, "packets of the probe address not translated"),
+        (
+            nd_passed,
+            Event,
+            "neighbour discovery from or to the probe address, left alone"
+        ),
     ]
 );
 
@@ -448,8 +450,8 @@ fn describe_pair(addrs: &ProbeAddresses, csum_flag: u64) -> String {
 
 fn stats_summary(stats: &ipv6_hp_stats) -> String {
     format!(
-        "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}",
-        stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped
+        "rewrote {} packets ({} bytes, {} with L4 checksum fix), skipped {}, neighbour discovery left alone {}",
+        stats.rewritten_packets, stats.rewritten_bytes, stats.l4_fixed, stats.skipped, stats.nd_passed
     )
 }
 

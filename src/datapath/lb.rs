@@ -59,18 +59,14 @@ const PIN_STATS: MapPin = MapPin {
     map: "lb_stats",
     name: "stats",
     version: 1,
-    on_change: OnChange::Copy {
-        setting: "the backend counters",
-    },
+    on_change: OnChange::Rebuild,
 };
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
     // v2: more counters (include/lb.h)
     version: 2,
-    on_change: OnChange::Copy {
-        setting: "the counters",
-    },
+    on_change: OnChange::Rebuild,
 };
 /// include/lb.h LB_DEFAULT_FLOOD_RATE
 pub const DEFAULT_FLOOD_RATE: u32 = 40_000;

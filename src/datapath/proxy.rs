@@ -42,10 +42,9 @@ const PIN_FLOWS: MapPin = MapPin {
 const PIN_STATS: MapPin = MapPin {
     map: "proxy_stats",
     name: "stats",
-    version: 1,
-    on_change: OnChange::Copy {
-        setting: "the rule counters",
-    },
+    // v2: icmp_errors
+    version: 2,
+    on_change: OnChange::Rebuild,
 };
 
 // SAFETY: plain C structs of integers from include/proxy.h.
@@ -64,6 +63,11 @@ crate::declare_counters!(
             rerouted,
             Traffic,
             "packets whose next hop changed with the destination"
+        ),
+        (
+            icmp_errors,
+            Traffic,
+            "ICMP errors about the rule's flows, translated"
         ),
     ]
 );
@@ -470,8 +474,13 @@ fn rule_report(rules_map: &impl MapCore, stats_map: &impl MapCore) -> Result<Vec
 
 fn summarize_rule(rule: &RuleReport) -> String {
     format!(
-        "{} -> {}: {} packets out ({} re-routed), {} replies back",
-        rule.from, rule.to, rule.stats.packets, rule.stats.rerouted, rule.stats.replies
+        "{} -> {}: {} packets out ({} re-routed), {} replies back, {} ICMP errors translated",
+        rule.from,
+        rule.to,
+        rule.stats.packets,
+        rule.stats.rerouted,
+        rule.stats.replies,
+        rule.stats.icmp_errors
     )
 }
 

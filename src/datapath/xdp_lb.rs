@@ -58,9 +58,7 @@ const PIN_STATS: MapPin = MapPin {
     map: "xdp_lb_stats",
     name: "stats",
     version: 1,
-    on_change: OnChange::Copy {
-        setting: "the backend counters",
-    },
+    on_change: OnChange::Rebuild,
 };
 /// Flows survive a change of --max-flows: copied into the new tables.
 // v2: plain hashes with a flow clock instead of LRUs
@@ -92,9 +90,7 @@ const PIN_COUNTERS: MapPin = MapPin {
     map: "xdp_lb_counters",
     name: "counters",
     version: 2,
-    on_change: OnChange::Copy {
-        setting: "the counters",
-    },
+    on_change: OnChange::Rebuild,
 };
 const LINK: &str = "link_xdp";
 /// How long a backend's next hop gets to answer ARP or neighbour discovery.
@@ -176,6 +172,16 @@ crate::declare_counters!(
             table_full,
             Error,
             "no room: every slot tried held a live established flow"
+        ),
+        (
+            icmp_to_client,
+            Event,
+            "ICMP errors about a flow's backend leg, sent on to its client"
+        ),
+        (
+            icmp_to_backend,
+            Event,
+            "ICMP errors about a flow's client leg, sent on to its backend"
         ),
     ]
 );
@@ -921,7 +927,7 @@ fn backend_words(stats: &xdp_lb_stats) -> String {
 
 fn describe_counters(totals: &xdp_lb_counters) -> String {
     format!(
-        "flows {} new, {} rerouted, {} evicted (half-open or finished); dropped: no source port {}, flow table {}, table full of established {}, under flood {} ({} admitted on asking again); stale replies passed {}; events lost {}",
+        "flows {} new, {} rerouted, {} evicted (half-open or finished); dropped: no source port {}, flow table {}, table full of established {}, under flood {} ({} admitted on asking again); stale replies passed {}; events lost {}; ICMP errors translated {} to clients, {} to backends",
         totals.new_flows,
         totals.rerouted,
         totals.evicted,
@@ -931,7 +937,9 @@ fn describe_counters(totals: &xdp_lb_counters) -> String {
         totals.flood_dropped,
         totals.flood_admitted,
         totals.stale_replies,
-        totals.lost_events
+        totals.lost_events,
+        totals.icmp_to_client,
+        totals.icmp_to_backend
     )
 }
 

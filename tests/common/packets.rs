@@ -19,6 +19,7 @@ pub enum L4 {
     Tcp,
     Udp,
     Icmpv6Echo,
+    Icmpv4Echo,
 }
 
 /// An Ethernet + IPv6 (+ extension headers) + L4 frame with correct checksums, from port
@@ -66,6 +67,7 @@ pub fn ip_frame(
             .write(&mut frame, PAYLOAD),
         L4::Udp => builder.udp(sport, dport).write(&mut frame, PAYLOAD),
         L4::Icmpv6Echo => builder.icmpv6_echo_request(7, 1).write(&mut frame, PAYLOAD),
+        L4::Icmpv4Echo => builder.icmpv4_echo_request(7, 1).write(&mut frame, PAYLOAD),
     }
     .expect("building frame");
     frame
@@ -92,6 +94,112 @@ pub fn frame_with_options(
         options,
         l4,
     )
+}
+
+/// An ICMP (IPv4) or ICMPv6 error, by what it says; the family comes from its addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpError {
+    /// destination unreachable with this code (IPv4 3 port, 1 host; IPv6 4 port, 3 address)
+    Unreachable(u8),
+    /// IPv4 fragmentation needed (3/4) or ICMPv6 packet too big (2), with the next-hop MTU
+    TooBig(u16),
+    /// time (TTL / hop limit) exceeded in transit
+    TimeExceeded,
+    /// any other type and code, for errors that must be left alone
+    Raw(u8, u8),
+}
+
+/// An ICMP error from `src` to `dst` quoting the first `quote` bytes of `quoted`'s IP packet
+/// (`quoted` is a whole frame; its Ethernet header is not quoted), with correct checksums.
+pub fn icmp_error_frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: IpAddr,
+    dst: IpAddr,
+    kind: IcmpError,
+    quoted: &[u8],
+    quote: usize,
+) -> Vec<u8> {
+    let payload = &quoted[14..(14 + quote).min(quoted.len())];
+    let v6 = src.is_ipv6();
+    let (kind_type, code, rest) = match (kind, v6) {
+        (IcmpError::Unreachable(code), false) => (3, code, [0; 4]),
+        (IcmpError::Unreachable(code), true) => (1, code, [0; 4]),
+        (IcmpError::TooBig(mtu), false) => (3, 4, [0, 0, (mtu >> 8) as u8, mtu as u8]),
+        (IcmpError::TooBig(mtu), true) => (2, 0, u32::from(mtu).to_be_bytes()),
+        (IcmpError::TimeExceeded, false) => (11, 0, [0; 4]),
+        (IcmpError::TimeExceeded, true) => (3, 0, [0; 4]),
+        (IcmpError::Raw(kind_type, code), _) => (kind_type, code, [0; 4]),
+    };
+    let builder = PacketBuilder::ethernet2(macs.0, macs.1);
+    let mut frame = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => builder
+            .ipv4(src.octets(), dst.octets(), 64)
+            .icmpv4_raw(kind_type, code, rest)
+            .write(&mut frame, payload),
+        (IpAddr::V6(src), IpAddr::V6(dst)) => builder
+            .ipv6(src.octets(), dst.octets(), 64)
+            .icmpv6_raw(kind_type, code, rest)
+            .write(&mut frame, payload),
+        _ => panic!("mixed families"),
+    }
+    .expect("building ICMP error");
+    frame
+}
+
+/// An ICMPv6 message of any type (neighbour discovery, errors) with a correct checksum: the
+/// type, code and 4 bytes of header, then `body`; behind `exts` and hop limit 255, as ND sends.
+pub fn icmpv6_frame(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    exts: Ipv6Extensions,
+    kind: (u8, u8),
+    body: &[u8],
+) -> Vec<u8> {
+    let header = Ipv6Header {
+        source: src.octets(),
+        destination: dst.octets(),
+        hop_limit: 255,
+        ..Default::default()
+    };
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(CLIENT_MAC, SERVER_MAC)
+        .ip(etherparse::IpHeaders::Ipv6(header, exts))
+        .icmpv6_raw(kind.0, kind.1, [0; 4])
+        .write(&mut frame, body)
+        .expect("building ICMPv6 frame");
+    frame
+}
+
+/// The IP header and 8 bytes of L4 of a frame: what RFC 792 asks an ICMP error to quote.
+pub fn minimal_quote(frame: &[u8]) -> usize {
+    if frame[12..14] == [0x86, 0xdd] {
+        40 + 8
+    } else {
+        usize::from(frame[14] & 0x0f) * 4 + 8
+    }
+}
+
+/// Checks what an ICMP error quotes: the IPv4 header checksum, and when the whole datagram is
+/// quoted, its L4 checksum too.
+fn verify_quote(quote: &[u8], v6: bool) -> Result<(), String> {
+    let whole = if v6 {
+        let header = etherparse::Ipv6HeaderSlice::from_slice(quote).map_err(|err| format!("quote: {err}"))?;
+        40 + usize::from(header.payload_length()) == quote.len()
+    } else {
+        let header = etherparse::Ipv4HeaderSlice::from_slice(quote).map_err(|err| format!("quote: {err}"))?;
+        if header.to_header().calc_header_checksum() != header.header_checksum() {
+            return Err("bad IPv4 header checksum in the quote".into());
+        }
+        usize::from(header.total_len()) == quote.len()
+    };
+    if !whole {
+        return Ok(());
+    }
+    let mut frame = vec![0u8; 12];
+    frame.extend_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+    frame.extend_from_slice(quote);
+    verify_l4_checksum(&frame, true).map_err(|err| format!("quote: {err}"))
 }
 
 /// Zeroes the UDP checksum of a frame without VLAN tags or IP options/extensions.
@@ -159,6 +267,32 @@ pub fn with_vlan(frame: &[u8]) -> Vec<u8> {
     tagged
 }
 
+/// The same frame with two tags, 802.1ad (outer, VLAN 200) and 802.1Q (inner, VLAN 100).
+pub fn with_qinq(frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&[0x88, 0xa8, 0x00, 200, 0x81, 0x00, 0x00, 100]);
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
+}
+
+/// An untagged IPv6 frame without extension headers given `count` destination-options
+/// headers (PadN only) before its upper layer: longer chains than a parser may walk. Upper
+/// layer checksums stay valid (they do not cover extension headers).
+pub fn with_long_ext_chain(frame: &[u8], count: usize) -> Vec<u8> {
+    assert_eq!(frame[12..14], [0x86, 0xdd]);
+    let upper = frame[14 + 6];
+    let mut out = frame[..14 + 40].to_vec();
+    out[14 + 6] = 60;
+    let payload_len = u16::from_be_bytes([out[18], out[19]]) as usize + count * 8;
+    out[18..20].copy_from_slice(&(payload_len as u16).to_be_bytes());
+    for i in 0..count {
+        let next = if i + 1 == count { upper } else { 60 };
+        out.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    out.extend_from_slice(&frame[14 + 40..]);
+    out
+}
+
 /// A plain IPv4 TCP frame.
 pub fn ipv4_tcp_frame() -> Vec<u8> {
     let mut frame = Vec::new();
@@ -218,10 +352,21 @@ pub fn verify_l4_checksum(frame: &[u8], allow_zero_udp: bool) -> Result<(), Stri
             (computed, udp.checksum())
         }
         (Some(TransportSlice::Icmpv6(icmp)), IpAddr::V6(s), IpAddr::V6(d)) => {
-            return if icmp.is_checksum_valid(s.octets(), d.octets()) {
-                Ok(())
-            } else {
-                Err("bad ICMPv6 checksum".into())
+            if !icmp.is_checksum_valid(s.octets(), d.octets()) {
+                return Err("bad ICMPv6 checksum".into());
+            }
+            return match icmp.type_u8() {
+                1..=3 => verify_quote(icmp.payload(), true),
+                _ => Ok(()),
+            };
+        }
+        (Some(TransportSlice::Icmpv4(icmp)), _, _) => {
+            if icmp.icmp_type().calc_checksum(icmp.payload()) != icmp.checksum() {
+                return Err("bad ICMP checksum".into());
+            }
+            return match icmp.type_u8() {
+                3 | 11 => verify_quote(icmp.payload(), false),
+                _ => Ok(()),
             };
         }
         (None, IpAddr::V6(s), IpAddr::V6(d)) => return verify_fragment_tcp(frame, s, d),
