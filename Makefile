@@ -26,9 +26,11 @@ demo: setup
 	$(CARGO) build --release
 	scripts/demo target/release
 
+# The SYN-flood tests measure what a flood does: they run alone, after the rest.
 test: setup all
 	$(CARGO) clippy --all-targets -- -D warnings
-	$(CARGO) test --release -- --test-threads=4
+	$(CARGO) test --release -- --test-threads=4 --skip syn_flood
+	$(CARGO) test --release --test lb_e2e --test xdp_lb_e2e -- --test-threads=1 syn_flood
 
 bench: setup
 	$(CARGO) bench --bench suite

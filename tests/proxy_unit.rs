@@ -325,16 +325,15 @@ fn icmp_errors_of_translated_flows_name_from_instead_of_to() {
             .chain(&egress)
             .filter(|case| case.input != case.output)
             .count() as u64;
-        let counted: u64 =
-            (0..rules.len() as u32)
-                .map(|rule| {
-                    ebpf_net::kernel::maps::sum_percpu_counters::<
+        let counted: u64 = (0..rules.len() as u32)
+            .map(|rule| {
+                ebpf_net::kernel::maps::sum_percpu_counters::<
                         ebpf_net::kernel::skel::proxy::types::proxy_stats,
                     >(&skel.maps.proxy_stats, rule)
                     .unwrap()
                     .icmp_errors
-                })
-                .sum();
+            })
+            .sum();
         assert_eq!(counted, translated);
     });
 }

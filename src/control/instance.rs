@@ -4,11 +4,12 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 pub const RUN_ROOT: &str = "/run/ebpf-net";
@@ -30,7 +31,7 @@ pub struct Record {
 
 /// A held claim on (subcommand, namespace, target); released and removed on drop.
 pub struct Instance {
-    file: File,
+    file: Flock<File>,
     path: PathBuf,
     record: Record,
 }
@@ -42,16 +43,12 @@ fn lock_path(subcommand: &str, netns: &str, target: &str) -> PathBuf {
         .join(format!("{target}.lock"))
 }
 
-fn try_lock(file: &File) -> std::io::Result<bool> {
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let err = std::io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+/// The file locked (released when the lock is dropped), or given back when another holds it.
+fn try_lock(file: File) -> std::io::Result<Result<Flock<File>, File>> {
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Ok(Ok(locked)),
+        Err((file, Errno::EWOULDBLOCK)) => Ok(Err(file)),
+        Err((_, errno)) => Err(errno.into()),
     }
 }
 
@@ -76,22 +73,26 @@ impl Instance {
         let dir = path.parent().expect("lock path has a parent");
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         loop {
-            let mut file = OpenOptions::new()
+            let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))?;
-            if !try_lock(&file).with_context(|| format!("locking {}", path.display()))? {
-                let holder = read_record(&mut file)
-                    .map(|r| format!(" (pid {}, {})", r.pid, r.mode))
-                    .unwrap_or_default();
-                bail!(
-                    "another ebpf-net {subcommand} already runs on {}{holder}; stop it first",
-                    display_target(target)
-                );
-            }
+            let locked = try_lock(file).with_context(|| format!("locking {}", path.display()))?;
+            let mut file = match locked {
+                Ok(file) => file,
+                Err(mut file) => {
+                    let holder = read_record(&mut file)
+                        .map(|r| format!(" (pid {}, {})", r.pid, r.mode))
+                        .unwrap_or_default();
+                    bail!(
+                        "another ebpf-net {subcommand} already runs on {}{holder}; stop it first",
+                        display_target(target)
+                    );
+                }
+            };
             // the holder we raced with may have removed the file between our open and lock
             let same = fs::metadata(&path)
                 .map(|meta| meta.ino() == file.metadata().map(|m| m.ino()).unwrap_or(0))
@@ -186,9 +187,10 @@ impl Claim {
         let Ok(file) = File::open(&self.path) else {
             return Ok(false);
         };
-        if !try_lock(&file)? {
+        // held until the file is gone, so no run can claim it in between
+        let Ok(_locked) = try_lock(file)? else {
             return Ok(false);
-        }
+        };
         fs::remove_file(&self.path).with_context(|| format!("removing {}", self.path.display()))?;
         for dir in self.path.ancestors().skip(1).take(3) {
             if fs::remove_dir(dir).is_err() {
@@ -209,17 +211,17 @@ pub fn all() -> Vec<Claim> {
         for netns in fs::read_dir(subcommand.path()).into_iter().flatten().flatten() {
             for entry in fs::read_dir(netns.path()).into_iter().flatten().flatten() {
                 let path = entry.path();
-                let Ok(mut file) = File::open(&path) else { continue };
-                let Ok(free) = try_lock(&file) else { continue };
+                let Ok(file) = File::open(&path) else { continue };
+                let (record, alive) = match try_lock(file) {
+                    Ok(Ok(mut free)) => (read_record(&mut free), false),
+                    Ok(Err(mut held)) => (read_record(&mut held), true),
+                    Err(_) => continue,
+                };
                 // an empty or unreadable file is a claim being written right now
-                let Some(record) = read_record(&mut file) else {
+                let Some(record) = record else {
                     continue;
                 };
-                claims.push(Claim {
-                    record,
-                    path,
-                    alive: !free,
-                });
+                claims.push(Claim { record, path, alive });
             }
         }
     }

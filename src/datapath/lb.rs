@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -19,6 +19,7 @@ use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTable
 use crate::kernel::addr::{ip_to_words, Interface};
 use crate::kernel::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
 use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::neigh::Routes;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
@@ -202,27 +203,15 @@ impl Settings {
     }
 }
 
-/// The address this namespace sends from towards `ip`: what masquerade would pick.
-fn source_towards(ip: IpAddr) -> Result<IpAddr> {
-    let any: SocketAddr = match ip {
-        IpAddr::V4(_) => "0.0.0.0:0".parse()?,
-        IpAddr::V6(_) => "[::]:0".parse()?,
-    };
-    let socket = UdpSocket::bind(any)?;
-    socket
-        .connect(SocketAddr::new(ip, 9))
-        .with_context(|| format!("no route to backend {ip} from this network namespace"))?;
-    Ok(socket.local_addr()?.ip())
-}
-
 /// This namespace's source address towards every backend address, looked up once per
 /// address.
 fn sources(services: &[Service]) -> Result<HashMap<IpAddr, IpAddr>> {
+    let mut routes = Routes::new()?;
     let mut sources = HashMap::new();
     for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
         let ip = backend.addr.ip();
         if let std::collections::hash_map::Entry::Vacant(entry) = sources.entry(ip) {
-            entry.insert(source_towards(ip)?);
+            entry.insert(routes.source_towards(ip)?);
         }
     }
     Ok(sources)
@@ -256,17 +245,12 @@ fn load<'obj>(
     let mut open = LbSkelBuilder::default()
         .open(storage)
         .context("opening the lb program")?;
-    let mut seed = [0u8; 4];
-    // SAFETY: a 4-byte buffer we own.
-    if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != seed.len() as isize {
-        bail!("getrandom failed: {}", std::io::Error::last_os_error());
-    }
     let rodata = open
         .maps
         .rodata_data
         .as_deref_mut()
         .expect("lb.c declares constants");
-    rodata.hash_seed = u32::from_ne_bytes(seed);
+    rodata.hash_seed = crate::kernel::random_seed()?;
     rodata.flood_rate = flood_rate;
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
     if let Some(pins) = pins {

@@ -333,13 +333,14 @@ fn free_ports(ephemeral_lo: u32, ephemeral_hi: u32) -> (u16, u16) {
 /// Each backend's route out of `iface`: this node's source address and the next hop's MAC
 /// (named, known to the neighbour table, or asked for).
 fn resolve_backends(services: &[Service], iface: &Interface) -> Result<HashMap<SocketAddr, Backend>> {
+    let mut routes = neigh::Routes::new()?;
     let mut backends = HashMap::new();
     for named in services.iter().flat_map(|svc| svc.backends.iter()) {
         let endpoint = &named.addr;
         if backends.contains_key(endpoint) {
             continue;
         }
-        let route = neigh::route_to(endpoint.ip())?;
+        let route = routes.route_to(endpoint.ip())?;
         if route.dev != iface.name {
             bail!(
                 "backend {endpoint} is reached through {}, not {}: xdp-lb sends packets back out the interface they came in on",
@@ -395,14 +396,7 @@ pub fn load<'obj>(
         .context("opening the xdp-lb program")?;
     let seed = match options.seed {
         Some(seed) => seed,
-        None => {
-            let mut seed = [0u8; 4];
-            // SAFETY: a 4-byte buffer we own.
-            if unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) } != seed.len() as isize {
-                bail!("getrandom failed: {}", std::io::Error::last_os_error());
-            }
-            u32::from_ne_bytes(seed)
-        }
+        None => crate::kernel::random_seed()?,
     };
     let rodata = open
         .maps

@@ -1,9 +1,11 @@
 //! Parsing what users type: interface names and addresses.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
 
 use anyhow::{bail, Result};
+use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
 
 /// A network interface of the current namespace, resolved once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,11 +21,9 @@ impl Interface {
             bail!("invalid interface name '{name}'");
         }
         let c_name = CString::new(name)?;
-        // SAFETY: c_name is a valid NUL-terminated string.
-        let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if index == 0 {
+        let Ok(index) = nix::net::if_::if_nametoindex(c_name.as_c_str()) else {
             bail!("unknown interface '{name}' in this network namespace");
-        }
+        };
         Ok(Self {
             name: name.to_string(),
             index,
@@ -32,25 +32,15 @@ impl Interface {
 
     /// Every interface of the current network namespace.
     pub fn all() -> Vec<Self> {
-        let mut found = Vec::new();
-        // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
-        unsafe {
-            let list = libc::if_nameindex();
-            if list.is_null() {
-                return found;
-            }
-            let mut entry = list;
-            while (*entry).if_index != 0 {
-                let name = CStr::from_ptr((*entry).if_name).to_string_lossy().into_owned();
-                found.push(Self {
-                    name,
-                    index: (*entry).if_index,
-                });
-                entry = entry.add(1);
-            }
-            libc::if_freenameindex(list);
-        }
-        found
+        let Ok(list) = nix::net::if_::if_nameindex() else {
+            return Vec::new();
+        };
+        list.iter()
+            .map(|entry| Self {
+                name: entry.name().to_string_lossy().into_owned(),
+                index: entry.index(),
+            })
+            .collect()
     }
 
     /// The kernel driver behind the interface (`veth`, `mlx5_core`, ...), as ethtool reports it.
@@ -79,17 +69,18 @@ impl Interface {
             pad: [0; 16],
         };
         req.name[..self.name.len()].copy_from_slice(self.name.as_bytes());
-        // SAFETY: a datagram socket for the ioctl, closed below; req points at live buffers.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-            if fd < 0 {
-                return None;
-            }
-            let ret = libc::ioctl(fd, libc::SIOCETHTOOL, &mut req);
-            libc::close(fd);
-            if ret != 0 {
-                return None;
-            }
+        // any socket will do for the ioctl; closed when dropped
+        let socket = socket(
+            AddressFamily::Inet,
+            SockType::Datagram,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .ok()?;
+        // SAFETY: req and the DrvInfo it points at outlive the call. No crate wraps
+        // SIOCETHTOOL, and ethtool's netlink interface has no driver query.
+        if unsafe { libc::ioctl(socket.as_raw_fd(), libc::SIOCETHTOOL, &mut req) } != 0 {
+            return None;
         }
         let end = info
             .driver
@@ -101,10 +92,9 @@ impl Interface {
 
     /// The name of an interface index in the current namespace, if it still exists.
     pub fn name_of(index: u32) -> Option<String> {
-        Self::all()
-            .into_iter()
-            .find(|iface| iface.index == index)
-            .map(|iface| iface.name)
+        let name = nix::net::if_::if_indextoname(index).ok()?;
+        // nix 0.31 misses libc's NULL for an unknown index and answers an empty name
+        (!name.is_empty()).then(|| name.to_string_lossy().into_owned())
     }
 }
 

@@ -1,15 +1,12 @@
 //! cgroup v2 directories: finding the mount, resolving `--cgroup`, and naming a cgroup in
 //! pinned state paths.
 
-use std::ffi::CString;
 use std::fs;
-use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x63677270;
-const CGROUP_SUPER_MAGIC: i64 = 0x27e0eb;
+use nix::sys::statfs::{statfs, FsType, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
 
 /// A cgroup v2 directory: where it is and its path inside the hierarchy ("/" for the root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,16 +50,11 @@ pub fn cgroup2_mount() -> Result<PathBuf> {
         .context("cgroup v2 is not mounted (no cgroup2 line in /proc/mounts)")
 }
 
-#[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every arch
-fn fs_type(path: &Path) -> Result<i64> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())?;
-    let mut stat = MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: a valid path and a buffer of the right type.
-    if unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error()).with_context(|| format!("--cgroup {}", path.display()));
-    }
-    // SAFETY: statfs filled it.
-    Ok(unsafe { stat.assume_init() }.f_type as i64)
+fn fs_type(path: &Path) -> Result<FsType> {
+    let stat = statfs(path)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("--cgroup {}", path.display()))?;
+    Ok(stat.filesystem_type())
 }
 
 impl Cgroup {

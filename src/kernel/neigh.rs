@@ -1,12 +1,17 @@
-//! Routes and neighbours of the current network namespace, through iproute2's JSON output:
-//! where a backend is reached from, and the MAC address of its next hop.
+//! Routes and neighbours of the current network namespace, asked over rtnetlink: where a
+//! backend is reached from, the source address towards it, and the MAC of its next hop.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use serde_json::Value;
+use anyhow::{anyhow, bail, Context, Result};
+use netlink_packet_route::neighbour::{NeighbourAttribute, NeighbourMessage, NeighbourState};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteVia};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+
+use crate::kernel::addr::Interface;
+use crate::kernel::netlink::Rtnetlink;
 
 /// How this namespace reaches an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,41 +23,163 @@ pub struct Route {
     pub source: IpAddr,
 }
 
-fn ip_json(args: &[&str]) -> Result<Value> {
-    let output = Command::new("ip")
-        .arg("-j")
-        .args(args)
-        .output()
-        .context("running ip (iproute2)")?;
-    if !output.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    serde_json::from_slice(&output.stdout).with_context(|| format!("parsing `ip -j {}`", args.join(" ")))
+/// Lookups for many addresses: one netlink socket, and each distinct address asked once.
+/// Routes change, so keep one for a batch (a reload, a persist run), not for a process.
+pub struct Routes {
+    netlink: Rtnetlink,
+    known: HashMap<IpAddr, Route>,
+    names: HashMap<u32, String>,
 }
 
+impl Routes {
+    /// Opens a netlink socket in the calling thread's network namespace.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            netlink: Rtnetlink::open().context("opening a netlink socket")?,
+            known: HashMap::new(),
+            names: HashMap::new(),
+        })
+    }
+
+    /// What `ip route get IP` answers: the device, the gateway (else the address itself) and
+    /// the preferred source. A local address is reached through `lo` from itself.
+    pub fn route_to(&mut self, ip: IpAddr) -> Result<Route> {
+        if let Some(route) = self.known.get(&ip) {
+            return Ok(route.clone());
+        }
+        let route = self.ask_route(ip)?;
+        self.known.insert(ip, route.clone());
+        Ok(route)
+    }
+
+    /// The address this namespace sends from towards `ip`: what masquerade would pick.
+    pub fn source_towards(&mut self, ip: IpAddr) -> Result<IpAddr> {
+        match self.route_to(ip) {
+            Ok(route) => Ok(route.source),
+            // the kernel's reason alone: "no route to X" again would only repeat the context
+            Err(err) => Err(anyhow!("{}", err.root_cause()))
+                .with_context(|| format!("no route to backend {ip} from this network namespace")),
+        }
+    }
+
+    /// The neighbour table's usable MAC for `ip` on `dev`, if it has one.
+    pub fn neighbour(&mut self, ip: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
+        let iface = Interface::by_name(dev)?;
+        let mut request = NeighbourMessage::default();
+        request.header.family = family(ip);
+        request.header.ifindex = iface.index;
+        request
+            .attributes
+            .push(NeighbourAttribute::Destination(ip.into()));
+        let entry = match self.netlink.get(RouteNetlinkMessage::GetNeighbour(request)) {
+            Ok(RouteNetlinkMessage::NewNeighbour(entry)) => entry,
+            Ok(other) => bail!("asking the neighbour table for {ip} on {dev}: unexpected answer {other:?}"),
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return Ok(None),
+            Err(err) => {
+                return Err(err).with_context(|| format!("asking the neighbour table for {ip} on {dev}"))
+            }
+        };
+        // what `ip neigh show` lists, less INCOMPLETE and FAILED: those have no address yet
+        // or no longer; NOARP and NONE entries never learnt one from the peer
+        if !matches!(
+            entry.header.state,
+            NeighbourState::Reachable
+                | NeighbourState::Stale
+                | NeighbourState::Delay
+                | NeighbourState::Probe
+                | NeighbourState::Permanent
+        ) {
+            return Ok(None);
+        }
+        let Some(lladdr) = entry.attributes.iter().find_map(|attribute| match attribute {
+            NeighbourAttribute::LinkLayerAddress(lladdr) => Some(lladdr),
+            _ => None,
+        }) else {
+            return Ok(None);
+        };
+        let mac: [u8; 6] = lladdr.as_slice().try_into().with_context(|| {
+            format!(
+                "neighbour {ip} on {dev} has a {}-byte link-layer address, not a MAC",
+                lladdr.len()
+            )
+        })?;
+        Ok(Some(unicast(mac, &format_mac(&mac))?))
+    }
+
+    fn ask_route(&mut self, ip: IpAddr) -> Result<Route> {
+        let mut request = RouteMessage::default();
+        request.header.address_family = family(ip);
+        request.header.destination_prefix_length = if ip.is_ipv4() { 32 } else { 128 };
+        request.attributes.push(RouteAttribute::Destination(ip.into()));
+        let answer = self
+            .netlink
+            .get(RouteNetlinkMessage::GetRoute(request))
+            .with_context(|| format!("no route to {ip}"))?;
+        let RouteNetlinkMessage::NewRoute(answer) = answer else {
+            bail!("no route to {ip}: unexpected answer {answer:?}");
+        };
+        let (mut oif, mut gateway, mut source) = (None, None, None);
+        for attribute in &answer.attributes {
+            match attribute {
+                RouteAttribute::Oif(index) => oif = Some(*index),
+                RouteAttribute::Gateway(address) => gateway = route_ip(address),
+                // an IPv4 route through an IPv6 next hop (RFC 5549)
+                RouteAttribute::Via(RouteVia::Inet(v4)) => gateway = Some((*v4).into()),
+                RouteAttribute::Via(RouteVia::Inet6(v6)) => gateway = Some((*v6).into()),
+                RouteAttribute::PrefSource(address) => source = route_ip(address),
+                _ => {}
+            }
+        }
+        let oif = oif.with_context(|| format!("the route to {ip} has no device"))?;
+        let dev = self
+            .name_of(oif)
+            .with_context(|| format!("the route to {ip} has no device"))?;
+        let source = source.with_context(|| format!("no source address towards {ip}"))?;
+        Ok(Route {
+            dev,
+            next_hop: gateway.unwrap_or(ip),
+            source,
+        })
+    }
+
+    fn name_of(&mut self, index: u32) -> Result<String> {
+        if let Some(name) = self.names.get(&index) {
+            return Ok(name.clone());
+        }
+        let name = Interface::name_of(index).with_context(|| format!("no interface has index {index}"))?;
+        self.names.insert(index, name.clone());
+        Ok(name)
+    }
+}
+
+fn family(ip: IpAddr) -> AddressFamily {
+    match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
+
+fn route_ip(address: &RouteAddress) -> Option<IpAddr> {
+    match address {
+        RouteAddress::Inet(v4) => Some((*v4).into()),
+        RouteAddress::Inet6(v6) => Some((*v6).into()),
+        _ => None,
+    }
+}
+
+/// How this namespace reaches `ip`; for many addresses use one [`Routes`].
 pub fn route_to(ip: IpAddr) -> Result<Route> {
-    let text = ip.to_string();
-    let routes = ip_json(&["route", "get", &text]).with_context(|| format!("no route to {ip}"))?;
-    let route = routes.get(0).with_context(|| format!("no route to {ip}"))?;
-    let field = |name: &str| route[name].as_str().map(str::to_string);
-    let dev = field("dev").with_context(|| format!("the route to {ip} has no device"))?;
-    let next_hop = match field("gateway") {
-        Some(gateway) => gateway.parse().context("parsing the gateway")?,
-        None => ip,
-    };
-    let source = field("prefsrc")
-        .with_context(|| format!("no source address towards {ip}"))?
-        .parse()
-        .context("parsing the source address")?;
-    Ok(Route {
-        dev,
-        next_hop,
-        source,
-    })
+    Routes::new()?.route_to(ip)
+}
+
+/// The address this namespace sends from towards `ip`; for many addresses use one [`Routes`].
+pub fn source_towards(ip: IpAddr) -> Result<IpAddr> {
+    Routes::new()?.source_towards(ip)
+}
+
+/// The neighbour table's usable MAC for `ip` on `dev`, if it has one.
+pub fn neighbour(ip: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
+    Routes::new()?.neighbour(ip, dev)
 }
 
 /// A MAC address as `aa:bb:cc:dd:ee:ff`.
@@ -68,6 +195,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
         }
         *byte = u8::from_str_radix(part, 16).with_context(|| format!("'{text}' is not a MAC address"))?;
     }
+    unicast(mac, text)
+}
+
+fn unicast(mac: [u8; 6], text: &str) -> Result<[u8; 6]> {
     if mac == [0; 6] || mac[0] & 1 == 1 {
         bail!("'{text}' is not a unicast MAC address");
     }
@@ -81,34 +212,11 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// The neighbour table's usable MAC for `ip` on `dev`, if it has one.
-pub fn neighbour(ip: IpAddr, dev: &str) -> Result<Option<[u8; 6]>> {
-    let text = ip.to_string();
-    let entries = ip_json(&["neigh", "show", "to", &text, "dev", dev])?;
-    for entry in entries.as_array().into_iter().flatten() {
-        let states: Vec<&str> = entry["state"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
-        if states
-            .iter()
-            .any(|state| matches!(*state, "INCOMPLETE" | "FAILED"))
-        {
-            continue;
-        }
-        if let Some(mac) = entry["lladdr"].as_str() {
-            return Ok(Some(parse_mac(mac)?));
-        }
-    }
-    Ok(None)
-}
-
 /// The MAC of `next_hop` on `dev`, asking the network (ARP or neighbour discovery, started by
 /// one empty datagram to the discard port) when the table does not know it yet.
 pub fn resolve(next_hop: IpAddr, dev: &str, timeout: Duration) -> Result<[u8; 6]> {
-    if let Some(mac) = neighbour(next_hop, dev)? {
+    let mut routes = Routes::new()?;
+    if let Some(mac) = routes.neighbour(next_hop, dev)? {
         return Ok(mac);
     }
     let any: SocketAddr = if next_hop.is_ipv4() {
@@ -126,7 +234,7 @@ pub fn resolve(next_hop: IpAddr, dev: &str, timeout: Duration) -> Result<[u8; 6]
             next_ask = Instant::now() + Duration::from_millis(500);
         }
         std::thread::sleep(Duration::from_millis(20));
-        if let Some(mac) = neighbour(next_hop, dev)? {
+        if let Some(mac) = routes.neighbour(next_hop, dev)? {
             return Ok(mac);
         }
     }

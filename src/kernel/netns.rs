@@ -1,7 +1,6 @@
 //! Network namespaces: entering one by name (`--netns`) and naming the current one for pinned state.
 
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -21,12 +20,10 @@ pub fn enter(name: &str) -> Result<()> {
     let path = Path::new(NAMED_NETNS_DIR).join(name);
     let file = File::open(&path)
         .with_context(|| format!("network namespace '{name}' not found ({})", path.display()))?;
-    // SAFETY: setns on a valid fd we own; it changes only the calling thread's namespace.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("entering network namespace '{name}'"));
-    }
-    Ok(())
+    // it changes only the calling thread's namespace
+    nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .map_err(std::io::Error::from)
+        .with_context(|| format!("entering network namespace '{name}'"))
 }
 
 fn netns_id(path: &str) -> Result<(u64, u64)> {

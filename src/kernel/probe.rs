@@ -1,6 +1,6 @@
 //! What this process and kernel can do, checked before anything is attached.
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs;
 use std::mem::MaybeUninit;
 use std::path::Path;
@@ -8,6 +8,8 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::ProgramInput;
+use nix::mount::{mount, MsFlags};
+use nix::sys::statfs::{statfs, BPF_FS_MAGIC};
 
 use crate::kernel::netns;
 use crate::kernel::skel::probe::ProbeSkelBuilder;
@@ -31,23 +33,15 @@ pub fn require_privileges() -> Result<()> {
     Ok(())
 }
 
-const BPF_FS_MAGIC: i64 = 0xcafe4a11;
-
-#[allow(clippy::unnecessary_cast)] // f_type is i64 on x86_64 but not on every arch
-fn is_bpffs(c_path: &CStr) -> bool {
-    let mut stat = MaybeUninit::<libc::statfs>::uninit();
-    // SAFETY: valid path and a buffer of the right type.
-    let ok = unsafe { libc::statfs(c_path.as_ptr(), stat.as_mut_ptr()) } == 0;
-    // SAFETY: statfs filled it when it returned 0.
-    ok && unsafe { stat.assume_init() }.f_type as i64 == BPF_FS_MAGIC
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|stat| stat.filesystem_type() == BPF_FS_MAGIC)
 }
 
 /// Pins must go to the host's bpffs. Mounts it where the host has none yet (as systemd
 /// or Cilium would); refuses in a private mount namespace, where `ip netns exec` has put a
 /// fresh /sys whose pins would vanish with the command.
 pub fn require_bpffs(path: &Path) -> Result<()> {
-    let c_path = CString::new(path.as_os_str().as_encoded_bytes())?;
-    if is_bpffs(&c_path) {
+    if is_bpffs(path) {
         return Ok(());
     }
     if !netns::in_init_mount_ns() {
@@ -56,22 +50,15 @@ pub fn require_bpffs(path: &Path) -> Result<()> {
             path.display()
         );
     }
-    let fstype = CString::new("bpf")?;
-    let mode = CString::new("mode=0700")?;
-    // SAFETY: valid NUL-terminated strings; mounting a bpffs has no other effect.
-    let ret = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            c_path.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            mode.as_ptr().cast(),
-        )
-    };
-    if ret != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("mounting a BPF filesystem at {}", path.display()));
-    }
+    mount(
+        Some("bpf"),
+        path,
+        Some("bpf"),
+        MsFlags::empty(),
+        Some("mode=0700"),
+    )
+    .map_err(std::io::Error::from)
+    .with_context(|| format!("mounting a BPF filesystem at {}", path.display()))?;
     eprintln!(
         "ebpf-net: mounted a BPF filesystem at {} (the host had none)",
         path.display()
