@@ -10,7 +10,7 @@ use ebpf_net::control::status;
 use ebpf_net::datapath::clusterip::{self, Clusterip, ClusteripArgs};
 use ebpf_net::datapath::ipv6_hp::{self, Ipv6Hp, Ipv6HpArgs};
 use ebpf_net::datapath::lb::{self, Lb, LbArgs};
-use ebpf_net::datapath::monitor::{self, MonitorArgs};
+use ebpf_net::datapath::monitor::{Monitor, MonitorArgs};
 use ebpf_net::datapath::proxy::{self, Proxy, ProxyArgs};
 use ebpf_net::datapath::xdp_lb::{self, XdpLb, XdpLbArgs};
 use ebpf_net::datapath::REGISTRY;
@@ -104,7 +104,7 @@ fn run(cli: Cli) -> Result<()> {
     let netns_key = netns::current_key()?;
     match &cli.command {
         Command::Ipv6Hp(args) => lifecycle::run::<Ipv6Hp>(args, &netns_key),
-        Command::Monitor(args) => monitor::run(args),
+        Command::Monitor(args) => lifecycle::run::<Monitor>(args, &netns_key),
         Command::Proxy(args) => lifecycle::run::<Proxy>(args, &netns_key),
         Command::Clusterip(args) => lifecycle::run::<Clusterip>(args, &netns_key),
         Command::Lb(args) => lifecycle::run::<Lb>(args, &netns_key),

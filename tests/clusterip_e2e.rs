@@ -48,7 +48,7 @@ impl Lab {
         );
         decoy.exec(
             "ip addr add 10.2.0.2/24 dev eth0 && ip addr add fd02::2/64 dev eth0 nodad && \
-             ip addr add 10.96.0.10/32 dev lo && ip addr add fd96::10/128 dev lo && \
+             ip addr add 10.96.0.10/32 dev lo && ip addr add fd96::10/128 dev lo nodad && \
              ip route add default via 10.2.0.1 && ip route add default via fd02::1",
         );
         for vip in [VIP4, VIP6] {

@@ -110,6 +110,8 @@ pub trait Datapath: 'static {
     const NAME: &'static str;
     /// Program names as the kernel reports them, to recognise ours on a hook.
     const PROGRAMS: &'static [&'static str];
+    /// One run per target (false: several may share it, as monitors do).
+    const EXCLUSIVE: bool = true;
 
     /// Its command line.
     type Args;
@@ -197,7 +199,12 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     let target = D::target(&desired)?;
     let netns_key = D::netns_key(netns_key);
     let pins = PinDir::new(D::NAME, &netns_key, &target.key());
-    let (mut instance, orphan) = Instance::claim(D::NAME, &netns_key, &target.key(), persist)?;
+    let (mut instance, orphan) = if D::EXCLUSIVE {
+        let (instance, orphan) = Instance::claim(D::NAME, &netns_key, &target.key(), persist)?;
+        (Some(instance), orphan)
+    } else {
+        (None, None)
+    };
     D::refuse_if_attached(&target, &pins.prog_ids())?;
     let mut plan = D::plan(&desired, &target, persist)?;
     if persist {
@@ -224,7 +231,9 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     let loaded = D::load(&mut storage, &plan, None)?;
     let applied = D::apply(&loaded, &plan)?;
     for what in &applied.leaves {
-        instance.leaves(what)?;
+        if let Some(instance) = instance.as_mut() {
+            instance.leaves(what)?;
+        }
     }
     let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
         // the exporter's thread reads the same maps through its own handles
@@ -258,7 +267,9 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             eprintln!("{}: {line}", D::NAME);
         }
         for what in &applied.leaves {
-            instance.leaves(what)?;
+            if let Some(instance) = instance.as_mut() {
+                instance.leaves(what)?;
+            }
         }
         let described = D::describe(&new, &target, &new_plan);
         desired = new;

@@ -14,7 +14,7 @@ pub mod xdp_lb;
 /// Every datapath.
 pub static REGISTRY: [&dyn Registered; 6] = [
     &Entry::<ipv6_hp::Ipv6Hp>::NEW,
-    &monitor::MonitorEntry,
+    &Entry::<monitor::Monitor>::NEW,
     &Entry::<proxy::Proxy>::NEW,
     &Entry::<clusterip::Clusterip>::NEW,
     &Entry::<lb::Lb>::NEW,

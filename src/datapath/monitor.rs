@@ -1,10 +1,9 @@
 //! `ebpf-net monitor`: a live per-flow view of an interface (like iftop), counted by tc
 //! programs into a per-CPU LRU flow table and printed every interval.
 
+use std::cell::Cell;
 use std::collections::HashMap;
-use std::mem::MaybeUninit;
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -13,14 +12,15 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::lifecycle::Registered;
+use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
 use crate::kernel::addr::{ip_from_words, Interface};
 use crate::kernel::attach::{Directions, TcDirection, TcxAttachment};
 use crate::kernel::maps;
+use crate::kernel::pin::{MapPin, PinDir, PinSet};
 use crate::kernel::skel::monitor::types::{flow_counters, flow_key};
-use crate::kernel::skel::monitor::MonitorSkelBuilder;
+use crate::kernel::skel::monitor::{MonitorSkel, MonitorSkelBuilder};
 
 pub const SUBCOMMAND: &str = "monitor";
 pub const PROGRAMS: &[&str] = &["monitor_ingress", "monitor_egress"];
@@ -53,7 +53,7 @@ pub struct MonitorArgs {
 }
 
 /// What flags and config file say together.
-struct Settings {
+pub struct Settings {
     iface: Item,
     direction: Directions,
     interval: f64,
@@ -169,80 +169,188 @@ pub fn read_flows(map: &impl MapCore) -> Result<HashMap<Flow, Counters>> {
     Ok(flows)
 }
 
-pub fn run(args: &MonitorArgs) -> Result<()> {
-    let mut settings = Settings::read(args)?;
-    let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
-    if args.count == Some(0) {
-        bail!("--count 0 would report nothing; give at least 1");
-    }
-    let mut object = MaybeUninit::uninit();
-    let skel = MonitorSkelBuilder::default()
-        .open(&mut object)
-        .context("opening the monitor programs")?
-        .load()
-        .context("loading the monitor programs")?;
-    let map = MapHandle::try_from(&skel.maps.monitor_flows).context("flow table handle")?;
-    let metrics = metrics::serve(args.run.metrics.as_ref(), || {
-        let map = MapHandle::try_from(&skel.maps.monitor_flows)?;
-        Ok(Arc::new(move || Ok(flow_families(&read_flows(&map)?))) as metrics::Source)
-    })?;
-    let mut attachments = Vec::new();
-    for direction in settings.direction.tc() {
-        let prog = match direction {
-            TcDirection::Ingress => &skel.progs.monitor_ingress,
-            TcDirection::Egress => &skel.progs.monitor_egress,
-        };
-        attachments.push(TcxAttachment::attach(prog, &iface, direction)?);
-    }
-    let shutdown = Shutdown::install()?;
-    if let Some(addr) = metrics {
-        eprintln!("{SUBCOMMAND}: metrics at http://{addr}/metrics");
-    }
-    let sides: Vec<&str> = settings.direction.tc().iter().map(|d| d.name()).collect();
-    run::announce_ready(
-        SUBCOMMAND,
-        &format!("{} {} every {}s", iface.name, sides.join("+"), settings.interval),
-    );
+/// The monitor datapath on the lifecycle: foreground only, several may watch one interface.
+pub struct Monitor;
 
-    let mut previous: HashMap<Flow, Counters> = HashMap::new();
-    let mut last = Instant::now();
-    let mut next_report = Instant::now() + Duration::from_secs_f64(settings.interval);
-    let mut reports = 0;
-    loop {
-        match shutdown.next_timeout(next_report.saturating_duration_since(Instant::now())) {
-            Some(run::Request::Stop) => break,
-            Some(run::Request::Reload) => {
-                let outcome = Settings::read(args).and_then(|new| {
-                    if new.iface.text != iface.name || new.direction != settings.direction {
-                        bail!("the interface or direction changed; that needs a restart");
-                    }
-                    next_report = Instant::now() + Duration::from_secs_f64(new.interval);
-                    settings = new;
-                    Ok(format!("every {}s", settings.interval))
-                });
-                run::log_reload(SUBCOMMAND, outcome);
-                continue;
-            }
-            None => {}
-        }
-        next_report = Instant::now() + Duration::from_secs_f64(settings.interval);
-        let flows = read_flows(&map)?;
-        let elapsed = last.elapsed().as_secs_f64();
-        last = Instant::now();
-        if args.json {
-            println!("{}", json_report(&flows));
-        } else {
-            print!("{}", text_report(&iface.name, &flows, &previous, elapsed));
-        }
-        previous = flows;
-        reports += 1;
-        if args.count.is_some_and(|count| reports >= count) {
-            break;
-        }
+/// What a monitor run prints, and how often.
+pub struct Desired {
+    settings: Settings,
+    json: bool,
+    count: Option<u64>,
+}
+
+/// How a run prints.
+pub struct Printing {
+    iface: String,
+    direction: Directions,
+    interval: f64,
+    json: bool,
+    count: Option<u64>,
+}
+
+/// The loaded programs, and the interval a reload may change.
+pub struct Loaded<'obj> {
+    skel: MonitorSkel<'obj>,
+    iface: String,
+    direction: Directions,
+    json: bool,
+    count: Option<u64>,
+    interval: Cell<f64>,
+}
+
+impl Datapath for Monitor {
+    const NAME: &'static str = SUBCOMMAND;
+    const PROGRAMS: &'static [&'static str] = PROGRAMS;
+    const EXCLUSIVE: bool = false;
+    type Args = MonitorArgs;
+    type Desired = Desired;
+    type Plan = Printing;
+    type Loaded<'obj> = Loaded<'obj>;
+    type View = MapHandle;
+
+    fn run_options(args: &MonitorArgs) -> &RunOptions {
+        &args.run
     }
-    drop(attachments);
-    eprintln!("{SUBCOMMAND}: detached from {}", iface.name);
-    Ok(())
+    fn persist(_args: &MonitorArgs) -> bool {
+        false
+    }
+    fn desired(args: &MonitorArgs) -> Result<Desired> {
+        let settings = Settings::read(args)?;
+        if args.count == Some(0) {
+            bail!("--count 0 would report nothing; give at least 1");
+        }
+        Ok(Desired {
+            settings,
+            json: args.json,
+            count: args.count,
+        })
+    }
+    fn target(desired: &Desired) -> Result<Target> {
+        let iface = &desired.settings.iface;
+        Ok(Target::Interface(
+            Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?,
+        ))
+    }
+    fn refuse_if_attached(_target: &Target, _pinned: &[u32]) -> Result<()> {
+        // counting is read-only: monitors may watch one interface side by side
+        Ok(())
+    }
+    fn plan(desired: &Desired, target: &Target, _persist: bool) -> Result<Printing> {
+        Ok(Printing {
+            iface: target.iface().name.clone(),
+            direction: desired.settings.direction,
+            interval: desired.settings.interval,
+            json: desired.json,
+            count: desired.count,
+        })
+    }
+    fn load<'obj>(
+        storage: &'obj mut Storage,
+        plan: &Printing,
+        _pins: Option<&mut PinSet>,
+    ) -> Result<Loaded<'obj>> {
+        let skel = MonitorSkelBuilder::default()
+            .open(&mut storage[0])
+            .context("opening the monitor programs")?
+            .load()
+            .context("loading the monitor programs")?;
+        Ok(Loaded {
+            skel,
+            iface: plan.iface.clone(),
+            direction: plan.direction,
+            json: plan.json,
+            count: plan.count,
+            interval: Cell::new(plan.interval),
+        })
+    }
+    fn apply(loaded: &Loaded<'_>, plan: &Printing) -> Result<Applied> {
+        loaded.interval.set(plan.interval);
+        Ok(Applied::default())
+    }
+    fn attach(loaded: &Loaded<'_>, target: &Target, _plan: &Printing) -> Result<Vec<Box<dyn std::any::Any>>> {
+        let directions = loaded.direction.tc();
+        let mut attachments: Vec<Box<dyn std::any::Any>> = Vec::new();
+        for direction in directions {
+            let prog = match direction {
+                TcDirection::Ingress => &loaded.skel.progs.monitor_ingress,
+                TcDirection::Egress => &loaded.skel.progs.monitor_egress,
+            };
+            attachments.push(Box::new(TcxAttachment::attach(prog, target.iface(), direction)?));
+        }
+        Ok(attachments)
+    }
+    fn attach_pinned(
+        _loaded: &Loaded<'_>,
+        _target: &Target,
+        _pins: &PinDir,
+        _plan: &Printing,
+    ) -> Result<bool> {
+        bail!("monitor has no --persist: it counts for whoever watches")
+    }
+    fn objects<'a>(_loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
+        Vec::new()
+    }
+    fn check_reload(old: &Desired, new: &Desired) -> Result<()> {
+        if new.settings.iface.text != old.settings.iface.text
+            || new.settings.direction != old.settings.direction
+        {
+            bail!("the interface or direction changed; that needs a restart");
+        }
+        Ok(())
+    }
+    fn describe(desired: &Desired, _target: &Target, _plan: &Printing) -> String {
+        let sides: Vec<&str> = desired.settings.direction.tc().iter().map(|d| d.name()).collect();
+        format!("{} every {}s", sides.join("+"), desired.settings.interval)
+    }
+    fn view(loaded: &Loaded<'_>) -> Result<MapHandle> {
+        MapHandle::try_from(&loaded.skel.maps.monitor_flows).context("flow table handle")
+    }
+    fn view_pinned(_pins: &PinDir) -> Result<MapHandle> {
+        bail!("monitor persists nothing")
+    }
+    fn report(flows: &MapHandle) -> Result<Report> {
+        Ok(Report {
+            families: flow_families(&read_flows(flows)?),
+            ..Report::default()
+        })
+    }
+    fn serve(
+        loaded: &Loaded<'_>,
+        shutdown: &Shutdown,
+        reload: &mut dyn FnMut() -> Result<String>,
+    ) -> Result<()> {
+        let map = MapHandle::try_from(&loaded.skel.maps.monitor_flows).context("flow table handle")?;
+        let mut previous: HashMap<Flow, Counters> = HashMap::new();
+        let mut last = Instant::now();
+        let mut next_report = Instant::now() + Duration::from_secs_f64(loaded.interval.get());
+        let mut reports = 0;
+        loop {
+            match shutdown.next_timeout(next_report.saturating_duration_since(Instant::now())) {
+                Some(run::Request::Stop) => break,
+                Some(run::Request::Reload) => {
+                    run::log_reload(SUBCOMMAND, reload());
+                    next_report = Instant::now() + Duration::from_secs_f64(loaded.interval.get());
+                    continue;
+                }
+                None => {}
+            }
+            next_report = Instant::now() + Duration::from_secs_f64(loaded.interval.get());
+            let flows = read_flows(&map)?;
+            let elapsed = last.elapsed().as_secs_f64();
+            last = Instant::now();
+            if loaded.json {
+                println!("{}", json_report(&flows));
+            } else {
+                print!("{}", text_report(&loaded.iface, &flows, &previous, elapsed));
+            }
+            previous = flows;
+            reports += 1;
+            if loaded.count.is_some_and(|count| reports >= count) {
+                break;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Metrics of the flow table: flows, packets and bytes by direction and protocol.
@@ -378,27 +486,6 @@ fn human_count(per_sec: f64) -> String {
     scaled(per_sec, 1000.0, &["", "k", "M", "G"])
         .trim_end()
         .to_string()
-}
-
-/// Monitor in the registry: it persists nothing, so `status` only needs its program names.
-pub struct MonitorEntry;
-
-impl Registered for MonitorEntry {
-    fn name(&self) -> &'static str {
-        SUBCOMMAND
-    }
-    fn programs(&self) -> &'static [&'static str] {
-        PROGRAMS
-    }
-    fn report_pinned(&self, _pins: &crate::kernel::pin::PinDir) -> Result<crate::control::lifecycle::Report> {
-        bail!("monitor persists nothing")
-    }
-    fn release(&self, _netns_key: &str) -> Result<Vec<String>> {
-        Ok(Vec::new())
-    }
-    fn attached_elsewhere(&self) -> Vec<crate::control::lifecycle::AttachedElsewhere> {
-        Vec::new()
-    }
 }
 
 #[cfg(test)]
