@@ -283,27 +283,42 @@ struct Installed {
 }
 
 fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Installed>> {
-    let mut installed = BTreeMap::new();
-    for key in tables.services.keys() {
-        let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
-            continue;
-        };
+    // the services by batches, then every backend slot in one pass: a table of 100,000
+    // backends is read in a few system calls rather than 110,000
+    let mut ranges = Vec::new();
+    for (key, value) in tables.services.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
         let vip: service_endpoint = maps::from_bytes("service key", &key)?;
         let range: service_range = maps::from_bytes("service range", &value)?;
-        let mut backends = Vec::with_capacity(range.count as usize);
-        for slot in range.base..range.base.saturating_add(range.count).min(tables.slots) {
-            let bytes = tables
-                .backends
-                .lookup(&slot.to_ne_bytes(), MapFlags::ANY)?
-                .context("backend slot out of range")?;
+        ranges.push((SocketAddr::from(&vip), range));
+    }
+    let used = ranges
+        .iter()
+        .map(|(_, range)| range.base.saturating_add(range.count))
+        .max()
+        .unwrap_or(0)
+        .min(tables.slots);
+    let mut endpoints = Vec::with_capacity(used as usize);
+    if used > 0 {
+        for (_, bytes) in tables.backends.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
+            if endpoints.len() as u32 >= used {
+                break;
+            }
             let endpoint = bytes
                 .get(..size_of::<service_endpoint>())
                 .context("a backend value shorter than an endpoint")?;
             let backend: service_endpoint = maps::from_bytes("backend", endpoint)?;
-            backends.push(SocketAddr::from(&backend));
+            endpoints.push(SocketAddr::from(&backend));
         }
+    }
+    let mut installed = BTreeMap::new();
+    for (vip, range) in ranges {
+        let end = range.base.saturating_add(range.count).min(endpoints.len() as u32);
+        let backends = endpoints
+            .get(range.base as usize..end as usize)
+            .context("backend slot out of range")?
+            .to_vec();
         installed.insert(
-            SocketAddr::from(&vip),
+            vip,
             Installed {
                 base: range.base,
                 backends,

@@ -2,7 +2,8 @@
 //! conntrack entry with destination NAT (and by default source NAT) for the first packet of
 //! each flow to a service; conntrack translates the rest of the flow both ways.
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
 
@@ -203,38 +204,55 @@ impl Settings {
     }
 }
 
-/// This namespace's source address towards every backend address, looked up once per
-/// address.
-fn sources(services: &[Service]) -> Result<HashMap<IpAddr, IpAddr>> {
-    let mut routes = Routes::new()?;
-    let mut sources = HashMap::new();
-    for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
-        let ip = backend.addr.ip();
-        if let std::collections::hash_map::Entry::Vacant(entry) = sources.entry(ip) {
-            entry.insert(routes.source_towards(ip)?);
-        }
-    }
-    Ok(sources)
+/// Each backend's table value, its endpoint and the source NAT address towards it, looked
+/// up when the table needs it: a re-run that changes one backend of 100,000 asks the kernel
+/// about that one.
+struct BackendValues {
+    routes: RefCell<Routes>,
+    sources: RefCell<HashMap<IpAddr, IpAddr>>,
+    snat: bool,
 }
 
-/// Each backend's table value: its endpoint and the source NAT address towards it.
-fn backend_values(
-    services: &[Service],
-    sources: &HashMap<IpAddr, IpAddr>,
-    snat: bool,
-) -> HashMap<SocketAddr, Vec<u8>> {
-    let mut values = HashMap::new();
-    for backend in services.iter().flat_map(|svc| svc.backends.iter()) {
-        let value = lb_backend {
-            endpoint: backend.addr.into(),
-            snat_addr: match sources.get(&backend.addr.ip()) {
-                Some(source) if snat => ip_to_words(*source).1,
-                _ => [0; 4],
-            },
-        };
-        values.insert(backend.addr, as_bytes(&value).to_vec());
+impl BackendValues {
+    fn new(snat: bool) -> Result<Self> {
+        Ok(Self {
+            routes: RefCell::new(Routes::new()?),
+            sources: RefCell::new(HashMap::new()),
+            snat,
+        })
     }
-    values
+
+    fn value(&self, backend: SocketAddr) -> Result<Vec<u8>> {
+        let ip = backend.ip();
+        let known = self.sources.borrow().get(&ip).copied();
+        let source = match known {
+            Some(source) => source,
+            None => {
+                let source = self.routes.borrow_mut().source_towards(ip)?;
+                self.sources.borrow_mut().insert(ip, source);
+                source
+            }
+        };
+        let value = lb_backend {
+            endpoint: backend.into(),
+            snat_addr: if self.snat { ip_to_words(source).1 } else { [0; 4] },
+        };
+        Ok(as_bytes(&value).to_vec())
+    }
+}
+
+/// This namespace's own addresses: a backend at one of them needs no forwarding.
+fn local_addresses() -> Result<HashSet<IpAddr>> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing this namespace's addresses")?;
+    Ok(addrs
+        .filter_map(|ifaddr| {
+            let addr = ifaddr.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                return Some(IpAddr::V4(v4.ip()));
+            }
+            addr.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip()))
+        })
+        .collect())
 }
 
 fn load<'obj>(
@@ -268,8 +286,7 @@ pub fn load_with_services<'obj>(
 ) -> Result<LbSkel<'obj>> {
     // no flood detector: benchmarks and fuzzing make new flows fast on purpose
     let skel = load(storage, None, 0)?;
-    let values = backend_values(services, &sources(services)?, snat);
-    sync(&tables(&skel)?, services, &values)?;
+    sync(&tables(&skel)?, services, &BackendValues::new(snat)?)?;
     Ok(skel)
 }
 
@@ -281,14 +298,8 @@ fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
     ))
 }
 
-fn sync(
-    tables: &ServiceTables,
-    services: &[Service],
-    values: &HashMap<SocketAddr, Vec<u8>>,
-) -> Result<SyncReport> {
-    service::sync_services(tables, services, |backend| {
-        values.get(&backend).cloned().context("backend without a value")
-    })
+fn sync(tables: &ServiceTables, services: &[Service], values: &BackendValues) -> Result<SyncReport> {
+    service::sync_services(tables, services, |backend| values.value(backend))
 }
 
 /// What lb changed in this namespace, as recorded in its nft table's comment.
@@ -356,7 +367,8 @@ const FORWARDING: [(&str, &str, bool); 2] = [
 /// Makes this namespace apply the entries lb creates: conntrack and NAT hooks (an nft table,
 /// only if none registers them yet) and forwarding towards backends that are not local (only
 /// if off). Returns what it did, for the log.
-fn prepare_namespace(services: &[Service], sources: &HashMap<IpAddr, IpAddr>) -> Result<Vec<String>> {
+fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
+    let local = local_addresses()?;
     let mut log = Vec::new();
     let mut changed = Vec::new();
     for (name, path, v4) in FORWARDING {
@@ -364,7 +376,7 @@ fn prepare_namespace(services: &[Service], sources: &HashMap<IpAddr, IpAddr>) ->
             .iter()
             .filter(|svc| svc.vip.is_ipv4() == v4)
             .flat_map(|svc| svc.backends.iter())
-            .any(|backend| sources.get(&backend.addr.ip()) != Some(&backend.addr.ip()));
+            .any(|backend| !local.contains(&backend.addr.ip()));
         if !forwards {
             continue;
         }
@@ -479,8 +491,6 @@ pub struct Lb;
 /// What an lb run works from: the settings, and each backend's table value.
 pub struct Plan {
     settings: Settings,
-    sources: HashMap<IpAddr, IpAddr>,
-    values: HashMap<SocketAddr, Vec<u8>>,
 }
 
 /// Every map pinned with `--persist`.
@@ -516,10 +526,7 @@ impl Datapath for Lb {
         Ok(Target::Interface(iface))
     }
     fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Plan> {
-        let sources = sources(&desired.services)?;
         Ok(Plan {
-            values: backend_values(&desired.services, &sources, !desired.no_snat),
-            sources,
             settings: Settings {
                 iface: desired.iface.clone(),
                 services: desired.services.clone(),
@@ -536,8 +543,9 @@ impl Datapath for Lb {
         load(&mut storage[0], pins, plan.settings.flood_rate)
     }
     fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
-        let report = sync(&tables(skel)?, &plan.settings.services, &plan.values)?;
-        let log = prepare_namespace(&plan.settings.services, &plan.sources)?;
+        let values = BackendValues::new(!plan.settings.no_snat)?;
+        let report = sync(&tables(skel)?, &plan.settings.services, &values)?;
+        let log = prepare_namespace(&plan.settings.services)?;
         let leaves = recorded_changes()
             .map(|changes| vec![format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))])
             .unwrap_or_default();
