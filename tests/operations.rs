@@ -580,3 +580,183 @@ fn a_second_instance_on_the_same_target_is_refused() {
         );
     }
 }
+
+/// Every number `status --json` shows of a persisted datapath, after real traffic, equals
+/// the one `/metrics` would: both come from one report read, counters declared once.
+#[test]
+fn status_json_and_metrics_agree_for_every_persisted_datapath() {
+    use ebpf_net::datapath::REGISTRY;
+    use ebpf_net::kernel::pin::PinDir;
+    let lab = Lab::up("agree");
+    let (client1, lb, b1) = (lab.ns("client1"), lab.ns("lb"), lab.ns("b1"));
+    let cgroup = lab.cgroup();
+    let persist = |args: &[&str]| {
+        let out = ebpf_net(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+    };
+    persist(&["-n", &b1, "ipv6-hp", "-i", "eth0", "--persist"]);
+    persist(&[
+        "-n",
+        &client1,
+        "proxy",
+        "-i",
+        "eth0",
+        "--persist",
+        "--map",
+        &format!("{PROXY_FROM}:80={B1}:80"),
+    ]);
+    let cluster_service = format!("{CLUSTER_VIP}:80={B1}:80,{B2}:80");
+    persist(&[
+        "clusterip",
+        "--cgroup",
+        &cgroup,
+        "--persist",
+        "--service",
+        &cluster_service,
+    ]);
+    let lb_service = format!("{VIP}:80={B1}:80,{B2}:80,{B3}:80");
+    persist(&[
+        "-n",
+        &lb,
+        "lb",
+        "-i",
+        "eth0",
+        "--persist",
+        "--service",
+        &lb_service,
+    ]);
+    for target in [
+        format!("{PROXY_FROM}:80"),
+        format!("{CLUSTER_VIP}:80"),
+        format!("{VIP}:80"),
+    ] {
+        let answer = lab.request("client1", &["http", &target, "--count", "4"]);
+        assert!(answer.status.success(), "{target}: {}", text(&answer));
+    }
+    let probe = lab.request("prober", &["http", "[fd77::21]:80"]);
+    assert!(probe.status.success(), "{}", text(&probe));
+
+    let status: serde_json::Value = serde_json::from_slice(&ebpf_net(&["status", "--json"]).stdout).unwrap();
+    let text_status = status_text();
+    let mut checked = 0;
+    for entry in status["persisted"].as_array().unwrap() {
+        let (subcommand, netns, target) = (
+            entry["subcommand"].as_str().unwrap(),
+            entry["netns"].as_str().unwrap(),
+            entry["target"].as_str().unwrap(),
+        );
+        let ours = [b1.as_str(), client1.as_str(), lb.as_str()].contains(&netns)
+            || (subcommand == "clusterip" && entry["target_display"].as_str().unwrap().ends_with(&lab.name));
+        if !ours {
+            continue;
+        }
+        let datapath = REGISTRY.iter().find(|d| d.name() == subcommand).unwrap();
+        let report = datapath
+            .report_pinned(&PinDir::new(subcommand, netns, target))
+            .unwrap();
+        let metrics = ebpf_net::control::metrics::render(report.families).unwrap();
+        let details = &entry["details"];
+        let expect = |series: String, value: &serde_json::Value| {
+            assert_eq!(
+                sample(&metrics, &series),
+                value.as_u64().unwrap_or_else(|| panic!("{series}: {value}")),
+                "{subcommand}: {series}"
+            );
+        };
+        match subcommand {
+            "ipv6-hp" => {
+                for side in ["ingress", "egress"] {
+                    expect(
+                        format!("ebpf_net_rewrites_total{{datapath=\"ipv6-hp\",direction=\"{side}\"}}"),
+                        &details[side]["rewritten_packets"],
+                    );
+                    expect(
+                        format!("ebpf_net_rewrite_bytes_total{{datapath=\"ipv6-hp\",direction=\"{side}\"}}"),
+                        &details[side]["rewritten_bytes"],
+                    );
+                }
+                assert!(details["ingress"]["rewritten_packets"].as_u64().unwrap() >= 1);
+            }
+            "proxy" => {
+                let rule = &details["rules"][0];
+                for field in [
+                    "packets",
+                    "bytes",
+                    "replies",
+                    "reply_bytes",
+                    "rerouted",
+                    "icmp_errors",
+                ] {
+                    expect(
+                        format!(
+                            "ebpf_net_proxy_rule_{field}_total{{from=\"{}\",to=\"{}\"}}",
+                            rule["from"].as_str().unwrap(),
+                            rule["to"].as_str().unwrap()
+                        ),
+                        &rule[field],
+                    );
+                }
+                assert!(rule["packets"].as_u64().unwrap() >= 4, "{rule}");
+            }
+            "clusterip" | "lb" => {
+                for service in details["services"].as_array().unwrap() {
+                    let vip = service["vip"].as_str().unwrap();
+                    for (field, value) in service["totals"].as_object().unwrap() {
+                        expect(
+                            format!("ebpf_net_service_{field}_total{{datapath=\"{subcommand}\",service=\"{vip}\"}}"),
+                            value,
+                        );
+                    }
+                    for backend in service["backends"].as_array().unwrap() {
+                        let addr = backend["backend"].as_str().unwrap();
+                        for (field, value) in backend.as_object().unwrap() {
+                            if field != "backend" {
+                                expect(
+                                    format!("ebpf_net_backend_{field}_total{{datapath=\"{subcommand}\",service=\"{vip}\",backend=\"{addr}\"}}"),
+                                    value,
+                                );
+                            }
+                        }
+                    }
+                }
+                let total: u64 = details["services"][0]["totals"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+                    .map(|v| v.as_u64().unwrap())
+                    .sum();
+                assert!(total >= 4, "{subcommand}: {details}");
+                if subcommand == "lb" {
+                    for (name, value) in details["counters"].as_object().unwrap() {
+                        let in_events = metrics.contains(&format!("event=\"{name}\""));
+                        let label = if in_events { "event" } else { "error" };
+                        let family = if in_events { "events" } else { "errors" };
+                        expect(
+                            format!("ebpf_net_{family}_total{{datapath=\"lb\",{label}=\"{name}\"}}"),
+                            value,
+                        );
+                    }
+                }
+            }
+            other => panic!("unexpected {other}"),
+        }
+        // the text line says the same
+        assert!(
+            text_status.contains(entry["summary"].as_str().unwrap()),
+            "{subcommand}: {} not in {text_status}",
+            entry["summary"]
+        );
+        checked += 1;
+    }
+    assert_eq!(checked, 4, "{status}");
+    for (netns, datapath) in [(&b1, "ipv6-hp"), (&client1, "proxy"), (&lb, "lb")] {
+        let out = ebpf_net(&["-n", netns, "down", datapath]);
+        assert!(out.status.success(), "{}", text(&out));
+    }
+    let out = ebpf_net(&["down", "clusterip", "--cgroup", &cgroup]);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+fn status_text() -> String {
+    String::from_utf8_lossy(&ebpf_net(&["status"]).stdout).into_owned()
+}
