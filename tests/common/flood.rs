@@ -86,7 +86,8 @@ pub struct FloodReport {
 }
 
 /// Sends up to `count` SYNs to `vip` out of `iface` of `netns` (to `dst_mac`), from random
-/// addresses of `subnet`/16 and random ports, and stops at `limit` whatever it sent.
+/// addresses of `subnet`/16 and random ports, as fast as it can, and stops at `limit`
+/// whatever it sent.
 pub fn syn_flood(
     netns: &Netns,
     iface: &str,
@@ -95,6 +96,22 @@ pub fn syn_flood(
     subnet: [u8; 2],
     count: u64,
     limit: Duration,
+) -> FloodReport {
+    syn_flood_paced(netns, iface, dst_mac, vip, subnet, count, limit, None)
+}
+
+/// As `syn_flood`, spread evenly over `spread` when given (a flood slower than a detector's
+/// rate); it still stops at `limit`.
+#[allow(clippy::too_many_arguments)]
+pub fn syn_flood_paced(
+    netns: &Netns,
+    iface: &str,
+    dst_mac: [u8; 6],
+    vip: SocketAddrV4,
+    subnet: [u8; 2],
+    count: u64,
+    limit: Duration,
+    spread: Option<Duration>,
 ) -> FloodReport {
     let src_mac = mac_of(netns, iface);
     netns.enter(|| {
@@ -128,6 +145,13 @@ pub fn syn_flood(
         let start = Instant::now();
         let mut sent = 0;
         while sent < count && start.elapsed() < limit {
+            if let Some(spread) = spread {
+                let due = (count as f64 * start.elapsed().as_secs_f64() / spread.as_secs_f64()) as u64;
+                if sent > due + 200 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            }
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
