@@ -243,6 +243,24 @@ fn chat(stream: TcpStream, stop: &AtomicBool) -> Result<u64, String> {
     Ok(exchanges)
 }
 
+/// One new connection through `target` from `netns`: connect, read the greeting, get an echo,
+/// all within `timeout` each.
+pub fn try_connection(netns: &Netns, target: SocketAddr, timeout: Duration) -> bool {
+    netns
+        .enter(|| -> std::io::Result<()> {
+            let stream = TcpStream::connect_timeout(&target, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut greeting = String::new();
+            reader.read_line(&mut greeting)?;
+            (&stream).write_all(b"hello\n")?;
+            let mut echo = [0u8; 6];
+            reader.read_exact(&mut echo)?;
+            Ok(())
+        })
+        .is_ok()
+}
+
 /// New connections tried one after another every `spacing` for `window`, each given
 /// `timeout` to connect and echo: (succeeded, tried).
 pub fn new_connections(
@@ -257,18 +275,7 @@ pub fn new_connections(
     while start.elapsed() < window {
         let began = Instant::now();
         tried += 1;
-        let attempt = netns.enter(|| -> std::io::Result<()> {
-            let stream = TcpStream::connect_timeout(&target, timeout)?;
-            stream.set_read_timeout(Some(timeout))?;
-            let mut reader = BufReader::new(stream.try_clone()?);
-            let mut greeting = String::new();
-            reader.read_line(&mut greeting)?;
-            (&stream).write_all(b"hello\n")?;
-            let mut echo = [0u8; 6];
-            reader.read_exact(&mut echo)?;
-            Ok(())
-        });
-        if attempt.is_ok() {
+        if try_connection(netns, target, timeout) {
             ok += 1;
         }
         if let Some(rest) = spacing.checked_sub(began.elapsed()) {
@@ -276,4 +283,30 @@ pub fn new_connections(
         }
     }
     (ok, tried)
+}
+
+/// New connections started every `spacing` while `running` holds (at most `max` of them),
+/// each in a thread of its own with `timeout`: (succeeded, tried) once all are done.
+pub fn new_connections_while(
+    netns: &Netns,
+    target: SocketAddr,
+    running: &AtomicBool,
+    spacing: Duration,
+    timeout: Duration,
+    max: usize,
+) -> (usize, usize) {
+    std::thread::scope(|scope| {
+        let mut attempts = Vec::new();
+        while running.load(Ordering::Relaxed) && attempts.len() < max {
+            attempts.push(scope.spawn(|| try_connection(netns, target, timeout)));
+            std::thread::sleep(spacing);
+        }
+        let tried = attempts.len();
+        let ok = attempts
+            .into_iter()
+            .map(|attempt| attempt.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count();
+        (ok, tried)
+    })
 }
