@@ -76,6 +76,14 @@ struct {
 	__type(value, __u64);
 } lb_flood_seen SEC(".maps");
 
+/* entries made per backend slot lately: source-NAT port pressure (include/lb.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, struct lb_port_use);
+} lb_port_use SEC(".maps");
+
 /* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
 {
@@ -130,6 +138,30 @@ static __always_inline bool has_snat(const struct lb_backend *backend)
 	return backend->snat_addr[0] | backend->snat_addr[1] | backend->snat_addr[2] | backend->snat_addr[3];
 }
 
+/* Brings a slot's port use to the window of `now`. */
+static __always_inline void roll_port_use(struct lb_port_use *use, __u64 now)
+{
+	__u64 window = now / LB_PORT_WINDOW_NS;
+
+	if (use->window == window)
+		return;
+	use->previous = use->window + 1 == window ? use->current : 0;
+	use->current = 0;
+	use->window = window;
+}
+
+/* Whether the entries made towards a backend lately may hold half its source-NAT ports: the
+ * current window's, and the part of the previous window's not yet past the half-open life. */
+static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
+{
+	__u64 left = LB_PORT_WINDOW_NS - now % LB_PORT_WINDOW_NS;
+	__u64 held;
+
+	roll_port_use(use, now);
+	held = use->current + (__u64)use->previous * (left >> 20) / (LB_PORT_WINDOW_NS >> 20);
+	return held >= LB_PORT_BUDGET;
+}
+
 SEC("tc/ingress")
 int lb_ingress(struct __sk_buff *skb)
 {
@@ -144,8 +176,10 @@ int lb_ingress(struct __sk_buff *skb)
 	struct l4_packet pkt;
 	struct nf_conn *ct;
 	struct lb_stats *stats;
+	struct lb_port_use *use = NULL;
 	__u32 tuple_sz, slot, hash;
 	bool nat_ok = true;
+	__u64 now;
 
 	linearize_headers(skb);
 	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
@@ -201,13 +235,26 @@ int lb_ingress(struct __sk_buff *skb)
 	backend = bpf_map_lookup_elem(&lb_backends, &slot);
 	if (!backend || backend->endpoint.family != pkt.family)
 		return TC_PASS_ON;
-	if (flood_over_rate(&lb_flood, flood_rate, bpf_ktime_get_ns())) {
-		if (!flood_asked_again(&lb_flood_seen, hash, bpf_ktime_get_ns())) {
+	now = bpf_ktime_get_ns();
+	if (flood_over_rate(&lb_flood, flood_rate, now)) {
+		if (!flood_asked_again(&lb_flood_seen, hash, now)) {
 			count->flood_dropped++;
 			return TC_ACT_SHOT;
 		}
 		count->flood_admitted++;
+	} else if (has_snat(backend)) {
+		/* below the rate a slower flood can still take every port towards the backend */
+		use = bpf_map_lookup_elem(&lb_port_use, &slot);
+		if (use && ports_low(use, now)) {
+			if (!flood_asked_again(&lb_flood_seen, hash, now)) {
+				count->ports_low_dropped++;
+				return TC_ACT_SHOT;
+			}
+			count->ports_low_admitted++;
+		}
 	}
+	if (!use && has_snat(backend))
+		use = bpf_map_lookup_elem(&lb_port_use, &slot);
 
 	ct_opts(&opts, pkt.proto);
 	/* From here a packet without its entry is dropped, not passed on: the node's own stack
@@ -247,11 +294,22 @@ int lb_ingress(struct __sk_buff *skb)
 			return TC_PASS_ON;
 		}
 		count->insert_failed++;
+		/* no port left, whatever the estimate said (another service's flows to the same
+		 * backend, established ones): ports are low until the window after next */
+		if (use) {
+			roll_port_use(use, now);
+			if (use->current < LB_PORT_BUDGET)
+				use->current = LB_PORT_BUDGET;
+		}
 		return TC_ACT_SHOT;
 	}
 	bpf_ct_release(ct);
 	if (!nat_ok)
 		return TC_ACT_SHOT;
+	if (use) {
+		roll_port_use(use, now);
+		__sync_fetch_and_add(&use->current, 1);
+	}
 	count->new_flows++;
 	stats = bpf_map_lookup_elem(&lb_stats, &slot);
 	if (stats)

@@ -8,15 +8,35 @@
 #define LB_BACKEND_SLOTS 131072
 #define LB_MAX_BACKENDS_PER_SERVICE 16384
 
-/* Initial conntrack timeouts of an entry the program creates: a half-open TCP flow gets 60 s
- * (conntrack's SYN_RECV, Cilium's CT_SYN_TIMEOUT: a client's SYN retries span 63 s, and a
- * retry after the entry is gone simply gets a new one), not SYN_SENT's 120 s; UDP the
- * kernel's 30 s for an unreplied flow. Conntrack's state machine runs the entry from the
- * first packet it sees, which is the one that created it. */
+/* Initial conntrack timeouts of an entry the program creates: TCP 60 s (conntrack's SYN_RECV,
+ * Cilium's CT_SYN_TIMEOUT), UDP the kernel's 30 s for an unreplied flow. Measured on 6.18:
+ * the SYN passing conntrack's hook right after resets a TCP entry to the state's own timeout
+ * (SYN_SENT: 120 s by default), hence also the namespace's SYN_SENT timeout while lb runs
+ * (LB_HALF_OPEN_S below). */
 #define LB_TCP_NEW_TIMEOUT_MS 60000
 #define LB_UDP_NEW_TIMEOUT_MS 30000
 /* include/flood.h: new flows per second per CPU above which only clients asking again get one */
 #define LB_DEFAULT_FLOOD_RATE 40000
+/*
+ * Source-NAT port pressure, whatever the rate of new flows: conntrack's SYN_SENT timeout
+ * (which the first SYN resets the entry to, whatever bpf_ct_set_timeout said) is lowered to
+ * LB_HALF_OPEN_S in the namespace while lb runs, so an entry lb made holds its port at most
+ * about that long unless its flow got going. Entries made towards a backend in the last
+ * window and the one before (weighted by how much of it is still within reach) estimate the
+ * ports they hold; above half of the port space (1024-65535) a new flow only gets an entry
+ * when its client sends its first packet again (include/flood.h), so spoofed one-shot SYNs
+ * cannot take the rest and legitimate clients keep room.
+ */
+#define LB_HALF_OPEN_S 60
+#define LB_PORT_WINDOW_NS (LB_HALF_OPEN_S * 1000000000ULL)
+#define LB_PORT_BUDGET 32256
+
+/* Per backend slot, updated by every CPU (counts are estimates: a window roll may race). */
+struct lb_port_use {
+	__u64 window;	/* start of the current window, ns / LB_PORT_WINDOW_NS */
+	__u32 current;	/* entries made in it */
+	__u32 previous; /* entries made in the window before */
+};
 
 struct lb_backend {
 	struct service_endpoint endpoint; /* first: service.h readers see an endpoint */
@@ -39,4 +59,6 @@ struct lb_counters {
 	__u64 insert_raced;  /* another CPU inserted the same flow first: passed on to it */
 	__u64 flood_dropped; /* first packet of a new flow dropped while under flood */
 	__u64 flood_admitted; /* new flows made under flood for a client that asked again */
+	__u64 ports_low_dropped;  /* first packet of a new flow dropped: source ports of its backend low */
+	__u64 ports_low_admitted; /* new flows made with ports low for a client that asked again */
 };

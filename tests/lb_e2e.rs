@@ -130,6 +130,9 @@ fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
         let (greeting, _) = lab.tcp(target, &bulk);
         assert!(backends.contains(&greeting.server));
     }
+    // half-open TCP entries live 60 s, not SYN_SENT's 120 s (the SYN resets a new entry's)
+    let syn_sent = "sysctl -n net.netfilter.nf_conntrack_tcp_timeout_syn_sent";
+    assert_eq!(lab.lb.exec(syn_sent).trim(), "60");
     let entries = lab.lb.exec("conntrack -L 2>/dev/null");
     for needle in [
         "dst=10.96.0.1 sport=",
@@ -153,6 +156,7 @@ fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
     assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"));
     assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "0");
     assert_eq!(lab.lb.exec("sysctl -n net.ipv6.conf.all.forwarding").trim(), "0");
+    assert_eq!(lab.lb.exec(syn_sent).trim(), "120");
 }
 
 #[test]
@@ -479,14 +483,13 @@ fn bad_input_is_one_line_and_attaches_nothing() {
     let _ = std::fs::remove_file(btf);
 }
 
-/// 150,000 spoofed SYNs from random addresses of 10.11.0.0/16 in at most 2 s at a one-backend
-/// service (on main they took its 64,512 source-NAT ports, and lb handed the SYNs it could not
-/// translate to the node's stack, which reset them) while 20 connections talk through it:
-/// every one lives, and new connections in the 10 s after the flood succeed (>= 95%).
-#[test]
-fn a_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections() {
-    use common::flood::{mac_of, new_connections, syn_flood, Chatters};
-    let lab = Lab::new("lbf");
+/// Spoofed SYNs (`count`, in at most `limit`, spread over `spread` when given) from random
+/// addresses of 10.11.0.0/16 at a one-backend service while 20 connections talk through it:
+/// every one lives, and new connections in the 10 s after the flood succeed (>= 95%). Returns
+/// the daemon's log.
+fn survive_a_syn_flood(tag: &str, count: u64, limit: Duration, spread: Option<Duration>) -> Vec<String> {
+    use common::flood::{mac_of, new_connections, syn_flood_paced, Chatters};
+    let lab = Lab::new(tag);
     // the spoofed sources live behind the client: the backend's answers go there and die
     lab.lb.exec("ip route add 10.11.0.0/16 via 10.10.0.1");
     let daemon = lab.start(&lab.args(&lab.backends4[..1], &[]));
@@ -496,14 +499,15 @@ fn a_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections() {
     let SocketAddr::V4(v4) = target else {
         unreachable!()
     };
-    let flood = syn_flood(
+    let flood = syn_flood_paced(
         &lab.client,
         "eth0",
         mac_of(&lab.lb, "eth0"),
         v4,
         [10, 11],
-        150_000,
-        Duration::from_secs(2),
+        count,
+        limit,
+        spread,
     );
     let (ok, tried) = new_connections(
         &lab.client,
@@ -516,20 +520,61 @@ fn a_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections() {
     let entries = lab.lb.exec("conntrack -C 2>/dev/null || true");
     let (_, log) = daemon.stop();
     eprintln!(
-        "lbf: flood {} SYNs in {:?}; new connections after it {ok}/{tried}; conntrack entries {}; {}",
+        "{tag}: flood {} SYNs in {:?}; new connections after it {ok}/{tried}; conntrack entries {}; {}",
         flood.sent,
         flood.elapsed,
         entries.trim(),
-        log.iter().rev().nth(2).map(String::as_str).unwrap_or("")
+        log.iter()
+            .find(|line| line.contains("under flood dropped"))
+            .map(String::as_str)
+            .unwrap_or("")
     );
-    assert!(flood.sent >= 100_000, "the flood sent only {} SYNs", flood.sent);
+    assert!(
+        flood.sent * 3 >= count * 2,
+        "the flood sent only {} of {count} SYNs",
+        flood.sent
+    );
     let broken: Vec<&String> = talked.iter().filter_map(|r| r.as_ref().err()).collect();
     assert!(
         broken.is_empty(),
-        "established connections broke: {broken:?}\n{log:#?}"
+        "{tag}: established connections broke: {broken:?}\n{log:#?}"
     );
     assert!(
         ok * 100 >= tried * 95,
-        "new connections after the flood: {ok} of {tried}\n{log:#?}"
+        "{tag}: new connections after the flood: {ok} of {tried}\n{log:#?}"
+    );
+    log
+}
+
+/// 150,000 spoofed SYNs in at most 2 s (on main they took the backend's 64,512 source-NAT
+/// ports, and lb handed the SYNs it could not translate to the node's stack, which reset them).
+#[test]
+fn a_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections() {
+    survive_a_syn_flood("lbf", 150_000, Duration::from_secs(2), None);
+}
+
+/// 90,000 spoofed SYNs over 3 s: 30,000 a second on the one CPU the veth delivers them on,
+/// below the flood detector's 40,000, yet more than the backend's source-NAT ports (on
+/// f68e70b a 67,500-SYN flood in 2 s left 3 of 6 new connections). The detector must not be
+/// what saves it: the source-port budget is.
+#[test]
+fn a_slower_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections() {
+    let log = survive_a_syn_flood(
+        "lbsf",
+        90_000,
+        Duration::from_secs(4),
+        Some(Duration::from_secs(3)),
+    );
+    let summary = log
+        .iter()
+        .find(|line| line.contains("under flood dropped"))
+        .expect("the exit summary");
+    assert!(
+        summary.contains("under flood dropped 0 "),
+        "the flood went above the detector's rate: {summary}"
+    );
+    assert!(
+        log.iter().any(|line| line.contains("source ports running low")),
+        "no low source ports logged: {log:#?}"
     );
 }

@@ -103,10 +103,14 @@ fn serve(mut stream: TcpStream) -> std::io::Result<()> {
 /// Uploads (`up`) or downloads SIZE bytes through `target` from `client`; the time it took,
 /// or an error naming how far it got within LIMIT.
 fn transfer(client: &Netns, target: SocketAddr, up: bool) -> Result<Duration, String> {
+    client.enter(|| transfer_here(target, up))
+}
+
+/// `transfer` from this thread's namespace.
+fn transfer_here(target: SocketAddr, up: bool) -> Result<Duration, String> {
     let start = Instant::now();
-    let mut stream = client
-        .enter(|| TcpStream::connect_timeout(&target, LIMIT))
-        .map_err(|err| format!("connecting to {target}: {err}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&target, LIMIT).map_err(|err| format!("connecting to {target}: {err}"))?;
     stream.set_read_timeout(Some(LIMIT)).unwrap();
     stream.set_write_timeout(Some(LIMIT)).unwrap();
     let mut request = vec![if up { b'U' } else { b'D' }];
@@ -314,4 +318,94 @@ fn lb_transfers_cross_a_smaller_mtu() {
     let daemon = path.lb.ebpf_net_daemon(&args);
     path.transfers("lb", vip_targets());
     exit_summary(daemon);
+}
+
+/// Set for the helper process of the clusterip test: "up TARGET" or "down TARGET".
+const HELPER_ENV: &str = "EBPF_NET_PMTU_TRANSFER";
+
+/// The clusterip test's transfer, run as this binary again in the cgroup and the client's
+/// namespace (moving the test process itself would also move the daemons other tests start
+/// meanwhile into the cgroup, which is emptied with SIGKILL when dropped).
+#[test]
+#[ignore = "the helper process of clusterip_transfers_cross_a_smaller_mtu, not a test"]
+fn transfer_helper() {
+    let Ok(request) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let (direction, target) = request.split_once(' ').unwrap();
+    match transfer_here(sock(target), direction == "up") {
+        Ok(took) => println!("\n@ok {took:?}"),
+        Err(err) => println!("\n@error {err}"),
+    }
+}
+
+/// `transfer` from a process of `cgroup` in `client`'s namespace.
+fn transfer_in_cgroup(
+    cgroup: &common::cgroup::TestCgroup,
+    client: &Netns,
+    target: SocketAddr,
+    up: bool,
+) -> Result<String, String> {
+    let script = format!(
+        "echo $$ > {}/cgroup.procs && exec ip netns exec {} \"$0\" \"$@\"",
+        cgroup.path_str(),
+        client.name
+    );
+    // bounded: the transfer gives up after LIMIT, the command is killed after a minute
+    let output = common::topology::output_within(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "transfer_helper",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(HELPER_ENV, format!("{} {target}", if up { "up" } else { "down" })),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    match stdout.lines().find_map(|line| line.strip_prefix('@')) {
+        Some(line) if line.starts_with("ok ") => Ok(line[3..].to_string()),
+        Some(line) => Err(line.to_string()),
+        None => Err(format!("no result from the transfer process: {stdout}")),
+    }
+}
+
+/// clusterip translates at the socket: on the wire the client talks to the backend itself,
+/// so the router's "fragmentation needed" / "packet too big" names a flow the client's
+/// kernel knows and reaches the socket without any translation: a guard.
+#[test]
+fn clusterip_transfers_cross_a_smaller_mtu() {
+    let path = Path::new("pmtu-ci");
+    let cgroup = common::cgroup::TestCgroup::new("pmtu");
+    let daemon = Daemon::start(&[
+        "clusterip",
+        "--cgroup",
+        cgroup.path_str(),
+        "--service",
+        "10.71.7.70:80=10.71.3.2:8080",
+        "--service",
+        "10.71.7.70:81=10.71.3.2:8081",
+        "--service",
+        "[fd71:7::70]:80=[fd71:3::2]:8080",
+        "--service",
+        "[fd71:7::70]:81=[fd71:3::2]:8081",
+    ]);
+    let mut failures = Vec::new();
+    for (upload, download) in [
+        ("10.71.7.70:80", "10.71.7.70:81"),
+        ("[fd71:7::70]:80", "[fd71:7::70]:81"),
+    ] {
+        for (what, target, up) in [("upload", upload, true), ("download", download, false)] {
+            match transfer_in_cgroup(&cgroup, &path.client, sock(target), up) {
+                Ok(took) => eprintln!("clusterip: 2 MiB {what} via {target} in {took}"),
+                Err(err) => failures.push(format!("clusterip: {what} via {target}: {err}")),
+            }
+        }
+    }
+    exit_summary(daemon);
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

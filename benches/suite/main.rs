@@ -3,12 +3,14 @@
 //!
 //!   cargo bench --bench suite                      everything, writes the report
 //!   cargo bench --bench suite -- SECTION...        only these (per-packet, services, bulk,
-//!                                                  control); prints, writes nothing
+//!                                                  control, attack); prints, writes the
+//!                                                  report under target/bench-partial
 //!   cargo bench --bench suite -- --quick ...       fewer and shorter rounds (a smoke run)
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 
+mod attack;
 mod chart;
 mod control;
 mod paths;
@@ -88,7 +90,7 @@ impl Drop for InCgroup {
     }
 }
 
-const SECTIONS: [&str; 4] = ["per-packet", "services", "bulk", "control"];
+const SECTIONS: [&str; 5] = ["per-packet", "services", "bulk", "control", "attack"];
 
 fn main() {
     // `cargo bench` passes --bench; anything else is ours
@@ -123,13 +125,17 @@ fn main() {
     if wants("per-packet") {
         per_packet::run(&mut report, &settings, &cgroup);
     }
-    if wants("services") || wants("bulk") {
+    if wants("services") || wants("bulk") || wants("attack") {
         let topology = paths::topology();
         if wants("services") {
             paths::services_section(&mut report, &settings, &topology, &cgroup);
         }
         if wants("bulk") {
             paths::bulk_section(&mut report, &settings, &topology, &cgroup);
+        }
+        // last on the topology: the flood leaves backlogs and conntrack entries behind
+        if wants("attack") {
+            attack::run(&mut report, &topology);
         }
     }
     if wants("control") {

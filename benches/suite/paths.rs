@@ -18,13 +18,15 @@ use std::time::Instant;
 use crate::chart::line_chart;
 use crate::common::bench::{connect_rate, iperf3, load_rules, median, paired_ratio, IperfServer, Sample};
 use crate::common::cgroup::TestCgroup;
-use crate::common::servers::AcceptServer;
+use crate::common::servers::{AcceptServer, TcpEchoServer};
 use crate::common::topology::{veth, Daemon, Netns, BIN};
 use crate::report::{table, Report};
 use crate::Settings;
 
 const PORT: u16 = 7000;
 const BULK_PORT: u16 = 5201;
+/// greeting-and-echo servers on every backend (the "Under attack" section's connections)
+pub const ECHO_PORT: u16 = 8080;
 const LB_ADDR: &str = "10.90.0.2";
 const SIZES: [usize; 3] = [1, 1000, 10_000];
 
@@ -42,10 +44,11 @@ const CLIENT_VIP: &str = "10.97.200.1";
 const NODE_VIP: &str = "10.97.100.1";
 
 pub struct Topology {
-    client: Netns,
-    lb: Netns,
+    pub client: Netns,
+    pub lb: Netns,
     _backends: Vec<Netns>,
     _servers: Vec<AcceptServer>,
+    _echo: Vec<TcpEchoServer>,
     _iperf: IperfServer,
     _switch: Netns,
 }
@@ -71,6 +74,7 @@ pub fn topology() -> Topology {
     ));
     let mut backends = Vec::new();
     let mut servers = Vec::new();
+    let mut echo = Vec::new();
     for i in 0..3 {
         let ns = Netns::new(&format!("bench-b{i}"));
         join(&ns, &format!("pb{i}"));
@@ -79,6 +83,7 @@ pub fn topology() -> Topology {
             backend(i)
         ));
         servers.push(AcceptServer::start(&ns, SocketAddr::new(backend(i), PORT)));
+        echo.push(TcpEchoServer::start(&ns, SocketAddr::new(backend(i), ECHO_PORT)));
         backends.push(ns);
     }
     let iperf = IperfServer::start(&backends[0], &backend(0).to_string(), BULK_PORT);
@@ -87,8 +92,16 @@ pub fn topology() -> Topology {
         lb,
         _backends: backends,
         _servers: servers,
+        _echo: echo,
         _iperf: iperf,
         _switch: switch,
+    }
+}
+
+impl Topology {
+    /// The greeting-and-echo server of every backend.
+    pub fn echo_backends(&self) -> Vec<SocketAddr> {
+        (0..3).map(|i| SocketAddr::new(backend(i), ECHO_PORT)).collect()
     }
 }
 
@@ -224,7 +237,7 @@ pub fn service_args(services: &[Svc]) -> Vec<String> {
         .collect()
 }
 
-fn ebpf_net(netns: &Netns, args: &[String]) {
+pub fn ebpf_net(netns: &Netns, args: &[String]) {
     let out = Command::new(BIN)
         .args(["--netns", &netns.name])
         .args(args)

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -15,6 +16,7 @@ use serde_json::{json, Value};
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::run::{self, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 
 use crate::kernel::addr::{ip_to_words, Interface};
@@ -66,12 +68,26 @@ const PIN_STATS: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
-    // v2: more counters (include/lb.h)
-    version: 2,
+    // v2, v3: more counters (include/lb.h)
+    version: 3,
     on_change: OnChange::Rebuild,
 };
 /// include/lb.h LB_DEFAULT_FLOOD_RATE
 pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
+/// include/lb.h LB_HALF_OPEN_S: conntrack's SYN_SENT and SYN_RECV timeouts in the namespace
+/// while lb runs, when they were longer.
+pub const HALF_OPEN_S: u32 = 60;
+/// The conntrack timeouts of half-open TCP flows lb shortens: (name in the record, sysctl).
+const HALF_OPEN_TIMEOUTS: [(&str, &str); 2] = [
+    (
+        "tcp-syn-sent",
+        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_syn_sent",
+    ),
+    (
+        "tcp-syn-recv",
+        "/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_syn_recv",
+    ),
+];
 /// The nft table (family inet) lb adds when this namespace lacks conntrack and NAT hooks.
 /// Its comment records what lb changed, so the last lb to stop can undo exactly that.
 pub const NFT_TABLE: &str = "ebpf_net_lb";
@@ -121,6 +137,16 @@ crate::declare_counters!(
             flood_admitted,
             Event,
             "new flows made under flood for a client that asked again"
+        ),
+        (
+            ports_low_dropped,
+            Error,
+            "first packets of new flows dropped: source-NAT ports towards the backend low"
+        ),
+        (
+            ports_low_admitted,
+            Event,
+            "new flows made with ports low for a client that asked again"
         ),
     ]
 );
@@ -400,6 +426,26 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
         ));
         return Ok(log);
     }
+    // The first SYN resets an entry lb made to conntrack's SYN_SENT timeout (120 s by
+    // default), so a spoofed SYN holds a source-NAT port that long: shorten half-open life
+    // in this namespace (include/lb.h LB_HALF_OPEN_S), as Cilium's CT_SYN_TIMEOUT does.
+    if services.iter().any(|svc| !svc.backends.is_empty()) {
+        for (name, path) in HALF_OPEN_TIMEOUTS {
+            let Ok(value) = std::fs::read_to_string(path) else {
+                log.push(format!("no {path}: half-open TCP flows keep conntrack's timeout"));
+                continue;
+            };
+            let value: u32 = value.trim().parse().with_context(|| format!("reading {path}"))?;
+            if value > HALF_OPEN_S {
+                std::fs::write(path, HALF_OPEN_S.to_string())
+                    .with_context(|| format!("shortening {path}"))?;
+                changed.push(format!("{name}={value}"));
+                log.push(format!(
+                    "conntrack's {name} timeout {value} s -> {HALF_OPEN_S} s in this namespace (restored when the last lb stops)"
+                ));
+            }
+        }
+    }
     let mut families = Vec::new();
     if services.iter().any(|svc| svc.vip.is_ipv4()) {
         families.push("ip");
@@ -478,6 +524,18 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
                 "turned {} forwarding off again",
                 if v4 { "IPv4" } else { "IPv6" }
             ));
+        }
+    }
+    for (name, path) in HALF_OPEN_TIMEOUTS {
+        let recorded = changes
+            .iter()
+            .find_map(|change| change.strip_prefix(name)?.strip_prefix('='));
+        let Some(previous) = recorded else { continue };
+        // someone set it since: theirs stays
+        let current = std::fs::read_to_string(path).unwrap_or_default();
+        if current.trim() == HALF_OPEN_S.to_string() {
+            std::fs::write(path, previous).with_context(|| format!("restoring {path}"))?;
+            log.push(format!("conntrack's {name} timeout back to {previous} s"));
         }
     }
     nft::run(&["delete", "table", "inet", NFT_TABLE])?;
@@ -622,6 +680,49 @@ impl Datapath for Lb {
     fn release(netns_key: &str) -> Result<Vec<String>> {
         release_namespace(netns_key)
     }
+    /// Serves signals, and logs a line each second a flood or low source ports dropped
+    /// first packets.
+    fn serve(
+        skel: &LbSkel<'_>,
+        shutdown: &Shutdown,
+        reload: &mut dyn FnMut() -> Result<String>,
+    ) -> Result<()> {
+        let mut last = lb_counters::default();
+        loop {
+            match shutdown.next_timeout(Duration::from_secs(1)) {
+                Some(run::Request::Stop) => return Ok(()),
+                Some(run::Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
+                None => {}
+            }
+            let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
+            if let Some(line) = pressure_line(&last, &now) {
+                eprintln!("{SUBCOMMAND}: {line}");
+            }
+            last = now;
+        }
+    }
+}
+
+/// What pressed since `last`: the line the foreground run logs about it.
+fn pressure_line(last: &lb_counters, now: &lb_counters) -> Option<String> {
+    let delta = |f: fn(&lb_counters) -> u64| f(now).saturating_sub(f(last));
+    let mut parts = Vec::new();
+    if delta(|c| c.flood_dropped) > 0 {
+        parts.push(format!(
+            "under flood: {} first packets of new flows dropped, {} clients admitted on asking again",
+            delta(|c| c.flood_dropped),
+            delta(|c| c.flood_admitted)
+        ));
+    }
+    if delta(|c| c.ports_low_dropped) + delta(|c| c.insert_failed) > 0 {
+        parts.push(format!(
+            "source ports running low: {} first packets of new flows dropped, {} clients admitted on asking again, {} found no port",
+            delta(|c| c.ports_low_dropped),
+            delta(|c| c.ports_low_admitted),
+            delta(|c| c.insert_failed)
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn snat_note(no_snat: bool) -> &'static str {
@@ -638,7 +739,7 @@ fn backend_words(stats: &lb_stats) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again)",
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again); source ports low dropped {} ({} admitted on asking again)",
         totals.new_flows,
         totals.reopened,
         totals.known_flows,
@@ -647,6 +748,8 @@ fn describe_counters(totals: &lb_counters) -> String {
         totals.insert_failed,
         totals.insert_raced,
         totals.flood_dropped,
-        totals.flood_admitted
+        totals.flood_admitted,
+        totals.ports_low_dropped,
+        totals.ports_low_admitted
     )
 }

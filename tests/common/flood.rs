@@ -86,7 +86,8 @@ pub struct FloodReport {
 }
 
 /// Sends up to `count` SYNs to `vip` out of `iface` of `netns` (to `dst_mac`), from random
-/// addresses of `subnet`/16 and random ports, and stops at `limit` whatever it sent.
+/// addresses of `subnet`/16 and random ports, as fast as it can, and stops at `limit`
+/// whatever it sent.
 pub fn syn_flood(
     netns: &Netns,
     iface: &str,
@@ -95,6 +96,22 @@ pub fn syn_flood(
     subnet: [u8; 2],
     count: u64,
     limit: Duration,
+) -> FloodReport {
+    syn_flood_paced(netns, iface, dst_mac, vip, subnet, count, limit, None)
+}
+
+/// As `syn_flood`, spread evenly over `spread` when given (a flood slower than a detector's
+/// rate); it still stops at `limit`.
+#[allow(clippy::too_many_arguments)]
+pub fn syn_flood_paced(
+    netns: &Netns,
+    iface: &str,
+    dst_mac: [u8; 6],
+    vip: SocketAddrV4,
+    subnet: [u8; 2],
+    count: u64,
+    limit: Duration,
+    spread: Option<Duration>,
 ) -> FloodReport {
     let src_mac = mac_of(netns, iface);
     netns.enter(|| {
@@ -128,6 +145,13 @@ pub fn syn_flood(
         let start = Instant::now();
         let mut sent = 0;
         while sent < count && start.elapsed() < limit {
+            if let Some(spread) = spread {
+                let due = (count as f64 * start.elapsed().as_secs_f64() / spread.as_secs_f64()) as u64;
+                if sent > due + 200 {
+                    std::thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+            }
             rng ^= rng << 13;
             rng ^= rng >> 7;
             rng ^= rng << 17;
@@ -219,6 +243,24 @@ fn chat(stream: TcpStream, stop: &AtomicBool) -> Result<u64, String> {
     Ok(exchanges)
 }
 
+/// One new connection through `target` from `netns`: connect, read the greeting, get an echo,
+/// all within `timeout` each.
+pub fn try_connection(netns: &Netns, target: SocketAddr, timeout: Duration) -> bool {
+    netns
+        .enter(|| -> std::io::Result<()> {
+            let stream = TcpStream::connect_timeout(&target, timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut greeting = String::new();
+            reader.read_line(&mut greeting)?;
+            (&stream).write_all(b"hello\n")?;
+            let mut echo = [0u8; 6];
+            reader.read_exact(&mut echo)?;
+            Ok(())
+        })
+        .is_ok()
+}
+
 /// New connections tried one after another every `spacing` for `window`, each given
 /// `timeout` to connect and echo: (succeeded, tried).
 pub fn new_connections(
@@ -233,18 +275,7 @@ pub fn new_connections(
     while start.elapsed() < window {
         let began = Instant::now();
         tried += 1;
-        let attempt = netns.enter(|| -> std::io::Result<()> {
-            let stream = TcpStream::connect_timeout(&target, timeout)?;
-            stream.set_read_timeout(Some(timeout))?;
-            let mut reader = BufReader::new(stream.try_clone()?);
-            let mut greeting = String::new();
-            reader.read_line(&mut greeting)?;
-            (&stream).write_all(b"hello\n")?;
-            let mut echo = [0u8; 6];
-            reader.read_exact(&mut echo)?;
-            Ok(())
-        });
-        if attempt.is_ok() {
+        if try_connection(netns, target, timeout) {
             ok += 1;
         }
         if let Some(rest) = spacing.checked_sub(began.elapsed()) {
@@ -252,4 +283,30 @@ pub fn new_connections(
         }
     }
     (ok, tried)
+}
+
+/// New connections started every `spacing` while `running` holds (at most `max` of them),
+/// each in a thread of its own with `timeout`: (succeeded, tried) once all are done.
+pub fn new_connections_while(
+    netns: &Netns,
+    target: SocketAddr,
+    running: &AtomicBool,
+    spacing: Duration,
+    timeout: Duration,
+    max: usize,
+) -> (usize, usize) {
+    std::thread::scope(|scope| {
+        let mut attempts = Vec::new();
+        while running.load(Ordering::Relaxed) && attempts.len() < max {
+            attempts.push(scope.spawn(|| try_connection(netns, target, timeout)));
+            std::thread::sleep(spacing);
+        }
+        let tried = attempts.len();
+        let ok = attempts
+            .into_iter()
+            .map(|attempt| attempt.join().unwrap_or(false))
+            .filter(|ok| *ok)
+            .count();
+        (ok, tried)
+    })
 }
