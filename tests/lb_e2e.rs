@@ -548,7 +548,11 @@ fn forwarding(lab: &Lab) -> (String, String) {
 fn forwarding_of_both_families_is_restored_after_v4_then_v4_and_v6_persisted_and_down() {
     let lab = Lab::new("lbf");
     let before = forwarding(&lab);
-    assert_eq!(before, ("0".into(), "0".into()), "a fresh namespace forwards nothing");
+    assert_eq!(
+        before,
+        ("0".into(), "0".into()),
+        "a fresh namespace forwards nothing"
+    );
     let v4_only: Vec<String> = vec![
         "lb".into(),
         "-i".into(),
@@ -559,9 +563,17 @@ fn forwarding_of_both_families_is_restored_after_v4_then_v4_and_v6_persisted_and
     ];
     for args in [v4_only, lab.args(&lab.backends4, &["--persist"])] {
         let output = lab.ebpf_net(&args);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
-    assert_eq!(forwarding(&lab), ("1".into(), "1".into()), "both families forward");
+    assert_eq!(
+        forwarding(&lab),
+        ("1".into(), "1".into()),
+        "both families forward"
+    );
     // the IPv6 service arrived by the re-run: it works, and its forwarding is recorded
     let (greeting, _) = lab.tcp(vip(VIP6), b"v6");
     assert!(lab.backends6.contains(&greeting.server));
@@ -597,7 +609,8 @@ fn a_flushed_nft_table_is_re_created_within_the_check_period_and_reported() {
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log:?}");
     assert!(
-        log.iter().any(|l| l.contains("were removed by someone: re-created it (repair 1)")),
+        log.iter()
+            .any(|l| l.contains("were removed by someone: re-created it (repair 1)")),
         "{log:?}"
     );
     assert_eq!(forwarding(&lab), ("0".into(), "0".into()), "{log:?}");
@@ -606,11 +619,18 @@ fn a_flushed_nft_table_is_re_created_within_the_check_period_and_reported() {
     // persisted: the re-run repairs, and status counts it
     let args = lab.args(&lab.backends4, &["--persist"]);
     let first = lab.ebpf_net(&args);
-    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
     lab.lb.exec("nft delete table inet ebpf_net_lb");
     let again = lab.ebpf_net(&args);
     let said = String::from_utf8_lossy(&again.stderr);
-    assert!(again.status.success() && said.contains("re-created it (repair 1)"), "{said}");
+    assert!(
+        again.status.success() && said.contains("re-created it (repair 1)"),
+        "{said}"
+    );
     let (greeting, _) = lab.tcp(vip(VIP4), b"after the re-run");
     assert!(lab.backends4.contains(&greeting.server));
     let status = String::from_utf8_lossy(&lab.ebpf_net(&["status".into()]).stdout).into_owned();
