@@ -578,3 +578,112 @@ fn a_slower_syn_flood_at_a_one_backend_service_leaves_room_for_new_connections()
         "no low source ports logged: {log:#?}"
     );
 }
+
+fn forwarding(lab: &Lab) -> (String, String) {
+    (
+        lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim().to_string(),
+        lab.lb
+            .exec("sysctl -n net.ipv6.conf.all.forwarding")
+            .trim()
+            .to_string(),
+    )
+}
+
+#[test]
+fn forwarding_of_both_families_is_restored_after_v4_then_v4_and_v6_persisted_and_down() {
+    let lab = Lab::new("lbf");
+    let before = forwarding(&lab);
+    assert_eq!(
+        before,
+        ("0".into(), "0".into()),
+        "a fresh namespace forwards nothing"
+    );
+    let v4_only: Vec<String> = vec![
+        "lb".into(),
+        "-i".into(),
+        "eth0".into(),
+        "--service".into(),
+        service_arg(VIP4, &lab.backends4),
+        "--persist".into(),
+    ];
+    for args in [v4_only, lab.args(&lab.backends4, &["--persist"])] {
+        let output = lab.ebpf_net(&args);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    assert_eq!(
+        forwarding(&lab),
+        ("1".into(), "1".into()),
+        "both families forward"
+    );
+    // the IPv6 service arrived by the re-run: it works, and its forwarding is recorded
+    let (greeting, _) = lab.tcp(vip(VIP6), b"v6");
+    assert!(lab.backends6.contains(&greeting.server));
+    let down = lab.ebpf_net(&["down".into(), "lb".into()]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+    let said = String::from_utf8_lossy(&down.stderr);
+    assert_eq!(forwarding(&lab), before, "down restores both families: {said}");
+    assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"), "{said}");
+}
+
+#[test]
+fn a_flushed_nft_table_is_re_created_within_the_check_period_and_reported() {
+    let lab = Lab::new("lbr");
+    let daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let (mut chatter, _) = Chatter::open(&lab);
+    chatter.exchange();
+    lab.lb.exec("nft flush ruleset");
+    // A foreground lb checks every 2 s. The kernel drops the NAT'd conntrack entries when the
+    // last nat hook goes (nf_nat_unregister_fn), so established flows end with the flush;
+    // the connection a client makes again works once the table is back.
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while !lab.lb.exec("nft list tables").contains("ebpf_net_lb") {
+        assert!(Instant::now() < deadline, "not re-created: {:?}", daemon.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (mut chatter, _) = Chatter::open(&lab);
+    for _ in 0..10 {
+        chatter.exchange();
+    }
+    let (greeting, _) = lab.tcp(vip(VIP4), b"after the flush");
+    assert!(lab.backends4.contains(&greeting.server));
+    drop(chatter);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|l| l.contains("were removed by someone: re-created it (repair 1)")),
+        "{log:?}"
+    );
+    assert_eq!(forwarding(&lab), ("0".into(), "0".into()), "{log:?}");
+    assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"));
+
+    // persisted: the re-run repairs, and status counts it
+    let args = lab.args(&lab.backends4, &["--persist"]);
+    let first = lab.ebpf_net(&args);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    lab.lb.exec("nft delete table inet ebpf_net_lb");
+    let again = lab.ebpf_net(&args);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        again.status.success() && said.contains("re-created it (repair 1)"),
+        "{said}"
+    );
+    let (greeting, _) = lab.tcp(vip(VIP4), b"after the re-run");
+    assert!(lab.backends4.contains(&greeting.server));
+    let status = String::from_utf8_lossy(&lab.ebpf_net(&["status".into()]).stdout).into_owned();
+    assert!(
+        status.contains("nft table inet ebpf_net_lb re-created 1 times"),
+        "{status}"
+    );
+    let down = lab.ebpf_net(&["down".into(), "lb".into()]);
+    assert!(down.status.success());
+    assert_eq!(forwarding(&lab), ("0".into(), "0".into()));
+}

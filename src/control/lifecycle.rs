@@ -208,7 +208,18 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     D::refuse_if_attached(&target, &pins.prog_ids())?;
     let mut plan = D::plan(&desired, &target, persist)?;
     if persist {
-        return persist_run::<D>(&desired, &target, &plan, &pins);
+        if let Some(orphan) = orphan
+            .as_ref()
+            .filter(|o| o.left.iter().any(|w| w == UPDATE_IN_PROGRESS))
+        {
+            eprintln!(
+                "{}: finishing the update a killed run (pid {}) left in progress on {}",
+                D::NAME,
+                orphan.pid,
+                target.display()
+            );
+        }
+        return persist_run::<D>(&desired, &target, &plan, &pins, instance.as_mut());
     }
     if pins.exists() {
         bail!(
@@ -229,19 +240,24 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     }
     let mut storage: Storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     let loaded = D::load(&mut storage, &plan, None)?;
-    let applied = D::apply(&loaded, &plan)?;
-    for what in &applied.leaves {
-        if let Some(instance) = instance.as_mut() {
-            instance.leaves(what)?;
+    // From the first change on, a failure undoes what apply changed in the namespace (lb's
+    // nft table and forwarding), as a stop would.
+    let started = (|| {
+        let applied = D::apply(&loaded, &plan)?;
+        for what in &applied.leaves {
+            if let Some(instance) = instance.as_mut() {
+                instance.leaves(what)?;
+            }
         }
-    }
-    let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
-        // the exporter's thread reads the same maps through its own handles
-        let view = D::view(&loaded)?;
-        Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)
-    });
-    let attachments = match metrics.and_then(|metrics| Ok((metrics, D::attach(&loaded, &target, &plan)?))) {
-        Ok(done) => done,
+        let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
+            // the exporter's thread reads the same maps through its own handles
+            let view = D::view(&loaded)?;
+            Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)
+        })?;
+        Ok((applied, metrics, D::attach(&loaded, &target, &plan)?))
+    })();
+    let (applied, attachments) = match started {
+        Ok((applied, metrics, attachments)) => (applied, (metrics, attachments)),
         Err(err) => {
             let _ = D::release(&netns_key);
             return Err(err);
@@ -299,6 +315,10 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a `--persist` run killed before it finished leaves in its run record.
+pub const UPDATE_IN_PROGRESS: &str =
+    "an update in progress (the maps may hold part of it; run the same command again to finish it)";
+
 /// Attaches and pins, or updates what is pinned in place: the maps are reused (or migrated
 /// to a new shape), the desired state applied as a diff, then the new programs swapped into
 /// the pinned links, so traffic never meets an empty table or a missing program.
@@ -307,7 +327,13 @@ fn persist_run<D: Datapath>(
     target: &Target,
     plan: &D::Plan,
     pins: &PinDir,
+    instance: Option<&mut Instance>,
 ) -> Result<()> {
+    // recorded before the first map changes; the record goes when this run ends, so only a
+    // killed run leaves it, for `status` to show and the next run to finish
+    if let Some(instance) = instance {
+        instance.leaves(UPDATE_IN_PROGRESS)?;
+    }
     let fresh = !pins.exists();
     pins.create()?;
     let mut set = PinSet::new(pins);

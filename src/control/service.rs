@@ -439,16 +439,27 @@ pub fn sync_services_with(
     let mut released = Vec::new();
 
     let wanted: BTreeMap<SocketAddr, &Service> = services.iter().map(|svc| (svc.vip, svc)).collect();
-    for (vip, old) in &installed {
-        if !wanted.contains_key(vip) {
+    // Removed services go last, once every added or changed one is in: an update stopped
+    // midway never leaves fewer services than either the old state or the new one has.
+    let mut removals: Vec<(SocketAddr, u32, u32)> = installed
+        .iter()
+        .filter(|(vip, _)| !wanted.contains_key(vip))
+        .map(|(vip, old)| (*vip, old.base, old.backends.len() as u32))
+        .collect();
+    let remove = |removals: &mut Vec<(SocketAddr, u32, u32)>,
+                  released: &mut Vec<(u32, u32)>,
+                  report: &mut SyncReport|
+     -> Result<()> {
+        for (vip, base, len) in removals.drain(..) {
             tables
                 .services
-                .delete(as_bytes(&service_endpoint::from(*vip)))
+                .delete(as_bytes(&service_endpoint::from(vip)))
                 .with_context(|| format!("removing service {vip}"))?;
-            released.push((old.base, old.backends.len() as u32));
+            released.push((base, len));
             report.removed += 1;
         }
-    }
+        Ok(())
+    };
 
     let mut pending: Vec<&Service> = Vec::new();
     for service in services {
@@ -480,6 +491,10 @@ pub fn sync_services_with(
                 released.push((old.base, old.backends.len() as u32));
             }
         }
+        if !deferred.is_empty() && placed.is_empty() && released.is_empty() && !removals.is_empty() {
+            // no room left for the rest: the removed services' slots are needed now
+            remove(&mut removals, &mut released, &mut report)?;
+        }
         if !deferred.is_empty() && placed.is_empty() && released.is_empty() {
             bail!(
                 "the backend table is full: {} more slots needed, {} of {} free",
@@ -498,6 +513,7 @@ pub fn sync_services_with(
         }
         pending = deferred;
     }
+    remove(&mut removals, &mut released, &mut report)?;
     Ok(report)
 }
 

@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
-use crate::control::run::{self, Shutdown};
+use crate::control::run::{self, Request, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 
 use crate::kernel::addr::{ip_to_words, Interface};
@@ -26,7 +26,7 @@ use crate::kernel::neigh::Routes;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
-use crate::kernel::{nft, probe};
+use crate::kernel::{netns, nft, probe};
 
 pub const SUBCOMMAND: &str = "lb";
 pub const PROGRAMS: &[&str] = &["lb_ingress"];
@@ -389,14 +389,127 @@ const FORWARDING: [(&str, &str, bool); 2] = [
     ("ipv4-forwarding", "/proc/sys/net/ipv4/ip_forward", true),
     ("ipv6-forwarding", "/proc/sys/net/ipv6/conf/all/forwarding", false),
 ];
+/// What lb changed beside forwarding: the nat chains (and a `ct` rule) of its table.
+const NAT_HOOKS: &str = "nat-hooks";
+
+/// What lb changed in one namespace, written before each change is made, in a file of its
+/// own: a flushed ruleset takes the table (and its comment) but not this, so lb can put the
+/// table back and the last lb can still restore forwarding.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+pub struct NamespaceChanges {
+    /// "ipv4-forwarding", "ipv6-forwarding", "nat-hooks": each was off or missing before lb
+    pub changed: Vec<String>,
+    /// times lb found its table or chains removed by someone and re-created them
+    #[serde(default)]
+    pub repairs: u64,
+}
+
+impl NamespaceChanges {
+    fn path(netns_key: &str) -> std::path::PathBuf {
+        std::path::Path::new(crate::control::instance::RUN_ROOT)
+            .join(SUBCOMMAND)
+            .join(netns_key)
+            .join("namespace.changes")
+    }
+
+    /// The record of a namespace; an older lb's table comment when it left no file.
+    pub fn read(netns_key: &str) -> Option<Self> {
+        match std::fs::read_to_string(Self::path(netns_key)) {
+            Ok(text) => serde_json::from_str(&text).ok(),
+            Err(_) => recorded_changes().map(|changed| Self { changed, repairs: 0 }),
+        }
+    }
+
+    /// Written whole (a new file renamed over the old) so a kill never leaves half of it.
+    fn write(&self, netns_key: &str) -> Result<()> {
+        let path = Self::path(netns_key);
+        let dir = path.parent().expect("record path has a parent");
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let fresh = path.with_extension(format!("new{}", std::process::id()));
+        std::fs::write(&fresh, serde_json::to_string(self)?)
+            .with_context(|| format!("writing {}", fresh.display()))?;
+        std::fs::rename(&fresh, &path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    fn remove(netns_key: &str) {
+        let path = Self::path(netns_key);
+        let _ = std::fs::remove_file(&path);
+        for dir in path.ancestors().skip(1).take(3) {
+            if std::fs::remove_dir(dir).is_err() {
+                break;
+            }
+        }
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.changed.iter().any(|change| change == name)
+    }
+
+    fn add(&mut self, name: &str) {
+        if !self.has(name) {
+            self.changed.push(name.to_string());
+        }
+    }
+}
+
+/// Whether lb's table is there as `record` wants it: the comment, and the nat chains when
+/// lb added them.
+fn table_in_place(record: &NamespaceChanges) -> bool {
+    let Ok(listing) = nft::run(&["list", "table", "inet", NFT_TABLE]) else {
+        return false;
+    };
+    let comment_ok = recorded_changes().as_ref() == Some(&record.changed);
+    let chains_ok = !record.has(NAT_HOOKS)
+        || (listing.contains("chain prerouting")
+            && listing.contains("chain postrouting")
+            && listing.contains("ct state invalid"));
+    comment_ok && chains_ok
+}
+
+/// Writes lb's table as `record` says, replacing whatever is there in one transaction (a
+/// table's comment cannot be changed in place): the nat hooks never go missing meanwhile.
+fn write_table(record: &NamespaceChanges) -> Result<()> {
+    // Any rule using ct makes the namespace track connections; in a nat chain it only ever
+    // sees a flow's first packet, so it costs nothing per packet.
+    let chains = if record.has(NAT_HOOKS) {
+        "  chain prerouting { type nat hook prerouting priority dstnat; policy accept; ct state invalid counter; }\n  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n"
+    } else {
+        ""
+    };
+    nft::apply(&format!(
+        "table inet {NFT_TABLE}\ndelete table inet {NFT_TABLE}\ntable inet {NFT_TABLE} {{\n  comment \"{}\"\n{chains}}}\n",
+        record.changed.join(" ")
+    ))
+}
+
+/// Puts lb's table back when someone removed it or its chains; the log line, or nothing.
+/// Foreground runs call it periodically, every run and reload through [`prepare_namespace`].
+pub fn repair_namespace(netns_key: &str) -> Result<Option<String>> {
+    let Some(mut record) = NamespaceChanges::read(netns_key) else {
+        return Ok(None);
+    };
+    if record.changed.is_empty() || table_in_place(&record) {
+        return Ok(None);
+    }
+    record.repairs += 1;
+    record.write(netns_key)?;
+    write_table(&record)?;
+    Ok(Some(format!(
+        "nft table inet {NFT_TABLE} or its chains were removed by someone: re-created it (repair {})",
+        record.repairs
+    )))
+}
 
 /// Makes this namespace apply the entries lb creates: conntrack and NAT hooks (an nft table,
 /// only if none registers them yet) and forwarding towards backends that are not local (only
-/// if off). Returns what it did, for the log.
-fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
+/// if off). Every change is recorded (file and table comment) before it is made, on every
+/// path: first run, re-run, reload, a second lb. Returns what it did, for the log.
+fn prepare_namespace(services: &[Service], netns_key: &str) -> Result<Vec<String>> {
     let local = local_addresses()?;
     let mut log = Vec::new();
-    let mut changed = Vec::new();
+    let before = NamespaceChanges::read(netns_key);
+    let mut record = before.clone().unwrap_or_default();
+    let mut enable = Vec::new();
     for (name, path, v4) in FORWARDING {
         let forwards = services
             .iter()
@@ -409,88 +522,88 @@ fn prepare_namespace(services: &[Service]) -> Result<Vec<String>> {
         let family = if v4 { "IPv4" } else { "IPv6" };
         let value = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
         if value.trim() == "0" {
-            std::fs::write(path, "1").with_context(|| format!("enabling {family} forwarding ({path})"))?;
-            changed.push(name.to_string());
-            log.push(format!(
-                "enabled {family} forwarding in this namespace: backends are behind it (off again when the last lb stops)"
-            ));
+            record.add(name);
+            enable.push((path, family));
         } else {
             log.push(format!("{family} forwarding already on"));
         }
     }
 
-    if let Some(previous) = recorded_changes() {
+    let mut added_hooks = None;
+    if record.has(NAT_HOOKS) {
         log.push(format!(
             "conntrack and NAT hooks: table inet {NFT_TABLE} already there ({})",
-            previous.join(" ")
+            record.changed.join(" ")
         ));
-        return Ok(log);
+    } else {
+        let mut families = Vec::new();
+        if services.iter().any(|svc| svc.vip.is_ipv4()) {
+            families.push("ip");
+        }
+        if services.iter().any(|svc| svc.vip.is_ipv6()) {
+            families.push("ip6");
+        }
+        let (need_nat, need_conntrack) = missing_hooks(&families).context("conntrack and NAT hooks")?;
+        if need_nat || need_conntrack {
+            record.add(NAT_HOOKS);
+            added_hooks = Some(match (need_nat, need_conntrack) {
+                (true, true) => "conntrack and NAT hooks",
+                (true, false) => "NAT hooks (conntrack was on)",
+                _ => "conntrack (NAT hooks were there)",
+            });
+        } else {
+            log.push("conntrack and NAT hooks already registered in this namespace; added none".into());
+        }
     }
+
     // The first SYN resets an entry lb made to conntrack's SYN_SENT timeout (120 s by
     // default), so a spoofed SYN holds a source-NAT port that long: shorten half-open life
     // in this namespace (include/lb.h LB_HALF_OPEN_S), as Cilium's CT_SYN_TIMEOUT does.
-    if services.iter().any(|svc| !svc.backends.is_empty()) {
-        for (name, path) in HALF_OPEN_TIMEOUTS {
-            let Ok(value) = std::fs::read_to_string(path) else {
-                log.push(format!("no {path}: half-open TCP flows keep conntrack's timeout"));
-                continue;
-            };
-            let value: u32 = value.trim().parse().with_context(|| format!("reading {path}"))?;
-            if value > HALF_OPEN_S {
-                std::fs::write(path, HALF_OPEN_S.to_string())
-                    .with_context(|| format!("shortening {path}"))?;
-                changed.push(format!("{name}={value}"));
-                log.push(format!(
-                    "conntrack's {name} timeout {value} s -> {HALF_OPEN_S} s in this namespace (restored when the last lb stops)"
-                ));
-            }
-        }
-    }
-    let mut families = Vec::new();
-    if services.iter().any(|svc| svc.vip.is_ipv4()) {
-        families.push("ip");
-    }
-    if services.iter().any(|svc| svc.vip.is_ipv6()) {
-        families.push("ip6");
-    }
-    let (need_nat, need_conntrack) = missing_hooks(&families).context("conntrack and NAT hooks")?;
-    let add_hooks = need_nat || need_conntrack;
-    if !add_hooks {
-        log.push("conntrack and NAT hooks already registered in this namespace; added none".into());
-        if changed.is_empty() {
-            return Ok(log);
-        }
-    }
-    if add_hooks {
-        changed.push("nat-hooks".into());
-    }
-    // Any rule using ct makes the namespace track connections; in a nat chain it only ever
-    // sees a flow's first packet, so it costs nothing per packet.
-    let conntrack_rule = if need_conntrack {
-        " ct state invalid counter;"
-    } else {
-        ""
-    };
-    let mut chains = format!(
-        "  chain prerouting {{ type nat hook prerouting priority dstnat; policy accept;{conntrack_rule} }}\n"
-    );
-    if need_nat {
-        chains
-            .push_str("  chain postrouting { type nat hook postrouting priority srcnat; policy accept; }\n");
-    }
-    // the table also records what lb changed, for the last lb to undo
-    nft::apply(&format!(
-        "table inet {NFT_TABLE} {{\n  comment \"{}\"\n{chains}}}\n",
-        changed.join(" ")
-    ))?;
-    if add_hooks {
-        let what = match (need_nat, need_conntrack) {
-            (true, true) => "conntrack and NAT hooks",
-            (true, false) => "NAT hooks (conntrack was on)",
-            _ => "conntrack (NAT hooks were there)",
+    let mut shorten = Vec::new();
+    for (name, path) in HALF_OPEN_TIMEOUTS {
+        let Ok(value) = std::fs::read_to_string(path) else {
+            log.push(format!("no {path}: half-open TCP flows keep conntrack's timeout"));
+            continue;
         };
+        let value: u32 = value.trim().parse().with_context(|| format!("reading {path}"))?;
+        let prefix = format!("{name}=");
+        if value > HALF_OPEN_S && !record.changed.iter().any(|c| c.starts_with(&prefix)) {
+            record.add(&format!("{name}={value}"));
+            shorten.push((name, path, value));
+        }
+    }
+
+    // the record first: a kill from here on leaves nothing the last lb cannot undo
+    if before.as_ref() != Some(&record) && !record.changed.is_empty() {
+        record.write(netns_key)?;
+    }
+    if !record.changed.is_empty() && !table_in_place(&record) {
+        let was_there = before.as_ref().is_some_and(|b| b.has(NAT_HOOKS));
+        if was_there && nft::run(&["list", "table", "inet", NFT_TABLE]).is_err() {
+            record.repairs += 1;
+            record.write(netns_key)?;
+            log.push(format!(
+                "nft table inet {NFT_TABLE} was removed by someone: re-created it (repair {})",
+                record.repairs
+            ));
+        }
+        write_table(&record)?;
+    }
+    if let Some(what) = added_hooks {
         log.push(format!(
             "registered {what}: nft table inet {NFT_TABLE} (removed when the last lb stops)"
+        ));
+    }
+    for (name, path, value) in shorten {
+        std::fs::write(path, HALF_OPEN_S.to_string()).with_context(|| format!("shortening {path}"))?;
+        log.push(format!(
+            "conntrack's {name} timeout {value} s -> {HALF_OPEN_S} s in this namespace (restored when the last lb stops)"
+        ));
+    }
+    for (path, family) in enable {
+        std::fs::write(path, "1").with_context(|| format!("enabling {family} forwarding ({path})"))?;
+        log.push(format!(
+            "enabled {family} forwarding in this namespace: backends are behind it (off again when the last lb stops)"
         ));
     }
     Ok(log)
@@ -508,7 +621,7 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
             .iter()
             .any(|prog| PROGRAMS.contains(&prog.name.as_str()))
     });
-    let Some(changes) = recorded_changes() else {
+    let Some(record) = NamespaceChanges::read(netns_key) else {
         return Ok(Vec::new());
     };
     if persisted || attached {
@@ -518,7 +631,7 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
     }
     let mut log = Vec::new();
     for (name, path, v4) in FORWARDING {
-        if changes.iter().any(|change| change == name) {
+        if record.has(name) {
             std::fs::write(path, "0").with_context(|| format!("restoring {path}"))?;
             log.push(format!(
                 "turned {} forwarding off again",
@@ -527,7 +640,8 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
         }
     }
     for (name, path) in HALF_OPEN_TIMEOUTS {
-        let recorded = changes
+        let recorded = record
+            .changed
             .iter()
             .find_map(|change| change.strip_prefix(name)?.strip_prefix('='));
         let Some(previous) = recorded else { continue };
@@ -538,8 +652,12 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
             log.push(format!("conntrack's {name} timeout back to {previous} s"));
         }
     }
-    nft::run(&["delete", "table", "inet", NFT_TABLE])?;
-    log.push(format!("removed nft table inet {NFT_TABLE}"));
+    if nft::run(&["list", "table", "inet", NFT_TABLE]).is_ok() {
+        nft::run(&["delete", "table", "inet", NFT_TABLE])?;
+        log.push(format!("removed nft table inet {NFT_TABLE}"));
+    }
+    // last: a kill before this leaves the record for `down` to finish from
+    NamespaceChanges::remove(netns_key);
     Ok(log)
 }
 
@@ -558,7 +676,12 @@ const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_STATS, PIN_COUNTERS];
 pub struct View {
     tables: ServiceTables,
     counters: MapHandle,
+    /// the namespace whose record (nft repairs) the report shows
+    netns: String,
 }
+
+/// How often a foreground lb checks that its nft table and chains are still there.
+pub const CHECK_PERIOD: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Datapath for Lb {
     const NAME: &'static str = SUBCOMMAND;
@@ -603,7 +726,7 @@ impl Datapath for Lb {
     fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
         let values = BackendValues::new(!plan.settings.no_snat)?;
         let report = sync(&tables(skel)?, &plan.settings.services, &values)?;
-        let log = prepare_namespace(&plan.settings.services)?;
+        let log = prepare_namespace(&plan.settings.services, &netns::current_key()?)?;
         let leaves = recorded_changes()
             .map(|changes| vec![format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))])
             .unwrap_or_default();
@@ -642,12 +765,14 @@ impl Datapath for Lb {
         Ok(View {
             tables: tables(skel)?,
             counters: MapHandle::try_from(&skel.maps.lb_counters)?,
+            netns: netns::current_key()?,
         })
     }
     fn view_pinned(pins: &PinDir) -> Result<View> {
         Ok(View {
             tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
             counters: pins.open_map(&PIN_COUNTERS)?,
+            netns: pins.netns.clone(),
         })
     }
     fn report(view: &View) -> Result<Report> {
@@ -661,14 +786,21 @@ impl Datapath for Lb {
             .map(|service| service.summary(backend_words))
             .collect();
         exit.push(describe_counters(&totals));
+        let repairs = NamespaceChanges::read(&view.netns).map_or(0, |record| record.repairs);
+        let repaired = if repairs > 0 {
+            format!("; nft table inet {NFT_TABLE} re-created {repairs} times (someone removed it)")
+        } else {
+            String::new()
+        };
         Ok(Report {
             on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
                 "counters": totals.json(),
+                "nft_table_repairs": repairs,
             }),
             summary: format!(
-                "{}; conntrack entries created {}, failed {}",
+                "{}; conntrack entries created {}, failed {}{repaired}",
                 service::summarize_report(&services, backend_words),
                 totals.new_flows,
                 totals.total_of(counters::Kind::Error)
@@ -680,18 +812,21 @@ impl Datapath for Lb {
     fn release(netns_key: &str) -> Result<Vec<String>> {
         release_namespace(netns_key)
     }
-    /// Serves signals, and logs a line each second a flood or low source ports dropped
-    /// first packets.
+    /// Serves signals, and every [`CHECK_PERIOD`] puts the nft table back if it was removed.
+    /// Serves signals; each second logs a line when a flood or low source ports dropped
+    /// first packets, and every CHECK_PERIOD repairs the nft table if someone removed it.
     fn serve(
         skel: &LbSkel<'_>,
         shutdown: &Shutdown,
         reload: &mut dyn FnMut() -> Result<String>,
     ) -> Result<()> {
+        let netns_key = netns::current_key()?;
         let mut last = lb_counters::default();
+        let mut next_check = Instant::now() + CHECK_PERIOD;
         loop {
             match shutdown.next_timeout(Duration::from_secs(1)) {
-                Some(run::Request::Stop) => return Ok(()),
-                Some(run::Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
+                Some(Request::Stop) => return Ok(()),
+                Some(Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
                 None => {}
             }
             let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
@@ -699,6 +834,14 @@ impl Datapath for Lb {
                 eprintln!("{SUBCOMMAND}: {line}");
             }
             last = now;
+            if Instant::now() >= next_check {
+                next_check = Instant::now() + CHECK_PERIOD;
+                match repair_namespace(&netns_key) {
+                    Ok(Some(line)) => eprintln!("{SUBCOMMAND}: {line}"),
+                    Ok(None) => {}
+                    Err(err) => eprintln!("{SUBCOMMAND}: checking the nft table: {err:#}"),
+                }
+            }
         }
     }
 }

@@ -715,6 +715,7 @@ impl Datapath for XdpLb {
     }
     fn attach_pinned(loaded: &Loaded<'_>, target: &Target, pins: &PinDir, plan: &Plan) -> Result<bool> {
         let link = pins.file(LINK);
+        attach::drop_severed(&link, target.iface())?;
         if attach::update_pinned(&loaded.skel.progs.xdp_lb, &link)? {
             return Ok(true);
         }

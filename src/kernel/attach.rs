@@ -2,6 +2,7 @@
 //! on drop, and what the kernel reports as attached.
 
 use std::ffi::CStr;
+use std::fs;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::ptr::NonNull;
@@ -402,6 +403,34 @@ pub fn attach_cgroup(prog: &Program<'_>, cgroup: BorrowedFd<'_>, what: &str) -> 
     Ok(unsafe { Link::from_ptr(raw) })
 }
 
+/// Removes the link pinned at `link_path` when it no longer is on `iface` (the interface was
+/// deleted, and perhaps made again with the same name: the link is severed, ifindex 0, and
+/// cannot take a program); the caller then attaches afresh, with the same pinned maps.
+pub fn drop_severed(link_path: &Path, iface: &Interface) -> Result<()> {
+    if !link_path.exists() {
+        return Ok(());
+    }
+    let link = PinnedLink::open(link_path)?;
+    let LinkTarget::Interface(index) = link.target else {
+        return Ok(());
+    };
+    if index != iface.index {
+        let why = if index == 0 {
+            "its interface was deleted".to_string()
+        } else {
+            format!("it is on ifindex {index}")
+        };
+        fs::remove_file(link_path).with_context(|| format!("removing {}", link_path.display()))?;
+        eprintln!(
+            "re-attaching to {} (ifindex {}): the pinned link {} was severed ({why})",
+            iface.name,
+            iface.index,
+            link_path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Persists `prog` on one side of an interface: swaps it atomically into the link pinned at
 /// `link_path` when there is one (true), else attaches and pins a new link (false).
 pub fn attach_or_update_pinned(
@@ -410,6 +439,7 @@ pub fn attach_or_update_pinned(
     direction: TcDirection,
     link_path: &Path,
 ) -> Result<bool> {
+    drop_severed(link_path, iface)?;
     if update_pinned(prog, link_path)? {
         return Ok(true);
     }
