@@ -161,7 +161,11 @@ enum HeadError {
 }
 
 /// Reads the request line and headers, up to the blank line, within the limits.
-fn read_head(stream: &mut impl Read, deadline: Instant, set_timeout: impl Fn(Duration)) -> Result<Request, HeadError> {
+fn read_head(
+    stream: &mut impl Read,
+    deadline: Instant,
+    set_timeout: impl Fn(Duration),
+) -> Result<Request, HeadError> {
     let mut head = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -198,9 +202,12 @@ fn head_end(head: &[u8]) -> Option<usize> {
 
 fn parse_request(head: &[u8]) -> Result<Request, HeadError> {
     let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = std::str::from_utf8(line).map_err(|_| HeadError::Malformed)?.trim_end();
+    let line = std::str::from_utf8(line)
+        .map_err(|_| HeadError::Malformed)?
+        .trim_end();
     let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(HeadError::Malformed);
     };
@@ -317,7 +324,9 @@ struct Slot(Arc<AtomicUsize>);
 impl Slot {
     fn take(active: &Arc<AtomicUsize>) -> Option<Self> {
         active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_CONNECTIONS).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_CONNECTIONS).then_some(n + 1)
+            })
             .ok()
             .map(|_| Self(Arc::clone(active)))
     }
@@ -340,7 +349,8 @@ fn accept_loop(listener: TcpListener, source: Source) {
         let Some(slot) = Slot::take(&active) else {
             // every connection busy: say so at once rather than queue behind slow clients
             let _ = stream.set_write_timeout(Some(Duration::from_millis(200)));
-            let _ = Response::text("503 Service Unavailable", "too many connections\n").send(&mut stream, true);
+            let _ =
+                Response::text("503 Service Unavailable", "too many connections\n").send(&mut stream, true);
             continue;
         };
         let source = Arc::clone(&source);
@@ -454,7 +464,10 @@ mod tests {
     #[test]
     fn colon_port_means_every_address() {
         let addrs = parse_listen(":9100").unwrap();
-        assert!(addrs.iter().all(|a| a.ip().is_unspecified() && a.port() == 9100), "{addrs:?}");
+        assert!(
+            addrs.iter().all(|a| a.ip().is_unspecified() && a.port() == 9100),
+            "{addrs:?}"
+        );
         assert_eq!(parse_listen("[::1]:9").unwrap(), vec!["[::1]:9".parse().unwrap()]);
         assert!(parse_listen(":x").is_err() && parse_listen("9100").is_err());
     }

@@ -71,18 +71,30 @@ fn unexpected_pins(registry: &Registry) -> Vec<String> {
     for (subcommand, is_dir) in entries(Path::new(PIN_ROOT)) {
         let name = subcommand.file_name().unwrap_or_default().to_string_lossy();
         if !is_dir {
-            unexpected.push(format!("{}: a file where only datapath directories go", subcommand.display()));
+            unexpected.push(format!(
+                "{}: a file where only datapath directories go",
+                subcommand.display()
+            ));
         } else if find(registry, &name).is_none() {
-            unexpected.push(format!("{}: a directory named after no datapath", subcommand.display()));
+            unexpected.push(format!(
+                "{}: a directory named after no datapath",
+                subcommand.display()
+            ));
         } else {
             for (netns, is_dir) in entries(&subcommand) {
                 if !is_dir {
-                    unexpected.push(format!("{}: a file where only namespace directories go", netns.display()));
+                    unexpected.push(format!(
+                        "{}: a file where only namespace directories go",
+                        netns.display()
+                    ));
                     continue;
                 }
                 for (target, is_dir) in entries(&netns) {
                     if !is_dir {
-                        unexpected.push(format!("{}: a file where only target directories go", target.display()));
+                        unexpected.push(format!(
+                            "{}: a file where only target directories go",
+                            target.display()
+                        ));
                     }
                 }
             }
@@ -195,8 +207,7 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         .collect();
 
     if json_output {
-        let report =
-            json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs, "unexpected": unexpected });
+        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs, "unexpected": unexpected });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -306,7 +317,10 @@ pub fn down(registry: &Registry, scope: &DownScope<'_>, netns_key: &str) -> Resu
     let mut removed = 0;
     let mut left = Vec::new();
     // a directory named after no datapath is not ours to remove (status lists it)
-    for pins in PinDir::all().into_iter().filter(|pins| find(registry, &pins.subcommand).is_some()) {
+    for pins in PinDir::all()
+        .into_iter()
+        .filter(|pins| find(registry, &pins.subcommand).is_some())
+    {
         match scope.covers(&pins.subcommand, &pins.netns, &pins.target, netns_key) {
             Ok(true) => {}
             Ok(false) => continue,

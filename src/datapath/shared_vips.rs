@@ -48,7 +48,9 @@ impl Balancer {
     fn vips(&self, prog: &AttachedProgram) -> Result<BTreeSet<SocketAddr>> {
         let mut vips = BTreeSet::new();
         for id in attach::program_info(prog.id)?.1 {
-            let Ok(map) = MapHandle::from_map_id(id) else { continue };
+            let Ok(map) = MapHandle::from_map_id(id) else {
+                continue;
+            };
             if map.name().to_string_lossy() != self.services_map {
                 continue;
             }
