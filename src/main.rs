@@ -49,7 +49,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// remove persisted state of this namespace, or of one subcommand / interface
+    /// remove persisted state of this namespace (clusterip: of the root cgroup), or of one
+    /// subcommand / interface / cgroup; --all: everything, every namespace and cgroup
     Down {
         /// only this datapath
         subcommand: Option<Datapath>,
@@ -64,7 +65,7 @@ enum Command {
         /// only this cgroup (clusterip), absolute or relative to the cgroup2 mount
         #[arg(long, value_name = "PATH")]
         cgroup: Option<String>,
-        /// every namespace, including ones that no longer exist
+        /// every namespace (including ones that no longer exist) and every cgroup
         #[arg(long)]
         all: bool,
     },
@@ -120,11 +121,19 @@ fn run(cli: Cli) -> Result<()> {
                 Some(path) => Some(ebpf_net::kernel::cgroup::Cgroup::target_of(Some(path))?),
                 None => iface.clone(),
             };
+            // what `clusterip` without --cgroup attaches to is all `down` without it removes
+            let default_cgroup = match (cgroup, all) {
+                (None, false) => Some(ebpf_net::kernel::cgroup::Cgroup::target_of(None)?),
+                _ => None,
+            };
             status::down(
                 &REGISTRY,
-                subcommand.map(Datapath::subcommand),
-                target.as_deref(),
-                *all,
+                &status::DownScope {
+                    subcommand: subcommand.map(Datapath::subcommand),
+                    target: target.as_deref(),
+                    default_cgroup: default_cgroup.as_deref(),
+                    all: *all,
+                },
                 &netns_key,
             )
         }

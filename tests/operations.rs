@@ -419,7 +419,7 @@ fn every_datapath_serves_metrics_read_at_scrape_time() {
             // SAFETY: setns on a valid fd affects only this thread.
             assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
             let mut stream = TcpStream::connect("127.0.0.1:9469").unwrap();
-            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+            stream.write_all(b"GET /nope HTTP/1.0\r\n\r\n").unwrap();
             let mut response = String::new();
             stream.read_to_string(&mut response).unwrap();
             response

@@ -107,7 +107,11 @@ impl Instance {
                 netns: netns.into(),
                 target: target.into(),
                 mode: if persist { "persist" } else { "foreground" }.into(),
-                command: std::env::args().collect::<Vec<_>>().join(" "),
+                // as given, also when an argument is not UTF-8 (a file name, say)
+                command: std::env::args_os()
+                    .map(|arg| arg.to_string_lossy().into_owned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 left: orphan.as_ref().map(|o| o.left.clone()).unwrap_or_default(),
             };
             let mut instance = Self { file, path, record };

@@ -1,6 +1,9 @@
 //! `ebpf-net status` and `ebpf-net down`: what is persisted (every namespace), what is attached
 //! here, and removing it.
 
+use std::fs;
+use std::path::{Path, PathBuf};
+
 use anyhow::Result;
 use serde_json::{json, Value};
 
@@ -50,8 +53,63 @@ fn health(pins: &PinDir) -> String {
     "active".into()
 }
 
+/// What lies under the pin root that ebpf-net never makes there: files where only
+/// directories go, a directory named after no datapath. Reported, never touched.
+fn unexpected_pins(registry: &Registry) -> Vec<String> {
+    fn entries(dir: &Path) -> Vec<(PathBuf, bool)> {
+        let Ok(read) = fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let mut found: Vec<(PathBuf, bool)> = read
+            .flatten()
+            .map(|entry| (entry.path(), entry.file_type().is_ok_and(|kind| kind.is_dir())))
+            .collect();
+        found.sort();
+        found
+    }
+    let mut unexpected = Vec::new();
+    for (subcommand, is_dir) in entries(Path::new(PIN_ROOT)) {
+        let name = subcommand.file_name().unwrap_or_default().to_string_lossy();
+        if !is_dir {
+            unexpected.push(format!(
+                "{}: a file where only datapath directories go",
+                subcommand.display()
+            ));
+        } else if find(registry, &name).is_none() {
+            unexpected.push(format!(
+                "{}: a directory named after no datapath",
+                subcommand.display()
+            ));
+        } else {
+            for (netns, is_dir) in entries(&subcommand) {
+                if !is_dir {
+                    unexpected.push(format!(
+                        "{}: a file where only namespace directories go",
+                        netns.display()
+                    ));
+                    continue;
+                }
+                for (target, is_dir) in entries(&netns) {
+                    if !is_dir {
+                        unexpected.push(format!(
+                            "{}: a file where only target directories go",
+                            target.display()
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    unexpected
+}
+
 pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result<()> {
-    let all_pins = PinDir::all();
+    // a directory named after no datapath is listed once, as unexpected, not as a datapath
+    let all_pins: Vec<PinDir> = PinDir::all()
+        .into_iter()
+        .filter(|pins| find(registry, &pins.subcommand).is_some())
+        .collect();
+    let unexpected = unexpected_pins(registry);
     let persisted: Vec<Value> = all_pins
         .iter()
         .map(|pins| {
@@ -149,8 +207,7 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         .collect();
 
     if json_output {
-        let report =
-            json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs });
+        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs, "unexpected": unexpected });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -171,6 +228,9 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
                 entry["state"].as_str().unwrap_or_default(),
             );
         }
+    }
+    for what in &unexpected {
+        println!("  unexpected: {what} (not made by ebpf-net; left alone)");
     }
     if !runs.is_empty() {
         println!("runs (all namespaces, {RUN_ROOT}):");
@@ -220,24 +280,54 @@ fn release_after(registry: &Registry, subcommand: &str, netns: &str, netns_key: 
     Ok(())
 }
 
-/// Removes persisted state of this namespace (or of every namespace with `all`), optionally
-/// only of one subcommand and/or one target.
-pub fn down(
-    registry: &Registry,
-    subcommand: Option<&str>,
-    target: Option<&str>,
-    all: bool,
-    netns_key: &str,
-) -> Result<()> {
-    let mut removed = 0;
-    for pins in PinDir::all() {
-        if !all && pins.netns != netns_key {
-            continue;
-        }
-        if subcommand.is_some_and(|name| name != pins.subcommand)
-            || target.is_some_and(|name| name != pins.target)
+/// What `down` removes.
+pub struct DownScope<'a> {
+    /// only this datapath
+    pub subcommand: Option<&'a str>,
+    /// only this interface or cgroup (pin directory name)
+    pub target: Option<&'a str>,
+    /// without a target named: the only cgroup whose clusterip goes (the root cgroup, as
+    /// `clusterip` without `--cgroup` means); other cgroups' are left and listed
+    pub default_cgroup: Option<&'a str>,
+    /// every namespace and every cgroup
+    pub all: bool,
+}
+
+impl DownScope<'_> {
+    /// Whether `down` removes the state of (subcommand, netns, target); `Err` with a note
+    /// when it is left only because it is another cgroup than the default one.
+    fn covers(&self, subcommand: &str, netns: &str, target: &str, netns_key: &str) -> Result<bool, ()> {
+        if (!self.all && netns != netns_key)
+            || self.subcommand.is_some_and(|name| name != subcommand)
+            || self.target.is_some_and(|name| name != target)
         {
-            continue;
+            return Ok(false);
+        }
+        let is_cgroup = target.starts_with("%2F");
+        match (self.all, self.target, self.default_cgroup) {
+            (false, None, Some(default)) if is_cgroup && target != default => Err(()),
+            _ => Ok(true),
+        }
+    }
+}
+
+/// Removes persisted state and what killed runs left, as `scope` says, and prints each thing
+/// it removed (and each it left because it was not named).
+pub fn down(registry: &Registry, scope: &DownScope<'_>, netns_key: &str) -> Result<()> {
+    let mut removed = 0;
+    let mut left = Vec::new();
+    // a directory named after no datapath is not ours to remove (status lists it)
+    for pins in PinDir::all()
+        .into_iter()
+        .filter(|pins| find(registry, &pins.subcommand).is_some())
+    {
+        match scope.covers(&pins.subcommand, &pins.netns, &pins.target, netns_key) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(()) => {
+                left.push(format!("{} on {}", pins.subcommand, pins.target_display()));
+                continue;
+            }
         }
         pins.remove()?;
         eprintln!(
@@ -251,12 +341,17 @@ pub fn down(
     }
     for claim in instance::all() {
         let record = &claim.record;
-        if claim.alive
-            || (!all && record.netns != netns_key)
-            || subcommand.is_some_and(|name| name != record.subcommand)
-            || target.is_some_and(|name| name != record.target)
-        {
-            continue;
+        match scope.covers(&record.subcommand, &record.netns, &record.target, netns_key) {
+            Ok(true) if !claim.alive => {}
+            Err(()) if !claim.alive => {
+                left.push(format!(
+                    "the record of a killed {} run on {}",
+                    record.subcommand,
+                    claim.target_display()
+                ));
+                continue;
+            }
+            _ => continue,
         }
         if !claim.remove()? {
             continue;
@@ -270,6 +365,9 @@ pub fn down(
         );
         removed += 1;
         release_after(registry, &record.subcommand, &record.netns, netns_key)?;
+    }
+    for what in &left {
+        eprintln!("down: left {what} (name it with --cgroup, or use --all)");
     }
     if removed == 0 {
         eprintln!("down: nothing persisted or left behind to remove in network namespace {netns_key}");

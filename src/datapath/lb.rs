@@ -706,7 +706,8 @@ impl Datapath for Lb {
         let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
         Ok(Target::Interface(iface))
     }
-    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Plan> {
+    fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Plan> {
+        super::shared_vips::refuse_served_elsewhere(SUBCOMMAND, target.iface(), &desired.services)?;
         Ok(Plan {
             settings: Settings {
                 iface: desired.iface.clone(),

@@ -9,6 +9,7 @@ pub mod lb;
 pub mod maglev;
 pub mod monitor;
 pub mod proxy;
+pub mod shared_vips;
 pub mod xdp_lb;
 
 /// Every datapath.

@@ -17,6 +17,7 @@ use crate::control::metrics;
 use crate::kernel::addr::Interface;
 use crate::kernel::attach::{self, TcDirection, TcxAttachment};
 use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::neigh::Routes;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::proxy::types::{proxy_endpoint, proxy_stats, proxy_target};
 use crate::kernel::skel::proxy::{ProxySkel, ProxySkelBuilder};
@@ -200,6 +201,37 @@ pub fn check_rules(rules: Vec<Rule>) -> Result<Vec<Rule>> {
 
 crate::endpoint_conversions!(proxy_endpoint);
 
+/// Refuses a rule whose FROM the kernel would never send out of `iface`: without a route a
+/// connect() fails before any packet exists, and through another interface (or `lo`, for an
+/// address of this node) the egress program never sees it. Either way every connection
+/// would fail or go elsewhere while `ready` said otherwise.
+fn check_routes(rules: &[Rule], iface: &Interface) -> Result<()> {
+    let mut routes = Routes::new()?;
+    for rule in rules {
+        let from = rule.from.ip();
+        match routes.route_to(from) {
+            Err(err) => bail!(
+                "{}: FROM {from} has no route from this network namespace ({}); connections to it \
+                 would fail before a packet reaches {}: add a route to it through {} first",
+                rule.origin,
+                err.root_cause(),
+                iface.name,
+                iface.name
+            ),
+            Ok(route) if route.dev != iface.name => bail!(
+                "{}: FROM {from} is routed through {}, not {}: the proxy on {}'s egress would never \
+                 see its packets",
+                rule.origin,
+                route.dev,
+                iface.name,
+                iface.name
+            ),
+            Ok(_) => {}
+        }
+    }
+    Ok(())
+}
+
 /// The rules in the kernel map now: FROM -> (TO, rule id).
 fn installed_rules(rules: &impl MapCore) -> Result<BTreeMap<SocketAddr, (SocketAddr, u32)>> {
     let mut installed = BTreeMap::new();
@@ -337,7 +369,8 @@ impl Datapath for Proxy {
         let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
         Ok(Target::Interface(iface))
     }
-    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Vec<Rule>> {
+    fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Vec<Rule>> {
+        check_routes(&desired.rules, target.iface())?;
         Ok(desired.rules.clone())
     }
     fn load<'obj>(

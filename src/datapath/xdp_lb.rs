@@ -664,6 +664,7 @@ impl Datapath for XdpLb {
         refuse_if_attached(target.iface(), pinned)
     }
     fn plan((settings, events): &(Settings, EventLevel), target: &Target, _persist: bool) -> Result<Plan> {
+        super::shared_vips::refuse_served_elsewhere(SUBCOMMAND, target.iface(), &settings.services)?;
         let backends = resolve_backends(&settings.services, target.iface())?;
         let ports = port_range()?;
         check_vips(&settings.services, &backends, ports)?;
