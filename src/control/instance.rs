@@ -27,6 +27,9 @@ pub struct Record {
     /// things outside the run's links that a SIGKILL leaves behind
     #[serde(default)]
     pub left: Vec<String>,
+    /// where a foreground run pins its maps for `status` (removed when it ends)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins: Option<PathBuf>,
 }
 
 /// A held claim on (subcommand, namespace, target); released and removed on drop.
@@ -113,6 +116,7 @@ impl Instance {
                     .collect::<Vec<_>>()
                     .join(" "),
                 left: orphan.as_ref().map(|o| o.left.clone()).unwrap_or_default(),
+                pins: None,
             };
             let mut instance = Self { file, path, record };
             instance.write()?;
@@ -135,6 +139,19 @@ impl Instance {
             self.write()?;
         }
         Ok(())
+    }
+}
+
+/// What a killed foreground run leaves when its maps were pinned for `status`.
+pub fn pinned_maps(path: &Path) -> String {
+    format!("its maps pinned under {}", path.display())
+}
+
+impl Instance {
+    /// Records where this run pins its maps, before it pins them.
+    pub fn pins(&mut self, path: &Path) -> Result<()> {
+        self.record.pins = Some(path.to_path_buf());
+        self.leaves(&pinned_maps(path))
     }
 }
 
@@ -211,7 +228,11 @@ pub fn all() -> Vec<Claim> {
     let Ok(subcommands) = fs::read_dir(RUN_ROOT) else {
         return claims;
     };
-    for subcommand in subcommands.flatten() {
+    // names starting with a dot are ebpf-net's own (the desired states), not run records
+    for subcommand in subcommands
+        .flatten()
+        .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+    {
         for netns in fs::read_dir(subcommand.path()).into_iter().flatten().flatten() {
             for entry in fs::read_dir(netns.path()).into_iter().flatten().flatten() {
                 let path = entry.path();

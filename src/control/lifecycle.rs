@@ -20,13 +20,14 @@ use libbpf_rs::OpenObject;
 use serde_json::Value;
 
 use crate::control::config::RunOptions;
+use crate::control::desired;
 use crate::control::instance::Instance;
 use crate::control::metrics::{self, Family};
 use crate::control::run::{self, Shutdown};
 use crate::kernel::addr::Interface;
 use crate::kernel::attach;
 use crate::kernel::cgroup::Cgroup;
-use crate::kernel::pin::{MapPin, PinDir, PinSet};
+use crate::kernel::pin::{self, MapPin, PinDir, PinSet};
 
 /// Room for the BPF objects of one load (ipv6-hp loads two).
 pub type Storage = [MaybeUninit<OpenObject>; 2];
@@ -159,6 +160,11 @@ pub trait Datapath: 'static {
     ) -> Result<bool>;
     /// The loaded object(s), each with the pins of its maps.
     fn objects<'a>(loaded: &'a Self::Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])>;
+    /// The maps filled only from the desired state (services, backends), which `status`
+    /// compares with what the last `--persist` apply left in them.
+    fn desired_maps() -> &'static [MapPin] {
+        &[]
+    }
     /// What a reload may not change without a restart.
     fn check_reload(old: &Self::Desired, new: &Self::Desired) -> Result<()>;
     /// The ready line after the target.
@@ -238,6 +244,14 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             target.display()
         );
     }
+    // where this run shows its maps to `status`; what a killed run left there goes first
+    let run_pins = PinDir::foreground(D::NAME, &netns_key, &target.key());
+    if instance.is_some() {
+        if run_pins.exists() {
+            run_pins.remove()?;
+        }
+        pin::require_untampered(&run_pins, D::NAME)?;
+    }
     let mut storage: Storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
     let loaded = D::load(&mut storage, &plan, None)?;
     // From the first change on, a failure undoes what apply changed in the namespace (lb's
@@ -249,12 +263,25 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
                 instance.leaves(what)?;
             }
         }
+        // the maps pinned for `status` (recorded first, removed on every way out)
+        let shown = match instance.as_mut() {
+            Some(instance) => {
+                instance.pins(&run_pins.path)?;
+                run_pins.create()?;
+                let shown = RunPins(run_pins.clone());
+                for (object, specs) in D::objects(&loaded) {
+                    PinSet::pin_all(&run_pins, object, specs)?;
+                }
+                Some(shown)
+            }
+            None => None,
+        };
         let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
             // the exporter's thread reads the same maps through its own handles
             let view = D::view(&loaded)?;
             Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)
         })?;
-        Ok((applied, metrics, D::attach(&loaded, &target, &plan)?))
+        Ok((applied, (shown, metrics), D::attach(&loaded, &target, &plan)?))
     })();
     let (applied, attachments) = match started {
         Ok((applied, metrics, attachments)) => (applied, (metrics, attachments)),
@@ -263,7 +290,7 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             return Err(err);
         }
     };
-    let (metrics, attachments) = attachments;
+    let ((shown, metrics), attachments) = attachments;
     for line in &applied.log {
         eprintln!("{}: {line}", D::NAME);
     }
@@ -299,6 +326,7 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     let served = D::serve(&loaded, &shutdown, &mut reload);
     drop(attachments);
     let report = D::view(&loaded).and_then(|view| D::report(&view));
+    drop(shown);
     for line in D::release(&netns_key)? {
         eprintln!("{}: {line}", D::NAME);
     }
@@ -313,6 +341,17 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
         .unwrap_or_default();
     eprintln!("{}: detached from {}{note}", D::NAME, target.display());
     Ok(())
+}
+
+/// A foreground run's maps pinned for `status`: removed when dropped, on every way out.
+struct RunPins(PinDir);
+
+impl Drop for RunPins {
+    fn drop(&mut self) {
+        if let Err(err) = self.0.remove() {
+            eprintln!("ebpf-net: could not remove {}: {err:#}", self.0.path.display());
+        }
+    }
 }
 
 /// What a `--persist` run killed before it finished leaves in its run record.
@@ -331,9 +370,13 @@ fn persist_run<D: Datapath>(
 ) -> Result<()> {
     // recorded before the first map changes; the record goes when this run ends, so only a
     // killed run leaves it, for `status` to show and the next run to finish
+    // a tree someone loosened is not ours to trust: refused before anything changes
+    pin::require_untampered(pins, D::NAME)?;
     if let Some(instance) = instance {
         instance.leaves(UPDATE_IN_PROGRESS)?;
     }
+    // a run killed midway leaves no desired state to compare a half-applied table with
+    desired::forget(pins);
     let fresh = !pins.exists();
     pins.create()?;
     let mut set = PinSet::new(pins);
@@ -349,6 +392,7 @@ fn persist_run<D: Datapath>(
         for (object, specs) in D::objects(&loaded) {
             set.after_swap(object, specs)?;
         }
+        desired::record(pins, D::desired_maps())?;
         Ok((updated, applied))
     })();
     if result.is_err() && fresh {

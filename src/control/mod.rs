@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod counters;
+pub mod desired;
 pub mod instance;
 pub mod lifecycle;
 pub mod metrics;

@@ -7,12 +7,13 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde_json::{json, Value};
 
+use crate::control::desired;
 use crate::control::instance::{self, RUN_ROOT};
 use crate::control::lifecycle::{Registered, Report};
 use crate::kernel::addr::Interface;
 use crate::kernel::attach::{self, PinnedLink, TcDirection};
 use crate::kernel::netns;
-use crate::kernel::pin::{PinDir, PIN_ROOT};
+use crate::kernel::pin::{self, PinDir, PIN_ROOT, RUN_PINS};
 
 /// Every datapath, as the CLI's registry lists them.
 pub type Registry = [&'static dyn Registered];
@@ -70,6 +71,10 @@ fn unexpected_pins(registry: &Registry) -> Vec<String> {
     let mut unexpected = Vec::new();
     for (subcommand, is_dir) in entries(Path::new(PIN_ROOT)) {
         let name = subcommand.file_name().unwrap_or_default().to_string_lossy();
+        if is_dir && name == RUN_PINS {
+            // the foreground runs' maps, listed with the runs
+            continue;
+        }
         if !is_dir {
             unexpected.push(format!(
                 "{}: a file where only datapath directories go",
@@ -125,6 +130,8 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
                 Err(err) => (Value::Null, String::new(), Some(format!("{err:#}"))),
             };
             json!({
+                "loosened": pin::loosened(pins),
+                "tampered": desired::compare(pins),
                 "subcommand": pins.subcommand,
                 "netns": pins.netns,
                 "target": pins.target,
@@ -188,10 +195,35 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         }));
     }
 
-    let runs: Vec<Value> = instance::all()
+    let claims = instance::all();
+    let runs: Vec<Value> = claims
         .iter()
         .map(|claim| {
+            // a live foreground run's maps, read as a persisted directory's are
+            let shown = claim.record.pins.as_ref().filter(|_| claim.alive).map(|_| {
+                PinDir::foreground(
+                    &claim.record.subcommand,
+                    &claim.record.netns,
+                    &claim.record.target,
+                )
+            });
+            let (details, summary, error) = match shown.as_ref().map(|pins| {
+                let report = find(registry, &pins.subcommand)
+                    .ok_or_else(|| anyhow::anyhow!("unknown subcommand '{}'", pins.subcommand))
+                    .and_then(|datapath| datapath.report_pinned(pins));
+                (report, pin::loosened(pins))
+            }) {
+                None => (Value::Null, String::new(), None),
+                Some((Ok(Report { details, summary, .. }), loosened)) => {
+                    (details, summary, loosened.into_iter().next())
+                }
+                Some((Err(err), _)) => (Value::Null, String::new(), Some(format!("{err:#}"))),
+            };
             json!({
+                "pins": claim.record.pins,
+                "details": details,
+                "summary": summary,
+                "error": error,
                 "subcommand": claim.record.subcommand,
                 "netns": claim.record.netns,
                 "target": claim.record.target,
@@ -206,8 +238,23 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         })
         .collect();
 
+    // maps a killed foreground run left pinned without a record naming them
+    let left_over: Vec<String> = PinDir::foreground_all()
+        .iter()
+        .filter(|pins| !claims.iter().any(|claim| holds(claim, pins)))
+        .map(|pins| {
+            format!(
+                "{}: maps a killed foreground {} run left on {} (netns {}); `ebpf-net down` removes them",
+                pins.path.display(),
+                pins.subcommand,
+                pins.target_display(),
+                pins.netns
+            )
+        })
+        .collect();
+
     if json_output {
-        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs, "unexpected": unexpected });
+        let report = json!({ "netns": netns_key, "persisted": persisted, "attached": attached, "runs": runs, "left_over": left_over, "unexpected": unexpected });
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
@@ -227,6 +274,11 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
                 entry["target_display"].as_str().unwrap_or_default(),
                 entry["state"].as_str().unwrap_or_default(),
             );
+            for (label, key) in [("loosened", "loosened"), ("tampered", "tampered")] {
+                for line in entry[key].as_array().into_iter().flatten() {
+                    println!("      {label}: {}", line.as_str().unwrap_or_default());
+                }
+            }
         }
     }
     for what in &unexpected {
@@ -235,14 +287,22 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
     if !runs.is_empty() {
         println!("runs (all namespaces, {RUN_ROOT}):");
         for run in &runs {
+            let detail = match (run["error"].as_str(), run["summary"].as_str()) {
+                (Some(error), _) => format!(" unreadable: {error}"),
+                (None, Some(summary)) if !summary.is_empty() => format!(" {summary}"),
+                _ => String::new(),
+            };
             println!(
-                "  {:<9} netns {:<12} {:<12} {}",
+                "  {:<9} netns {:<12} {:<12} {}{detail}",
                 run["subcommand"].as_str().unwrap_or_default(),
                 run["netns"].as_str().unwrap_or_default(),
                 run["target_display"].as_str().unwrap_or_default(),
                 run["description"].as_str().unwrap_or_default(),
             );
         }
+    }
+    for what in &left_over {
+        println!("  left over: {what}");
     }
     if attached.is_empty() {
         println!("attached in network namespace {netns_key}: none");
@@ -264,6 +324,14 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         }
     }
     Ok(())
+}
+
+/// Whether a run record is the one of a foreground run's pinned maps.
+fn holds(claim: &instance::Claim, pins: &PinDir) -> bool {
+    claim.record.subcommand == pins.subcommand
+        && claim.record.netns == pins.netns
+        && claim.record.target == pins.target
+        && claim.record.pins.as_ref() == Some(&pins.path)
 }
 
 /// What a removed lb changed in this namespace beyond its pins or links (its nft table,
@@ -330,6 +398,7 @@ pub fn down(registry: &Registry, scope: &DownScope<'_>, netns_key: &str) -> Resu
             }
         }
         pins.remove()?;
+        desired::forget(&pins);
         eprintln!(
             "down: removed {} on {} (netns {})",
             pins.subcommand,
@@ -338,6 +407,23 @@ pub fn down(registry: &Registry, scope: &DownScope<'_>, netns_key: &str) -> Resu
         );
         removed += 1;
         release_after(registry, &pins.subcommand, &pins.netns, netns_key)?;
+    }
+    // the maps killed foreground runs left pinned go before their records
+    let claims = instance::all();
+    for pins in PinDir::foreground_all() {
+        if claims.iter().any(|claim| claim.alive && holds(claim, &pins))
+            || scope.covers(&pins.subcommand, &pins.netns, &pins.target, netns_key) != Ok(true)
+        {
+            continue;
+        }
+        pins.remove()?;
+        eprintln!(
+            "down: removed the maps a killed {} run left pinned on {} (netns {})",
+            pins.subcommand,
+            pins.target_display(),
+            pins.netns
+        );
+        removed += 1;
     }
     for claim in instance::all() {
         let record = &claim.record;

@@ -290,6 +290,9 @@ impl Datapath for Clusterip {
         }
         Ok(updated)
     }
+    fn desired_maps() -> &'static [MapPin] {
+        &[PIN_SERVICES, PIN_BACKENDS]
+    }
     fn objects<'a>(loaded: &'a SockXlateSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(loaded.object(), PINS)]
     }

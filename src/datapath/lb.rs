@@ -749,6 +749,9 @@ impl Datapath for Lb {
             &pins.link_file(TcDirection::Ingress),
         )
     }
+    fn desired_maps() -> &'static [MapPin] {
+        &[PIN_SERVICES, PIN_BACKENDS]
+    }
     fn objects<'a>(skel: &'a LbSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(skel.object(), PINS)]
     }

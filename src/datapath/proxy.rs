@@ -418,6 +418,9 @@ impl Datapath for Proxy {
         }
         Ok(updated)
     }
+    fn desired_maps() -> &'static [MapPin] {
+        &[PIN_RULES]
+    }
     fn objects<'a>(skel: &'a ProxySkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(skel.object(), PINS)]
     }

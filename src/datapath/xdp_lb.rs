@@ -724,6 +724,9 @@ impl Datapath for XdpLb {
         warn_native_veth(target.iface(), plan.settings.mode);
         Ok(false)
     }
+    fn desired_maps() -> &'static [MapPin] {
+        &[PIN_SERVICES, PIN_BACKENDS, PIN_RINGS]
+    }
     fn objects<'a>(loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(loaded.skel.object(), PINS)]
     }

@@ -1,10 +1,17 @@
 //! Persisted state in the host's bpffs: /sys/fs/bpf/ebpf-net/<subcommand>/<netns>/<target>/.
-//! Files named `link_*` are pinned links (the attachments), the rest pinned maps.
+//! Files named `link_*` are pinned links (the attachments), the rest pinned maps. A foreground
+//! run pins its maps (never its links) under /sys/fs/bpf/ebpf-net/_run/<subcommand>/<netns>/
+//! <target>/ while it lasts, so `status` reads them as it reads persisted ones.
+//!
+//! Directories are made 0700 and pins are 0600 (the kernel's default): on this kernel file
+//! permission on a pin is all it takes to read and rewrite a map, so a tree whose modes were
+//! loosened (group- or world-writable, or not owned by us) is refused, see [`loosened`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use std::os::fd::AsFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::MapCore;
@@ -14,6 +21,9 @@ use crate::kernel::probe;
 
 pub const BPFFS: &str = "/sys/fs/bpf";
 pub const PIN_ROOT: &str = "/sys/fs/bpf/ebpf-net";
+/// Under [`PIN_ROOT`]: the maps of running foreground runs, one directory per run (bpffs
+/// refuses names with a dot, and no datapath's name starts with `_`).
+pub const RUN_PINS: &str = "_run";
 
 /// The pins of one subcommand on one target (an interface or a cgroup) in one namespace.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +37,21 @@ pub struct PinDir {
 impl PinDir {
     pub fn new(subcommand: &str, netns: &str, target: &str) -> Self {
         let path = Path::new(PIN_ROOT).join(subcommand).join(netns).join(target);
+        Self {
+            subcommand: subcommand.into(),
+            netns: netns.into(),
+            target: target.into(),
+            path,
+        }
+    }
+
+    /// Where a foreground run pins its maps while it lasts.
+    pub fn foreground(subcommand: &str, netns: &str, target: &str) -> Self {
+        let path = Path::new(PIN_ROOT)
+            .join(RUN_PINS)
+            .join(subcommand)
+            .join(netns)
+            .join(target);
         Self {
             subcommand: subcommand.into(),
             netns: netns.into(),
@@ -80,7 +105,12 @@ impl PinDir {
     /// Creates the directory; fails with a clear reason when /sys/fs/bpf is not a bpffs.
     pub fn create(&self) -> Result<()> {
         probe::require_bpffs(Path::new(BPFFS))?;
-        fs::create_dir_all(&self.path).with_context(|| format!("creating {}", self.path.display()))
+        // only root may even look inside what ebpf-net makes
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.path)
+            .with_context(|| format!("creating {}", self.path.display()))
     }
 
     /// The program ids of every link pinned in this directory.
@@ -126,14 +156,25 @@ impl PinDir {
         Ok(())
     }
 
-    /// Every persisted directory, of every subcommand and namespace.
+    /// Every persisted directory, of every subcommand and namespace (not the foreground
+    /// runs' maps under [`RUN_PINS`]).
     pub fn all() -> Vec<PinDir> {
+        Self::all_under(Path::new(PIN_ROOT), Self::new)
+    }
+
+    /// Every directory of foreground runs' maps, live or left by a killed run.
+    pub fn foreground_all() -> Vec<PinDir> {
+        Self::all_under(&Path::new(PIN_ROOT).join(RUN_PINS), Self::foreground)
+    }
+
+    fn all_under(root: &Path, new: fn(&str, &str, &str) -> PinDir) -> Vec<PinDir> {
         let mut found = Vec::new();
-        for subcommand in entries(Path::new(PIN_ROOT)) {
+        let hidden = |path: &PathBuf| file_name(path) == RUN_PINS;
+        for subcommand in entries(root).into_iter().filter(|path| !hidden(path)) {
             for netns in entries(&subcommand) {
                 for target in entries(&netns) {
                     if target.is_dir() {
-                        found.push(PinDir::new(
+                        found.push(new(
                             &file_name(&subcommand),
                             &file_name(&netns),
                             &file_name(&target),
@@ -145,6 +186,57 @@ impl PinDir {
         found.sort_by(|a, b| a.path.cmp(&b.path));
         found
     }
+}
+
+/// What makes a pin tree unsafe to use: a directory from the pin root down to `dir`, or a
+/// pin in it, that is group- or world-writable or owned by someone else than us. One line
+/// each, naming the path.
+pub fn loosened(dir: &PinDir) -> Vec<String> {
+    // SAFETY: geteuid cannot fail and touches no memory
+    let me = unsafe { libc::geteuid() };
+    let mut paths: Vec<PathBuf> = dir
+        .path
+        .ancestors()
+        .filter(|path| path.starts_with(PIN_ROOT))
+        .map(Path::to_path_buf)
+        .collect();
+    paths.reverse();
+    let mut pins = entries(&dir.path);
+    pins.sort();
+    paths.extend(pins);
+    let mut found = Vec::new();
+    for path in paths {
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            continue;
+        };
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o022 != 0 {
+            found.push(format!(
+                "{} is group- or world-writable (mode {mode:04o}); ebpf-net makes it {}",
+                path.display(),
+                if meta.is_dir() { "0700" } else { "0600" }
+            ));
+        } else if meta.uid() != me {
+            found.push(format!(
+                "{} is owned by uid {}, not by uid {me} that runs ebpf-net",
+                path.display(),
+                meta.uid()
+            ));
+        }
+    }
+    found
+}
+
+/// Refuses, in one line naming the path, to use a pin tree whose modes were loosened.
+pub fn require_untampered(dir: &PinDir, subcommand: &str) -> Result<()> {
+    if let Some(first) = loosened(dir).into_iter().next() {
+        bail!(
+            "{subcommand}: refusing to use the pins on {}: {first} (whoever can write a pin can rewrite the map; check who changed it, then `ebpf-net down {subcommand} {}`)",
+            dir.target_display(),
+            dir.down_args()
+        );
+    }
+    Ok(())
 }
 
 fn file_name(path: &Path) -> String {
@@ -326,6 +418,18 @@ impl PinSet {
                 stale,
                 why,
             });
+        }
+        Ok(())
+    }
+
+    /// Pins every map of a loaded object under its spec's name in `dir`: how a foreground run
+    /// shows its maps to `status` (the links stay with the process).
+    pub fn pin_all(dir: &PinDir, object: &libbpf_rs::Object, specs: &[MapPin]) -> Result<()> {
+        for spec in specs {
+            let path = dir.map_file(spec);
+            handle_of(object, spec.map)?
+                .pin(&path)
+                .with_context(|| format!("pinning {}", path.display()))?;
         }
         Ok(())
     }
