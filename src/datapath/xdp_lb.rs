@@ -725,7 +725,8 @@ impl Datapath for XdpLb {
         Ok(false)
     }
     fn desired_maps() -> &'static [MapPin] {
-        &[PIN_SERVICES, PIN_BACKENDS, PIN_RINGS]
+        // the Maglev rings (4 million slots) follow from these two
+        &[PIN_SERVICES, PIN_BACKENDS]
     }
     fn objects<'a>(loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(loaded.skel.object(), PINS)]
