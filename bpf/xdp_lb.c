@@ -5,6 +5,7 @@
  * is rewritten back to the client. Flow state in LRU tables keeps every packet of a flow on
  * its backend; checksums are updated incrementally. */
 #include "common.h"
+#include <bpf/bpf_core_read.h>
 #include "parse.h"
 #include "hash.h"
 #include "flood.h"
@@ -189,12 +190,46 @@ static long find_backend_cb(__u32 index, void *data)
 	return 0;
 }
 
+/* The slot of `want` in the service's list, or ~0U. It runs only when a list was rewritten
+ * under a flow. xdp_lb walks the list with bpf_loop (5.17); xdp_lb_compat, for kernels
+ * without it (5.10), with a bounded loop over the first XDP_LB_COMPAT_SEARCH backends (the
+ * verifier walks every turn of it: a flow whose backend moved further is re-balanced). */
+static __always_inline __u32 find_backend(const struct service_range *range,
+					  const struct service_endpoint *want, const bool compat)
+{
+	struct find_ctx ctx = { .want = want, .base = range->base, .found = ~0U };
+	struct xdp_lb_backend *backend;
+	__u32 i, slot;
+
+	if (!compat) {
+		bpf_loop(range->count, find_backend_cb, &ctx, 0);
+		return ctx.found;
+	}
+	for (i = 0; i < XDP_LB_COMPAT_SEARCH; i++) {
+		if (i >= range->count)
+			break;
+		slot = range->base + i;
+		backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
+		if (backend && endpoint_equal(&backend->endpoint, want))
+			return slot;
+	}
+	return ~0U;
+}
+
+/* Now: from the coarse clock (5.11); xdp_lb_compat takes the precise one where the kernel
+ * lacks it (chosen at load: the verifier drops the other branch). */
+static __always_inline __u64 now_ns(const bool compat)
+{
+	if (!compat || bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_ktime_get_coarse_ns))
+		return bpf_ktime_get_coarse_ns();
+	return bpf_ktime_get_ns();
+}
+
 /* The flow's backend in the service's current list (its slot, refreshed when the list was
  * rewritten elsewhere), or NULL when it left the service. */
 static __always_inline struct xdp_lb_backend *current_backend(const struct service_range *range,
-							      struct xdp_lb_flow *flow)
+							      struct xdp_lb_flow *flow, const bool compat)
 {
-	struct find_ctx ctx = { .want = &flow->backend, .base = range->base, .found = ~0U };
 	struct xdp_lb_backend *backend;
 	__u32 slot = flow->slot;
 
@@ -203,11 +238,11 @@ static __always_inline struct xdp_lb_backend *current_backend(const struct servi
 		if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
 			return backend;
 	}
-	bpf_loop(range->count, find_backend_cb, &ctx, 0);
-	if (ctx.found == ~0U)
+	slot = find_backend(range, &flow->backend, compat);
+	if (slot == ~0U)
 		return NULL;
-	flow->slot = ctx.found;
-	return bpf_map_lookup_elem(&xdp_lb_backends, &ctx.found);
+	flow->slot = slot;
+	return bpf_map_lookup_elem(&xdp_lb_backends, &slot);
 }
 
 /* Maglev: the ring entry the flow hashes to names its backend. */
@@ -625,12 +660,12 @@ static __always_inline void tuple_of(struct xdp_lb_tuple *tuple, const struct l4
 
 /* Client -> VIP: on to the flow's backend. */
 static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet *pkt,
-				      const struct service_range *range)
+				      const struct service_range *range, const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	__u64 now = bpf_ktime_get_coarse_ns();
+	__u64 now = now_ns(compat);
 	struct xdp_lb_backend *backend = NULL;
 	struct xdp_lb_tuple key;
 	struct xdp_lb_flow *flow;
@@ -645,7 +680,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	tuple_of(&key, pkt);
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
 	if (flow) {
-		backend = current_backend(range, flow);
+		backend = current_backend(range, flow, compat);
 		if (!backend)
 			flow = open_flow(&key, range, flow, client_mac, now);
 	} else {
@@ -689,7 +724,8 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 }
 
 /* Backend -> this node: a reply of one of our flows goes back to its client. */
-static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet *pkt)
+static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet *pkt,
+				      const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -718,7 +754,7 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 		flow->state |= XDP_LB_REPLIED;
 	if (pkt->proto == IPPROTO_TCP)
 		track_tcp(flow, pkt->tcp_flags, false);
-	now = bpf_ktime_get_coarse_ns();
+	now = now_ns(compat);
 	if (flow->last_seen != now)
 		flow->last_seen = now;
 	__builtin_memcpy(client_mac, flow->client_mac, ETH_ALEN);
@@ -820,8 +856,7 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
-SEC("xdp")
-int xdp_lb(struct xdp_md *ctx)
+static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
@@ -839,8 +874,21 @@ int xdp_lb(struct xdp_md *ctx)
 	vip.family = pkt.family;
 	range = bpf_map_lookup_elem(&xdp_lb_services, &vip);
 	if (range)
-		return to_backend(ctx, &pkt, range);
-	return to_client(ctx, &pkt);
+		return to_backend(ctx, &pkt, range, compat);
+	return to_client(ctx, &pkt, compat);
+}
+
+SEC("xdp")
+int xdp_lb(struct xdp_md *ctx)
+{
+	return balance(ctx, false);
+}
+
+/* The same for kernels without bpf_loop (before 5.17); user space loads one of the two. */
+SEC("xdp")
+int xdp_lb_compat(struct xdp_md *ctx)
+{
+	return balance(ctx, true);
 }
 
 char LICENSE[] SEC("license") = "GPL";

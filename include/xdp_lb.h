@@ -8,6 +8,8 @@
 #define XDP_LB_MAX_SERVICES 65536
 #define XDP_LB_BACKEND_SLOTS 32768
 #define XDP_LB_MAX_BACKENDS_PER_SERVICE 4096
+/* how far xdp_lb_compat (no bpf_loop) looks for a flow's backend in a rewritten list */
+#define XDP_LB_COMPAT_SEARCH 256
 /* A service whose backends sit in slots [base, base + count) owns the ring entries
  * [base * XDP_LB_RING_PER_SLOT, (base + count) * XDP_LB_RING_PER_SLOT): the first holds the
  * Maglev table size M (a prime >= 100 * count, at most 65537 < 128 * count), the next M

@@ -771,7 +771,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             seed: Some(7),
         };
         let xdp = xdp_lb::load_with_services(xdp_obj, &options, &services, &backends).unwrap();
-        let prog = &xdp.progs.xdp_lb;
+        let prog = xdp_lb::program(&xdp);
         let mut addresses: Vec<IpAddr> = services.iter().map(|s| s.vip.ip()).collect();
         addresses.extend(backends.iter().flat_map(|(b, backend)| [b.ip(), backend.lb_addr]));
         // ICMP errors of flows (made first): about the backend leg from a router, about the
@@ -893,7 +893,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
         };
         let mut object = MaybeUninit::uninit();
         let skel = xdp_lb::load_with_services(&mut object, &options, &services, &backends).unwrap();
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         let vip = sock("10.96.0.10:80");
         let tcp = |src: SocketAddr, dst: SocketAddr, flags: &str, payload: &[u8]| -> Vec<u8> {
             let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {

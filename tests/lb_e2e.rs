@@ -449,7 +449,7 @@ fn bad_input_is_one_line_and_attaches_nothing() {
         ),
         (
             vec!["lb", "-i", "eth0", "--service", &good],
-            "lacks the conntrack kfuncs",
+            "lb needs Linux 6.1 or later (bpf_ct_set_nat_info)",
             true,
         ),
     ];

@@ -165,7 +165,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
         ]);
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 1024, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
 
         let cases = [
             (
@@ -322,7 +322,7 @@ fn header_variants_keep_their_shape_and_checksums() {
         let services = services(&["10.96.0.10:53=10.1.0.5:5353", "10.96.0.10:80=10.1.0.2:8080"]);
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 1024, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         let vip = sock("10.96.0.10:53");
         let backend = sock("10.1.0.5:5353");
 
@@ -366,7 +366,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 256, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         // 2,000 half-open flows through a table of 256: every one is balanced (a half-open
         // flow gives its slot to a new one), the table stays within its size, the latest flow
         // is there, and every flow in the table answers
@@ -407,7 +407,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         let one = parse_services(&["10.96.0.10:80=10.1.0.2:8080".to_string()], xdp_lb::LIMITS).unwrap();
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &one, 256, (20000, 4));
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         for (i, verdict) in [XDP_TX, XDP_TX, XDP_TX, XDP_TX, XDP_DROP].into_iter().enumerate() {
             let client = SocketAddr::new(IpAddr::from([10, 0, 0, i as u8 + 1]), 40000);
             let (got, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client, vip, L4::Tcp));
@@ -447,7 +447,7 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
         let vip = sock("10.96.0.10:80");
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &all, 4096, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         let tables = xdp_lb::Tables::of(&skel).unwrap();
         let clients: Vec<SocketAddr> = (0..300u16)
             .map(|i| SocketAddr::new(IpAddr::from([10, 0, 1, 1]), 10000 + i))
@@ -515,7 +515,7 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         };
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 16, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         // 12 of 16 slots established (the backend answered, then the client), then 3,000
         // SYNs the backend answers but no client does: the established flows all stay,
         // with their way back
@@ -585,7 +585,7 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         };
         let skel =
             xdp_lb::load_with_services(&mut object, &options, &services, &backends_of(&services)).unwrap();
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         let verdicts: Vec<i32> = (0..200)
             .map(|i| run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp)).0)
             .collect();
@@ -618,7 +618,7 @@ fn icmp_errors_of_flows_reach_the_other_side_translated() {
         ]);
         let mut object = MaybeUninit::uninit();
         let skel = load(&mut object, &services, 1024, PORTS);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         let v4_kinds = [
             IcmpError::TooBig(1200),
             IcmpError::Unreachable(3),

@@ -276,7 +276,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
         let client = sock("10.0.0.1:40000");
         let vip = sock("10.96.0.10:80");
         let request = l4_frame(client, vip, L4::Tcp);
-        let prog = &skel.progs.xdp_lb;
+        let prog = xdp_lb::program(&skel);
         run_once(prog, &request);
         let flow = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().remove(0);
         let reply = l4_frame(flow.backend, SocketAddr::new(flow.lb_addr, flow.lb_port), L4::Tcp);
@@ -323,7 +323,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
             let skel = xdp_lb::load_with_services(&mut object, &options, &services, &backends).unwrap();
             fresh
                 .samples
-                .push(test_run_median_ns(&skel.progs.xdp_lb, &frames, settings.runs));
+                .push(test_run_median_ns(xdp_lb::program(&skel), &frames, settings.runs));
         }
         rows.push(fresh);
         rows

@@ -22,6 +22,10 @@ pub struct RunOptions {
     /// serve Prometheus metrics at http://ADDR:PORT/metrics while running in the foreground
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<String>,
+    /// how tc programs attach: tcx links (Linux 6.6), legacy clsact + cls_bpf filters, or
+    /// auto (tcx where the kernel has it)
+    #[arg(long, value_enum, default_value = "auto", env = "EBPF_NET_TC")]
+    pub tc: crate::kernel::tc::TcMode,
 }
 
 impl RunOptions {
@@ -30,6 +34,8 @@ impl RunOptions {
         if persist && self.metrics.is_some() {
             bail!("--metrics needs a foreground run; --persist exits at once");
         }
+        crate::kernel::tc::check_mode(self.tc)?;
+        crate::kernel::tc::set_mode(self.tc);
         Ok(())
     }
 }

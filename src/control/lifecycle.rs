@@ -299,7 +299,12 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     }
     run::announce_ready(
         D::NAME,
-        &format!("{}: {}", target.display(), D::describe(&desired, &target, &plan)),
+        &format!(
+            "{}: {}{}",
+            target.display(),
+            D::describe(&desired, &target, &plan),
+            crate::kernel::tc::ready_note()
+        ),
     );
     let mut reload = || -> Result<String> {
         let new = D::desired(args)?;
@@ -412,9 +417,10 @@ fn persist_run<D: Datapath>(
     run::announce_ready(
         D::NAME,
         &format!(
-            "{verb}: {}: {}{counted}",
+            "{verb}: {}: {}{counted}{}",
             target.display(),
-            D::describe(desired, target, plan)
+            D::describe(desired, target, plan),
+            crate::kernel::tc::ready_note()
         ),
     );
     Ok(())

@@ -38,7 +38,15 @@ fn health(pins: &PinDir) -> String {
         return format!("orphaned: network namespace '{}' is gone", pins.netns);
     }
     let links = pins.links();
-    if links.is_empty() {
+    let legacy = crate::kernel::tc::recorded(&pins.path);
+    if let Some((record, _)) = legacy.iter().find(|(_, id)| id.is_none()) {
+        return format!(
+            "orphaned: its {} tc filter (handle {:#x}) is gone",
+            record.direction.name(),
+            record.handle
+        );
+    }
+    if links.is_empty() && legacy.is_empty() {
         return "orphaned: nothing attached".into();
     }
     for (name, path) in links {
@@ -158,6 +166,7 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
         }
     };
     let mut attached = Vec::new();
+    let run_filters = crate::kernel::tc::run_filters();
     for iface in Interface::all() {
         for direction in TcDirection::BOTH {
             // An interface without tcx support or gone meanwhile simply has nothing to show.
@@ -169,6 +178,26 @@ pub fn status(registry: &Registry, json_output: bool, netns_key: &str) -> Result
                         "program": prog.name,
                         "prog_id": prog.id,
                         "owner": owner(prog.id),
+                    }));
+                }
+            }
+            for (prog, record) in crate::kernel::tc::legacy_programs(iface.index, direction) {
+                if is_ours(registry, &prog.name) {
+                    let killed = run_filters
+                        .iter()
+                        .find(|filter| !filter.alive && filter.record.same_place(&record))
+                        .map(|filter| {
+                            format!(
+                                "orphaned: killed run (pid {}); `ebpf-net down` removes it",
+                                filter.record.pid
+                            )
+                        });
+                    attached.push(json!({
+                        "interface": iface.name,
+                        "hook": format!("tc/{} handle {:#x} prio {}", direction.name(), record.handle, record.priority),
+                        "program": prog.name,
+                        "prog_id": prog.id,
+                        "owner": killed.unwrap_or_else(|| owner(prog.id).to_string()),
                     }));
                 }
             }
@@ -384,6 +413,11 @@ impl DownScope<'_> {
 pub fn down(registry: &Registry, scope: &DownScope<'_>, netns_key: &str) -> Result<()> {
     let mut removed = 0;
     let mut left = Vec::new();
+    // legacy tc filters of killed foreground runs (a tcx link goes with its process)
+    for line in crate::kernel::tc::remove_orphaned()? {
+        eprintln!("down: {line}");
+        removed += 1;
+    }
     // a directory named after no datapath is not ours to remove (status lists it)
     for pins in PinDir::all()
         .into_iter()

@@ -19,7 +19,7 @@ use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::kernel::addr::{parse_ipv6, Interface};
-use crate::kernel::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection, TcxAttachment};
+use crate::kernel::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection};
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::egress::EgressSkel;
 use crate::kernel::skel::ingress::types::{ipv6_hp_stats, rodata as Ipv6HpConfig};
@@ -308,16 +308,8 @@ impl Datapath for Ipv6Hp {
     fn attach(loaded: &Loaded<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
         let iface = target.iface();
         Ok(vec![
-            Box::new(TcxAttachment::attach(
-                &loaded.0.progs.ipv6_hp_ingress,
-                iface,
-                TcDirection::Ingress,
-            )?),
-            Box::new(TcxAttachment::attach(
-                &loaded.1.progs.ipv6_hp_egress,
-                iface,
-                TcDirection::Egress,
-            )?),
+            crate::kernel::tc::attach_tc(&loaded.0.progs.ipv6_hp_ingress, iface, TcDirection::Ingress)?,
+            crate::kernel::tc::attach_tc(&loaded.1.progs.ipv6_hp_egress, iface, TcDirection::Egress)?,
         ])
     }
     fn attach_pinned(loaded: &Loaded<'_>, target: &Target, pins: &PinDir, _plan: &Plan) -> Result<bool> {
@@ -326,8 +318,12 @@ impl Datapath for Ipv6Hp {
             (&loaded.0.progs.ipv6_hp_ingress, TcDirection::Ingress),
             (&loaded.1.progs.ipv6_hp_egress, TcDirection::Egress),
         ] {
-            updated |=
-                attach::attach_or_update_pinned(prog, target.iface(), direction, &pins.link_file(direction))?;
+            updated |= crate::kernel::tc::attach_or_update_pinned_tc(
+                prog,
+                target.iface(),
+                direction,
+                &pins.link_file(direction),
+            )?;
         }
         Ok(updated)
     }

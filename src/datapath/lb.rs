@@ -20,7 +20,7 @@ use crate::control::run::{self, Request, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 
 use crate::kernel::addr::{ip_to_words, Interface};
-use crate::kernel::attach::{self, prepare_tcx, TcDirection, TcxAttachment};
+use crate::kernel::attach::{prepare_tcx, TcDirection};
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh::Routes;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
@@ -616,7 +616,7 @@ pub fn release_namespace(netns_key: &str) -> Result<Vec<String>> {
         .into_iter()
         .any(|pins| pins.subcommand == SUBCOMMAND && pins.netns == netns_key);
     let attached = Interface::all().iter().any(|iface| {
-        attach::tcx_programs(iface.index, TcDirection::Ingress)
+        crate::kernel::tc::tc_programs(iface.index, TcDirection::Ingress)
             .unwrap_or_default()
             .iter()
             .any(|prog| PROGRAMS.contains(&prog.name.as_str()))
@@ -738,11 +738,12 @@ impl Datapath for Lb {
         })
     }
     fn attach(skel: &LbSkel<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
-        let attachment = TcxAttachment::attach(&skel.progs.lb_ingress, target.iface(), TcDirection::Ingress)?;
-        Ok(vec![Box::new(attachment)])
+        let attachment =
+            crate::kernel::tc::attach_tc(&skel.progs.lb_ingress, target.iface(), TcDirection::Ingress)?;
+        Ok(vec![attachment])
     }
     fn attach_pinned(skel: &LbSkel<'_>, target: &Target, pins: &PinDir, _plan: &Plan) -> Result<bool> {
-        attach::attach_or_update_pinned(
+        crate::kernel::tc::attach_or_update_pinned_tc(
             &skel.progs.lb_ingress,
             target.iface(),
             TcDirection::Ingress,

@@ -16,7 +16,7 @@ use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
 use crate::kernel::addr::{ip_from_words, Interface};
-use crate::kernel::attach::{Directions, TcDirection, TcxAttachment};
+use crate::kernel::attach::{Directions, TcDirection};
 use crate::kernel::maps;
 use crate::kernel::pin::{MapPin, PinDir, PinSet};
 use crate::kernel::skel::monitor::types::{flow_counters, flow_key};
@@ -275,7 +275,7 @@ impl Datapath for Monitor {
                 TcDirection::Ingress => &loaded.skel.progs.monitor_ingress,
                 TcDirection::Egress => &loaded.skel.progs.monitor_egress,
             };
-            attachments.push(Box::new(TcxAttachment::attach(prog, target.iface(), direction)?));
+            attachments.push(crate::kernel::tc::attach_tc(prog, target.iface(), direction)?);
         }
         Ok(attachments)
     }

@@ -15,7 +15,7 @@ use crate::control::counters::Counters;
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::kernel::addr::Interface;
-use crate::kernel::attach::{self, TcDirection, TcxAttachment};
+use crate::kernel::attach::TcDirection;
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh::Routes;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
@@ -390,16 +390,8 @@ impl Datapath for Proxy {
         _plan: &Vec<Rule>,
     ) -> Result<Vec<Box<dyn std::any::Any>>> {
         Ok(vec![
-            Box::new(TcxAttachment::attach(
-                &skel.progs.proxy_egress,
-                target.iface(),
-                TcDirection::Egress,
-            )?),
-            Box::new(TcxAttachment::attach(
-                &skel.progs.proxy_ingress,
-                target.iface(),
-                TcDirection::Ingress,
-            )?),
+            crate::kernel::tc::attach_tc(&skel.progs.proxy_egress, target.iface(), TcDirection::Egress)?,
+            crate::kernel::tc::attach_tc(&skel.progs.proxy_ingress, target.iface(), TcDirection::Ingress)?,
         ])
     }
     fn attach_pinned(
@@ -413,8 +405,12 @@ impl Datapath for Proxy {
             (&skel.progs.proxy_egress, TcDirection::Egress),
             (&skel.progs.proxy_ingress, TcDirection::Ingress),
         ] {
-            updated |=
-                attach::attach_or_update_pinned(prog, target.iface(), direction, &pins.link_file(direction))?;
+            updated |= crate::kernel::tc::attach_or_update_pinned_tc(
+                prog,
+                target.iface(),
+                direction,
+                &pins.link_file(direction),
+            )?;
         }
         Ok(updated)
     }

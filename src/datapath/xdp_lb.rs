@@ -31,7 +31,35 @@ use crate::kernel::skel::xdp_lb::types::{
 use crate::kernel::skel::xdp_lb::{XdpLbSkel, XdpLbSkelBuilder};
 
 pub const SUBCOMMAND: &str = "xdp-lb";
-pub const PROGRAMS: &[&str] = &["xdp_lb"];
+/// xdp_lb, or xdp_lb_compat on a kernel without bpf_loop (before 5.17).
+pub const PROGRAMS: &[&str] = &["xdp_lb", "xdp_lb_compat"];
+/// Set to 1, loads xdp_lb_compat whatever the kernel has (tests run it on a new kernel).
+pub const COMPAT_ENV: &str = "EBPF_NET_XDP_LB_COMPAT";
+
+/// Whether this kernel needs xdp_lb_compat: no bpf_loop helper for XDP (before 5.17).
+pub fn needs_compat() -> bool {
+    if std::env::var_os(COMPAT_ENV).is_some_and(|value| value == "1") {
+        return true;
+    }
+    // SAFETY: a plain probe; no options.
+    let has_loop = unsafe {
+        libbpf_sys::libbpf_probe_bpf_helper(
+            libbpf_sys::BPF_PROG_TYPE_XDP,
+            libbpf_sys::BPF_FUNC_loop,
+            std::ptr::null(),
+        )
+    };
+    has_loop != 1
+}
+
+/// The program of a load: xdp_lb, or xdp_lb_compat where [`needs_compat`] chose it.
+pub fn program<'a>(skel: &'a XdpLbSkel<'_>) -> &'a libbpf_rs::ProgramMut<'a> {
+    if skel.progs.xdp_lb.autoload() {
+        &skel.progs.xdp_lb
+    } else {
+        &skel.progs.xdp_lb_compat
+    }
+}
 /// include/xdp_lb.h
 pub const LIMITS: Limits = Limits {
     services: 65536,
@@ -409,6 +437,10 @@ pub fn load<'obj>(
     rodata.port_span = options.ports.1;
     rodata.clock_size = options.max_flows;
     rodata.flood_rate = options.flood_rate;
+    // one of the two programs: the other may not even load here (bpf_loop)
+    let compat = needs_compat();
+    open.progs.xdp_lb.set_autoload(!compat);
+    open.progs.xdp_lb_compat.set_autoload(compat);
     open.maps.xdp_lb_flows.set_max_entries(options.max_flows)?;
     open.maps.xdp_lb_reverse.set_max_entries(options.max_flows)?;
     open.maps.xdp_lb_clock.set_max_entries(options.max_flows)?;
@@ -709,18 +741,17 @@ impl Datapath for XdpLb {
         })
     }
     fn attach(loaded: &Loaded<'_>, target: &Target, plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
-        let attachment =
-            XdpAttachment::attach(&loaded.skel.progs.xdp_lb, target.iface(), plan.settings.mode)?;
+        let attachment = XdpAttachment::attach(program(&loaded.skel), target.iface(), plan.settings.mode)?;
         warn_native_veth(target.iface(), plan.settings.mode);
         Ok(vec![Box::new(attachment)])
     }
     fn attach_pinned(loaded: &Loaded<'_>, target: &Target, pins: &PinDir, plan: &Plan) -> Result<bool> {
         let link = pins.file(LINK);
         attach::drop_severed(&link, target.iface())?;
-        if attach::update_pinned(&loaded.skel.progs.xdp_lb, &link)? {
+        if attach::update_pinned(program(&loaded.skel), &link)? {
             return Ok(true);
         }
-        XdpAttachment::attach(&loaded.skel.progs.xdp_lb, target.iface(), plan.settings.mode)?.pin(&link)?;
+        XdpAttachment::attach(program(&loaded.skel), target.iface(), plan.settings.mode)?.pin(&link)?;
         warn_native_veth(target.iface(), plan.settings.mode);
         Ok(false)
     }

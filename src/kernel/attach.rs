@@ -457,7 +457,7 @@ pub fn refuse_if_attached(
     pinned: &[u32],
 ) -> Result<()> {
     for direction in TcDirection::BOTH {
-        for prog in tcx_programs(iface.index, direction)? {
+        for prog in crate::kernel::tc::tc_programs(iface.index, direction)? {
             if programs.contains(&prog.name.as_str()) && !pinned.contains(&prog.id) {
                 anyhow::bail!(
                     "another ebpf-net {subcommand} is already attached to {} {} (program {}); stop it first",

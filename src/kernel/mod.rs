@@ -12,6 +12,7 @@ pub mod nft;
 pub mod pin;
 pub mod probe;
 pub mod skel;
+pub mod tc;
 
 /// A seed for the BPF programs' flow hash, fresh per load so that flows are not predictable
 /// across nodes or restarts.

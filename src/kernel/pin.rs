@@ -118,6 +118,11 @@ impl PinDir {
         self.links()
             .iter()
             .filter_map(|(_, path)| PinnedLink::open(path).ok().map(|link| link.prog_id))
+            .chain(
+                crate::kernel::tc::recorded(&self.path)
+                    .into_iter()
+                    .filter_map(|(_, id)| id),
+            )
             .collect()
     }
 
@@ -137,6 +142,7 @@ impl PinDir {
     /// Detaches every pinned link (even if some process still holds it) and removes every
     /// pin, then the directory and its parents once they are empty.
     pub fn remove(&self) -> Result<()> {
+        crate::kernel::tc::remove_recorded(&self.path)?;
         for (_, path) in self.links() {
             if let Ok(link) = libbpf_rs::Link::open(&path) {
                 // A link whose interface is gone is already detached; nothing to report.

@@ -66,7 +66,8 @@ pub fn require_bpffs(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `BPF_F_IPV6` when bpf_l4_csum_replace accepts it on this kernel (6.16+), else 0.
+/// `BPF_F_IPV6` when bpf_l4_csum_replace accepts it on this kernel, else 0: mainline 6.16,
+/// but backported to 6.1.192, 6.12.117 and 5.10.262, so probed, never assumed by version.
 pub fn l4_csum_ipv6_flag() -> u64 {
     probe_csum_ipv6().unwrap_or(0)
 }
@@ -153,8 +154,70 @@ fn named_in_btf(path: &Path, names: &[&str]) -> bool {
     false
 }
 
+/// The running kernel's release, as `uname -r` says it, for messages.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|release| release.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The modprobe to run: the one the kernel itself runs, else the usual places.
+fn modprobe_binary() -> Option<std::path::PathBuf> {
+    let from_kernel = fs::read_to_string("/proc/sys/kernel/modprobe")
+        .ok()
+        .map(|path| std::path::PathBuf::from(path.trim()));
+    from_kernel
+        .into_iter()
+        .chain(
+            [
+                "/sbin/modprobe",
+                "/usr/sbin/modprobe",
+                "/bin/modprobe",
+                "/usr/bin/modprobe",
+            ]
+            .map(std::path::PathBuf::from),
+        )
+        .find(|path| path.is_file())
+}
+
+/// Loads the kernel modules in `modules` that are neither built in nor loaded yet (a distro
+/// kernel builds nf_conntrack and nf_nat as modules and loads them only on first use; their
+/// BTF, and so their kfuncs, appears only once loaded). Errors say which module and why.
+pub fn load_modules(modules: &[&str]) -> Result<()> {
+    let absent: Vec<&str> = modules
+        .iter()
+        .copied()
+        .filter(|module| !Path::new("/sys/module").join(module).exists())
+        .collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let Some(modprobe) = modprobe_binary() else {
+        bail!(
+            "the kernel modules {} are not loaded and there is no modprobe to load them (install kmod, or `modprobe` them first)",
+            absent.join(" and ")
+        );
+    };
+    let output = std::process::Command::new(&modprobe)
+        .arg("-a")
+        .args(&absent)
+        .output()
+        .with_context(|| format!("running {}", modprobe.display()))?;
+    if !output.status.success() {
+        bail!(
+            "loading the kernel modules {} failed ({} -a {}: {})",
+            absent.join(" and "),
+            modprobe.display(),
+            absent.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
 /// Fails with one clear line unless the kernel's BTF (vmlinux, or the conntrack and NAT
-/// modules) has every kfunc in `names`: a program calling a missing one cannot load.
+/// modules, loaded first when they are modules) has every kfunc in `names`: a program calling
+/// a missing one cannot load.
 pub fn require_kfuncs(subcommand: &str, names: &[&str]) -> Result<()> {
     let overridden = std::env::var_os(KERNEL_BTF_ENV);
     let path = overridden
@@ -168,13 +231,18 @@ pub fn require_kfuncs(subcommand: &str, names: &[&str]) -> Result<()> {
     }
     let Some(vmlinux) = Btf::parse(path, None) else {
         bail!(
-            "cannot read the kernel's BTF at {}: {subcommand} needs it to find the conntrack kfuncs",
+            "cannot read the kernel's BTF at {}: {subcommand} needs it (CONFIG_DEBUG_INFO_BTF) to find the conntrack kfuncs",
             path.display()
         );
     };
     let modules: Vec<Btf> = if overridden.is_some() {
         Vec::new()
     } else {
+        if !names.iter().all(|name| vmlinux.has_func(name)) {
+            load_modules(&KFUNC_MODULES).with_context(|| {
+                format!("{subcommand} needs the conntrack kfuncs of nf_conntrack and nf_nat")
+            })?;
+        }
         KFUNC_MODULES
             .iter()
             .filter_map(|module| Btf::parse(&Path::new("/sys/kernel/btf").join(module), Some(&vmlinux)))
@@ -188,7 +256,8 @@ pub fn require_kfuncs(subcommand: &str, names: &[&str]) -> Result<()> {
     drop(modules);
     if !missing.is_empty() {
         bail!(
-            "this kernel lacks the conntrack kfuncs {subcommand} needs ({}); it needs Linux 6.1 or later with conntrack and NAT (CONFIG_NF_CONNTRACK, CONFIG_NF_NAT)",
+            "{subcommand} needs Linux 6.1 or later (bpf_ct_set_nat_info) with conntrack and NAT (CONFIG_NF_CONNTRACK, CONFIG_NF_NAT): this kernel ({}) lacks the conntrack kfuncs {}",
+            kernel_release(),
             missing.join(", ")
         );
     }
