@@ -257,7 +257,12 @@ impl Record {
     pub fn prog_id(&self) -> Option<u32> {
         // SAFETY: query never uses the fd; it only needs the hook's place.
         let null = unsafe { std::os::fd::BorrowedFd::borrow_raw(0) };
-        self.hook(null).query().ok().filter(|&id| id != 0)
+        // an interface without a clsact qdisc is the common case: libbpf would print the
+        // kernel's "Parent Qdisc doesn't exists" for every handle asked about
+        let printer = libbpf_rs::set_print(None);
+        let id = self.hook(null).query().ok().filter(|&id| id != 0);
+        libbpf_rs::set_print(printer);
+        id
     }
 
     /// Removes the filter, then the clsact qdisc when we created it and no filter is left
