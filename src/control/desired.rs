@@ -16,10 +16,12 @@ use crate::kernel::pin::{MapPin, PinDir};
 
 /// A map's entries: key bytes → value bytes.
 type Entries = HashMap<Vec<u8>, Vec<u8>>;
+/// A map's entries as read, in the map's order.
+type Dumped = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Entries of each map by its pin's file name, as raw bytes: 100,000 backends are written
 /// and read back in milliseconds (length-prefixed: name, count, then key and value each).
-fn encode(maps: &[(String, Entries)]) -> Vec<u8> {
+fn encode(maps: &[(String, Dumped)]) -> Vec<u8> {
     let mut out = Vec::new();
     let put = |bytes: &[u8], out: &mut Vec<u8>| {
         out.extend_from_slice(&(bytes.len() as u32).to_ne_bytes());
@@ -79,15 +81,15 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Every entry of a map; an array's all-zero slots (unused) are left out.
-fn dump(map: &MapHandle) -> Result<Entries> {
+fn dump(map: &MapHandle) -> Result<Dumped> {
     let array = matches!(map.map_type(), libbpf_rs::MapType::Array);
-    let mut entries = Entries::new();
+    let mut entries = Dumped::new();
     // by batches: a table of 131,072 backend slots is a few system calls, not 262,144
     for (key, value) in map.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
         if array && value.iter().all(|b| *b == 0) {
             continue;
         }
-        entries.insert(key, value);
+        entries.push((key, value));
     }
     Ok(entries)
 }
@@ -142,6 +144,7 @@ pub fn compare(pins: &PinDir) -> Vec<String> {
         let now = match MapHandle::from_pinned_path(pins.file(name))
             .map_err(anyhow::Error::from)
             .and_then(|map| dump(&map))
+            .map(|now| now.into_iter().collect::<Entries>())
         {
             Ok(now) => now,
             Err(err) => {
