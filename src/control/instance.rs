@@ -62,6 +62,22 @@ fn read_record(file: &mut File) -> Option<Record> {
     serde_json::from_str(&text).ok()
 }
 
+/// The command line as the record keeps it: 10,000 `--service` flags are 2 MB, written with
+/// every change of the record; the start says which run it is.
+fn shortened(mut command: String) -> String {
+    const KEPT: usize = 1024;
+    if command.len() > KEPT {
+        let mut cut = KEPT;
+        while !command.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let rest = command.len() - cut;
+        command.truncate(cut);
+        command.push_str(&format!(" ... ({rest} more bytes)"));
+    }
+    command
+}
+
 impl Instance {
     /// Claims the target or refuses, naming the run that holds it. A record left by a killed
     /// run is taken over (what it left is reused, and cleaned up when this run ends); the
@@ -111,10 +127,12 @@ impl Instance {
                 target: target.into(),
                 mode: if persist { "persist" } else { "foreground" }.into(),
                 // as given, also when an argument is not UTF-8 (a file name, say)
-                command: std::env::args_os()
-                    .map(|arg| arg.to_string_lossy().into_owned())
-                    .collect::<Vec<_>>()
-                    .join(" "),
+                command: shortened(
+                    std::env::args_os()
+                        .map(|arg| arg.to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                ),
                 left: orphan.as_ref().map(|o| o.left.clone()).unwrap_or_default(),
                 pins: None,
             };
