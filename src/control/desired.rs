@@ -84,9 +84,18 @@ fn hex(bytes: &[u8]) -> String {
 fn dump(map: &MapHandle) -> Result<Dumped> {
     let array = matches!(map.map_type(), libbpf_rs::MapType::Array);
     let mut entries = Dumped::new();
-    // by batches: a table of 131,072 backend slots is a few system calls, not 262,144
+    if !array {
+        // key by key: a batch over a hash table can end early (ENOSPC on a full bucket)
+        for key in map.keys() {
+            if let Some(value) = map.lookup(&key, MapFlags::ANY)? {
+                entries.push((key, value));
+            }
+        }
+        return Ok(entries);
+    }
+    // an array by batches: 131,072 backend slots are a few system calls, not 262,144
     for (key, value) in map.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
-        if array && value.iter().all(|b| *b == 0) {
+        if value.iter().all(|b| *b == 0) {
             continue;
         }
         entries.push((key, value));

@@ -283,10 +283,15 @@ struct Installed {
 }
 
 fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Installed>> {
-    // the services by batches, then every backend slot in one pass: a table of 100,000
-    // backends is read in a few system calls rather than 110,000
+    // every backend slot in one pass: a table of 100,000 backends is read in a few system
+    // calls rather than 100,000
     let mut ranges = Vec::new();
-    for (key, value) in tables.services.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
+    // the hash table key by key (a batch over a hash table can end early: ENOSPC when a
+    // bucket does not fit), the backend array by batches
+    for key in tables.services.keys() {
+        let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
+            continue;
+        };
         let vip: service_endpoint = maps::from_bytes("service key", &key)?;
         let range: service_range = maps::from_bytes("service range", &value)?;
         ranges.push((SocketAddr::from(&vip), range));
