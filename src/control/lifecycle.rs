@@ -39,6 +39,14 @@ pub enum Target {
 }
 
 impl Target {
+    /// The interface a flag or config line names; an unknown one fails naming where it
+    /// came from.
+    pub fn interface(item: &crate::control::config::Item) -> Result<Self> {
+        Ok(Target::Interface(
+            Interface::by_name(&item.text).map_err(|err| item.fail(err))?,
+        ))
+    }
+
     /// The name of its pin directory and run record.
     pub fn key(&self) -> String {
         match self {

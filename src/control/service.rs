@@ -669,6 +669,15 @@ impl<T: Counters> ServiceReport<T> {
     }
 }
 
+/// The counters of every backend of every service, summed.
+pub fn grand_total<T: Counters>(services: &[ServiceReport<T>]) -> T {
+    T::sum(
+        services
+            .iter()
+            .flat_map(|service| service.backends.iter().map(|b| &b.counters)),
+    )
+}
+
 /// Every service with its backends and their counters, for `status`, metrics and exit
 /// summaries.
 pub fn service_report<T: Counters>(tables: &ServiceTables) -> Result<Vec<ServiceReport<T>>> {

@@ -11,7 +11,7 @@ use libbpf_rs::{MapHandle, Program, ProgramAttachType};
 use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::counters::{self, Counters};
+use crate::control::counters;
 use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
@@ -323,7 +323,7 @@ impl Datapath for Clusterip {
     fn report(view: &View) -> Result<Report> {
         let services: Vec<ServiceReport<clusterip_stats>> = service::service_report(&view.tables)?;
         let mut families = counters::service_families(SUBCOMMAND, &services);
-        let totals = clusterip_stats::sum(services.iter().map(|s| s.totals()).collect::<Vec<_>>().iter());
+        let totals = service::grand_total(&services);
         families.push(metrics::rewrites(
             SUBCOMMAND,
             &[("connect", totals.connects), ("sendmsg", totals.datagrams)],

@@ -703,8 +703,7 @@ impl Datapath for Lb {
     }
     fn target(desired: &Settings) -> Result<Target> {
         probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
-        let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
-        Ok(Target::Interface(iface))
+        Target::interface(&desired.iface)
     }
     fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Plan> {
         super::shared_vips::refuse_served_elsewhere(SUBCOMMAND, target.iface(), &desired.services)?;

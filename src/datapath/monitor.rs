@@ -15,7 +15,7 @@ use crate::control::config::{self, ConfigFile, Item, RunOptions};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
-use crate::kernel::addr::{ip_from_words, Interface};
+use crate::kernel::addr::ip_from_words;
 use crate::kernel::attach::{Directions, TcDirection};
 use crate::kernel::maps;
 use crate::kernel::pin::{MapPin, PinDir, PinSet};
@@ -226,10 +226,7 @@ impl Datapath for Monitor {
         })
     }
     fn target(desired: &Desired) -> Result<Target> {
-        let iface = &desired.settings.iface;
-        Ok(Target::Interface(
-            Interface::by_name(&iface.text).map_err(|err| iface.fail(err))?,
-        ))
+        Target::interface(&desired.settings.iface)
     }
     fn refuse_if_attached(_target: &Target, _pinned: &[u32]) -> Result<()> {
         // counting is read-only: monitors may watch one interface side by side

@@ -366,8 +366,7 @@ impl Datapath for Proxy {
         Settings::read(args)
     }
     fn target(desired: &Settings) -> Result<Target> {
-        let iface = Interface::by_name(&desired.iface.text).map_err(|err| desired.iface.fail(err))?;
-        Ok(Target::Interface(iface))
+        Target::interface(&desired.iface)
     }
     fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Vec<Rule>> {
         check_routes(&desired.rules, target.iface())?;

@@ -689,8 +689,7 @@ impl Datapath for XdpLb {
         Ok((Settings::read(args)?, events))
     }
     fn target((settings, _): &(Settings, EventLevel)) -> Result<Target> {
-        let iface = Interface::by_name(&settings.iface.text).map_err(|err| settings.iface.fail(err))?;
-        Ok(Target::Interface(iface))
+        Target::interface(&settings.iface)
     }
     fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
         refuse_if_attached(target.iface(), pinned)
@@ -804,7 +803,7 @@ impl Datapath for XdpLb {
         // an LRU table can briefly hold more keys than its size while CPUs evict
         let flows = (view.flows.keys().count() as u64).min(u64::from(view.flows.max_entries()));
         let mut families = counters::service_families(SUBCOMMAND, &services);
-        let all = xdp_lb_stats::sum(services.iter().map(|s| s.totals()).collect::<Vec<_>>().iter());
+        let all = service::grand_total(&services);
         families.push(metrics::rewrites(
             SUBCOMMAND,
             &[("in", all.packets_in), ("out", all.packets_out)],
