@@ -23,6 +23,7 @@ use crate::kernel::addr::{ip_to_words, Interface};
 use crate::kernel::attach::{prepare_tcx, TcDirection};
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh::Routes;
+use crate::kernel::netlink::NftablesEvents;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
@@ -816,21 +817,29 @@ impl Datapath for Lb {
     fn release(netns_key: &str) -> Result<Vec<String>> {
         release_namespace(netns_key)
     }
-    /// Serves signals, and every [`CHECK_PERIOD`] puts the nft table back if it was removed.
     /// Serves signals; each second logs a line when a flood or low source ports dropped
-    /// first packets, and every CHECK_PERIOD repairs the nft table if someone removed it.
+    /// first packets. Puts the nft table back the moment someone removes it (nftables'
+    /// notifications), and checks it every CHECK_PERIOD besides.
     fn serve(
         skel: &LbSkel<'_>,
         shutdown: &Shutdown,
         reload: &mut dyn FnMut() -> Result<String>,
     ) -> Result<()> {
         let netns_key = netns::current_key()?;
+        let repairs = Repairs::default();
+        let watch = repairs.clone();
+        let watched = netns_key.clone();
+        std::thread::spawn(move || watch_table(&watched, &watch));
+        let _stop = StopRepairs(repairs.clone());
         let mut last = lb_counters::default();
         let mut next_check = Instant::now() + CHECK_PERIOD;
         loop {
             match shutdown.next_timeout(Duration::from_secs(1)) {
                 Some(Request::Stop) => return Ok(()),
-                Some(Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
+                Some(Request::Reload) => {
+                    let _one = repairs.lock();
+                    run::log_reload(SUBCOMMAND, reload())
+                }
                 None => {}
             }
             let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
@@ -840,11 +849,58 @@ impl Datapath for Lb {
             last = now;
             if Instant::now() >= next_check {
                 next_check = Instant::now() + CHECK_PERIOD;
-                match repair_namespace(&netns_key) {
-                    Ok(Some(line)) => eprintln!("{SUBCOMMAND}: {line}"),
-                    Ok(None) => {}
-                    Err(err) => eprintln!("{SUBCOMMAND}: checking the nft table: {err:#}"),
-                }
+                let _one = repairs.lock();
+                log_repair(repair_namespace(&netns_key));
+            }
+        }
+    }
+}
+
+/// Repairs of the nft table one at a time, and none once the run stops (its release removes
+/// the table); true once it stopped.
+type Repairs = std::sync::Arc<std::sync::Mutex<bool>>;
+
+/// Marks the run stopped however `serve` ends, after a repair under way.
+struct StopRepairs(Repairs);
+
+impl Drop for StopRepairs {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|poison| poison.into_inner()) = true;
+    }
+}
+
+fn log_repair(result: Result<Option<String>>) {
+    match result {
+        Ok(Some(line)) => eprintln!("{SUBCOMMAND}: {line}"),
+        Ok(None) => {}
+        Err(err) => eprintln!("{SUBCOMMAND}: checking the nft table: {err:#}"),
+    }
+}
+
+/// Repairs lb's table as soon as nftables says a table, chain or rule was deleted in this
+/// namespace: until it is back no conntrack hook sees a packet, and a backend's packet to
+/// this node meets the node's own stack, which answers with an RST that ends the connection.
+/// Milliseconds of that are survivable; the check period is not.
+fn watch_table(netns_key: &str, repairs: &Repairs) {
+    let mut events = match NftablesEvents::open() {
+        Ok(events) => events,
+        Err(err) => {
+            eprintln!("{SUBCOMMAND}: watching nftables' notifications: {err}; checking the nft table every {} s only", CHECK_PERIOD.as_secs());
+            return;
+        }
+    };
+    loop {
+        let deleted = events.deleted_within(Duration::from_millis(500));
+        let stopped = repairs.lock().unwrap_or_else(|poison| poison.into_inner());
+        if *stopped {
+            return;
+        }
+        match deleted {
+            Ok(true) => log_repair(repair_namespace(netns_key)),
+            Ok(false) => {}
+            Err(err) => {
+                eprintln!("{SUBCOMMAND}: watching nftables' notifications: {err}; checking the nft table every {} s only", CHECK_PERIOD.as_secs());
+                return;
             }
         }
     }

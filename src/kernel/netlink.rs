@@ -68,3 +68,66 @@ impl Rtnetlink {
         }
     }
 }
+
+/// nftables' change notifications of the namespace the opening thread is in
+/// (NFNLGRP_NFTABLES on a NETLINK_NETFILTER socket).
+pub struct NftablesEvents {
+    socket: Socket,
+    buffer: Vec<u8>,
+}
+
+/// include/uapi/linux/netfilter/nfnetlink.h
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+/// include/uapi/linux/netfilter/nf_tables.h: NFT_MSG_DELTABLE, NFT_MSG_DELCHAIN,
+/// NFT_MSG_DELRULE
+const NFT_MSG_DELETIONS: [u16; 3] = [2, 5, 8];
+
+impl NftablesEvents {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.add_membership(NFNLGRP_NFTABLES)?;
+        Ok(Self {
+            socket,
+            buffer: Vec::with_capacity(RECEIVE_BUFFER),
+        })
+    }
+
+    /// Waits up to `timeout` for notifications; whether any of them deleted a table, a chain
+    /// or a rule. A lost notification (the socket's buffer overflowed) counts as one.
+    pub fn deleted_within(&mut self, timeout: std::time::Duration) -> io::Result<bool> {
+        use std::os::fd::AsFd;
+        let timeout = nix::sys::time::TimeVal::new(timeout.as_secs() as _, timeout.subsec_micros() as _);
+        nix::sys::socket::setsockopt(
+            &self.socket.as_fd(),
+            nix::sys::socket::sockopt::ReceiveTimeout,
+            &timeout,
+        )?;
+        self.buffer.clear();
+        match self.socket.recv(&mut self.buffer, 0) {
+            Ok(_) => Ok(self.has_deletion()),
+            Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => Ok(true),
+            Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                Ok(false)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    fn has_deletion(&self) -> bool {
+        let mut rest = &self.buffer[..];
+        while rest.len() >= 16 {
+            let length = u32::from_ne_bytes(rest[0..4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
+            if kind >> 8 == NFNL_SUBSYS_NFTABLES && NFT_MSG_DELETIONS.contains(&(kind & 0xff)) {
+                return true;
+            }
+            if length < 16 {
+                break;
+            }
+            rest = &rest[length.next_multiple_of(4).min(rest.len())..];
+        }
+        false
+    }
+}
