@@ -46,6 +46,14 @@ struct {
 	__type(value, struct lb_backend);
 } lb_backends SEC(".maps");
 
+/* slot -> cumulative weight of the service's usable backends (include/service.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} lb_weights SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, LB_BACKEND_SLOTS);
@@ -191,11 +199,12 @@ int lb_ingress(struct __sk_buff *skb)
 	__builtin_memcpy(vip.addr, pkt.daddr, sizeof(vip.addr));
 	vip.port = pkt.dport;
 	vip.family = pkt.family;
+	vip.proto = pkt.proto;
 	service = bpf_map_lookup_elem(&lb_services, &vip);
 	if (!service)
 		return TC_PASS_ON;
 	range = *service;
-	if (range.count == 0 || range.count > LB_MAX_BACKENDS_PER_SERVICE)
+	if (range.count > LB_MAX_BACKENDS_PER_SERVICE)
 		return TC_PASS_ON;
 	count = counters();
 	if (!count)
@@ -231,7 +240,8 @@ int lb_ingress(struct __sk_buff *skb)
 	}
 
 	hash = flow_hash(&pkt);
-	slot = range.base + hash % range.count;
+	if (pick_weighted_slot(&lb_weights, &range, hash, &slot))
+		return TC_PASS_ON;
 	backend = bpf_map_lookup_elem(&lb_backends, &slot);
 	if (!backend || backend->endpoint.family != pkt.family)
 		return TC_PASS_ON;

@@ -4,6 +4,7 @@
  * datagram for unconnected UDP); recvmsg() and getpeername() show the VIP again. No packet is
  * ever NATed: the socket itself talks to the backend. */
 #include "common.h"
+#include <bpf/bpf_core_read.h>
 #include "clusterip.h"
 
 /* VIP:PORT -> backend slot range; written by user space. Not preallocated, so a replaced
@@ -33,6 +34,30 @@ struct {
 	__type(value, struct service_endpoint);
 } clusterip_reverse SEC(".maps");
 
+/* slot -> cumulative weight of the service's usable backends (include/service.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, CLUSTERIP_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} clusterip_weights SEC(".maps");
+
+/* (service, client network namespace) -> its backend, for session affinity */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AFFINITY_MAX_ENTRIES);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+} clusterip_affinity SEC(".maps");
+
+/* key 0: events of no backend slot, per CPU */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct clusterip_counters);
+} clusterip_counters SEC(".maps");
+
 /* slot -> how often that backend was chosen. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -41,31 +66,65 @@ struct {
 	__type(value, struct clusterip_stats);
 } clusterip_stats SEC(".maps");
 
+static __always_inline struct clusterip_counters *counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&clusterip_counters, &zero);
+}
+
 static __always_inline bool is_tcp_or_udp(const struct bpf_sock_addr *ctx)
 {
 	return ctx->protocol == IPPROTO_TCP || ctx->protocol == IPPROTO_UDP;
 }
 
-/* A random backend of the service at `vip`; false when `vip` is no service. */
-static __always_inline bool pick_backend(const struct service_endpoint *vip,
-					 struct service_endpoint *backend, bool datagram)
+enum pick {
+	NO_SERVICE, /* not a VIP:PORT of ours: leave the socket alone */
+	PICKED,
+	REFUSED, /* a service without a usable backend */
+};
+
+/* A backend of the service at `vip` for this socket's protocol: the client network
+ * namespace's backend while its affinity lasts, else a random one by weight. */
+static __always_inline enum pick pick_backend(struct bpf_sock_addr *ctx, struct service_endpoint *vip,
+					      struct service_endpoint *backend, bool datagram)
 {
 	struct service_range *service, range;
 	struct service_endpoint *found;
 	struct clusterip_stats *stats;
+	struct affinity_key client;
+	__u64 now = 0, cookie;
 	__u32 slot;
+	int remembered = -1;
 
+	vip->proto = ctx->protocol;
 	service = bpf_map_lookup_elem(&clusterip_services, vip);
+	vip->proto = 0;
 	if (!service)
-		return false;
+		return NO_SERVICE;
 	range = *service;
-	if (range.count == 0 || range.count > CLUSTERIP_MAX_BACKENDS_PER_SERVICE)
-		return false;
-	slot = range.base + bpf_get_prandom_u32() % range.count;
+	if (range.count > CLUSTERIP_MAX_BACKENDS_PER_SERVICE)
+		return NO_SERVICE;
+	if (range.flags & SERVICE_AFFINITY) {
+		__builtin_memset(&client, 0, sizeof(client));
+		client.service = *vip;
+		client.service.proto = ctx->protocol;
+		cookie = bpf_get_netns_cookie(ctx);
+		__builtin_memcpy(client.client, &cookie, sizeof(cookie));
+		now = bpf_ktime_get_ns();
+		remembered = affinity_slot(&clusterip_affinity, &clusterip_backends, &clusterip_weights, &range,
+					   &client, now);
+	}
+	if (remembered >= 0)
+		slot = remembered;
+	else if (pick_weighted_slot(&clusterip_weights, &range, bpf_get_prandom_u32(), &slot))
+		return REFUSED;
 	found = bpf_map_lookup_elem(&clusterip_backends, &slot);
 	if (!found || found->family != vip->family)
-		return false;
+		return NO_SERVICE;
 	*backend = *found;
+	if (remembered < 0)
+		affinity_remember(&clusterip_affinity, &range, &client, backend, slot, now);
 	stats = bpf_map_lookup_elem(&clusterip_stats, &slot);
 	if (stats) {
 		if (datagram)
@@ -73,7 +132,7 @@ static __always_inline bool pick_backend(const struct service_endpoint *vip,
 		else
 			__sync_fetch_and_add(&stats->connects, 1);
 	}
-	return true;
+	return PICKED;
 }
 
 static __always_inline void remember(struct bpf_sock_addr *ctx, const struct service_endpoint *backend,
@@ -149,24 +208,46 @@ static __always_inline void write6(struct bpf_sock_addr *ctx, const struct servi
 	ctx->user_port = ep->port;
 }
 
-/* Destination VIP -> backend, for connect() and unconnected sendmsg(). */
-static __always_inline void forward(struct bpf_sock_addr *ctx, bool v6, bool datagram)
+/* A refused connect() or sendmsg() fails with ECONNREFUSED where the kernel lets the
+ * program say so (bpf_set_retval, 5.18), EPERM before: either at once, no packet sent. */
+#define ECONNREFUSED 111
+
+static __always_inline int refuse(void)
+{
+	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_set_retval))
+		bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/* Destination VIP -> backend, for connect() and unconnected sendmsg(): the hook's verdict. */
+static __always_inline int forward(struct bpf_sock_addr *ctx, bool v6, bool datagram)
 {
 	struct service_endpoint vip, backend;
+	struct clusterip_counters *count;
 
 	if (!is_tcp_or_udp(ctx))
-		return;
+		return 1;
 	if (v6)
 		read6(ctx, &vip);
 	else
 		read4(ctx, &vip);
-	if (!pick_backend(&vip, &backend, datagram))
-		return;
+	switch (pick_backend(ctx, &vip, &backend, datagram)) {
+	case NO_SERVICE:
+		return 1;
+	case REFUSED:
+		count = counters();
+		if (count)
+			count->refused++;
+		return refuse();
+	case PICKED:
+		break;
+	}
 	if (v6)
 		write6(ctx, &backend);
 	else
 		write4(ctx, &backend);
 	remember(ctx, &backend, &vip);
+	return 1;
 }
 
 /* Backend -> VIP for a socket we translated, for recvmsg() and getpeername(). */
@@ -188,33 +269,29 @@ static __always_inline void reverse(struct bpf_sock_addr *ctx, bool v6)
 		write4(ctx, vip);
 }
 
-/* Every hook allows the operation (1); it only rewrites the address. */
+/* Every hook allows the operation (1), rewriting the address, unless the service refuses. */
 SEC("cgroup/connect4")
 int cip_connect4(struct bpf_sock_addr *ctx)
 {
-	forward(ctx, false, false);
-	return 1;
+	return forward(ctx, false, false);
 }
 
 SEC("cgroup/connect6")
 int cip_connect6(struct bpf_sock_addr *ctx)
 {
-	forward(ctx, true, false);
-	return 1;
+	return forward(ctx, true, false);
 }
 
 SEC("cgroup/sendmsg4")
 int cip_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	forward(ctx, false, true);
-	return 1;
+	return forward(ctx, false, true);
 }
 
 SEC("cgroup/sendmsg6")
 int cip_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	forward(ctx, true, true);
-	return 1;
+	return forward(ctx, true, true);
 }
 
 SEC("cgroup/recvmsg4")

@@ -43,6 +43,16 @@ struct {
 	__type(value, struct xdp_lb_backend);
 } xdp_lb_backends SEC(".maps");
 
+/* slot -> cumulative weight of the service's usable backends (include/service.h); the
+ * Maglev ring (xdp_lb_rings) already holds each backend in proportion to its weight, so the
+ * program does not read it: user space keeps the service tables alike in every datapath. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, XDP_LB_BACKEND_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} xdp_lb_weights SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, XDP_LB_BACKEND_SLOTS);
@@ -872,6 +882,7 @@ static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 	copy_addr(vip.addr, pkt.daddr);
 	vip.port = pkt.dport;
 	vip.family = pkt.family;
+	vip.proto = pkt.proto;
 	range = bpf_map_lookup_elem(&xdp_lb_services, &vip);
 	if (range)
 		return to_backend(ctx, &pkt, range, compat);

@@ -18,6 +18,11 @@ struct clusterip_reverse_key {
 	__u32 pad; /* zeroed: no hole in a hashed key */
 };
 
+/* Key 0, per CPU. */
+struct clusterip_counters {
+	__u64 refused; /* connect() or sendmsg() to a service without a usable backend */
+};
+
 /* Per backend slot; updated atomically (a connect is rare next to a packet). */
 struct clusterip_stats {
 	__u64 connects;  /* connect(): TCP and connected UDP */

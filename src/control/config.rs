@@ -114,12 +114,45 @@ pub struct XdpLbSection {
     pub service: Vec<Spanned<ServiceEntry>>,
 }
 
-/// One `[[DATAPATH.service]]`: what `--service VIP=BACKEND,...` says.
+/// One `[[DATAPATH.service]]`: what `--service [PROTO:]VIP;OPTIONS=BACKEND,...` says.
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct ServiceEntry {
     pub vip: String,
+    pub protocol: Option<String>,
     pub backends: Vec<String>,
+    pub affinity: Option<String>,
+    pub affinity_timeout: Option<toml::Value>,
+    pub check: Option<String>,
+    pub check_expect: Option<toml::Value>,
+    pub check_interval: Option<toml::Value>,
+    pub check_timeout: Option<toml::Value>,
+    pub check_rise: Option<toml::Value>,
+    pub check_fall: Option<toml::Value>,
+}
+
+impl ServiceEntry {
+    /// The service options it sets, as `--service` would say them.
+    fn options(&self) -> Vec<(String, String)> {
+        let text = |value: &toml::Value| match value {
+            toml::Value::String(text) => text.clone(),
+            other => other.to_string(),
+        };
+        let strings = [("affinity", &self.affinity), ("check", &self.check)]
+            .into_iter()
+            .filter_map(|(key, value)| Some((key.to_string(), value.clone()?)));
+        let values = [
+            ("affinity-timeout", &self.affinity_timeout),
+            ("check-expect", &self.check_expect),
+            ("check-interval", &self.check_interval),
+            ("check-timeout", &self.check_timeout),
+            ("check-rise", &self.check_rise),
+            ("check-fall", &self.check_fall),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.to_string(), text(value.as_ref()?))));
+        strings.chain(values).collect()
+    }
 }
 
 /// A list entry in the flags' syntax, with where it came from for error messages.
@@ -209,8 +242,15 @@ impl ConfigFile {
             .iter()
             .map(|entry| {
                 let origin = format!("{}: service {}", self.at(entry.span()), entry.get_ref().vip);
-                Service::from_entry(&entry.get_ref().vip, &entry.get_ref().backends, origin.clone())
-                    .map_err(|err| anyhow!("{origin}: {err:#}"))
+                let entry = entry.get_ref();
+                Service::from_entry(
+                    &entry.vip,
+                    entry.protocol.as_deref(),
+                    &entry.backends,
+                    &entry.options(),
+                    origin.clone(),
+                )
+                .map_err(|err| anyhow!("{origin}: {err:#}"))
             })
             .collect()
     }

@@ -21,9 +21,10 @@ use serde_json::Value;
 
 use crate::control::config::RunOptions;
 use crate::control::desired;
+use crate::control::health;
 use crate::control::instance::Instance;
 use crate::control::metrics::{self, Family};
-use crate::control::run::{self, Shutdown};
+use crate::control::run::{self, Request, Shutdown};
 use crate::kernel::addr::Interface;
 use crate::kernel::attach;
 use crate::kernel::cgroup::Cgroup;
@@ -196,7 +197,7 @@ pub trait Datapath: 'static {
     fn serve(
         _loaded: &Self::Loaded<'_>,
         shutdown: &Shutdown,
-        reload: &mut dyn FnMut() -> Result<String>,
+        reload: &mut dyn FnMut(Request) -> Result<String>,
     ) -> Result<()> {
         shutdown.serve(Self::NAME, reload);
         Ok(())
@@ -235,6 +236,8 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
         }
         return persist_run::<D>(&desired, &target, &plan, &pins, instance.as_mut());
     }
+    // before the first apply: it registers the checks the services ask for
+    health::start(D::NAME, shutdown.sender());
     if pins.exists() {
         bail!(
             "{} is persisted on {} (see `ebpf-net status`); run `ebpf-net down {} {}` first",
@@ -314,7 +317,12 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             crate::kernel::tc::ready_note()
         ),
     );
-    let mut reload = || -> Result<String> {
+    let mut reload = |request: Request| -> Result<String> {
+        if request == Request::Health {
+            // the same plan, with what the checks say now (service::sync_services_with)
+            D::apply(&loaded, &plan)?;
+            return Ok(String::new());
+        }
         let new = D::desired(args)?;
         D::check_reload(&desired, &new)?;
         let new_plan = D::plan(&new, &target, false)?;

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod counters;
 pub mod desired;
+pub mod health;
 pub mod instance;
 pub mod lifecycle;
 pub mod metrics;

@@ -19,17 +19,21 @@ pub enum Request {
     Stop,
     /// SIGHUP: re-read the configuration and apply the difference.
     Reload,
+    /// A health check changed a backend's state: apply the running plan again.
+    Health,
 }
 
 /// Signals, delivered as messages so a run can also wake on a timer.
 pub struct Shutdown {
     requests: mpsc::Receiver<Request>,
+    sender: mpsc::Sender<Request>,
 }
 
 impl Shutdown {
     /// Installs the handlers; once per process.
     pub fn install() -> Result<Self> {
         let (tx, requests) = mpsc::channel();
+        let sender = tx.clone();
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
             .context("installing the SIGINT/SIGTERM/SIGHUP handlers")?;
         std::thread::Builder::new()
@@ -47,7 +51,12 @@ impl Shutdown {
                 }
             })
             .context("starting the signal thread")?;
-        Ok(Self { requests })
+        Ok(Self { requests, sender })
+    }
+
+    /// Where other threads of the run send their requests (health changes).
+    pub fn sender(&self) -> mpsc::Sender<Request> {
+        self.sender.clone()
     }
 
     /// Blocks until the next signal.
@@ -64,19 +73,27 @@ impl Shutdown {
         }
     }
 
-    /// Serves signals until one asks to stop: each SIGHUP runs `reload`, whose outcome is
-    /// logged in one line; a failed reload keeps what runs.
-    pub fn serve(&self, subcommand: &str, mut reload: impl FnMut() -> Result<String>) {
-        while self.next() == Request::Reload {
-            log_reload(subcommand, reload());
+    /// Serves requests until one asks to stop: each SIGHUP or health change runs `reload`,
+    /// whose outcome is logged in one line; a failed reload keeps what runs.
+    pub fn serve(&self, subcommand: &str, mut reload: impl FnMut(Request) -> Result<String>) {
+        loop {
+            match self.next() {
+                Request::Stop => return,
+                request => log_reload(subcommand, request, reload(request)),
+            }
         }
     }
 }
 
-/// The one line a reload leaves in the log.
-pub fn log_reload(subcommand: &str, outcome: Result<String>) {
-    match outcome {
-        Ok(what) => eprintln!("{subcommand}: reloaded: {what}"),
-        Err(err) => eprintln!("{subcommand}: reload failed, kept the running configuration: {err:#}"),
+/// The one line a reload leaves in the log (a health change's own line was logged already:
+/// only a failure to apply it is).
+pub fn log_reload(subcommand: &str, request: Request, outcome: Result<String>) {
+    match (request, outcome) {
+        (Request::Health, Ok(_)) => {}
+        (Request::Health, Err(err)) => {
+            eprintln!("{subcommand}: applying a health change failed, kept the tables: {err:#}")
+        }
+        (_, Ok(what)) => eprintln!("{subcommand}: reloaded: {what}"),
+        (_, Err(err)) => eprintln!("{subcommand}: reload failed, kept the running configuration: {err:#}"),
     }
 }

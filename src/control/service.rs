@@ -30,58 +30,226 @@ pub fn endpoint_bytes(addr: SocketAddr) -> Vec<u8> {
     as_bytes(&service_endpoint::from(addr)).to_vec()
 }
 
-/// A backend of a service: where its packets go, and (xdp-lb) the MAC of its next hop when
-/// given rather than looked up.
+/// Whether a backend takes new flows. Flows it already has stay with it in every state, until
+/// they end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum BackendState {
+    /// new flows, by weight
+    #[default]
+    Active,
+    /// no new flows; its own flows go on (a backend on its way out)
+    Draining,
+    /// no new flows (taken out by hand)
+    Down,
+}
+
+impl BackendState {
+    fn parse(text: &str) -> Result<Self> {
+        match text {
+            "active" => Ok(Self::Active),
+            "draining" => Ok(Self::Draining),
+            "down" => Ok(Self::Down),
+            _ => bail!("state '{text}': active, draining or down"),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// A backend of a service: where its packets go, its share of new flows, and (xdp-lb) the
+/// MAC of its next hop when given rather than looked up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Backend {
     pub addr: SocketAddr,
     pub mac: Option<[u8; 6]>,
+    /// relative share of new flows among the usable backends (1..=SERVICE_MAX_WEIGHT)
+    pub weight: u32,
+    pub state: BackendState,
+    /// what the health checks last said (true without checks); not part of the syntax
+    pub healthy: bool,
 }
 
+/// include/service.h SERVICE_MAX_WEIGHT
+pub const MAX_WEIGHT: u32 = 1000;
+
 impl Backend {
-    /// `IP:PORT` or `IP:PORT@MAC`.
+    pub fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            mac: None,
+            weight: 1,
+            state: BackendState::Active,
+            healthy: true,
+        }
+    }
+
+    /// `IP:PORT[@MAC][;weight=N][;state=active|draining|down]`.
     pub fn parse(text: &str) -> Result<Self> {
-        let (addr, mac) = match text.rsplit_once('@') {
+        let mut parts = text.split(';');
+        let endpoint = parts.next().unwrap_or_default();
+        let (addr, mac) = match endpoint.rsplit_once('@') {
             Some((addr, mac)) => {
                 let mac = crate::kernel::neigh::parse_mac(mac.trim())
                     .with_context(|| format!("backend {}", addr.trim()))?;
                 (addr, Some(mac))
             }
-            None => (text, None),
+            None => (endpoint, None),
         };
-        Ok(Self {
-            addr: parse_endpoint("backend", addr)?,
-            mac,
-        })
+        let mut backend = Self::new(parse_endpoint("backend", addr)?);
+        backend.mac = mac;
+        for option in parts {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let fail = |problem: String| anyhow::anyhow!("backend {}: {problem}", backend.addr);
+            match key.trim() {
+                "weight" => {
+                    backend.weight = value.trim().parse().ok().filter(|w| (1..=MAX_WEIGHT).contains(w)).ok_or_else(
+                        || fail(format!("weight '{value}': a whole number from 1 to {MAX_WEIGHT} (to stop new flows, state=draining)")),
+                    )?
+                }
+                "state" => backend.state = BackendState::parse(value.trim()).map_err(|err| fail(format!("{err:#}")))?,
+                other => return Err(fail(format!("unknown option '{other}' (weight=N, state=active|draining|down)"))),
+            }
+        }
+        Ok(backend)
+    }
+
+    /// Whether the backend's own state lets it take new flows.
+    pub fn active(&self) -> bool {
+        self.state == BackendState::Active
     }
 }
 
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.mac {
-            Some(mac) => write!(f, "{}@{}", self.addr, crate::kernel::neigh::format_mac(&mac)),
-            None => write!(f, "{}", self.addr),
+        write!(f, "{}", self.addr)?;
+        if let Some(mac) = self.mac {
+            write!(f, "@{}", crate::kernel::neigh::format_mac(&mac))?;
+        }
+        if self.weight != 1 {
+            write!(f, ";weight={}", self.weight)?;
+        }
+        if self.state != BackendState::Active {
+            write!(f, ";state={}", self.state.name())?;
+        }
+        Ok(())
+    }
+}
+
+/// The transport protocol of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => 6,
+            Self::Udp => 17,
+        }
+    }
+
+    fn from_number(number: u8) -> Option<Self> {
+        match number {
+            6 => Some(Self::Tcp),
+            17 => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        match text.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            "sctp" => bail!("protocol sctp is not supported (tcp or udp)"),
+            _ => bail!("protocol '{text}': tcp or udp"),
         }
     }
 }
 
-/// A service: TCP and UDP to `vip` go to one of `backends`. Made by the `--service` parser,
-/// from a config file entry, or by a program; never printed to text and parsed again.
+/// A key of the service table: VIP:PORT and one protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub vip: SocketAddr,
+    pub protocol: Protocol,
+}
+
+impl ServiceKey {
+    fn endpoint(&self) -> service_endpoint {
+        let mut key = service_endpoint::from(self.vip);
+        key.proto = self.protocol.number();
+        key
+    }
+}
+
+/// Session affinity's default timeout (Kubernetes' `timeoutSeconds` default).
+pub const DEFAULT_AFFINITY: Duration = Duration::from_secs(10800);
+
+/// An active health check of every backend of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// None: a TCP connect; Some: an HTTP GET of this path
+    pub http_path: Option<String>,
+    /// the HTTP status that means healthy
+    pub expect: u16,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// successes in a row that make an unhealthy backend healthy
+    pub rise: u32,
+    /// failures in a row that make a healthy backend unhealthy
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            http_path: None,
+            expect: 200,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// A service: TCP, UDP or both to `vip` go to one of `backends`. Made by the `--service`
+/// parser, from a config file entry, or by a program; never printed to text and parsed again.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Service {
     pub vip: SocketAddr,
+    /// None: both TCP and UDP
+    pub protocol: Option<Protocol>,
+    /// empty: the service refuses every client (TCP RST, ICMP port unreachable, ECONNREFUSED)
     pub backends: Vec<Backend>,
+    /// Some: a client keeps its backend this long across connections
+    pub affinity: Option<Duration>,
+    pub check: Option<HealthCheck>,
     /// where it came from, for error messages: `--service TEXT` or `FILE:LINE: service VIP`
     pub origin: String,
 }
 
+/// The options of a service, in the `--service` syntax and the config file alike.
+pub const SERVICE_OPTIONS: &str = "affinity=client, affinity-timeout=SECONDS, check=tcp|http:PATH, check-expect=STATUS, check-interval=SECONDS, check-timeout=SECONDS, check-rise=N, check-fall=N";
+
 impl Service {
-    /// A service after the checks every source gets: one address family, at least one
-    /// backend, none twice, the VIP not its own backend. Errors do not say where it came from.
+    /// A service after the checks every source gets: one address family, no backend twice,
+    /// the VIP not its own backend. Errors do not say where it came from.
     pub fn new(vip: SocketAddr, backends: Vec<Backend>, origin: String) -> Result<Self> {
-        if backends.is_empty() {
-            bail!("no backends");
-        }
         let mut seen = HashSet::new();
         for backend in &backends {
             if backend.addr.is_ipv4() != vip.is_ipv4() {
@@ -99,46 +267,227 @@ impl Service {
         }
         Ok(Self {
             vip,
+            protocol: None,
             backends,
+            affinity: None,
+            check: None,
             origin,
         })
     }
 
-    /// One service in the `--service` syntax: VIP:PORT=BACKEND:PORT[@MAC][,...].
+    /// One service in the `--service` syntax:
+    /// `[tcp:|udp:]VIP:PORT[;OPTION...]=BACKEND[,BACKEND...]` or `...=reject`.
     pub fn parse(text: &str) -> Result<Self> {
-        let (vip, backends) = text
-            .split_once('=')
-            .context("expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...]")?;
-        let vip = parse_endpoint("VIP", vip)?;
-        if backends.trim().is_empty() {
-            bail!("no backends");
+        let (head, backends) = split_head(text).context(
+            "expected VIP:PORT=BACKEND:PORT[,BACKEND:PORT...], tcp: or udp: before the VIP for one protocol",
+        )?;
+        let mut options = head.split(';');
+        let vip_text = options.next().unwrap_or_default().trim();
+        let (protocol, vip_text) = match vip_text.split_once(':') {
+            Some((proto, rest)) if proto.eq_ignore_ascii_case("tcp") || proto.eq_ignore_ascii_case("udp") => {
+                (Some(Protocol::parse(proto)?), rest)
+            }
+            Some((proto, _)) if proto.eq_ignore_ascii_case("sctp") => {
+                bail!("protocol sctp is not supported (tcp or udp)")
+            }
+            _ => (None, vip_text),
+        };
+        let vip = parse_endpoint("VIP", vip_text)?;
+        let backends = match backends.trim() {
+            "" => bail!("no backends (a service that refuses its clients says =reject)"),
+            "reject" => Vec::new(),
+            list => list
+                .split(',')
+                .map(|backend| {
+                    if backend.trim().is_empty() {
+                        bail!("empty backend in the list");
+                    }
+                    Backend::parse(backend)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let mut service = Self::new(vip, backends, format!("--service {text}"))?;
+        service.protocol = protocol;
+        for option in options {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            service.set_option(key.trim(), value.trim())?;
         }
-        let backends = backends
-            .split(',')
-            .map(|backend| {
-                if backend.trim().is_empty() {
-                    bail!("empty backend in the list");
-                }
-                Backend::parse(backend)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(vip, backends, format!("--service {text}"))
+        service.finish_options()?;
+        Ok(service)
     }
 
-    /// A `[[DATAPATH.service]]` entry of a config file; `origin` names its line.
-    pub fn from_entry(vip: &str, backends: &[String], origin: String) -> Result<Self> {
+    /// A `[[DATAPATH.service]]` entry of a config file: `vip`, `protocol`, `backends` in the
+    /// flag's syntax (`["reject"]` for none) and the options of [`SERVICE_OPTIONS`] as keys;
+    /// `origin` names its line.
+    pub fn from_entry(
+        vip: &str,
+        protocol: Option<&str>,
+        backends: &[String],
+        options: &[(String, String)],
+        origin: String,
+    ) -> Result<Self> {
         let vip = parse_endpoint("VIP", vip)?;
-        let backends = backends
-            .iter()
-            .map(|backend| Backend::parse(backend))
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(vip, backends, origin)
+        let backends = match backends {
+            [] => bail!("no backends (a service that refuses its clients says backends = [\"reject\"])"),
+            [only] if only.trim() == "reject" => Vec::new(),
+            list => list
+                .iter()
+                .map(|backend| Backend::parse(backend))
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let mut service = Self::new(vip, backends, origin)?;
+        service.protocol = protocol.map(Protocol::parse).transpose()?;
+        for (key, value) in options {
+            service.set_option(key, value)?;
+        }
+        service.finish_options()?;
+        Ok(service)
+    }
+
+    /// One option of [`SERVICE_OPTIONS`].
+    pub fn set_option(&mut self, key: &str, value: &str) -> Result<()> {
+        let seconds = |value: &str| -> Result<Duration> {
+            let number: f64 = value
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 86400.0 * 365.0)
+                .with_context(|| format!("{key}={value}: seconds, more than 0"))?;
+            Ok(Duration::from_secs_f64(number))
+        };
+        let count = |value: &str| -> Result<u32> {
+            value
+                .parse()
+                .ok()
+                .filter(|n| (1..=100).contains(n))
+                .with_context(|| format!("{key}={value}: a whole number from 1 to 100"))
+        };
+        match key {
+            "affinity" => match value {
+                "client" => {
+                    self.affinity.get_or_insert(DEFAULT_AFFINITY);
+                }
+                "none" => self.affinity = None,
+                _ => bail!("affinity={value}: client or none"),
+            },
+            "affinity-timeout" => {
+                let timeout = seconds(value)?;
+                if timeout.as_secs() == 0 || timeout.as_secs() > u32::MAX as u64 {
+                    bail!("affinity-timeout={value}: whole seconds from 1");
+                }
+                self.affinity = Some(Duration::from_secs(timeout.as_secs()));
+            }
+            "check" => {
+                let check = self.check.get_or_insert_with(HealthCheck::default);
+                match value.split_once(':') {
+                    None if value == "tcp" => check.http_path = None,
+                    Some(("http", path)) if path.starts_with('/') && !path.contains(char::is_whitespace) => {
+                        check.http_path = Some(path.to_string())
+                    }
+                    _ => bail!("check={value}: tcp, or http:/PATH"),
+                }
+            }
+            "check-expect" => {
+                let status = value
+                    .parse()
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                    .with_context(|| format!("check-expect={value}: an HTTP status, 100 to 599"))?;
+                self.check.get_or_insert_with(HealthCheck::default).expect = status;
+            }
+            "check-interval" => {
+                self.check.get_or_insert_with(HealthCheck::default).interval = seconds(value)?
+            }
+            "check-timeout" => self.check.get_or_insert_with(HealthCheck::default).timeout = seconds(value)?,
+            "check-rise" => self.check.get_or_insert_with(HealthCheck::default).rise = count(value)?,
+            "check-fall" => self.check.get_or_insert_with(HealthCheck::default).fall = count(value)?,
+            other => bail!("unknown service option '{other}' ({SERVICE_OPTIONS})"),
+        }
+        Ok(())
+    }
+
+    /// Checks the options together once all are set.
+    pub fn finish_options(&mut self) -> Result<()> {
+        if let Some(check) = &self.check {
+            if check.timeout > check.interval {
+                bail!(
+                    "check-timeout {} s is longer than check-interval {} s",
+                    check.timeout.as_secs_f64(),
+                    check.interval.as_secs_f64()
+                );
+            }
+            if check.http_path.is_some() && self.protocol == Some(Protocol::Udp) {
+                bail!("an HTTP check of a UDP-only service");
+            }
+        }
+        Ok(())
+    }
+
+    /// The keys this service has in the service table: one per protocol.
+    pub fn keys(&self) -> Vec<ServiceKey> {
+        let protocols = match self.protocol {
+            Some(protocol) => vec![protocol],
+            None => vec![Protocol::Tcp, Protocol::Udp],
+        };
+        protocols
+            .into_iter()
+            .map(|protocol| ServiceKey {
+                vip: self.vip,
+                protocol,
+            })
+            .collect()
+    }
+
+    /// `tcp:VIP:PORT`, `udp:VIP:PORT` or `VIP:PORT` (both).
+    pub fn name(&self) -> String {
+        match self.protocol {
+            Some(protocol) => format!("{}:{}", protocol.name(), self.vip),
+            None => self.vip.to_string(),
+        }
     }
 
     /// The backends' addresses, in order.
     pub fn addrs(&self) -> Vec<SocketAddr> {
         self.backends.iter().map(|backend| backend.addr).collect()
     }
+
+    /// Each backend's share of new flows as the tables get it: its weight when it is active
+    /// and healthy, else 0. When every active backend is unhealthy, the active ones keep
+    /// their weights (fail open: a check that fails everywhere is more likely the checker's
+    /// problem than every backend's, and refusing every client would make it the service's).
+    pub fn effective_weights(&self) -> Vec<u32> {
+        let any_healthy = self.backends.iter().any(|b| b.active() && b.healthy);
+        self.backends
+            .iter()
+            .map(|b| {
+                if b.active() && (b.healthy || !any_healthy) {
+                    b.weight
+                } else {
+                    0
+                }
+            })
+            .collect()
+    }
+}
+
+/// Splits `--service` text into the VIP with its options and the backend list: at the first
+/// '=' not inside a service option (`;key=value` pairs come before the backends' '=').
+fn split_head(text: &str) -> Option<(&str, &str)> {
+    let mut offset = 0;
+    for (index, part) in text.split(';').enumerate() {
+        if index == 0 {
+            if let Some(at) = part.find('=') {
+                return Some((&text[..at], &text[at + 1..]));
+            }
+        } else if let Some((_, value)) = part.split_once('=') {
+            // an option's value ends at the first '=' after it: `check-fall=3=BACKENDS`
+            if let Some(at) = value.find('=') {
+                let end = offset + part.len() - value.len() + at;
+                return Some((&text[..end], &text[end + 1..]));
+            }
+        }
+        offset += part.len() + 1;
+    }
+    None
 }
 
 /// clap's value parser for `--service`; the error is the whole chain, in one line.
@@ -182,16 +531,19 @@ pub fn parse_services(texts: &[String], limits: Limits) -> Result<Vec<Service>> 
 /// Checks services from every source together: a VIP once, the table limits, and MACs only
 /// where the datapath uses them; each error names the flag or file line.
 pub fn check_services(services: Vec<Service>, limits: Limits) -> Result<Vec<Service>> {
-    let mut vips: HashMap<SocketAddr, &str> = HashMap::new();
+    let mut vips: HashMap<ServiceKey, &str> = HashMap::new();
     let mut macs: HashMap<SocketAddr, [u8; 6]> = HashMap::new();
     let mut total = 0;
     for service in &services {
         let fail = |problem: String| anyhow::anyhow!("{}: {problem}", service.origin);
-        if let Some(first) = vips.insert(service.vip, &service.origin) {
-            return Err(fail(format!(
-                "VIP {} is given twice (also at {first})",
-                service.vip
-            )));
+        for key in service.keys() {
+            if let Some(first) = vips.insert(key, &service.origin) {
+                return Err(fail(format!(
+                    "VIP {} ({}) is given twice (also at {first})",
+                    service.vip,
+                    key.protocol.name()
+                )));
+            }
         }
         if service.backends.len() > limits.backends_per_service {
             return Err(fail(format!(
@@ -233,8 +585,15 @@ pub fn describe(services: &[Service]) -> String {
         .iter()
         .take(SHOWN)
         .map(|service| {
-            let backends: Vec<String> = service.backends.iter().map(|b| b.addr.to_string()).collect();
-            format!("{} -> {}", service.vip, backends.join(", "))
+            if service.backends.is_empty() {
+                return format!("{} -> refused (no backends)", service.name());
+            }
+            let backends: Vec<String> = service
+                .backends
+                .iter()
+                .map(|b| Backend { mac: None, ..*b }.to_string())
+                .collect();
+            format!("{} -> {}", service.name(), backends.join(", "))
         })
         .collect();
     if services.len() > SHOWN {
@@ -244,65 +603,123 @@ pub fn describe(services: &[Service]) -> String {
 }
 
 /// The tables of include/service.h in one datapath's maps, from a fresh skeleton or pins:
-/// VIP:PORT -> slot range, slot -> backend (a struct that starts with its endpoint), and
-/// slot -> counters.
+/// service key -> slot range, slot -> backend (a struct that starts with its endpoint),
+/// slot -> cumulative weight, and slot -> counters.
 pub struct ServiceTables {
     pub services: MapHandle,
     pub backends: MapHandle,
+    pub weights: MapHandle,
     pub stats: MapHandle,
     /// entries of the backend and counter arrays
     pub slots: u32,
 }
 
 impl ServiceTables {
-    pub fn new(services: MapHandle, backends: MapHandle, stats: MapHandle) -> Self {
+    pub fn new(services: MapHandle, backends: MapHandle, weights: MapHandle, stats: MapHandle) -> Self {
         let slots = backends.max_entries();
         Self {
             services,
             backends,
+            weights,
             stats,
             slots,
         }
     }
 
-    /// The tables pinned in `pins`: services, backends, counters.
-    pub fn pinned(pins: &PinDir, specs: [MapPin; 3]) -> Result<Self> {
+    /// The tables pinned in `pins`: services, backends, weights, counters.
+    pub fn pinned(pins: &PinDir, specs: [MapPin; 4]) -> Result<Self> {
         Ok(Self::new(
             pins.open_map(&specs[0])?,
             pins.open_map(&specs[1])?,
             pins.open_map(&specs[2])?,
+            pins.open_map(&specs[3])?,
         ))
     }
 }
 
-/// A service as the tables hold it: slots [base, base + backends.len()).
-#[derive(Debug, Clone)]
+/// A service as the tables hold it: the keys pointing at its slots
+/// [base, base + backends.len()), and what its value and slots say.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Installed {
+    keys: Vec<ServiceKey>,
     base: u32,
     backends: Vec<SocketAddr>,
+    /// each slot's own weight (its cumulative weight less the one before)
+    weights: Vec<u32>,
+    affinity_s: Option<u32>,
 }
 
-fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Installed>> {
-    // every backend slot in one pass: a table of 100,000 backends is read in a few system
-    // calls rather than 100,000
-    let mut ranges = Vec::new();
+impl Installed {
+    /// What the service's slots say, in an order that does not depend on the slots': equal
+    /// for two services that behave the same.
+    fn image(&self) -> (Vec<(SocketAddr, u32)>, Option<u32>) {
+        let mut backends: Vec<(SocketAddr, u32)> = self
+            .backends
+            .iter()
+            .copied()
+            .zip(self.weights.iter().copied())
+            .collect();
+        backends.sort();
+        (backends, self.affinity_s)
+    }
+
+    fn wanted_image(service: &Service) -> (Vec<(SocketAddr, u32)>, Option<u32>) {
+        let mut backends: Vec<(SocketAddr, u32)> = service
+            .addrs()
+            .into_iter()
+            .zip(service.effective_weights())
+            .collect();
+        backends.sort();
+        (backends, affinity_seconds(service))
+    }
+
+    fn protocol(&self) -> Option<Protocol> {
+        match self.keys.as_slice() {
+            [only] => Some(only.protocol),
+            _ => None,
+        }
+    }
+}
+
+fn affinity_seconds(service: &Service) -> Option<u32> {
+    service
+        .affinity
+        .map(|timeout| timeout.as_secs().clamp(1, u32::MAX as u64) as u32)
+}
+
+/// Every service in the tables, one entry per slot range (the keys of a service of both
+/// protocols share theirs), by range start.
+fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
+    let mut ranges: BTreeMap<u32, (Vec<ServiceKey>, service_range)> = BTreeMap::new();
     // the hash table key by key (a batch over a hash table can end early: ENOSPC when a
-    // bucket does not fit), the backend array by batches
+    // bucket does not fit), the arrays by batches
     for key in tables.services.keys() {
         let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
             continue;
         };
-        let vip: service_endpoint = maps::from_bytes("service key", &key)?;
+        let endpoint: service_endpoint = maps::from_bytes("service key", &key)?;
         let range: service_range = maps::from_bytes("service range", &value)?;
-        ranges.push((SocketAddr::from(&vip), range));
+        let Some(protocol) = Protocol::from_number(endpoint.proto) else {
+            continue;
+        };
+        let key = ServiceKey {
+            vip: SocketAddr::from(&endpoint),
+            protocol,
+        };
+        ranges
+            .entry(range.base)
+            .or_insert_with(|| (Vec::new(), range))
+            .0
+            .push(key);
     }
     let used = ranges
-        .iter()
+        .values()
         .map(|(_, range)| range.base.saturating_add(range.count))
         .max()
         .unwrap_or(0)
         .min(tables.slots);
     let mut endpoints = Vec::with_capacity(used as usize);
+    let mut cumulative = Vec::with_capacity(used as usize);
     if used > 0 {
         for (_, bytes) in tables.backends.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
             if endpoints.len() as u32 >= used {
@@ -314,24 +731,49 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Install
             let backend: service_endpoint = maps::from_bytes("backend", endpoint)?;
             endpoints.push(SocketAddr::from(&backend));
         }
+        for (_, bytes) in tables.weights.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
+            if cumulative.len() as u32 >= used {
+                break;
+            }
+            let weight: u32 = maps::from_bytes("backend weight", &bytes)?;
+            cumulative.push(weight);
+        }
     }
     let mut installed = BTreeMap::new();
-    for (vip, range) in ranges {
+    for (base, (mut keys, range)) in ranges {
         let end = range.base.saturating_add(range.count).min(endpoints.len() as u32);
         let backends = endpoints
             .get(range.base as usize..end as usize)
             .context("backend slot out of range")?
             .to_vec();
+        let ends = cumulative
+            .get(range.base as usize..end as usize)
+            .context("weight slot out of range")?;
+        let weights = ends
+            .iter()
+            .scan(0u32, |before, &end| {
+                let own = end.saturating_sub(*before);
+                *before = end;
+                Some(own)
+            })
+            .collect();
+        keys.sort();
         installed.insert(
-            vip,
+            base,
             Installed {
-                base: range.base,
+                keys,
+                base,
                 backends,
+                weights,
+                affinity_s: (range.flags & SERVICE_AFFINITY != 0).then_some(range.affinity_s),
             },
         );
     }
     Ok(installed)
 }
+
+/// include/service.h
+const SERVICE_AFFINITY: u32 = 1;
 
 /// First-fit allocation of contiguous backend slot ranges.
 struct SlotAllocator {
@@ -405,17 +847,10 @@ impl std::fmt::Display for SyncReport {
     }
 }
 
-fn same_backends(a: &[SocketAddr], b: &[SocketAddr]) -> bool {
-    let (mut a, mut b) = (a.to_vec(), b.to_vec());
-    a.sort();
-    b.sort();
-    a == b
-}
-
-/// Makes the tables hold exactly `services`, touching only what differs. A changed backend
-/// list is written to free slots first and then swapped in with one update of the service's
-/// value, so every connect sees either the old list or the new one and a VIP is never
-/// missing; counters of backends that stay are carried over.
+/// Makes the tables hold exactly `services`, touching only what differs. A changed service
+/// is written to free slots first and then swapped in with one update of each of its keys,
+/// so every lookup sees either the old service or the new one and a VIP is never missing;
+/// counters of backends that stay are carried over.
 pub fn sync_services(
     tables: &ServiceTables,
     services: &[Service],
@@ -433,51 +868,74 @@ pub fn sync_services_with(
     backend_value: impl Fn(SocketAddr) -> Result<Vec<u8>>,
     before_swap: impl Fn(&Service, u32) -> Result<()>,
 ) -> Result<SyncReport> {
+    crate::control::health::configure(services);
+    let checked = crate::control::health::overlay(services);
+    let services = checked.as_slice();
     let installed = read_installed(tables)?;
     let mut report = SyncReport::default();
     let mut allocator = SlotAllocator::new(
         tables.slots,
-        installed
-            .values()
-            .map(|svc| (svc.base, svc.backends.len() as u32)),
+        installed.values().map(|svc| (svc.base, held(svc.backends.len()))),
     );
-    let mut released = Vec::new();
+    // which range each key points at, and how many keys point at each range: a range is
+    // free again once no key points at it
+    let mut pointing: HashMap<ServiceKey, u32> = installed
+        .values()
+        .flat_map(|svc| svc.keys.iter().map(|key| (*key, svc.base)))
+        .collect();
+    let mut holders: HashMap<u32, usize> = installed.values().map(|svc| (svc.base, svc.keys.len())).collect();
+    let mut released: Vec<(u32, u32)> = Vec::new();
+    let mut lengths: HashMap<u32, u32> = installed
+        .values()
+        .map(|svc| (svc.base, held(svc.backends.len())))
+        .collect();
+    // a key no longer points at its range; the range's slots once no key does
+    fn unpoint(
+        key: &ServiceKey,
+        pointing: &mut HashMap<ServiceKey, u32>,
+        holders: &mut HashMap<u32, usize>,
+        lengths: &HashMap<u32, u32>,
+        released: &mut Vec<(u32, u32)>,
+    ) -> bool {
+        let Some(base) = pointing.remove(key) else {
+            return false;
+        };
+        let left = holders.get_mut(&base).expect("a range of an installed key");
+        *left -= 1;
+        if *left == 0 {
+            released.push((base, lengths[&base]));
+        }
+        *left == 0
+    }
 
-    let wanted: BTreeMap<SocketAddr, &Service> = services.iter().map(|svc| (svc.vip, svc)).collect();
+    let wanted: HashSet<ServiceKey> = services.iter().flat_map(Service::keys).collect();
     // Removed services go last, once every added or changed one is in: an update stopped
     // midway never leaves fewer services than either the old state or the new one has.
-    let mut removals: Vec<(SocketAddr, u32, u32)> = installed
-        .iter()
-        .filter(|(vip, _)| !wanted.contains_key(vip))
-        .map(|(vip, old)| (*vip, old.base, old.backends.len() as u32))
+    let mut removals: Vec<ServiceKey> = pointing
+        .keys()
+        .filter(|key| !wanted.contains(key))
+        .copied()
         .collect();
-    let remove = |removals: &mut Vec<(SocketAddr, u32, u32)>,
-                  released: &mut Vec<(u32, u32)>,
-                  report: &mut SyncReport|
-     -> Result<()> {
-        for (vip, base, len) in removals.drain(..) {
-            tables
-                .services
-                .delete(as_bytes(&service_endpoint::from(vip)))
-                .with_context(|| format!("removing service {vip}"))?;
-            released.push((base, len));
-            report.removed += 1;
-        }
-        Ok(())
-    };
+    removals.sort();
 
     let mut pending: Vec<&Service> = Vec::new();
     for service in services {
-        match installed.get(&service.vip) {
-            Some(old) if same_backends(&old.backends, &service.addrs()) => report.unchanged += 1,
-            Some(_) => {
-                report.changed += 1;
-                pending.push(service);
-            }
-            None => {
-                report.added += 1;
-                pending.push(service);
-            }
+        let keys = service.keys();
+        let olds: Vec<Option<&Installed>> = keys
+            .iter()
+            .map(|key| pointing.get(key).and_then(|base| installed.get(base)))
+            .collect();
+        let same = olds.iter().all(|old| {
+            old.is_some_and(|old| old.keys == keys && old.image() == Installed::wanted_image(service))
+        });
+        if same {
+            report.unchanged += 1;
+        } else if olds.iter().any(Option::is_some) {
+            report.changed += 1;
+            pending.push(service);
+        } else {
+            report.added += 1;
+            pending.push(service);
         }
     }
 
@@ -485,20 +943,35 @@ pub fn sync_services_with(
         let mut placed = Vec::new();
         let mut deferred = Vec::new();
         for service in pending {
-            match allocator.alloc(service.backends.len() as u32) {
+            match allocator.alloc(held(service.backends.len())) {
                 Some(base) => placed.push((service, base)),
                 None => deferred.push(service),
             }
         }
-        write_ranges(tables, &installed, &placed, &backend_value, &before_swap)?;
-        for (service, _) in &placed {
-            if let Some(old) = installed.get(&service.vip) {
-                released.push((old.base, old.backends.len() as u32));
+        write_ranges(
+            tables,
+            &installed,
+            &pointing,
+            &placed,
+            &backend_value,
+            &before_swap,
+        )?;
+        for (service, base) in &placed {
+            for key in service.keys() {
+                unpoint(&key, &mut pointing, &mut holders, &lengths, &mut released);
+                pointing.insert(key, *base);
             }
+            holders.insert(*base, service.keys().len());
+            lengths.insert(*base, held(service.backends.len()));
         }
         if !deferred.is_empty() && placed.is_empty() && released.is_empty() && !removals.is_empty() {
             // no room left for the rest: the removed services' slots are needed now
-            remove(&mut removals, &mut released, &mut report)?;
+            for key in removals.drain(..) {
+                delete_key(tables, &key)?;
+                if unpoint(&key, &mut pointing, &mut holders, &lengths, &mut released) {
+                    report.removed += 1;
+                }
+            }
         }
         if !deferred.is_empty() && placed.is_empty() && released.is_empty() {
             bail!(
@@ -509,7 +982,7 @@ pub fn sync_services_with(
             );
         }
         if !deferred.is_empty() {
-            // Slots of lists swapped out above are written again only after every connect
+            // Slots of lists swapped out above are written again only after every lookup
             // that may have read the old list is done.
             std::thread::sleep(RANGE_REUSE_GRACE);
             for (base, len) in released.drain(..) {
@@ -518,15 +991,34 @@ pub fn sync_services_with(
         }
         pending = deferred;
     }
-    remove(&mut removals, &mut released, &mut report)?;
+    for key in removals.drain(..) {
+        delete_key(tables, &key)?;
+        if unpoint(&key, &mut pointing, &mut holders, &lengths, &mut released) {
+            report.removed += 1;
+        }
+    }
     Ok(report)
 }
 
-/// Writes each placed service's backends and counters to its new slots, then points the
-/// services at them (one batch per table).
+/// The slots a service of `backends` backends holds: one at least, so that every service,
+/// one that refuses its clients too, has a range of its own.
+fn held(backends: usize) -> u32 {
+    backends.max(1) as u32
+}
+
+fn delete_key(tables: &ServiceTables, key: &ServiceKey) -> Result<()> {
+    tables
+        .services
+        .delete(as_bytes(&key.endpoint()))
+        .with_context(|| format!("removing service {}:{}", key.protocol.name(), key.vip))
+}
+
+/// Writes each placed service's backends, weights and counters to its new slots, then points
+/// its keys at them (one batch per table).
 fn write_ranges(
     tables: &ServiceTables,
-    installed: &BTreeMap<SocketAddr, Installed>,
+    installed: &BTreeMap<u32, Installed>,
+    pointing: &HashMap<ServiceKey, u32>,
     placed: &[(&Service, u32)],
     backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
     before_swap: &impl Fn(&Service, u32) -> Result<()>,
@@ -536,48 +1028,69 @@ fn write_ranges(
     }
     let mut slot_keys = Vec::new();
     let mut backend_values = Vec::new();
+    let mut weight_values = Vec::new();
     let mut stats_values = Vec::new();
     let mut service_keys = Vec::new();
     let mut service_values = Vec::new();
     for (service, base) in placed {
-        let old = installed.get(&service.vip);
-        for (index, backend) in service.addrs().iter().enumerate() {
+        let olds: Vec<&Installed> = service
+            .keys()
+            .iter()
+            .filter_map(|key| installed.get(pointing.get(key)?))
+            .collect();
+        let weights = service.effective_weights();
+        let mut cumulative = 0u32;
+        for (index, (backend, weight)) in service.addrs().iter().zip(&weights).enumerate() {
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
             backend_values.extend_from_slice(&backend_value(*backend)?);
-            let old_slot =
-                old.and_then(|old| Some(old.base + old.backends.iter().position(|b| b == backend)? as u32));
+            cumulative += weight;
+            weight_values.extend_from_slice(&cumulative.to_ne_bytes());
+            let old_slot = olds
+                .iter()
+                .find_map(|old| Some(old.base + old.backends.iter().position(|b| b == backend)? as u32));
             let carried = match old_slot {
                 Some(slot) => read_stats(tables, slot)?,
                 None => vec![0u8; tables.stats.value_size() as usize],
             };
             stats_values.extend_from_slice(&carried);
         }
-        service_keys.extend_from_slice(as_bytes(&service_endpoint::from(service.vip)));
         let range = service_range {
             base: *base,
             count: service.backends.len() as u32,
+            weight: cumulative,
+            flags: if service.affinity.is_some() {
+                SERVICE_AFFINITY
+            } else {
+                0
+            },
+            affinity_s: affinity_seconds(service).unwrap_or(0),
+            pad: 0,
         };
-        service_values.extend_from_slice(as_bytes(&range));
+        for key in service.keys() {
+            service_keys.extend_from_slice(as_bytes(&key.endpoint()));
+            service_values.extend_from_slice(as_bytes(&range));
+        }
     }
     let slots = (slot_keys.len() / 4) as u32;
-    tables
-        .backends
-        .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
-        .context("writing backends")?;
-    write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
+    if slots > 0 {
+        tables
+            .backends
+            .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
+            .context("writing backends")?;
+        tables
+            .weights
+            .update_batch(&slot_keys, &weight_values, slots, MapFlags::ANY, MapFlags::ANY)
+            .context("writing backend weights")?;
+        write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
+    }
     for (service, base) in placed {
         before_swap(service, *base)?;
     }
+    let keys = (service_keys.len() / size_of::<service_endpoint>()) as u32;
     tables
         .services
-        .update_batch(
-            &service_keys,
-            &service_values,
-            placed.len() as u32,
-            MapFlags::ANY,
-            MapFlags::ANY,
-        )
+        .update_batch(&service_keys, &service_values, keys, MapFlags::ANY, MapFlags::ANY)
         .context("writing services")?;
     Ok(())
 }
@@ -628,6 +1141,8 @@ fn write_stats(tables: &ServiceTables, keys: &[u8], values: &[u8], slots: u32) -
 #[derive(Debug, Clone)]
 pub struct BackendReport<T> {
     pub backend: SocketAddr,
+    /// its share of new flows as the tables say (0: none, for whatever reason)
+    pub weight: u32,
     pub counters: T,
 }
 
@@ -635,6 +1150,9 @@ pub struct BackendReport<T> {
 #[derive(Debug, Clone)]
 pub struct ServiceReport<T> {
     pub vip: SocketAddr,
+    /// None: both
+    pub protocol: Option<Protocol>,
+    pub affinity_s: Option<u32>,
     pub backends: Vec<BackendReport<T>>,
 }
 
@@ -644,7 +1162,16 @@ impl<T: Counters> ServiceReport<T> {
         T::sum(self.backends.iter().map(|backend| &backend.counters))
     }
 
-    /// `{ "vip", "backends": [{ "backend", counters... }], "totals": {...} }`
+    /// `tcp:VIP:PORT`, `udp:VIP:PORT` or `VIP:PORT`.
+    pub fn name(&self) -> String {
+        match self.protocol {
+            Some(protocol) => format!("{}:{}", protocol.name(), self.vip),
+            None => self.vip.to_string(),
+        }
+    }
+
+    /// `{ "vip", "protocol", "affinity_timeout", "backends": [{ "backend", "weight",
+    /// counters... }], "totals": {...} }`
     pub fn json(&self) -> Value {
         let backends: Vec<Value> = self
             .backends
@@ -652,20 +1179,37 @@ impl<T: Counters> ServiceReport<T> {
             .map(|b| {
                 let mut entry = b.counters.json();
                 entry.insert("backend".into(), json!(b.backend.to_string()));
+                entry.insert("weight".into(), json!(b.weight));
                 Value::Object(entry)
             })
             .collect();
-        json!({ "vip": self.vip.to_string(), "backends": backends, "totals": self.totals().json() })
+        json!({
+            "vip": self.vip.to_string(),
+            "protocol": self.protocol.map_or("both", Protocol::name),
+            "affinity_timeout": self.affinity_s,
+            "backends": backends,
+            "totals": self.totals().json(),
+        })
     }
 
     /// "VIP -> backend (counters), ..."; `words` says a backend's counters.
     pub fn summary(&self, words: impl Fn(&T) -> String) -> String {
+        if self.backends.is_empty() {
+            return format!("{} -> refused (no backends)", self.name());
+        }
         let backends: Vec<String> = self
             .backends
             .iter()
-            .map(|b| format!("{} ({})", b.backend, words(&b.counters)))
+            .map(|b| {
+                let share = if b.weight == 0 {
+                    "no new flows, ".to_string()
+                } else {
+                    String::new()
+                };
+                format!("{} ({share}{})", b.backend, words(&b.counters))
+            })
             .collect();
-        format!("{} -> {}", self.vip, backends.join(", "))
+        format!("{} -> {}", self.name(), backends.join(", "))
     }
 }
 
@@ -679,20 +1223,27 @@ pub fn grand_total<T: Counters>(services: &[ServiceReport<T>]) -> T {
 }
 
 /// Every service with its backends and their counters, for `status`, metrics and exit
-/// summaries.
+/// summaries, by VIP.
 pub fn service_report<T: Counters>(tables: &ServiceTables) -> Result<Vec<ServiceReport<T>>> {
     let mut report = Vec::new();
-    for (vip, installed) in read_installed(tables)? {
+    for installed in read_installed(tables)?.into_values() {
         let mut backends = Vec::new();
-        for (index, backend) in installed.backends.iter().enumerate() {
+        for (index, (backend, weight)) in installed.backends.iter().zip(&installed.weights).enumerate() {
             let bytes = read_stats(tables, installed.base + index as u32)?;
             backends.push(BackendReport {
                 backend: *backend,
+                weight: *weight,
                 counters: maps::from_bytes(T::C_STRUCT, &bytes)?,
             });
         }
-        report.push(ServiceReport { vip, backends });
+        report.push(ServiceReport {
+            vip: installed.keys[0].vip,
+            protocol: installed.protocol(),
+            affinity_s: installed.affinity_s,
+            backends,
+        });
     }
+    report.sort_by_key(|service| (service.vip, service.protocol));
     Ok(report)
 }
 
@@ -795,10 +1346,80 @@ mod tests {
     }
 
     #[test]
-    fn backend_order_does_not_make_a_change() {
-        let a: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let b: SocketAddr = "10.0.0.2:80".parse().unwrap();
-        assert!(same_backends(&[a, b], &[b, a]));
-        assert!(!same_backends(&[a], &[a, b]));
+    fn backend_order_does_not_make_a_change_but_weights_do() {
+        let one = Service::parse("10.96.0.1:80=10.0.0.1:80,10.0.0.2:80;weight=2").unwrap();
+        let other = Service::parse("10.96.0.1:80=10.0.0.2:80;weight=2,10.0.0.1:80").unwrap();
+        assert_eq!(Installed::wanted_image(&one), Installed::wanted_image(&other));
+        let heavier = Service::parse("10.96.0.1:80=10.0.0.2:80;weight=3,10.0.0.1:80").unwrap();
+        assert_ne!(Installed::wanted_image(&one), Installed::wanted_image(&heavier));
+    }
+
+    #[test]
+    fn protocols_options_weights_and_states_parse() {
+        let service =
+            Service::parse("tcp:10.96.0.1:80;affinity=client;affinity-timeout=60=10.0.0.1:80;weight=3,10.0.0.2:80;state=draining")
+                .unwrap();
+        assert_eq!(service.protocol, Some(Protocol::Tcp));
+        assert_eq!(service.affinity, Some(Duration::from_secs(60)));
+        assert_eq!(service.backends[0].weight, 3);
+        assert_eq!(service.backends[1].state, BackendState::Draining);
+        assert_eq!(service.effective_weights(), vec![3, 0]);
+        assert_eq!(service.keys().len(), 1);
+        let both =
+            Service::parse("[fd00::1]:53;check=tcp;check-interval=1;check-timeout=0.5=[fd00::2]:53").unwrap();
+        assert_eq!(both.protocol, None);
+        assert_eq!(both.keys().len(), 2);
+        let check = both.check.unwrap();
+        assert_eq!(
+            (check.interval, check.timeout),
+            (Duration::from_secs(1), Duration::from_millis(500))
+        );
+        let refusing = Service::parse("udp:10.96.0.1:53=reject").unwrap();
+        assert!(refusing.backends.is_empty());
+        // fail open: every active backend unhealthy keeps their weights
+        let mut sick = Service::parse("10.96.0.1:80=10.0.0.1:80,10.0.0.2:80;state=down").unwrap();
+        sick.backends[0].healthy = false;
+        assert_eq!(sick.effective_weights(), vec![1, 0]);
+        // a TCP and a UDP service on one VIP:PORT are two services; both and TCP clash
+        let limits = Limits {
+            services: 10,
+            backends_per_service: 10,
+            backends: 10,
+            macs: false,
+        };
+        assert!(parse_services(
+            &texts(&["tcp:10.96.0.1:53=10.0.0.1:53", "udp:10.96.0.1:53=10.0.0.2:53"]),
+            limits
+        )
+        .is_ok());
+        let err = parse_services(
+            &texts(&["10.96.0.1:53=10.0.0.1:53", "tcp:10.96.0.1:53=10.0.0.2:53"]),
+            limits,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("given twice"), "{err}");
+        for (bad, needle) in [
+            ("sctp:10.96.0.1:80=10.0.0.1:80", "sctp is not supported"),
+            ("10.96.0.1:80=10.0.0.1:80;weight=0", "weight '0'"),
+            ("10.96.0.1:80=10.0.0.1:80;state=gone", "active, draining or down"),
+            ("10.96.0.1:80=10.0.0.1:80;color=red", "unknown option 'color'"),
+            ("10.96.0.1:80;affinity=sticky=10.0.0.1:80", "client or none"),
+            (
+                "10.96.0.1:80;bogus=1=10.0.0.1:80",
+                "unknown service option 'bogus'",
+            ),
+            ("10.96.0.1:80;check=http:nopath=10.0.0.1:80", "http:/PATH"),
+            (
+                "10.96.0.1:80;check-timeout=9=10.0.0.1:80",
+                "longer than check-interval",
+            ),
+            (
+                "udp:10.96.0.1:80;check=http:/=10.0.0.1:80",
+                "HTTP check of a UDP-only",
+            ),
+        ] {
+            let err = parse_services(&texts(&[bad]), LIMITS).unwrap_err().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
     }
 }

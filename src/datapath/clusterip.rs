@@ -11,16 +11,16 @@ use libbpf_rs::{MapHandle, Program, ProgramAttachType};
 use serde_json::json;
 
 use crate::control::config::{self, ConfigFile, Item, RunOptions};
-use crate::control::counters;
+use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 use crate::kernel::attach;
 use crate::kernel::cgroup::Cgroup;
-use crate::kernel::netns;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
-use crate::kernel::skel::sock_xlate::types::clusterip_stats;
+use crate::kernel::skel::sock_xlate::types::{clusterip_counters, clusterip_stats};
 use crate::kernel::skel::sock_xlate::{SockXlateSkel, SockXlateSkelBuilder};
+use crate::kernel::{maps, netns};
 
 pub const SUBCOMMAND: &str = "clusterip";
 /// Program names as the kernel reports them (at most 15 characters).
@@ -45,7 +45,8 @@ const BACKEND_SLOTS: u32 = 131072;
 const PIN_SERVICES: MapPin = MapPin {
     map: "clusterip_services",
     name: "services",
-    version: 1,
+    // v2: keys by protocol, values with weights and affinity (include/service.h)
+    version: 2,
     on_change: OnChange::Rebuild,
 };
 const PIN_BACKENDS: MapPin = MapPin {
@@ -68,6 +69,35 @@ const PIN_STATS: MapPin = MapPin {
     version: 1,
     on_change: OnChange::Rebuild,
 };
+
+const PIN_WEIGHTS: MapPin = MapPin {
+    map: "clusterip_weights",
+    name: "weights",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_AFFINITY: MapPin = MapPin {
+    map: "clusterip_affinity",
+    name: "affinity",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_COUNTERS: MapPin = MapPin {
+    map: "clusterip_counters",
+    name: "counters",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+
+crate::declare_counters!(
+    clusterip_counters,
+    "clusterip_counters",
+    [(
+        refused,
+        Event,
+        "connect() or sendmsg() to a service without a usable backend, refused"
+    ),]
+);
 
 crate::declare_counters!(
     clusterip_stats,
@@ -158,6 +188,7 @@ fn tables(skel: &SockXlateSkel<'_>) -> Result<ServiceTables> {
     Ok(ServiceTables::new(
         MapHandle::try_from(&skel.maps.clusterip_services)?,
         MapHandle::try_from(&skel.maps.clusterip_backends)?,
+        MapHandle::try_from(&skel.maps.clusterip_weights)?,
         MapHandle::try_from(&skel.maps.clusterip_stats)?,
     ))
 }
@@ -201,11 +232,20 @@ fn refuse_if_attached(cgroup: &Cgroup, pinned: &[u32]) -> Result<()> {
 pub struct Clusterip;
 
 /// Every map pinned with `--persist`.
-const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_REVERSE, PIN_STATS];
+const PINS: &[MapPin] = &[
+    PIN_SERVICES,
+    PIN_BACKENDS,
+    PIN_WEIGHTS,
+    PIN_REVERSE,
+    PIN_STATS,
+    PIN_AFFINITY,
+    PIN_COUNTERS,
+];
 
 /// The maps a report reads.
 pub struct View {
     tables: ServiceTables,
+    counters: MapHandle,
 }
 
 impl Datapath for Clusterip {
@@ -291,7 +331,7 @@ impl Datapath for Clusterip {
         Ok(updated)
     }
     fn desired_maps() -> &'static [MapPin] {
-        &[PIN_SERVICES, PIN_BACKENDS]
+        &[PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS]
     }
     fn objects<'a>(loaded: &'a SockXlateSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(loaded.object(), PINS)]
@@ -313,11 +353,13 @@ impl Datapath for Clusterip {
     fn view(loaded: &SockXlateSkel<'_>) -> Result<View> {
         Ok(View {
             tables: tables(loaded)?,
+            counters: MapHandle::try_from(&loaded.maps.clusterip_counters)?,
         })
     }
     fn view_pinned(pins: &PinDir) -> Result<View> {
         Ok(View {
-            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
+            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS])?,
+            counters: pins.open_map(&PIN_COUNTERS)?,
         })
     }
     fn report(view: &View) -> Result<Report> {
@@ -328,16 +370,32 @@ impl Datapath for Clusterip {
             SUBCOMMAND,
             &[("connect", totals.connects), ("sendmsg", totals.datagrams)],
         ));
+        let events: clusterip_counters = maps::sum_percpu_counters(&view.counters, 0)?;
+        families.extend(counters::event_families(SUBCOMMAND, &events));
+        let mut exit: Vec<String> = services
+            .iter()
+            .take(20)
+            .map(|service| service.summary(backend_words))
+            .collect();
+        if events.refused > 0 {
+            exit.push(format!(
+                "{} connects and datagrams refused: their service had no usable backend",
+                events.refused
+            ));
+        }
         Ok(Report {
             on_detach: None,
-            details: json!({ "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>() }),
-            summary: service::summarize_report(&services, backend_words),
+            details: json!({
+                "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                "counters": events.json(),
+            }),
+            summary: format!(
+                "{}; refused {}",
+                service::summarize_report(&services, backend_words),
+                events.refused
+            ),
             families,
-            exit: services
-                .iter()
-                .take(20)
-                .map(|service| service.summary(backend_words))
-                .collect(),
+            exit,
         })
     }
     fn attached_elsewhere() -> Vec<AttachedElsewhere> {

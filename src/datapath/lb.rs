@@ -51,12 +51,19 @@ pub const LIMITS: Limits = Limits {
 const PIN_SERVICES: MapPin = MapPin {
     map: "lb_services",
     name: "services",
-    version: 1,
+    // v2: keys by protocol, values with weights and affinity (include/service.h)
+    version: 2,
     on_change: OnChange::Rebuild,
 };
 const PIN_BACKENDS: MapPin = MapPin {
     map: "lb_backends",
     name: "backends",
+    version: 1,
+    on_change: OnChange::Rebuild,
+};
+const PIN_WEIGHTS: MapPin = MapPin {
+    map: "lb_weights",
+    name: "weights",
     version: 1,
     on_change: OnChange::Rebuild,
 };
@@ -321,6 +328,7 @@ fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
     Ok(ServiceTables::new(
         MapHandle::try_from(&skel.maps.lb_services)?,
         MapHandle::try_from(&skel.maps.lb_backends)?,
+        MapHandle::try_from(&skel.maps.lb_weights)?,
         MapHandle::try_from(&skel.maps.lb_stats)?,
     ))
 }
@@ -671,7 +679,7 @@ pub struct Plan {
 }
 
 /// Every map pinned with `--persist`.
-const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_STATS, PIN_COUNTERS];
+const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS, PIN_COUNTERS];
 
 /// The maps a report reads.
 pub struct View {
@@ -751,7 +759,7 @@ impl Datapath for Lb {
         )
     }
     fn desired_maps() -> &'static [MapPin] {
-        &[PIN_SERVICES, PIN_BACKENDS]
+        &[PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS]
     }
     fn objects<'a>(skel: &'a LbSkel<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(skel.object(), PINS)]
@@ -775,7 +783,7 @@ impl Datapath for Lb {
     }
     fn view_pinned(pins: &PinDir) -> Result<View> {
         Ok(View {
-            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
+            tables: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS])?,
             counters: pins.open_map(&PIN_COUNTERS)?,
             netns: pins.netns.clone(),
         })
@@ -823,7 +831,7 @@ impl Datapath for Lb {
     fn serve(
         skel: &LbSkel<'_>,
         shutdown: &Shutdown,
-        reload: &mut dyn FnMut() -> Result<String>,
+        reload: &mut dyn FnMut(Request) -> Result<String>,
     ) -> Result<()> {
         let netns_key = netns::current_key()?;
         let repairs = Repairs::default();
@@ -836,9 +844,9 @@ impl Datapath for Lb {
         loop {
             match shutdown.next_timeout(Duration::from_secs(1)) {
                 Some(Request::Stop) => return Ok(()),
-                Some(Request::Reload) => {
+                Some(request @ (Request::Reload | Request::Health)) => {
                     let _one = repairs.lock();
-                    run::log_reload(SUBCOMMAND, reload())
+                    run::log_reload(SUBCOMMAND, request, reload(request))
                 }
                 None => {}
             }

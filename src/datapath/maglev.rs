@@ -40,7 +40,16 @@ fn hash(backend: &SocketAddr, seed: u64) -> u64 {
 /// The lookup table of `size` (a prime) entries, each the index of a backend in `backends`.
 /// Depends only on the backends' addresses, not their order.
 pub fn table(backends: &[SocketAddr], size: u32) -> Vec<u32> {
-    assert!(!backends.is_empty(), "a Maglev table needs a backend");
+    weighted_table(backends, &vec![1; backends.len()], size)
+}
+
+/// [`table`] with weights: in each round every backend earns its weight and claims an entry
+/// for each largest weight it has earned, so its share of entries follows its weight; a
+/// weight of 0 claims none. Equal weights give [`table`]'s entries.
+pub fn weighted_table(backends: &[SocketAddr], weights: &[u32], size: u32) -> Vec<u32> {
+    assert_eq!(backends.len(), weights.len());
+    let most = weights.iter().copied().max().unwrap_or(0);
+    assert!(most > 0, "a Maglev table needs a backend with a weight");
     let size = size as u64;
     // each backend walks its own permutation of the table: offset + j * skip (mod size)
     let mut order: Vec<usize> = (0..backends.len()).collect();
@@ -54,21 +63,26 @@ pub fn table(backends: &[SocketAddr], size: u32) -> Vec<u32> {
         })
         .collect();
     let mut next = vec![0u64; order.len()];
+    let mut credit = vec![0u64; order.len()];
     let mut entries = vec![u32::MAX; size as usize];
     let mut filled = 0u64;
     'fill: loop {
         for (turn, &backend) in order.iter().enumerate() {
-            let (offset, skip) = walks[turn];
-            let mut slot = (offset + next[turn] * skip) % size;
-            while entries[slot as usize] != u32::MAX {
+            credit[turn] += u64::from(weights[backend]);
+            while credit[turn] >= u64::from(most) {
+                credit[turn] -= u64::from(most);
+                let (offset, skip) = walks[turn];
+                let mut slot = (offset + next[turn] * skip) % size;
+                while entries[slot as usize] != u32::MAX {
+                    next[turn] += 1;
+                    slot = (offset + next[turn] * skip) % size;
+                }
+                entries[slot as usize] = backend as u32;
                 next[turn] += 1;
-                slot = (offset + next[turn] * skip) % size;
-            }
-            entries[slot as usize] = backend as u32;
-            next[turn] += 1;
-            filled += 1;
-            if filled == size {
-                break 'fill;
+                filled += 1;
+                if filled == size {
+                    break 'fill;
+                }
             }
         }
     }

@@ -314,7 +314,7 @@ impl Datapath for Monitor {
     fn serve(
         loaded: &Loaded<'_>,
         shutdown: &Shutdown,
-        reload: &mut dyn FnMut() -> Result<String>,
+        reload: &mut dyn FnMut(run::Request) -> Result<String>,
     ) -> Result<()> {
         let map = MapHandle::try_from(&loaded.skel.maps.monitor_flows).context("flow table handle")?;
         let mut previous: HashMap<Flow, Counters> = HashMap::new();
@@ -324,8 +324,8 @@ impl Datapath for Monitor {
         loop {
             match shutdown.next_timeout(next_report.saturating_duration_since(Instant::now())) {
                 Some(run::Request::Stop) => break,
-                Some(run::Request::Reload) => {
-                    run::log_reload(SUBCOMMAND, reload());
+                Some(request @ (run::Request::Reload | run::Request::Health)) => {
+                    run::log_reload(SUBCOMMAND, request, reload(request));
                     next_report = Instant::now() + Duration::from_secs_f64(loaded.interval.get());
                     continue;
                 }

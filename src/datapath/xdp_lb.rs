@@ -79,7 +79,12 @@ const fn rebuilt(map: &'static str, name: &'static str) -> MapPin {
         on_change: OnChange::Rebuild,
     }
 }
-const PIN_SERVICES: MapPin = rebuilt("xdp_lb_services", "services");
+// v2: keys by protocol, values with weights and affinity (include/service.h)
+const PIN_SERVICES: MapPin = MapPin {
+    version: 2,
+    ..rebuilt("xdp_lb_services", "services")
+};
+const PIN_WEIGHTS: MapPin = rebuilt("xdp_lb_weights", "weights");
 const PIN_BACKENDS: MapPin = rebuilt("xdp_lb_backends", "backends");
 const PIN_RINGS: MapPin = rebuilt("xdp_lb_rings", "rings");
 const PIN_STATS: MapPin = MapPin {
@@ -462,6 +467,7 @@ impl Tables {
             services: ServiceTables::new(
                 MapHandle::try_from(&skel.maps.xdp_lb_services)?,
                 MapHandle::try_from(&skel.maps.xdp_lb_backends)?,
+                MapHandle::try_from(&skel.maps.xdp_lb_weights)?,
                 MapHandle::try_from(&skel.maps.xdp_lb_stats)?,
             ),
             rings: MapHandle::try_from(&skel.maps.xdp_lb_rings)?,
@@ -470,25 +476,32 @@ impl Tables {
 
     fn pinned(pins: &PinDir) -> Result<Self> {
         Ok(Self {
-            services: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_STATS])?,
+            services: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS])?,
             rings: pins.open_map(&PIN_RINGS)?,
         })
     }
 }
 
 /// Writes a service's Maglev ring to the entries its backend slots own (include/xdp_lb.h):
-/// the size, then a backend index (relative to `base`) per entry.
+/// the size, then a backend index (relative to `base`) per entry, each usable backend in
+/// proportion to its weight. Without a usable backend, a ring of size 0.
 fn write_ring(rings: &MapHandle, service: &Service, base: u32) -> Result<()> {
+    let weights = service.effective_weights();
+    let start = base * RING_PER_SLOT;
+    if weights.iter().all(|&weight| weight == 0) {
+        return rings
+            .update(&start.to_ne_bytes(), &0u32.to_ne_bytes(), MapFlags::ANY)
+            .with_context(|| format!("writing the Maglev ring of {}", service.name()));
+    }
     let size = maglev::table_size(service.backends.len());
     let reserved = service.backends.len() as u32 * RING_PER_SLOT;
     anyhow::ensure!(
         size < reserved,
         "a ring of {size} does not fit in {reserved} entries"
     );
-    let start = base * RING_PER_SLOT;
     let mut values = Vec::with_capacity((size as usize + 1) * 4);
     values.extend_from_slice(&size.to_ne_bytes());
-    for index in maglev::table(&service.addrs(), size) {
+    for index in maglev::weighted_table(&service.addrs(), &weights, size) {
         values.extend_from_slice(&index.to_ne_bytes());
     }
     let keys: Vec<u8> = (start..=start + size).flat_map(u32::to_ne_bytes).collect();
@@ -647,6 +660,7 @@ pub struct Loaded<'obj> {
 const PINS: &[MapPin] = &[
     PIN_SERVICES,
     PIN_BACKENDS,
+    PIN_WEIGHTS,
     PIN_STATS,
     PIN_RINGS,
     PIN_FLOWS,
@@ -755,8 +769,8 @@ impl Datapath for XdpLb {
         Ok(false)
     }
     fn desired_maps() -> &'static [MapPin] {
-        // the Maglev rings (4 million slots) follow from these two
-        &[PIN_SERVICES, PIN_BACKENDS]
+        // the Maglev rings (4 million slots) follow from these
+        &[PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS]
     }
     fn objects<'a>(loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![(loaded.skel.object(), PINS)]
@@ -841,7 +855,7 @@ impl Datapath for XdpLb {
     fn serve(
         loaded: &Loaded<'_>,
         shutdown: &Shutdown,
-        reload: &mut dyn FnMut() -> Result<String>,
+        reload: &mut dyn FnMut(run::Request) -> Result<String>,
     ) -> Result<()> {
         let as_json = loaded.json;
         let mut builder = RingBufferBuilder::new();
@@ -865,7 +879,9 @@ impl Datapath for XdpLb {
             }
             match shutdown.next_timeout(Duration::ZERO) {
                 Some(run::Request::Stop) => break,
-                Some(run::Request::Reload) => run::log_reload(SUBCOMMAND, reload()),
+                Some(request @ (run::Request::Reload | run::Request::Health)) => {
+                    run::log_reload(SUBCOMMAND, request, reload(request))
+                }
                 None => {}
             }
             if Instant::now() >= next_check {
