@@ -96,8 +96,12 @@ impl Datapath {
 
 fn run(cli: Cli) -> Result<()> {
     probe::require_privileges()?;
-    if cli.netns.is_some() && matches!(cli.command, Command::Clusterip(_)) {
-        bail!("clusterip attaches to a cgroup, whose processes it serves in every network namespace; drop --netns");
+    // clusterip serves a cgroup's processes in every namespace: --netns only says where its
+    // health checks run
+    if let (Some(_), Command::Clusterip(args)) = (&cli.netns, &cli.command) {
+        if !args.services.iter().any(|service| service.check.is_some()) {
+            bail!("clusterip attaches to a cgroup, whose processes it serves in every network namespace; drop --netns (it only says where health checks of --service ...;check=... run)");
+        }
     }
     if let Some(name) = &cli.netns {
         netns::enter(name)?;

@@ -368,3 +368,341 @@ fn bad_input_is_one_line_and_attaches_nothing() {
         "something left for {name}: {report}"
     );
 }
+
+/// How many of `lines` each backend answered.
+fn shares(lines: Vec<String>) -> HashMap<SocketAddr, usize> {
+    let mut per_backend: HashMap<SocketAddr, usize> = HashMap::new();
+    for exchange in exchanges(lines) {
+        *per_backend.entry(exchange.server).or_default() += 1;
+    }
+    per_backend
+}
+
+/// `(errno, microseconds)` of a `try` line; errno 0 when it worked.
+fn attempt(line: &str) -> (i32, u128) {
+    let field = |name: &str| {
+        line.split_whitespace()
+            .find_map(|word| word.strip_prefix(name))
+            .unwrap_or("0")
+            .to_string()
+    };
+    (field("errno=").parse().unwrap(), field("us=").parse().unwrap())
+}
+
+#[test]
+fn weights_protocols_and_services_without_a_usable_backend() {
+    let lab = Lab::new("ciw");
+    let cgroup = TestCgroup::new("ciw");
+    let b = &lab.backends4;
+    let args: Vec<String> = [
+        "clusterip".to_string(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+        "--service".into(),
+        format!("{VIP4}={};weight=1,{};weight=2,{};weight=1", b[0], b[1], b[2]),
+        "--service".into(),
+        format!("tcp:10.96.0.11:80={}", b[0]),
+        "--service".into(),
+        format!("udp:10.96.0.11:80={}", b[1]),
+        "--service".into(),
+        "tcp:10.96.0.12:80=reject".into(),
+        "--service".into(),
+        format!("10.96.0.13:80={};state=down,{};state=draining", b[0], b[1]),
+    ]
+    .into();
+    let daemon = start(&args);
+    let mut client = Client::start(&cgroup, &lab.node);
+
+    // weights 1:2:1 over 2,000 connections: 25/50/25 % within 5 points
+    let per_backend = shares(client.run(&format!("tcp {VIP4} 2000")));
+    for (backend, want) in b.iter().zip([0.25, 0.50, 0.25]) {
+        let share = per_backend.get(backend).copied().unwrap_or(0) as f64 / 2000.0;
+        assert!(
+            (share - want).abs() <= 0.05,
+            "{backend}: {share:.3}, want {want} ({per_backend:?})"
+        );
+    }
+
+    // a TCP-only and a UDP-only service on one VIP:PORT
+    for exchange in exchanges(client.run("tcp 10.96.0.11:80 20")) {
+        assert_eq!(exchange.server, b[0], "TCP to the TCP service");
+    }
+    for exchange in exchanges(client.run("udp 10.96.0.11:80 20")) {
+        assert_eq!(exchange.server, b[1], "UDP to the UDP service");
+    }
+
+    // no usable backend: refused at once, no packet sent
+    for (protocol, vip_text) in [
+        ("tcp", "10.96.0.12:80"),
+        ("tcp", "10.96.0.13:80"),
+        ("udp", "10.96.0.13:80"),
+    ] {
+        let line = client.run(&format!("try {protocol} {vip_text}")).remove(0);
+        let (errno, us) = attempt(&line);
+        assert_eq!(errno, 111, "{protocol} {vip_text}: {line} (ECONNREFUSED wanted)");
+        assert!(us < 10_000, "{protocol} {vip_text}: refused after {us} us");
+    }
+    // the UDP service of .11 exists: TCP there is its own service, UDP to .12 none at all
+    let line = client.run("try udp 10.96.0.12:80").remove(0);
+    assert_eq!(attempt(&line).0, 0, "UDP to a TCP-only VIP is left alone: {line}");
+
+    let json = ebpf_net(&["status".into(), "--json".into()]);
+    let status: Value = serde_json::from_slice(&json.stdout).unwrap();
+    let text = status.to_string();
+    for needle in [
+        "\"protocol\":\"tcp\"",
+        "\"protocol\":\"udp\"",
+        "\"weight\":2",
+        "\"refused\":3",
+    ] {
+        assert!(text.contains(needle), "{needle} not in {text}");
+    }
+    drop(client);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(
+        log.iter().any(|l| l.contains("3 connects and datagrams refused")),
+        "{log:?}"
+    );
+}
+
+/// A client namespace behind the node: its own network namespace (so its own cookie) with a
+/// route to the backends through the node.
+fn client_namespace(lab: &Lab, index: usize) -> Netns {
+    let ns = Netns::new(&format!("cia{index}"));
+    veth(&lab.node, &format!("c{index}"), &ns, "eth0");
+    lab.node.exec(&format!(
+        "ip addr add 10.6{index}.0.1/24 dev c{index} && sysctl -qw net.ipv4.ip_forward=1"
+    ));
+    ns.exec(&format!(
+        "ip addr add 10.6{index}.0.2/24 dev eth0 && ip route add default via 10.6{index}.0.1"
+    ));
+    ns
+}
+
+#[test]
+fn affinity_keeps_each_namespace_on_one_backend_and_iperf3_completes() {
+    let lab = Lab::new("cia");
+    let cgroup = TestCgroup::new("cia");
+    let b = &lab.backends4;
+    // iperf3 servers on the node's own ends of the backend links
+    let iperf_backends: Vec<SocketAddr> = (0..3)
+        .map(|i| format!("10.2{i}.0.1:5201").parse().unwrap())
+        .collect();
+    let args: Vec<String> = [
+        "clusterip".to_string(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+        "--service".into(),
+        format!("{VIP4};affinity=client={},{},{}", b[0], b[1], b[2]),
+        "--service".into(),
+        format!(
+            "tcp:10.96.0.20:5201;affinity=client;affinity-timeout=600={},{},{}",
+            iperf_backends[0], iperf_backends[1], iperf_backends[2]
+        ),
+    ]
+    .into();
+    let daemon = start(&args);
+
+    // 1,000 connections of one namespace: one backend
+    let mut client = Client::start(&cgroup, &lab.node);
+    let per_backend = shares(client.run(&format!("tcp {VIP4} 1000")));
+    assert_eq!(per_backend.len(), 1, "{per_backend:?}");
+    assert_eq!(per_backend.values().sum::<usize>(), 1000);
+    drop(client);
+
+    // other clients (namespaces) each keep theirs, and between them they spread
+    let mut chosen = Vec::new();
+    let namespaces: Vec<Netns> = (0..8).map(|i| client_namespace(&lab, i)).collect();
+    for ns in &namespaces {
+        let mut client = Client::start(&cgroup, ns);
+        let per_backend = shares(client.run(&format!("tcp {VIP4} 20")));
+        assert_eq!(per_backend.len(), 1, "{}: {per_backend:?}", ns.name);
+        chosen.extend(per_backend.keys().copied());
+    }
+    chosen.sort();
+    chosen.dedup();
+    assert!(chosen.len() > 1, "8 namespaces all on {chosen:?}");
+
+    // iperf3: its control and data connections must meet the same server
+    let _servers: Vec<IperfServer> = iperf_backends
+        .iter()
+        .map(|addr| IperfServer::start(&lab.node, *addr))
+        .collect();
+    let output = cgroup.run_in(
+        &lab.node,
+        "iperf3 -c 10.96.0.20 -p 5201 -t 2 -P 2 --connect-timeout 3000 -J",
+    );
+    assert!(
+        output.status.success(),
+        "iperf3 through the affinity service failed: {}{}",
+        String::from_utf8_lossy(&output.stdout)
+            .chars()
+            .take(600)
+            .collect::<String>(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+}
+
+/// An iperf3 server bound to one address of a namespace, killed on drop.
+struct IperfServer(std::process::Child);
+
+impl IperfServer {
+    fn start(netns: &Netns, addr: SocketAddr) -> Self {
+        let ns = &netns.name;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "iperf3",
+                "-s",
+                "-B",
+                &addr.ip().to_string(),
+                "-p",
+            ])
+            .arg(addr.port().to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting iperf3 -s");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !netns.exec("ss -ltn").contains(&format!("{addr}")) {
+            assert!(std::time::Instant::now() < deadline, "iperf3 -s did not listen");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Self(child)
+    }
+}
+
+impl Drop for IperfServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_draining_backend_keeps_its_connection_while_new_ones_avoid_it() {
+    let lab = Lab::new("cid");
+    let cgroup = TestCgroup::new("cid");
+    let b = lab.backends4.clone();
+    let persist = |states: [&str; 3]| -> Vec<String> {
+        let list: Vec<String> = b
+            .iter()
+            .zip(states)
+            .map(|(a, s)| format!("{a};state={s}"))
+            .collect();
+        vec![
+            "clusterip".into(),
+            "--cgroup".into(),
+            cgroup.path_str().into(),
+            "--persist".into(),
+            "--service".into(),
+            format!("{VIP4}={}", list.join(",")),
+        ]
+    };
+    let output = ebpf_net(&persist(["active"; 3]));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut holder = Client::start(&cgroup, &lab.node);
+    let held = exchanges(holder.run(&format!("hold {VIP4}"))).remove(0).server;
+    let index = b.iter().position(|a| *a == held).unwrap();
+    let mut states = ["active"; 3];
+    states[index] = "draining";
+    let output = ebpf_net(&persist(states));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let mut client = Client::start(&cgroup, &lab.node);
+    let start = std::time::Instant::now();
+    let mut rounds = 0;
+    while start.elapsed() < std::time::Duration::from_secs(30) {
+        assert_eq!(
+            holder.run("ping"),
+            vec!["ok ping".to_string()],
+            "the draining backend's connection"
+        );
+        let per_backend = shares(client.run(&format!("tcp {VIP4} 10")));
+        assert!(
+            !per_backend.contains_key(&held),
+            "a new connection went to the draining {held}"
+        );
+        rounds += 1;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    assert!(rounds >= 10, "only {rounds} rounds in 30 s");
+    drop((client, holder));
+    let down = ebpf_net(&[
+        "down".into(),
+        "clusterip".into(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+    ]);
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
+}
+
+#[test]
+fn a_failing_health_check_takes_a_backend_out_and_brings_it_back() {
+    let lab = Lab::new("cih");
+    let cgroup = TestCgroup::new("cih");
+    // servers the test stops and starts: on the node's own ends of the backend links
+    let addrs: Vec<SocketAddr> = (0..3)
+        .map(|i| format!("10.2{i}.0.1:9090").parse().unwrap())
+        .collect();
+    let mut servers: Vec<Option<TcpEchoServer>> = addrs
+        .iter()
+        .map(|a| Some(TcpEchoServer::start(&lab.node, *a)))
+        .collect();
+    let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+    // the checks run in the namespace ebpf-net runs in: the node's, where the clients are
+    let args: Vec<String> = vec![
+        "-n".into(),
+        lab.node.name.clone(),
+        "clusterip".into(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+        "--service".into(),
+        format!(
+            "tcp:10.96.0.30:80;check=tcp;check-interval=0.3;check-timeout=0.2;check-fall=2;check-rise=2={}",
+            list.join(",")
+        ),
+    ];
+    let daemon = start(&args);
+    let mut client = Client::start(&cgroup, &lab.node);
+    assert_eq!(shares(client.run("tcp 10.96.0.30:80 60")).len(), 3);
+
+    servers[1] = None;
+    // interval x fall = 0.6 s, and a check's timeout on top
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let per_backend = shares(client.run("tcp 10.96.0.30:80 60"));
+    assert!(!per_backend.contains_key(&addrs[1]), "{per_backend:?}");
+    assert!(
+        daemon
+            .stderr()
+            .iter()
+            .any(|l| l.contains(&format!("backend {} is unhealthy", addrs[1]))),
+        "{:?}",
+        daemon.stderr()
+    );
+
+    servers[1] = Some(TcpEchoServer::start(&lab.node, addrs[1]));
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    let per_backend = shares(client.run("tcp 10.96.0.30:80 60"));
+    assert!(
+        per_backend.contains_key(&addrs[1]),
+        "back after rise: {per_backend:?}"
+    );
+    drop(client);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("is healthy again")), "{log:?}");
+}

@@ -709,8 +709,13 @@ fn status_json_and_metrics_agree_for_every_persisted_datapath() {
                     }
                     for backend in service["backends"].as_array().unwrap() {
                         let addr = backend["backend"].as_str().unwrap();
+                        // the weight is a gauge, every other field a counter
+                        expect(
+                            format!("ebpf_net_backend_weight{{datapath=\"{subcommand}\",service=\"{vip}\",backend=\"{addr}\"}}"),
+                            &backend["weight"],
+                        );
                         for (field, value) in backend.as_object().unwrap() {
-                            if field != "backend" {
+                            if field != "backend" && field != "weight" {
                                 expect(
                                     format!("ebpf_net_backend_{field}_total{{datapath=\"{subcommand}\",service=\"{vip}\",backend=\"{addr}\"}}"),
                                     value,

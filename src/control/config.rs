@@ -409,6 +409,36 @@ mod tests {
     }
 
     #[test]
+    fn service_options_are_keys_of_the_file() {
+        let config = parse(
+            "[xdp-lb]\ninterface = \"eth0\"\n[[xdp-lb.service]]\nvip = \"10.96.0.10:80\"\nprotocol = \"tcp\"\nbackends = [\"10.1.0.2:8080;weight=2\", \"10.1.0.3:8080;state=draining\"]\naffinity = \"client\"\naffinity-timeout = 600\ncheck = \"http:/healthz\"\ncheck-interval = 1.5\ncheck-timeout = 1\ncheck-fall = 4\n[[xdp-lb.service]]\nvip = \"10.96.0.10:80\"\nprotocol = \"udp\"\nbackends = [\"reject\"]\n",
+        )
+        .unwrap();
+        let section = config.section(&config.doc.xdp_lb, "xdp-lb").unwrap();
+        let services = config.services(&section.service).unwrap();
+        let from_flag = Service::parse(
+            "tcp:10.96.0.10:80;affinity=client;affinity-timeout=600;check=http:/healthz;check-interval=1.5;check-timeout=1;check-fall=4=10.1.0.2:8080;weight=2,10.1.0.3:8080;state=draining",
+        )
+        .unwrap();
+        assert_eq!(
+            services[0],
+            Service {
+                origin: services[0].origin.clone(),
+                ..from_flag
+            }
+        );
+        assert!(services[1].backends.is_empty());
+        let bad = parse("[lb]\ninterface = \"eth0\"\n[[lb.service]]\nvip = \"10.96.0.10:80\"\nbackends = [\"10.1.0.2:80\"]\ncheck-rise = 0\n")
+            .unwrap();
+        let section = bad.section(&bad.doc.lb, "lb").unwrap();
+        let err = bad.services(&section.service).unwrap_err().to_string();
+        assert!(
+            err.starts_with("node.toml:3: service 10.96.0.10:80: check-rise=0"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn errors_name_file_line_and_problem() {
         for (text, expected) in [
             (

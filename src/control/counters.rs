@@ -151,7 +151,10 @@ pub fn check_declaration<T: Counters>(btf: &Btf<'_>) -> Result<()> {
 }
 
 /// Per-backend and per-service families of a service report: every field F becomes
-/// `ebpf_net_backend_F_total{datapath,service,backend}` and `ebpf_net_service_F_total`.
+/// `ebpf_net_backend_F_total{datapath,service,backend}` and `ebpf_net_service_F_total`;
+/// each backend's share of new flows `ebpf_net_backend_weight{datapath,service,backend}`
+/// (0: it takes none: draining, down or unhealthy). `service` is `tcp:VIP:PORT`,
+/// `udp:VIP:PORT`, or `VIP:PORT` for a service of both.
 pub fn service_families<T: Counters>(
     datapath: &str,
     report: &[crate::control::service::ServiceReport<T>],
@@ -167,7 +170,7 @@ pub fn service_families<T: Counters>(
             &format!("{}, per service", field.help),
         );
         for entry in report {
-            let vip = entry.vip.to_string();
+            let vip = entry.name();
             for b in &entry.backends {
                 backend.add(
                     &[
@@ -186,5 +189,23 @@ pub fn service_families<T: Counters>(
         families.push(backend);
         families.push(service);
     }
+    let mut weight = Family::gauge(
+        "ebpf_net_backend_weight",
+        "a backend's share of new flows; 0 while it takes none (draining, down, unhealthy)",
+    );
+    for entry in report {
+        let vip = entry.name();
+        for b in &entry.backends {
+            weight.add(
+                &[
+                    ("datapath", datapath),
+                    ("service", &vip),
+                    ("backend", &b.backend.to_string()),
+                ],
+                u64::from(b.weight),
+            );
+        }
+    }
+    families.push(weight);
     families
 }

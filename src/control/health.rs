@@ -284,3 +284,37 @@ pub fn totals() -> (u64, u64, u64) {
     let unhealthy = state.probes.values().filter(|p| !p.healthy).count() as u64;
     (state.probes.len() as u64, unhealthy, state.changes)
 }
+
+/// The health of every checked backend as metric families:
+/// `ebpf_net_backend_healthy{datapath,service,backend}` (1 or 0) and
+/// `ebpf_net_health_changes_total{datapath}`. Nothing when nothing is checked.
+pub fn families(datapath: &str) -> Vec<crate::control::metrics::Family> {
+    use crate::control::metrics::Family;
+    let guard = state();
+    let Some(state) = guard.as_ref().filter(|state| !state.probes.is_empty()) else {
+        return Vec::new();
+    };
+    let mut healthy = Family::gauge(
+        "ebpf_net_backend_healthy",
+        "1 while a backend passes its health check, 0 while it gets no new flows for failing it",
+    );
+    let mut probes: Vec<&Probe> = state.probes.values().collect();
+    probes.sort_by(|a, b| (&a.service, a.backend).cmp(&(&b.service, b.backend)));
+    for probe in probes {
+        let backend = probe.backend.to_string();
+        healthy.add(
+            &[
+                ("datapath", datapath),
+                ("service", &probe.service),
+                ("backend", &backend),
+            ],
+            u64::from(probe.healthy),
+        );
+    }
+    let mut changes = Family::counter(
+        "ebpf_net_health_changes",
+        "backends that turned healthy or unhealthy",
+    );
+    changes.add(&[("datapath", datapath)], state.changes);
+    vec![healthy, changes]
+}

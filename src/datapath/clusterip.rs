@@ -365,6 +365,7 @@ impl Datapath for Clusterip {
     fn report(view: &View) -> Result<Report> {
         let services: Vec<ServiceReport<clusterip_stats>> = service::service_report(&view.tables)?;
         let mut families = counters::service_families(SUBCOMMAND, &services);
+        families.extend(crate::control::health::families(SUBCOMMAND));
         let totals = service::grand_total(&services);
         families.push(metrics::rewrites(
             SUBCOMMAND,
@@ -387,6 +388,7 @@ impl Datapath for Clusterip {
             on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                "health": crate::control::health::snapshot(),
                 "counters": events.json(),
             }),
             summary: format!(

@@ -792,6 +792,7 @@ impl Datapath for Lb {
         let services: Vec<ServiceReport<lb_stats>> = service::service_report(&view.tables)?;
         let totals: lb_counters = maps::sum_percpu_counters(&view.counters, 0)?;
         let mut families = counters::service_families(SUBCOMMAND, &services);
+        families.extend(crate::control::health::families(SUBCOMMAND));
         families.extend(counters::event_families(SUBCOMMAND, &totals));
         let mut exit: Vec<String> = services
             .iter()
@@ -809,6 +810,7 @@ impl Datapath for Lb {
             on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                "health": crate::control::health::snapshot(),
                 "counters": totals.json(),
                 "nft_table_repairs": repairs,
             }),

@@ -817,6 +817,7 @@ impl Datapath for XdpLb {
         // an LRU table can briefly hold more keys than its size while CPUs evict
         let flows = (view.flows.keys().count() as u64).min(u64::from(view.flows.max_entries()));
         let mut families = counters::service_families(SUBCOMMAND, &services);
+        families.extend(crate::control::health::families(SUBCOMMAND));
         let all = service::grand_total(&services);
         families.push(metrics::rewrites(
             SUBCOMMAND,
@@ -839,6 +840,7 @@ impl Datapath for XdpLb {
             on_detach: None,
             details: json!({
                 "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                "health": crate::control::health::snapshot(),
                 "flows": flows,
                 "max_flows": view.flows.max_entries(),
                 "counters": totals.json(),

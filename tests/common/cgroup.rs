@@ -46,6 +46,20 @@ impl TestCgroup {
         self.path.to_str().unwrap()
     }
 
+    /// Runs a shell command in this cgroup and `netns` to its end (bounded by the caller's
+    /// command, e.g. iperf3 -t); its output.
+    pub fn run_in(&self, netns: &Netns, cmd: &str) -> std::process::Output {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec ip netns exec {} {cmd}",
+                self.path_str(),
+                netns.name
+            ))
+            .output()
+            .expect("running a command in the test cgroup")
+    }
+
     fn procs(&self) -> String {
         std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default()
     }
@@ -181,7 +195,8 @@ fn addr_and_count(args: &[&str]) -> Result<(SocketAddr, usize), String> {
 
 /// Commands of the helper process, one exchange per result line:
 /// `tcp ADDR [N]`, `udp ADDR [N]` (unconnected), `udpc ADDR [N]` (connected) print
-/// `server= seen= peer=`; `hold ADDR` keeps a TCP connection open and `ping` uses it.
+/// `server= seen= peer=`; `try tcp|udp ADDR` one timed attempt; `hold ADDR` keeps a TCP
+/// connection open and `ping` uses it.
 fn serve(command: &str, held: &mut Option<TcpStream>) -> Result<(), String> {
     let words: Vec<&str> = command.split_whitespace().collect();
     match words.as_slice() {
@@ -224,6 +239,25 @@ fn serve(command: &str, held: &mut Option<TcpStream>) -> Result<(), String> {
                     "server={} seen={} peer={peer}",
                     greeting.server, greeting.seen
                 ));
+            }
+        }
+        // one connect (tcp) or one datagram (udp), timed: `ok us=N` or `err=KIND errno=N us=N`
+        ["try", protocol, addr] => {
+            let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+            let start = std::time::Instant::now();
+            let result = match *protocol {
+                "tcp" => TcpStream::connect_timeout(&addr, TIMEOUT).map(drop),
+                "udp" => udp_socket_for(addr).send_to(b"ping", addr).map(drop),
+                other => return Err(format!("try: {other}? tcp or udp")),
+            };
+            let us = start.elapsed().as_micros();
+            match result {
+                Ok(()) => reply(&format!("ok us={us}")),
+                Err(err) => reply(&format!(
+                    "err={:?} errno={} us={us}",
+                    err.kind(),
+                    err.raw_os_error().unwrap_or(0)
+                )),
             }
         }
         ["hold", args @ ..] => {
