@@ -6,6 +6,7 @@
 //
 //	test-apiserver --dir DIR [-- extra kube-apiserver flags...]
 //	test-apiserver --check DIR     (smoke test of the server running in DIR)
+//	test-apiserver --check DIR --load N  (N Services + N EndpointSlices of 10 endpoints)
 //	test-apiserver --version
 //
 // DIR receives etcd's data, the serving certificates, the token file, the service
@@ -62,9 +63,16 @@ func main() {
 	dir := flag.String("dir", "", "state directory (created if missing)")
 	printVersion := flag.Bool("version", false, "print the kube-apiserver version and exit")
 	checkDir := flag.String("check", "", "smoke-test the server running in this directory, then exit")
+	loadN := flag.Int("load", 0, "with --check: instead, create this many Services with an EndpointSlice of 10 endpoints each")
 	flag.Parse()
 	if *printVersion {
 		fmt.Println(version.Get().GitVersion)
+		return
+	}
+	if *checkDir != "" && *loadN > 0 {
+		if err := load(*checkDir, *loadN); err != nil {
+			fatal(fmt.Errorf("load: %w", err))
+		}
 		return
 	}
 	if *checkDir != "" {
