@@ -9,7 +9,7 @@ BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 HEADERS := $(wildcard include/*.h)
 CARGO ?= cargo
 
-.PHONY: all setup demo test bench fuzz clean
+.PHONY: all setup demo test test-kernels bench fuzz clean
 
 all: $(BPF_OBJS)
 
@@ -31,6 +31,22 @@ test: setup all
 	$(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --release -- --test-threads=4 --skip syn_flood
 	$(CARGO) test --release --test lb_e2e --test xdp_lb_e2e -- --test-threads=1 syn_flood
+	# the tc datapaths again through legacy tc (clsact + cls_bpf), what kernels before 6.6 get
+	EBPF_NET_TC=legacy $(CARGO) test --release --test ipv6_hp_e2e --test proxy_e2e \
+		--test monitor_e2e --test lb_e2e -- --test-threads=4 --skip syn_flood
+
+# The same tests on other kernels, each booted in a VM (scripts/test-kernels: qemu + virtme-ng,
+# Debian's kernel packages unpacked under /opt/ebpf-net-kernels; KVM if the CPU has it, else
+# software emulation, slow). KERNELS: 6.1 5.10 6.12, or a linux-image package name.
+# VM_TESTS: the test binaries run in each VM (empty: all of them; under emulation the whole
+# suite takes far longer than CI's budget). The default: every test binary that loads, attaches
+# or runs BPF differently on an older kernel (legacy tc, lb's kfuncs, xdp-lb's compat program,
+# cgroup hooks, paged skbs); the control-plane tests (config parsing, metrics server, netlink,
+# status formatting) and the unit/fuzz tables do not depend on the kernel's version.
+KERNELS ?= 6.1 5.10
+VM_TESTS ?= legacy_tc lb_e2e ipv6_hp_e2e proxy_e2e monitor_e2e xdp_lb_e2e clusterip_e2e nonlinear_e2e
+test-kernels: setup all
+	TEST_BINARIES="$(VM_TESTS)" scripts/test-kernels $(KERNELS)
 
 bench: setup
 	$(CARGO) bench --bench suite

@@ -109,3 +109,13 @@ pub fn scaled(duration: Duration) -> Duration {
     });
     duration * scale
 }
+
+/// For a test that runs one part only where the kernel has `feature` (lb among other
+/// datapaths): true when it has; else records that `part` is skipped and returns false.
+pub fn require_for(feature: Feature, part: &str) -> bool {
+    if has(feature) {
+        return true;
+    }
+    skip(&format!("its {part} part needs {}", feature.describe()));
+    false
+}
