@@ -235,7 +235,8 @@ impl Daemon {
         let mut child = self.child.take()?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        reap_within(&mut child, Duration::from_secs(5))
+        // 5 s here; scaled in a VM in emulation, where lb's cleanup (nft, sysctls) takes longer
+        reap_within(&mut child, super::kernel::scaled(Duration::from_secs(5)))
     }
 }
 
