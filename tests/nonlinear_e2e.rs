@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::kernel::{self, Feature};
 use common::topology::{sh, Daemon, Netns};
 use serde_json::Value;
 
@@ -598,6 +599,9 @@ fn proxy_translates_paged_replies_and_gso_requests() {
 /// page fragment; conntrack translates the rest, B's GSO super-packets included.
 #[test]
 fn lb_balances_paged_syns_and_datagrams() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let chain = Chain::new("nl-lb");
     let _servers: Vec<_> = ["10.89.0.2:8080", "[fd89::2]:8080"]
         .iter()

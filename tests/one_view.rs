@@ -9,6 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use common::kernel::{self, Feature};
 use common::lab::Lab;
 use common::topology::{output_within, Daemon, BIN};
 use ebpf_net::kernel::pin::PinDir;
@@ -48,6 +49,9 @@ fn total(service: &Value) -> u64 {
 
 #[test]
 fn status_shows_foreground_runs_with_their_services_and_counters() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let lab = Lab::up("view");
     let lb = lab.ns("lb");
     let cgroup = lab.cgroup();
@@ -164,6 +168,9 @@ fn persisted_entry(status: &Value, netns: &str) -> Value {
 
 #[test]
 fn loosened_and_tampered_pins_are_reported_and_refused() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let lab = Lab::up("tamper");
     let lb = lab.ns("lb");
     let service = format!("{VIP}:80={B1}:80,{B2}:80");

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::kernel::{self, Feature};
 use common::lab::Lab;
 use common::topology::{output_within, Daemon, BIN};
 
@@ -163,7 +164,9 @@ fn persisted_datapaths_keep_connections_across_reruns_and_config_changes() {
     let lb = lab.ns("lb");
     survives_restarts(&lab, &config, Some(&client1), "proxy", &format!("{PROXY_FROM}:7"));
     survives_restarts(&lab, &config, None, "clusterip", &format!("{CLUSTER_VIP}:7"));
-    survives_restarts(&lab, &config, Some(&lb), "lb", &format!("{VIP}:7"));
+    if kernel::require_for(Feature::CtNat, "lb") {
+        survives_restarts(&lab, &config, Some(&lb), "lb", &format!("{VIP}:7"));
+    }
     survives_restarts(&lab, &config, Some(&lb), "xdp-lb", &format!("{VIP}:7"));
 }
 
@@ -198,6 +201,9 @@ fn sample(metrics: &str, series: &str) -> u64 {
 
 #[test]
 fn sighup_applies_the_changed_config_and_keeps_the_rest_running() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let lab = Lab::up("hup");
     let config = ConfigFile::new(&lab);
     config.write(&node_config(&lab, false));
@@ -278,6 +284,9 @@ fn sighup_applies_the_changed_config_and_keeps_the_rest_running() {
 
 #[test]
 fn every_datapath_serves_metrics_read_at_scrape_time() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let lab = Lab::up("met");
     let (client1, lb, b1) = (lab.ns("client1"), lab.ns("lb"), lab.ns("b1"));
     let cgroup = lab.cgroup();
@@ -457,6 +466,9 @@ fn status() -> String {
 
 #[test]
 fn a_killed_run_is_reported_as_orphaned_and_down_removes_what_it_left() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let lab = Lab::up("kil");
     let lb = lab.ns("lb");
     let service = format!("{VIP}:7={B1}:7,{B2}:7");
@@ -550,7 +562,11 @@ fn a_second_instance_on_the_same_target_is_refused() {
         ),
         ("ipv6-hp", vec!["-n", &b1, "ipv6-hp", "-i", "eth0"]),
     ];
-    for (datapath, args) in cases {
+    let lb_runs = kernel::require_for(Feature::CtNat, "lb");
+    for (datapath, args) in cases
+        .into_iter()
+        .filter(|(datapath, _)| lb_runs || *datapath != "lb")
+    {
         let first = Daemon::start(&args);
         let second = ebpf_net(&args);
         assert!(!second.status.success(), "{datapath}: {}", text(&second));
@@ -585,6 +601,9 @@ fn a_second_instance_on_the_same_target_is_refused() {
 /// the one `/metrics` would: both come from one report read, counters declared once.
 #[test]
 fn status_json_and_metrics_agree_for_every_persisted_datapath() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     use ebpf_net::datapath::REGISTRY;
     use ebpf_net::kernel::pin::PinDir;
     let lab = Lab::up("agree");

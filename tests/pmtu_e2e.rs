@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use common::kernel::{self, Feature};
 use common::topology::{veth, Daemon, Netns};
 
 const SIZE: usize = 2 << 20;
@@ -312,6 +313,9 @@ fn proxy_transfers_cross_a_smaller_mtu() {
 /// lb leaves ICMP errors to conntrack, which translates them (RELATED): a guard.
 #[test]
 fn lb_transfers_cross_a_smaller_mtu() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     let path = Path::new("pmtu-l");
     let mut args = vec!["lb", "-i", "eth0"];
     args.extend(SERVICES);

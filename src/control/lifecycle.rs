@@ -220,6 +220,12 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     } else {
         (None, None)
     };
+    if let Target::Interface(iface) = &target {
+        // legacy tc filters outlive a SIGKILLed run (tcx links do not): take over from them
+        for line in crate::kernel::tc::remove_orphaned_on(iface.index, D::PROGRAMS)? {
+            eprintln!("{}: {line}", D::NAME);
+        }
+    }
     D::refuse_if_attached(&target, &pins.prog_ids())?;
     let mut plan = D::plan(&desired, &target, persist)?;
     if persist {

@@ -351,7 +351,13 @@ impl Datapath for Ipv6Hp {
     }
     fn view_pinned(pins: &PinDir) -> Result<View> {
         let mut links = [(0, 0); 2];
+        // a tcx link pinned, or a legacy tc filter recorded (its program queried from it)
+        let legacy = crate::kernel::tc::recorded(&pins.path);
         for (side, direction) in links.iter_mut().zip(TcDirection::BOTH) {
+            if let Some((record, id)) = legacy.iter().find(|(record, _)| record.direction == direction) {
+                *side = (id.map_or(0, |_| record.ifindex), id.unwrap_or(0));
+                continue;
+            }
             let link = PinnedLink::open(&pins.link_file(direction))?;
             let ifindex = match link.target {
                 LinkTarget::Interface(ifindex) => ifindex,

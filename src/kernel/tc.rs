@@ -126,6 +126,8 @@ const EGRESS_PRIORITY: u32 = 0xffff;
 /// Our filters' handles: HANDLE_BASE and up (several monitors may share one side).
 const HANDLE_BASE: u32 = 0xeb9f_0000;
 const HANDLE_TRIES: u32 = 64;
+/// The interfaces whose clsact qdisc this process created.
+static CREATED_QDISCS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
 /// Where foreground runs record their filters.
 pub const RUN_DIR: &str = "/run/ebpf-net/tc";
 
@@ -329,8 +331,19 @@ impl TcAttachment {
         // SAFETY: a hook of the right size; EEXIST means the interface has a clsact already.
         let ret = unsafe { libbpf_sys::bpf_tc_hook_create(&mut qdisc) };
         let created_qdisc = match ret {
-            0 => true,
-            ret if -ret == libc::EEXIST => false,
+            0 => {
+                CREATED_QDISCS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(iface.index);
+                true
+            }
+            // ours all the same when this process created it for the other side: whichever
+            // of our filters goes last takes the qdisc with it
+            ret if -ret == libc::EEXIST => CREATED_QDISCS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&iface.index),
             ret => {
                 return Err(std::io::Error::from_raw_os_error(-ret))
                     .with_context(|| format!("{}: creating a clsact qdisc", what()))
@@ -491,6 +504,40 @@ pub fn remove_orphaned() -> Result<Vec<String>> {
             filter.record.direction.name(),
             filter.record.handle,
             filter.record.ifindex,
+            filter.record.pid
+        ));
+    }
+    Ok(removed)
+}
+
+/// Removes the filters killed foreground runs left on `ifindex` whose program is one of
+/// `programs` (a new run of the same datapath takes over from them); returns what it removed.
+pub fn remove_orphaned_on(ifindex: u32, programs: &[&str]) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for filter in run_filters()
+        .into_iter()
+        .filter(|filter| !filter.alive && filter.record.ifindex == ifindex)
+    {
+        let name = filter
+            .record
+            .prog_id()
+            .and_then(|id| attach::program_info(id).ok())
+            .map(|info| info.0);
+        match name {
+            Some(name) if programs.contains(&name.as_str()) => {}
+            // the filter is gone already: only its record is left
+            None => {
+                let _ = fs::remove_file(&filter.path);
+                continue;
+            }
+            Some(_) => continue,
+        }
+        filter.record.remove()?;
+        let _ = fs::remove_file(&filter.path);
+        removed.push(format!(
+            "removed the {} tc filter (handle {:#x}) a killed run (pid {}) left",
+            filter.record.direction.name(),
+            filter.record.handle,
             filter.record.pid
         ));
     }

@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cgroup;
 pub mod flood;
+pub mod kernel;
 pub mod lab;
 pub mod packets;
 pub mod servers;

@@ -149,7 +149,7 @@ impl Daemon {
             stderr,
             stdout,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + super::kernel::scaled(Duration::from_secs(30));
         while ready_rx.recv_timeout(Duration::from_millis(50)).is_err() {
             let exited = daemon.child.as_mut().unwrap().try_wait().unwrap();
             if exited.is_some() || Instant::now() > deadline {
@@ -235,15 +235,19 @@ impl Daemon {
         let mut child = self.child.take()?;
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        reap_within(&mut child, Duration::from_secs(5))
+        // 5 s here; scaled in a VM in emulation, where lb's cleanup (nft, sysctls) takes longer
+        reap_within(&mut child, super::kernel::scaled(Duration::from_secs(5)))
     }
 }
 
 /// How long a command that should finish may run: a foreground ebpf-net that was expected to
 /// refuse but started instead runs until killed, and must fail its test rather than hang it.
-pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Scaled by `EBPF_NET_TEST_TIME_SCALE` (see [`super::kernel::scaled`]).
+pub fn command_timeout() -> Duration {
+    super::kernel::scaled(Duration::from_secs(60))
+}
 
-/// Runs a command to completion like `Command::output`, killing it after [`COMMAND_TIMEOUT`].
+/// Runs a command to completion like `Command::output`, killing it after [`command_timeout`].
 pub fn output_within(command: &mut Command) -> Output {
     let mut child = command
         .stdout(Stdio::piped())
@@ -259,7 +263,7 @@ pub fn output_within(command: &mut Command) -> Output {
     };
     let stdout = read(Box::new(child.stdout.take().unwrap()));
     let stderr = read(Box::new(child.stderr.take().unwrap()));
-    reap_within(&mut child, COMMAND_TIMEOUT);
+    reap_within(&mut child, command_timeout());
     Output {
         status: child.wait().expect("reaping a command"),
         stdout: stdout.join().unwrap(),
