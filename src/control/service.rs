@@ -11,6 +11,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
 use crate::control::counters::Counters;
+use crate::control::desired::Written;
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::pin::{MapPin, PinDir};
 use crate::kernel::skel::sock_xlate::types::{service_endpoint, service_range};
@@ -83,7 +84,7 @@ impl Service {
             bail!("no backends");
         }
         let mut seen = HashSet::new();
-        for backend in &backends {
+        for (index, backend) in backends.iter().enumerate() {
             if backend.addr.is_ipv4() != vip.is_ipv4() {
                 bail!(
                     "backend {} is not of the VIP's address family (one family per service)",
@@ -93,7 +94,15 @@ impl Service {
             if backend.addr == vip {
                 bail!("the VIP is its own backend");
             }
-            if !seen.insert(backend.addr) {
+            // a short list is checked pairwise: 10,000 services need no 10,000 hash sets
+            let twice = if backends.len() <= 16 {
+                backends[..index]
+                    .iter()
+                    .any(|earlier| earlier.addr == backend.addr)
+            } else {
+                !seen.insert(backend.addr)
+            };
+            if twice {
                 bail!("backend {} is listed twice", backend.addr);
             }
         }
@@ -113,16 +122,14 @@ impl Service {
         if backends.trim().is_empty() {
             bail!("no backends");
         }
-        let backends = backends
-            .split(',')
-            .map(|backend| {
-                if backend.trim().is_empty() {
-                    bail!("empty backend in the list");
-                }
-                Backend::parse(backend)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Self::new(vip, backends, format!("--service {text}"))
+        let mut list = Vec::with_capacity(backends.matches(',').count() + 1);
+        for backend in backends.split(',') {
+            if backend.trim().is_empty() {
+                bail!("empty backend in the list");
+            }
+            list.push(Backend::parse(backend)?);
+        }
+        Self::new(vip, list, format!("--service {text}"))
     }
 
     /// A `[[DATAPATH.service]]` entry of a config file; `origin` names its line.
@@ -283,17 +290,11 @@ struct Installed {
 }
 
 fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Installed>> {
-    // every backend slot in one pass: a table of 100,000 backends is read in a few system
-    // calls rather than 100,000
+    // by batches: 10,000 services and their 100,000 backend slots are a few system calls
     let mut ranges = Vec::new();
-    // the hash table key by key (a batch over a hash table can end early: ENOSPC when a
-    // bucket does not fit), the backend array by batches
-    for key in tables.services.keys() {
-        let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
-            continue;
-        };
-        let vip: service_endpoint = maps::from_bytes("service key", &key)?;
-        let range: service_range = maps::from_bytes("service range", &value)?;
+    for (key, value) in maps::read_all(&tables.services)?.iter() {
+        let vip: service_endpoint = maps::from_bytes("service key", key)?;
+        let range: service_range = maps::from_bytes("service range", value)?;
         ranges.push((SocketAddr::from(&vip), range));
     }
     let used = ranges
@@ -304,7 +305,7 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<SocketAddr, Install
         .min(tables.slots);
     let mut endpoints = Vec::with_capacity(used as usize);
     if used > 0 {
-        for (_, bytes) in tables.backends.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
+        for (_, bytes) in maps::read_first(&tables.backends, used as usize)?.iter() {
             if endpoints.len() as u32 >= used {
                 break;
             }
@@ -387,12 +388,14 @@ impl SlotAllocator {
 }
 
 /// What an update changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Default)]
 pub struct SyncReport {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// what it wrote to the services and backends, for the record `status` compares with
+    pub written: Written,
 }
 
 impl std::fmt::Display for SyncReport {
@@ -434,6 +437,7 @@ pub fn sync_services_with(
     before_swap: impl Fn(&Service, u32) -> Result<()>,
 ) -> Result<SyncReport> {
     let installed = read_installed(tables)?;
+    crate::control::run::phase("installed services read");
     let mut report = SyncReport::default();
     let mut allocator = SlotAllocator::new(
         tables.slots,
@@ -456,10 +460,12 @@ pub fn sync_services_with(
                   report: &mut SyncReport|
      -> Result<()> {
         for (vip, base, len) in removals.drain(..) {
+            let key = service_endpoint::from(vip);
             tables
                 .services
-                .delete(as_bytes(&service_endpoint::from(vip)))
+                .delete(as_bytes(&key))
                 .with_context(|| format!("removing service {vip}"))?;
+            report.written.delete(&tables.services, as_bytes(&key))?;
             released.push((base, len));
             report.removed += 1;
         }
@@ -490,7 +496,14 @@ pub fn sync_services_with(
                 None => deferred.push(service),
             }
         }
-        write_ranges(tables, &installed, &placed, &backend_value, &before_swap)?;
+        write_ranges(
+            tables,
+            &installed,
+            &placed,
+            &backend_value,
+            &before_swap,
+            &mut report.written,
+        )?;
         for (service, _) in &placed {
             if let Some(old) = installed.get(&service.vip) {
                 released.push((old.base, old.backends.len() as u32));
@@ -530,6 +543,7 @@ fn write_ranges(
     placed: &[(&Service, u32)],
     backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
     before_swap: &impl Fn(&Service, u32) -> Result<()>,
+    written: &mut Written,
 ) -> Result<()> {
     if placed.is_empty() {
         return Ok(());
@@ -565,6 +579,7 @@ fn write_ranges(
         .backends
         .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
         .context("writing backends")?;
+    written.update(&tables.backends, &slot_keys, &backend_values)?;
     write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
     for (service, base) in placed {
         before_swap(service, *base)?;
@@ -579,6 +594,7 @@ fn write_ranges(
             MapFlags::ANY,
         )
         .context("writing services")?;
+    written.update(&tables.services, &service_keys, &service_values)?;
     Ok(())
 }
 

@@ -247,10 +247,7 @@ impl Datapath for Clusterip {
         load(&mut storage[0], pins)
     }
     fn apply(skel: &SockXlateSkel<'_>, services: &Vec<Service>) -> Result<Applied> {
-        Ok(Applied {
-            report: sync(&tables(skel)?, services)?.to_string(),
-            ..Applied::default()
-        })
+        Ok(Applied::synced(sync(&tables(skel)?, services)?))
     }
     fn attach(
         loaded: &SockXlateSkel<'_>,

@@ -330,13 +330,17 @@ fn sync(tables: &ServiceTables, services: &[Service], values: &BackendValues) ->
 
 /// What lb changed in this namespace, as recorded in its nft table's comment.
 fn recorded_changes() -> Option<Vec<String>> {
-    let listing = nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?;
+    Some(changes_in(&nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?))
+}
+
+/// The changes a listing of lb's table records in its comment.
+fn changes_in(listing: &str) -> Vec<String> {
     let comment = listing
         .lines()
         .find_map(|line| line.trim().strip_prefix("comment \""))
         .map(|rest| rest.trim_end_matches('"').to_string())
         .unwrap_or_default();
-    Some(comment.split_whitespace().map(str::to_string).collect())
+    comment.split_whitespace().map(str::to_string).collect()
 }
 
 /// Which hooks this namespace still lacks for `families` ("ip" / "ip6"): NAT (nat chains
@@ -458,7 +462,7 @@ fn table_in_place(record: &NamespaceChanges) -> bool {
     let Ok(listing) = nft::run(&["list", "table", "inet", NFT_TABLE]) else {
         return false;
     };
-    let comment_ok = recorded_changes().as_ref() == Some(&record.changed);
+    let comment_ok = changes_in(&listing) == record.changed;
     let chains_ok = !record.has(NAT_HOOKS)
         || (listing.contains("chain prerouting")
             && listing.contains("chain postrouting")
@@ -702,8 +706,10 @@ impl Datapath for Lb {
         Settings::read(args)
     }
     fn target(desired: &Settings) -> Result<Target> {
-        probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
         Target::interface(&desired.iface)
+    }
+    fn check_kernel() -> Result<()> {
+        probe::require_kfuncs(SUBCOMMAND, &KFUNCS)
     }
     fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Plan> {
         super::shared_vips::refuse_served_elsewhere(SUBCOMMAND, target.iface(), &desired.services)?;
@@ -726,14 +732,22 @@ impl Datapath for Lb {
     fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
         let values = BackendValues::new(!plan.settings.no_snat)?;
         let report = sync(&tables(skel)?, &plan.settings.services, &values)?;
-        let log = prepare_namespace(&plan.settings.services, &netns::current_key()?)?;
-        let leaves = recorded_changes()
-            .map(|changes| vec![format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))])
+        let netns_key = netns::current_key()?;
+        let log = prepare_namespace(&plan.settings.services, &netns_key)?;
+        // the table is in place as the record says once prepared: no need to list it again
+        let leaves = NamespaceChanges::read(&netns_key)
+            .filter(|record| !record.changed.is_empty())
+            .map(|record| {
+                vec![format!(
+                    "nft table inet {NFT_TABLE} ({})",
+                    record.changed.join(" ")
+                )]
+            })
             .unwrap_or_default();
         Ok(Applied {
-            report: report.to_string(),
             log,
             leaves,
+            ..Applied::synced(report)
         })
     }
     fn attach(skel: &LbSkel<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {

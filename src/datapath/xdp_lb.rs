@@ -734,10 +734,7 @@ impl Datapath for XdpLb {
             &plan.settings.services,
             &plan.backends,
         )?;
-        Ok(Applied {
-            report: report.to_string(),
-            ..Applied::default()
-        })
+        Ok(Applied::synced(report))
     }
     fn attach(loaded: &Loaded<'_>, target: &Target, plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
         let attachment = XdpAttachment::attach(program(&loaded.skel), target.iface(), plan.settings.mode)?;
