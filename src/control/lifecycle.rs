@@ -127,6 +127,39 @@ pub struct Report {
     pub on_detach: Option<String>,
 }
 
+/// What the lifecycle reads of a datapath's command line besides its own settings.
+pub trait RunArgs {
+    fn run_options(&self) -> &RunOptions;
+    /// `--persist` (false for a datapath that only runs in the foreground).
+    fn persist(&self) -> bool;
+}
+
+/// [`RunArgs`] for a datapath's clap arguments with a `run: RunOptions` field and a
+/// `persist: bool` one (`foreground`: without, it never persists).
+#[macro_export]
+macro_rules! run_args {
+    ($args:ty) => {
+        impl $crate::control::lifecycle::RunArgs for $args {
+            fn run_options(&self) -> &$crate::control::config::RunOptions {
+                &self.run
+            }
+            fn persist(&self) -> bool {
+                self.persist
+            }
+        }
+    };
+    ($args:ty, foreground) => {
+        impl $crate::control::lifecycle::RunArgs for $args {
+            fn run_options(&self) -> &$crate::control::config::RunOptions {
+                &self.run
+            }
+            fn persist(&self) -> bool {
+                false
+            }
+        }
+    };
+}
+
 /// Everything a datapath says once. The lifecycle functions below do the rest.
 pub trait Datapath: 'static {
     /// The subcommand, and the directory name of its pins and run records.
@@ -137,7 +170,7 @@ pub trait Datapath: 'static {
     const EXCLUSIVE: bool = true;
 
     /// Its command line.
-    type Args;
+    type Args: RunArgs;
     /// What the user (or a program) asked for: settings and services or rules, typed.
     type Desired;
     /// What the desired state needs resolved on this node (routes, MACs, ports).
@@ -147,8 +180,6 @@ pub trait Datapath: 'static {
     /// What reports read: map handles, which the metrics thread may hold.
     type View: Send + Sync + 'static;
 
-    fn run_options(args: &Self::Args) -> &RunOptions;
-    fn persist(args: &Self::Args) -> bool;
     /// Reads the flags and the config file; SIGHUP calls it again.
     fn desired(args: &Self::Args) -> Result<Self::Desired>;
     /// The network namespace its state is keyed by (clusterip: none, the host's).
@@ -227,8 +258,8 @@ pub trait Datapath: 'static {
 pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     // first, so a stop at any moment of what follows is a stop we handle
     let shutdown = Shutdown::install()?;
-    let persist = D::persist(args);
-    D::run_options(args).check(persist)?;
+    let persist = args.persist();
+    args.run_options().check(persist)?;
     let mut desired = D::desired(args)?;
     run::phase("desired state read");
     let target = D::target(&desired)?;
@@ -311,7 +342,7 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             }
             None => None,
         };
-        let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
+        let metrics = metrics::serve(args.run_options().metrics.as_ref(), || {
             // the exporter's thread reads the same maps through its own handles
             let view = D::view(&loaded)?;
             Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)

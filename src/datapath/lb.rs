@@ -13,7 +13,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::MapHandle;
 use serde_json::{json, Value};
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{Item, LbSection, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::run::{self, Request, Shutdown};
@@ -178,6 +178,8 @@ pub struct LbArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(LbArgs);
+
 /// What flags and config file say together.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -189,28 +191,12 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &LbArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.lb, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
-        let items = config::services(
-            &args.services,
-            config.as_ref(),
-            section.map(|s| &s.service),
-            SUBCOMMAND,
-        )?;
+        let file = Sources::<LbSection>::read(&args.run)?;
         Ok(Self {
-            iface,
-            services: service::check_services(items, LIMITS)?,
-            no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
-            flood_rate: args
-                .flood_rate
-                .or(section.and_then(|s| s.flood_rate))
-                .unwrap_or(DEFAULT_FLOOD_RATE),
+            iface: file.interface(args.iface.as_ref())?,
+            services: file.services(&args.services, LIMITS)?,
+            no_snat: args.no_snat || file.value(None, |s| s.no_snat, false),
+            flood_rate: file.value(args.flood_rate, |s| s.flood_rate, DEFAULT_FLOOD_RATE),
         })
     }
 
@@ -696,12 +682,6 @@ impl Datapath for Lb {
     type Loaded<'obj> = LbSkel<'obj>;
     type View = View;
 
-    fn run_options(args: &LbArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &LbArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &LbArgs) -> Result<Settings> {
         Settings::read(args)
     }
