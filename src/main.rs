@@ -148,6 +148,7 @@ fn main() -> ExitCode {
     // Behave like other CLI tools when piped into `head`: die quietly on SIGPIPE.
     // SAFETY: restoring a default signal disposition before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    ebpf_net::control::run::phase("start");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(),
@@ -181,6 +182,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    ebpf_net::control::run::phase("command line parsed");
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

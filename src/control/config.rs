@@ -282,6 +282,101 @@ fn location(path: &Path, text: &str, offset: usize) -> String {
     format!("{}:{line}:{column}", path.display())
 }
 
+/// A datapath's table of the config file: where it sits in the document, and the keys
+/// several datapaths share.
+pub trait Section: Sized + 'static {
+    /// The table's name, `[xdp-lb]`: the subcommand's.
+    const TABLE: &'static str;
+    fn of(doc: &Document) -> &Option<Spanned<Self>>;
+    /// `interface = "eth0"`, for the datapaths on an interface.
+    fn interface(&self) -> Option<&Option<Spanned<String>>> {
+        None
+    }
+    /// `[[TABLE.service]]` entries, for the load balancers.
+    fn services(&self) -> Option<&Vec<Spanned<ServiceEntry>>> {
+        None
+    }
+}
+
+macro_rules! section {
+    ($section:ty, $table:literal, $field:ident $(, $method:ident: $key:ident as $ty:ty)*) => {
+        impl Section for $section {
+            const TABLE: &'static str = $table;
+            fn of(doc: &Document) -> &Option<Spanned<Self>> {
+                &doc.$field
+            }
+            $(fn $method(&self) -> Option<&$ty> {
+                Some(&self.$key)
+            })*
+        }
+    };
+}
+
+type InterfaceKey = Option<Spanned<String>>;
+type ServiceKeys = Vec<Spanned<ServiceEntry>>;
+section!(Ipv6HpSection, "ipv6-hp", ipv6_hp, interface: interface as InterfaceKey);
+section!(MonitorSection, "monitor", monitor, interface: interface as InterfaceKey);
+section!(ProxySection, "proxy", proxy, interface: interface as InterfaceKey);
+section!(ClusteripSection, "clusterip", clusterip, services: service as ServiceKeys);
+section!(LbSection, "lb", lb, interface: interface as InterfaceKey, services: service as ServiceKeys);
+section!(XdpLbSection, "xdp-lb", xdp_lb, interface: interface as InterfaceKey, services: service as ServiceKeys);
+
+/// What a datapath's settings are read from besides its own flags: the `--config` file, when
+/// given, and the datapath's table in it. Every datapath's settings start here; SIGHUP reads
+/// them again.
+pub struct Sources<S> {
+    pub config: Option<ConfigFile>,
+    table: std::marker::PhantomData<S>,
+}
+
+impl<S: Section> Sources<S> {
+    /// Reads the file of `--config`; a file given to a datapath must have its table.
+    pub fn read(run: &RunOptions) -> Result<Self> {
+        let config = ConfigFile::load(run.config.as_deref())?;
+        section_of(config.as_ref(), S::of, S::TABLE)?;
+        Ok(Self {
+            config,
+            table: std::marker::PhantomData,
+        })
+    }
+
+    /// The datapath's table, when a file was given.
+    pub fn section(&self) -> Option<&S> {
+        let config = self.config.as_ref()?;
+        S::of(&config.doc).as_ref().map(Spanned::get_ref)
+    }
+
+    /// `-i IFACE`, else the table's `interface`.
+    pub fn interface(&self, flag: Option<&String>) -> Result<Item> {
+        interface(
+            flag,
+            self.config.as_ref(),
+            self.section().and_then(S::interface),
+            S::TABLE,
+        )
+    }
+
+    /// `--service` flags and the table's services, checked together against `limits`.
+    pub fn services(
+        &self,
+        flags: &[Service],
+        limits: crate::control::service::Limits,
+    ) -> Result<Vec<Service>> {
+        let items = services(
+            flags,
+            self.config.as_ref(),
+            self.section().and_then(S::services),
+            S::TABLE,
+        )?;
+        crate::control::service::check_services(items, limits)
+    }
+
+    /// A setting given once: the flag's value, else the table's, else `default`.
+    pub fn value<T>(&self, flag: Option<T>, key: impl FnOnce(&S) -> Option<T>, default: T) -> T {
+        flag.or_else(|| self.section().and_then(key)).unwrap_or(default)
+    }
+}
+
 /// This datapath's table of the config file, when a file is given.
 pub fn section_of<'a, T>(
     config: Option<&'a ConfigFile>,

@@ -64,15 +64,30 @@ fn read_record(file: &mut File) -> Option<Record> {
 
 /// The command line as the record keeps it: 10,000 `--service` flags are 2 MB, written with
 /// every change of the record; the start says which run it is.
-fn shortened(mut command: String) -> String {
+fn shortened(args: impl Iterator<Item = String>) -> String {
     const KEPT: usize = 1024;
+    let mut command = String::new();
+    let mut rest = 0;
+    // the words past the first KiB are only counted: 20,000 --service flags are 2 MB
+    for arg in args {
+        if command.len() > KEPT {
+            rest += arg.len() + 1;
+            continue;
+        }
+        if !command.is_empty() {
+            command.push(' ');
+        }
+        command.push_str(&arg);
+    }
     if command.len() > KEPT {
         let mut cut = KEPT;
         while !command.is_char_boundary(cut) {
             cut -= 1;
         }
-        let rest = command.len() - cut;
+        rest += command.len() - cut;
         command.truncate(cut);
+    }
+    if rest > 0 {
         command.push_str(&format!(" ... ({rest} more bytes)"));
     }
     command
@@ -127,12 +142,7 @@ impl Instance {
                 target: target.into(),
                 mode: if persist { "persist" } else { "foreground" }.into(),
                 // as given, also when an argument is not UTF-8 (a file name, say)
-                command: shortened(
-                    std::env::args_os()
-                        .map(|arg| arg.to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                ),
+                command: shortened(std::env::args_os().map(|arg| arg.to_string_lossy().into_owned())),
                 left: orphan.as_ref().map(|o| o.left.clone()).unwrap_or_default(),
                 pins: None,
             };

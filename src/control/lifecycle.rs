@@ -25,6 +25,7 @@ use crate::control::health;
 use crate::control::instance::Instance;
 use crate::control::metrics::{self, Family};
 use crate::control::run::{self, Request, Shutdown};
+use crate::control::service::SyncReport;
 use crate::kernel::addr::Interface;
 use crate::kernel::attach;
 use crate::kernel::cgroup::Cgroup;
@@ -97,6 +98,19 @@ pub struct Applied {
     pub log: Vec<String>,
     /// what a SIGKILL would leave outside the links, for the run record
     pub leaves: Vec<String>,
+    /// what it wrote to the [`Datapath::desired_maps`] (None: read them back to record)
+    pub written: Option<desired::Written>,
+}
+
+impl Applied {
+    /// A service table sync's outcome: its counts, and what it wrote.
+    pub fn synced(report: SyncReport) -> Self {
+        Self {
+            report: report.to_string(),
+            written: Some(report.written),
+            ..Self::default()
+        }
+    }
 }
 
 /// What a datapath shows of itself, read once and shown three ways.
@@ -114,6 +128,39 @@ pub struct Report {
     pub on_detach: Option<String>,
 }
 
+/// What the lifecycle reads of a datapath's command line besides its own settings.
+pub trait RunArgs {
+    fn run_options(&self) -> &RunOptions;
+    /// `--persist` (false for a datapath that only runs in the foreground).
+    fn persist(&self) -> bool;
+}
+
+/// [`RunArgs`] for a datapath's clap arguments with a `run: RunOptions` field and a
+/// `persist: bool` one (`foreground`: without, it never persists).
+#[macro_export]
+macro_rules! run_args {
+    ($args:ty) => {
+        impl $crate::control::lifecycle::RunArgs for $args {
+            fn run_options(&self) -> &$crate::control::config::RunOptions {
+                &self.run
+            }
+            fn persist(&self) -> bool {
+                self.persist
+            }
+        }
+    };
+    ($args:ty, foreground) => {
+        impl $crate::control::lifecycle::RunArgs for $args {
+            fn run_options(&self) -> &$crate::control::config::RunOptions {
+                &self.run
+            }
+            fn persist(&self) -> bool {
+                false
+            }
+        }
+    };
+}
+
 /// Everything a datapath says once. The lifecycle functions below do the rest.
 pub trait Datapath: 'static {
     /// The subcommand, and the directory name of its pins and run records.
@@ -124,7 +171,7 @@ pub trait Datapath: 'static {
     const EXCLUSIVE: bool = true;
 
     /// Its command line.
-    type Args;
+    type Args: RunArgs;
     /// What the user (or a program) asked for: settings and services or rules, typed.
     type Desired;
     /// What the desired state needs resolved on this node (routes, MACs, ports).
@@ -134,8 +181,6 @@ pub trait Datapath: 'static {
     /// What reports read: map handles, which the metrics thread may hold.
     type View: Send + Sync + 'static;
 
-    fn run_options(args: &Self::Args) -> &RunOptions;
-    fn persist(args: &Self::Args) -> bool;
     /// Reads the flags and the config file; SIGHUP calls it again.
     fn desired(args: &Self::Args) -> Result<Self::Desired>;
     /// The network namespace its state is keyed by (clusterip: none, the host's).
@@ -143,6 +188,12 @@ pub trait Datapath: 'static {
         netns_key.to_string()
     }
     fn target(desired: &Self::Desired) -> Result<Target>;
+    /// What the kernel must offer for the programs to load (lb: the conntrack kfuncs),
+    /// checked before a first load; a re-run whose pinned program is attached skips it, as
+    /// that program loaded on this kernel.
+    fn check_kernel() -> Result<()> {
+        Ok(())
+    }
     /// Refuses when one of our programs not pinned by us is on the target already.
     fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
         attach::refuse_if_attached(Self::NAME, Self::PROGRAMS, target.iface(), pinned)
@@ -208,12 +259,17 @@ pub trait Datapath: 'static {
 pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
     // first, so a stop at any moment of what follows is a stop we handle
     let shutdown = Shutdown::install()?;
-    let persist = D::persist(args);
-    D::run_options(args).check(persist)?;
+    let persist = args.persist();
+    args.run_options().check(persist)?;
     let mut desired = D::desired(args)?;
+    run::phase("desired state read");
     let target = D::target(&desired)?;
+    run::phase("target resolved");
     let netns_key = D::netns_key(netns_key);
     let pins = PinDir::new(D::NAME, &netns_key, &target.key());
+    if pins.prog_ids().is_empty() {
+        D::check_kernel()?;
+    }
     let (mut instance, orphan) = if D::EXCLUSIVE {
         let (instance, orphan) = Instance::claim(D::NAME, &netns_key, &target.key(), persist)?;
         (Some(instance), orphan)
@@ -227,7 +283,9 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
         }
     }
     D::refuse_if_attached(&target, &pins.prog_ids())?;
+    run::phase("instance claimed, target checked");
     let mut plan = D::plan(&desired, &target, persist)?;
+    run::phase("planned");
     if persist {
         if let Some(orphan) = orphan
             .as_ref()
@@ -293,7 +351,7 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
             }
             None => None,
         };
-        let metrics = metrics::serve(D::run_options(args).metrics.as_ref(), || {
+        let metrics = metrics::serve(args.run_options().metrics.as_ref(), || {
             // the exporter's thread reads the same maps through its own handles
             let view = D::view(&loaded)?;
             Ok(Arc::new(move || D::report(&view).map(|report| report.families)) as metrics::Source)
@@ -403,23 +461,48 @@ fn persist_run<D: Datapath>(
         instance.leaves(UPDATE_IN_PROGRESS)?;
     }
     // a run killed midway leaves no desired state to compare a half-applied table with
-    desired::forget(pins);
+    let recorded = desired::set_aside(pins);
     let fresh = !pins.exists();
     pins.create()?;
     let mut set = PinSet::new(pins);
+    if let Some(running) = keepable_programs(pins, target).filter(|_| !fresh) {
+        set.keep_programs(running);
+    }
+    run::phase("pin directory ready");
     let result = (|| -> Result<(bool, Applied)> {
         let mut storage: Storage = [MaybeUninit::uninit(), MaybeUninit::uninit()];
         let loaded = D::load(&mut storage, plan, Some(&mut set))?;
+        run::phase("loaded");
         for (object, specs) in D::objects(&loaded) {
             set.after_load(object, specs)?;
         }
         // the tables are right before the (new) program sees a packet
         let applied = D::apply(&loaded, plan)?;
-        let updated = D::attach_pinned(&loaded, target, pins, plan)?;
+        run::phase("applied");
+        let updated = if set.kept {
+            // the programs running are the ones this load would make
+            if matches!(target, Target::Interface(_)) {
+                crate::kernel::tc::note_kept(pins);
+            }
+            true
+        } else {
+            D::attach_pinned(&loaded, target, pins, plan)?
+        };
         for (object, specs) in D::objects(&loaded) {
             set.after_swap(object, specs)?;
         }
-        desired::record(pins, D::desired_maps())?;
+        run::phase("attached");
+        // the record follows from what apply wrote when it knows what the maps held before
+        let before = if fresh {
+            desired::Before::Fresh
+        } else if recorded && D::desired_maps().iter().all(|spec| set.reused(spec)) {
+            desired::Before::Recorded
+        } else {
+            desired::Before::Unknown
+        };
+        desired::record(pins, D::desired_maps(), before, applied.written.as_ref())?;
+        desired::record_programs(pins, &set.fingerprints, &pins.prog_ids())?;
+        run::phase("desired state recorded");
         Ok((updated, applied))
     })();
     if result.is_err() && fresh {
@@ -430,6 +513,7 @@ fn persist_run<D: Datapath>(
     for line in applied.log.iter().chain(&set.log) {
         eprintln!("{}: {line}", D::NAME);
     }
+    run::phase("done");
     let verb = if updated { "updated in place" } else { "pinned" };
     let counted = if applied.report.is_empty() {
         String::new()
@@ -446,6 +530,49 @@ fn persist_run<D: Datapath>(
         ),
     );
     Ok(())
+}
+
+/// The fingerprint of the programs running from `pins` when a re-run may keep them: what
+/// the last run recorded (one object), every pinned link alive on `target` with the program
+/// recorded, no legacy tc filter, and every pinned map one those programs use.
+fn keepable_programs(pins: &PinDir, target: &Target) -> Option<u64> {
+    let (fingerprints, recorded) = desired::recorded_programs(pins)?;
+    let [fingerprint] = fingerprints[..] else {
+        return None;
+    };
+    if !crate::kernel::tc::recorded(&pins.path).is_empty() {
+        return None;
+    }
+    let mut running = Vec::new();
+    for (_, path) in pins.links() {
+        let link = attach::PinnedLink::open(&path).ok()?;
+        let on_target = match (link.target, target) {
+            (attach::LinkTarget::Interface(index), Target::Interface(iface)) => index == iface.index,
+            (attach::LinkTarget::Cgroup(id), Target::Cgroup(cgroup)) => Some(id) == cgroup.id(),
+            _ => false,
+        };
+        if !on_target {
+            return None;
+        }
+        running.push(link.prog_id);
+    }
+    running.sort_unstable();
+    running.dedup();
+    if running.is_empty() || running != recorded {
+        return None;
+    }
+    let mut used = Vec::new();
+    for id in &running {
+        used.extend(attach::program_info(*id).ok()?.1);
+    }
+    for path in pins.map_files() {
+        let map = libbpf_rs::MapHandle::from_pinned_path(&path).ok()?;
+        let info = libbpf_rs::MapInfo::new(std::os::fd::AsFd::as_fd(&map)).ok()?;
+        if !used.contains(&info.info.id) {
+            return None;
+        }
+    }
+    Some(fingerprint)
 }
 
 /// A program of ours attached somewhere other than an interface (clusterip's cgroups), for

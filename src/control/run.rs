@@ -1,11 +1,34 @@
 //! Foreground lifecycle: announce `ready`, then wait for SIGINT or SIGTERM (stop) and
 //! SIGHUP (reload the configuration).
 
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+/// Where `EBPF_NET_TIMING=1` measures from: the first [`phase`] (main's first line).
+static STARTED: OnceLock<(Instant, bool)> = OnceLock::new();
+
+/// With `EBPF_NET_TIMING=1`, logs the milliseconds since the process began and `what` has
+/// just finished: where a slow run spends its time, without a profiler.
+pub fn phase(what: &str) {
+    let (start, on) = STARTED.get_or_init(|| {
+        (
+            Instant::now(),
+            std::env::var_os("EBPF_NET_TIMING").is_some_and(|v| v == "1"),
+        )
+    });
+    if *on {
+        // CPU time too: on a busy machine the wall clock says more about the neighbours
+        let cpu = nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID)
+            .map_or(0.0, |t| t.tv_sec() as f64 * 1e3 + t.tv_nsec() as f64 / 1e6);
+        eprintln!(
+            "ebpf-net: timing: {:7.1} ms ({cpu:6.1} ms CPU) {what}",
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
 
 /// The line tests and scripts wait for: every program attached, every map filled.
 pub fn announce_ready(subcommand: &str, what: &str) {

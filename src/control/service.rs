@@ -11,6 +11,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::{json, Value};
 
 use crate::control::counters::Counters;
+use crate::control::desired::Written;
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::pin::{MapPin, PinDir};
 use crate::kernel::skel::sock_xlate::types::{service_endpoint, service_range};
@@ -251,7 +252,7 @@ impl Service {
     /// the VIP not its own backend. Errors do not say where it came from.
     pub fn new(vip: SocketAddr, backends: Vec<Backend>, origin: String) -> Result<Self> {
         let mut seen = HashSet::new();
-        for backend in &backends {
+        for (index, backend) in backends.iter().enumerate() {
             if backend.addr.is_ipv4() != vip.is_ipv4() {
                 bail!(
                     "backend {} is not of the VIP's address family (one family per service)",
@@ -261,7 +262,15 @@ impl Service {
             if backend.addr == vip {
                 bail!("the VIP is its own backend");
             }
-            if !seen.insert(backend.addr) {
+            // a short list is checked pairwise: 10,000 services need no 10,000 hash sets
+            let twice = if backends.len() <= 16 {
+                backends[..index]
+                    .iter()
+                    .any(|earlier| earlier.addr == backend.addr)
+            } else {
+                !seen.insert(backend.addr)
+            };
+            if twice {
                 bail!("backend {} is listed twice", backend.addr);
             }
         }
@@ -691,14 +700,10 @@ fn affinity_seconds(service: &Service) -> Option<u32> {
 /// protocols share theirs), by range start.
 fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
     let mut ranges: BTreeMap<u32, (Vec<ServiceKey>, service_range)> = BTreeMap::new();
-    // the hash table key by key (a batch over a hash table can end early: ENOSPC when a
-    // bucket does not fit), the arrays by batches
-    for key in tables.services.keys() {
-        let Some(value) = tables.services.lookup(&key, MapFlags::ANY)? else {
-            continue;
-        };
-        let endpoint: service_endpoint = maps::from_bytes("service key", &key)?;
-        let range: service_range = maps::from_bytes("service range", &value)?;
+    // by batches: 10,000 services and their 100,000 backend slots are a few system calls
+    for (key, value) in maps::read_all(&tables.services)?.iter() {
+        let endpoint: service_endpoint = maps::from_bytes("service key", key)?;
+        let range: service_range = maps::from_bytes("service range", value)?;
         let Some(protocol) = Protocol::from_number(endpoint.proto) else {
             continue;
         };
@@ -721,7 +726,7 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
     let mut endpoints = Vec::with_capacity(used as usize);
     let mut cumulative = Vec::with_capacity(used as usize);
     if used > 0 {
-        for (_, bytes) in tables.backends.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
+        for (_, bytes) in maps::read_first(&tables.backends, used as usize)?.iter() {
             if endpoints.len() as u32 >= used {
                 break;
             }
@@ -829,12 +834,14 @@ impl SlotAllocator {
 }
 
 /// What an update changed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Default)]
 pub struct SyncReport {
     pub added: usize,
     pub changed: usize,
     pub removed: usize,
     pub unchanged: usize,
+    /// what it wrote to the services and backends, for the record `status` compares with
+    pub written: Written,
 }
 
 impl std::fmt::Display for SyncReport {
@@ -872,6 +879,7 @@ pub fn sync_services_with(
     let checked = crate::control::health::overlay(services);
     let services = checked.as_slice();
     let installed = read_installed(tables)?;
+    crate::control::run::phase("installed services read");
     let mut report = SyncReport::default();
     let mut allocator = SlotAllocator::new(
         tables.slots,
@@ -955,6 +963,7 @@ pub fn sync_services_with(
             &placed,
             &backend_value,
             &before_swap,
+            &mut report.written,
         )?;
         for (service, base) in &placed {
             for key in service.keys() {
@@ -967,7 +976,7 @@ pub fn sync_services_with(
         if !deferred.is_empty() && placed.is_empty() && released.is_empty() && !removals.is_empty() {
             // no room left for the rest: the removed services' slots are needed now
             for key in removals.drain(..) {
-                delete_key(tables, &key)?;
+                delete_key(tables, &key, &mut report.written)?;
                 if unpoint(&key, &mut pointing, &mut holders, &lengths, &mut released) {
                     report.removed += 1;
                 }
@@ -992,7 +1001,7 @@ pub fn sync_services_with(
         pending = deferred;
     }
     for key in removals.drain(..) {
-        delete_key(tables, &key)?;
+        delete_key(tables, &key, &mut report.written)?;
         if unpoint(&key, &mut pointing, &mut holders, &lengths, &mut released) {
             report.removed += 1;
         }
@@ -1006,11 +1015,13 @@ fn held(backends: usize) -> u32 {
     backends.max(1) as u32
 }
 
-fn delete_key(tables: &ServiceTables, key: &ServiceKey) -> Result<()> {
+fn delete_key(tables: &ServiceTables, key: &ServiceKey, written: &mut Written) -> Result<()> {
+    let endpoint = key.endpoint();
     tables
         .services
-        .delete(as_bytes(&key.endpoint()))
-        .with_context(|| format!("removing service {}:{}", key.protocol.name(), key.vip))
+        .delete(as_bytes(&endpoint))
+        .with_context(|| format!("removing service {}:{}", key.protocol.name(), key.vip))?;
+    written.delete(&tables.services, as_bytes(&endpoint))
 }
 
 /// Writes each placed service's backends, weights and counters to its new slots, then points
@@ -1022,6 +1033,7 @@ fn write_ranges(
     placed: &[(&Service, u32)],
     backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
     before_swap: &impl Fn(&Service, u32) -> Result<()>,
+    written: &mut Written,
 ) -> Result<()> {
     if placed.is_empty() {
         return Ok(());
@@ -1078,10 +1090,12 @@ fn write_ranges(
             .backends
             .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
             .context("writing backends")?;
+        written.update(&tables.backends, &slot_keys, &backend_values)?;
         tables
             .weights
             .update_batch(&slot_keys, &weight_values, slots, MapFlags::ANY, MapFlags::ANY)
             .context("writing backend weights")?;
+        written.update(&tables.weights, &slot_keys, &weight_values)?;
         write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
     }
     for (service, base) in placed {
@@ -1092,6 +1106,7 @@ fn write_ranges(
         .services
         .update_batch(&service_keys, &service_values, keys, MapFlags::ANY, MapFlags::ANY)
         .context("writing services")?;
+    written.update(&tables.services, &service_keys, &service_values)?;
     Ok(())
 }
 

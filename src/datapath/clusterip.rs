@@ -10,7 +10,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapHandle, Program, ProgramAttachType};
 use serde_json::json;
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{self, ClusteripSection, Item, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Report, Storage, Target};
 use crate::control::metrics;
@@ -133,6 +133,8 @@ pub struct ClusteripArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(ClusteripArgs);
+
 /// What flags and config file say together.
 pub struct Settings {
     cgroup: Option<Item>,
@@ -141,25 +143,15 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &ClusteripArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.clusterip, SUBCOMMAND)?;
-        let cgroup = config::pick(
-            args.cgroup.as_ref(),
-            "--cgroup",
-            config
-                .as_ref()
-                .zip(section)
-                .map(|(c, s)| (c, &s.cgroup, "cgroup")),
-        );
-        let items = config::services(
-            &args.services,
-            config.as_ref(),
-            section.map(|s| &s.service),
-            SUBCOMMAND,
-        )?;
+        let file = Sources::<ClusteripSection>::read(&args.run)?;
+        let in_file = file.config.as_ref().zip(file.section());
         Ok(Self {
-            cgroup,
-            services: service::check_services(items, LIMITS)?,
+            cgroup: config::pick(
+                args.cgroup.as_ref(),
+                "--cgroup",
+                in_file.map(|(c, s)| (c, &s.cgroup, "cgroup")),
+            ),
+            services: file.services(&args.services, LIMITS)?,
         })
     }
 
@@ -257,12 +249,6 @@ impl Datapath for Clusterip {
     type Loaded<'obj> = SockXlateSkel<'obj>;
     type View = View;
 
-    fn run_options(args: &ClusteripArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &ClusteripArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &ClusteripArgs) -> Result<Settings> {
         Settings::read(args)
     }
@@ -287,10 +273,7 @@ impl Datapath for Clusterip {
         load(&mut storage[0], pins)
     }
     fn apply(skel: &SockXlateSkel<'_>, services: &Vec<Service>) -> Result<Applied> {
-        Ok(Applied {
-            report: sync(&tables(skel)?, services)?.to_string(),
-            ..Applied::default()
-        })
+        Ok(Applied::synced(sync(&tables(skel)?, services)?))
     }
     fn attach(
         loaded: &SockXlateSkel<'_>,

@@ -14,7 +14,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 use serde_json::json;
 use toml::Spanned;
 
-use crate::control::config::{self, ConfigFile, RunOptions};
+use crate::control::config::{Ipv6HpSection, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
@@ -92,6 +92,8 @@ pub struct Ipv6HpArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(Ipv6HpArgs);
+
 /// What flags and config file say together.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -102,18 +104,13 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &Ipv6HpArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.ipv6_hp, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
+        let file = Sources::<Ipv6HpSection>::read(&args.run)?;
+        let (config, section) = (file.config.as_ref(), file.section());
+        let iface = file.interface(args.iface.as_ref())?;
         // the flag, else the file (errors name its line), else the default
         let address =
             |flag: Option<&String>, name: &str, key: &str, value: Option<&Spanned<String>>, default: &str| {
-                match (flag, config.as_ref().zip(value)) {
+                match (flag, config.zip(value)) {
                     (Some(text), _) => parse_ipv6(name, text),
                     (None, Some((config, value))) => {
                         parse_ipv6(&format!("{}: {key}", config.at(value.span())), value.get_ref())
@@ -141,8 +138,7 @@ impl Settings {
         Ok(Self {
             iface: iface.text,
             addrs: ProbeAddresses { link_local, global },
-            remove_nft_table: args.remove_nft_table
-                || section.and_then(|s| s.remove_nft_table).unwrap_or(false),
+            remove_nft_table: args.remove_nft_table || file.value(None, |s| s.remove_nft_table, false),
         })
     }
 }
@@ -250,12 +246,6 @@ impl Datapath for Ipv6Hp {
     type Loaded<'obj> = Loaded<'obj>;
     type View = View;
 
-    fn run_options(args: &Ipv6HpArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &Ipv6HpArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &Ipv6HpArgs) -> Result<Settings> {
         Settings::read(args)
     }

@@ -13,7 +13,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::MapHandle;
 use serde_json::{json, Value};
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{Item, LbSection, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::run::{self, Request, Shutdown};
@@ -186,6 +186,8 @@ pub struct LbArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(LbArgs);
+
 /// What flags and config file say together.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Settings {
@@ -197,28 +199,12 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &LbArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.lb, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
-        let items = config::services(
-            &args.services,
-            config.as_ref(),
-            section.map(|s| &s.service),
-            SUBCOMMAND,
-        )?;
+        let file = Sources::<LbSection>::read(&args.run)?;
         Ok(Self {
-            iface,
-            services: service::check_services(items, LIMITS)?,
-            no_snat: args.no_snat || section.and_then(|s| s.no_snat).unwrap_or(false),
-            flood_rate: args
-                .flood_rate
-                .or(section.and_then(|s| s.flood_rate))
-                .unwrap_or(DEFAULT_FLOOD_RATE),
+            iface: file.interface(args.iface.as_ref())?,
+            services: file.services(&args.services, LIMITS)?,
+            no_snat: args.no_snat || file.value(None, |s| s.no_snat, false),
+            flood_rate: file.value(args.flood_rate, |s| s.flood_rate, DEFAULT_FLOOD_RATE),
         })
     }
 
@@ -339,13 +325,17 @@ fn sync(tables: &ServiceTables, services: &[Service], values: &BackendValues) ->
 
 /// What lb changed in this namespace, as recorded in its nft table's comment.
 fn recorded_changes() -> Option<Vec<String>> {
-    let listing = nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?;
+    Some(changes_in(&nft::run(&["list", "table", "inet", NFT_TABLE]).ok()?))
+}
+
+/// The changes a listing of lb's table records in its comment.
+fn changes_in(listing: &str) -> Vec<String> {
     let comment = listing
         .lines()
         .find_map(|line| line.trim().strip_prefix("comment \""))
         .map(|rest| rest.trim_end_matches('"').to_string())
         .unwrap_or_default();
-    Some(comment.split_whitespace().map(str::to_string).collect())
+    comment.split_whitespace().map(str::to_string).collect()
 }
 
 /// Which hooks this namespace still lacks for `families` ("ip" / "ip6"): NAT (nat chains
@@ -467,7 +457,7 @@ fn table_in_place(record: &NamespaceChanges) -> bool {
     let Ok(listing) = nft::run(&["list", "table", "inet", NFT_TABLE]) else {
         return false;
     };
-    let comment_ok = recorded_changes().as_ref() == Some(&record.changed);
+    let comment_ok = changes_in(&listing) == record.changed;
     let chains_ok = !record.has(NAT_HOOKS)
         || (listing.contains("chain prerouting")
             && listing.contains("chain postrouting")
@@ -701,18 +691,14 @@ impl Datapath for Lb {
     type Loaded<'obj> = LbSkel<'obj>;
     type View = View;
 
-    fn run_options(args: &LbArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &LbArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &LbArgs) -> Result<Settings> {
         Settings::read(args)
     }
     fn target(desired: &Settings) -> Result<Target> {
-        probe::require_kfuncs(SUBCOMMAND, &KFUNCS)?;
         Target::interface(&desired.iface)
+    }
+    fn check_kernel() -> Result<()> {
+        probe::require_kfuncs(SUBCOMMAND, &KFUNCS)
     }
     fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Plan> {
         super::shared_vips::refuse_served_elsewhere(SUBCOMMAND, target.iface(), &desired.services)?;
@@ -735,14 +721,22 @@ impl Datapath for Lb {
     fn apply(skel: &LbSkel<'_>, plan: &Plan) -> Result<Applied> {
         let values = BackendValues::new(!plan.settings.no_snat)?;
         let report = sync(&tables(skel)?, &plan.settings.services, &values)?;
-        let log = prepare_namespace(&plan.settings.services, &netns::current_key()?)?;
-        let leaves = recorded_changes()
-            .map(|changes| vec![format!("nft table inet {NFT_TABLE} ({})", changes.join(" "))])
+        let netns_key = netns::current_key()?;
+        let log = prepare_namespace(&plan.settings.services, &netns_key)?;
+        // the table is in place as the record says once prepared: no need to list it again
+        let leaves = NamespaceChanges::read(&netns_key)
+            .filter(|record| !record.changed.is_empty())
+            .map(|record| {
+                vec![format!(
+                    "nft table inet {NFT_TABLE} ({})",
+                    record.changed.join(" ")
+                )]
+            })
             .unwrap_or_default();
         Ok(Applied {
-            report: report.to_string(),
             log,
             leaves,
+            ..Applied::synced(report)
         })
     }
     fn attach(skel: &LbSkel<'_>, target: &Target, _plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {

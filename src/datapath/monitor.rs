@@ -11,7 +11,7 @@ use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{Item, MonitorSection, RunOptions, Sources};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
@@ -52,6 +52,8 @@ pub struct MonitorArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(MonitorArgs, foreground);
+
 /// What flags and config file say together.
 pub struct Settings {
     iface: Item,
@@ -61,28 +63,19 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &MonitorArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.monitor, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
-        let interval = match (args.interval, section.and_then(|s| s.interval.as_ref())) {
+        let file = Sources::<MonitorSection>::read(&args.run)?;
+        let iface = file.interface(args.iface.as_ref())?;
+        let interval = match (args.interval, file.section().and_then(|s| s.interval.as_ref())) {
             (Some(secs), _) => secs,
             (None, Some(secs)) => parse_interval(&secs.get_ref().to_string()).map_err(|problem| {
-                let config = config.as_ref().expect("a section comes from a file");
+                let config = file.config.as_ref().expect("a section comes from a file");
                 anyhow::anyhow!("{}: interval {problem}", config.at(secs.span()))
             })?,
             (None, None) => 1.0,
         };
         Ok(Self {
             iface,
-            direction: args
-                .direction
-                .or(section.and_then(|s| s.direction))
-                .unwrap_or(Directions::Both),
+            direction: file.value(args.direction, |s| s.direction, Directions::Both),
             interval,
         })
     }
@@ -208,12 +201,6 @@ impl Datapath for Monitor {
     type Loaded<'obj> = Loaded<'obj>;
     type View = MapHandle;
 
-    fn run_options(args: &MonitorArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(_args: &MonitorArgs) -> bool {
-        false
-    }
     fn desired(args: &MonitorArgs) -> Result<Desired> {
         let settings = Settings::read(args)?;
         if args.count == Some(0) {

@@ -10,7 +10,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 use serde_json::json;
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{self, Item, ProxySection, RunOptions, Sources};
 use crate::control::counters::Counters;
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
@@ -88,6 +88,8 @@ pub struct ProxyArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(ProxyArgs);
+
 /// What flags and config file say together.
 pub struct Settings {
     iface: Item,
@@ -96,17 +98,12 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &ProxyArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.proxy, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
-        let from_file = config
+        let file = Sources::<ProxySection>::read(&args.run)?;
+        let iface = file.interface(args.iface.as_ref())?;
+        let from_file = file
+            .config
             .as_ref()
-            .zip(section)
+            .zip(file.section())
             .map(|(c, s)| {
                 c.rules(&s.map)
                     .iter()
@@ -356,12 +353,6 @@ impl Datapath for Proxy {
     type Loaded<'obj> = ProxySkel<'obj>;
     type View = View;
 
-    fn run_options(args: &ProxyArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &ProxyArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &ProxyArgs) -> Result<Settings> {
         Settings::read(args)
     }

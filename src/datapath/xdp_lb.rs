@@ -13,7 +13,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBufferBuilder};
 use serde_json::json;
 
-use crate::control::config::{self, ConfigFile, Item, RunOptions};
+use crate::control::config::{Item, RunOptions, Sources, XdpLbSection};
 use crate::control::counters::{self, Counters};
 use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
 use crate::control::metrics;
@@ -253,6 +253,8 @@ pub struct XdpLbArgs {
     pub run: RunOptions,
 }
 
+crate::run_args!(XdpLbArgs);
+
 const MAX_FLOWS_RANGE: std::ops::RangeInclusive<i64> = 16..=16_777_216;
 
 /// What flags and config file say together.
@@ -266,26 +268,15 @@ pub struct Settings {
 
 impl Settings {
     fn read(args: &XdpLbArgs) -> Result<Self> {
-        let config = ConfigFile::load(args.run.config.as_deref())?;
-        let section = config::section_of(config.as_ref(), |doc| &doc.xdp_lb, SUBCOMMAND)?;
-        let iface = config::interface(
-            args.iface.as_ref(),
-            config.as_ref(),
-            section.map(|s| &s.interface),
-            SUBCOMMAND,
-        )?;
-        let items = config::services(
-            &args.services,
-            config.as_ref(),
-            section.map(|s| &s.service),
-            SUBCOMMAND,
-        )?;
-        let max_flows = match (args.max_flows, section.and_then(|s| s.max_flows.as_ref())) {
+        let file = Sources::<XdpLbSection>::read(&args.run)?;
+        let iface = file.interface(args.iface.as_ref())?;
+        let services = file.services(&args.services, LIMITS)?;
+        let max_flows = match (args.max_flows, file.section().and_then(|s| s.max_flows.as_ref())) {
             (Some(n), _) => n,
             (None, Some(n)) => {
                 let value = *n.get_ref();
                 if !MAX_FLOWS_RANGE.contains(&i64::from(value)) {
-                    let config = config.as_ref().expect("a section comes from a file");
+                    let config = file.config.as_ref().expect("a section comes from a file");
                     bail!(
                         "{}: max-flows {value} is not in 16..=16777216",
                         config.at(n.span())
@@ -297,16 +288,10 @@ impl Settings {
         };
         Ok(Self {
             iface,
-            services: service::check_services(items, LIMITS)?,
-            mode: args
-                .mode
-                .or(section.and_then(|s| s.mode))
-                .unwrap_or(XdpMode::Auto),
+            services,
+            mode: file.value(args.mode, |s| s.mode, XdpMode::Auto),
             max_flows,
-            flood_rate: args
-                .flood_rate
-                .or(section.and_then(|s| s.flood_rate))
-                .unwrap_or(DEFAULT_FLOOD_RATE),
+            flood_rate: file.value(args.flood_rate, |s| s.flood_rate, DEFAULT_FLOOD_RATE),
         })
     }
 }
@@ -685,12 +670,6 @@ impl Datapath for XdpLb {
     type Loaded<'obj> = Loaded<'obj>;
     type View = View;
 
-    fn run_options(args: &XdpLbArgs) -> &RunOptions {
-        &args.run
-    }
-    fn persist(args: &XdpLbArgs) -> bool {
-        args.persist
-    }
     fn desired(args: &XdpLbArgs) -> Result<(Settings, EventLevel)> {
         let events = EventLevel {
             events: match (args.persist, args.trace) {
@@ -748,10 +727,7 @@ impl Datapath for XdpLb {
             &plan.settings.services,
             &plan.backends,
         )?;
-        Ok(Applied {
-            report: report.to_string(),
-            ..Applied::default()
-        })
+        Ok(Applied::synced(report))
     }
     fn attach(loaded: &Loaded<'_>, target: &Target, plan: &Plan) -> Result<Vec<Box<dyn std::any::Any>>> {
         let attachment = XdpAttachment::attach(program(&loaded.skel), target.iface(), plan.settings.mode)?;

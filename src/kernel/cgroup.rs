@@ -58,6 +58,12 @@ fn fs_type(path: &Path) -> Result<FsType> {
 }
 
 impl Cgroup {
+    /// The id the kernel gives the cgroup (its directory's inode), as cgroup links report it.
+    pub fn id(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        fs::metadata(&self.path).ok().map(|meta| meta.ino())
+    }
+
     /// The cgroup v2 root, found from /proc/mounts.
     pub fn root() -> Result<Self> {
         Self::resolve(None)

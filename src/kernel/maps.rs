@@ -33,3 +33,124 @@ pub fn sum_percpu_counters<T: plain::Plain + Default + Copy>(map: &impl MapCore,
     let bytes: Vec<u8> = sums.iter().flat_map(|sum| sum.to_ne_bytes()).collect();
     from_bytes("per-CPU counters", &bytes)
 }
+
+/// Every entry of a map, as read by batches: keys and values each in one buffer.
+pub struct Entries {
+    key_size: usize,
+    value_size: usize,
+    keys: Vec<u8>,
+    values: Vec<u8>,
+}
+
+impl Entries {
+    pub fn len(&self) -> usize {
+        self.keys.len() / self.key_size.max(1)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// (key, value) in the map's order.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.keys
+            .chunks_exact(self.key_size)
+            .zip(self.values.chunks_exact(self.value_size))
+    }
+}
+
+/// Reads every entry of a map (hash or array) by batches. A hash table's batch stops short
+/// at a bucket that does not fit and says ENOSPC when the first one does not: libbpf-rs's
+/// iterator takes a short batch for the end (8,191 of 20,000 services), so this goes on until
+/// the kernel says ENOENT and grows the batch past a large bucket. 10,000 services are a
+/// few system calls rather than 20,000 (key by key).
+pub fn read_all(map: &impl MapCore) -> Result<Entries> {
+    read_first(map, usize::MAX)
+}
+
+/// The first `wanted` entries of a map (or all it has), by batches as [`read_all`]: an
+/// array's slots 0 to `wanted - 1`.
+pub fn read_first(map: &impl MapCore, wanted: usize) -> Result<Entries> {
+    use std::os::fd::AsRawFd;
+    let key_size = map.key_size() as usize;
+    let value_size = if map.map_type().is_percpu() {
+        // per-CPU values come as one 8-byte-aligned slot per possible CPU
+        let cpus = libbpf_rs::num_possible_cpus().context("counting possible CPUs")?;
+        (map.value_size() as usize).next_multiple_of(8) * cpus
+    } else {
+        map.value_size() as usize
+    };
+    let mut entries = Entries {
+        key_size,
+        value_size,
+        keys: Vec::new(),
+        values: Vec::new(),
+    };
+    let mut batch = (map.max_entries() as usize).min(wanted).clamp(1, 16384);
+    // the position between calls: a bucket index for hash tables, a key for arrays
+    let token_size = key_size.max(8);
+    let (mut token_in, mut token_out) = (vec![0u8; token_size], vec![0u8; token_size]);
+    let mut first = true;
+    let opts = libbpf_sys::bpf_map_batch_opts {
+        sz: size_of::<libbpf_sys::bpf_map_batch_opts>() as _,
+        elem_flags: 0,
+        flags: 0,
+    };
+    let fd = map.as_fd().as_raw_fd();
+    loop {
+        let (have_keys, have_values) = (entries.keys.len(), entries.values.len());
+        entries.keys.resize(have_keys + batch * key_size, 0);
+        entries.values.resize(have_values + batch * value_size, 0);
+        let mut count = batch as u32;
+        // SAFETY: the buffers hold `count` keys and values past what is read so far, and the
+        // batch tokens `token_size` bytes (at least a key, at least a u32 bucket index).
+        let ret = unsafe {
+            libbpf_sys::bpf_map_lookup_batch(
+                fd,
+                if first {
+                    std::ptr::null_mut()
+                } else {
+                    token_in.as_mut_ptr().cast()
+                },
+                token_out.as_mut_ptr().cast(),
+                entries.keys[have_keys..].as_mut_ptr().cast(),
+                entries.values[have_values..].as_mut_ptr().cast(),
+                &mut count,
+                &opts,
+            )
+        };
+        let err = (ret < 0).then(std::io::Error::last_os_error);
+        let raw = err.as_ref().and_then(std::io::Error::raw_os_error);
+        if raw == Some(libc::EINTR) || raw == Some(libc::ENOSPC) {
+            entries.keys.truncate(have_keys);
+            entries.values.truncate(have_values);
+            if raw == Some(libc::ENOSPC) {
+                anyhow::ensure!(
+                    batch <= map.max_entries() as usize,
+                    "reading map {}: the kernel found no batch large enough",
+                    map.name().to_string_lossy()
+                );
+                batch *= 2;
+            }
+            continue;
+        }
+        let got = if err.is_none() || raw == Some(libc::ENOENT) {
+            count as usize
+        } else {
+            0
+        };
+        entries.keys.truncate(have_keys + got * key_size);
+        entries.values.truncate(have_values + got * value_size);
+        match (err, raw) {
+            (None, _) if got == 0 || entries.len() >= wanted => return Ok(entries),
+            (None, _) => {}
+            (Some(_), Some(libc::ENOENT)) => return Ok(entries),
+            (Some(err), _) => {
+                return Err(err)
+                    .with_context(|| format!("reading map {} by batches", map.name().to_string_lossy()))
+            }
+        }
+        std::mem::swap(&mut token_in, &mut token_out);
+        first = false;
+    }
+}

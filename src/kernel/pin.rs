@@ -126,6 +126,17 @@ impl PinDir {
             .collect()
     }
 
+    /// Pinned maps in this directory (every pin but links and legacy tc programs).
+    pub fn map_files(&self) -> Vec<PathBuf> {
+        entries(&self.path)
+            .into_iter()
+            .filter(|path| {
+                let name = file_name(path);
+                !name.starts_with("link_") && !name.starts_with("tc_")
+            })
+            .collect()
+    }
+
     /// Pinned links in this directory, as (name without `link_`, path).
     pub fn links(&self) -> Vec<(String, PathBuf)> {
         let mut links: Vec<_> = entries(&self.path)
@@ -323,12 +334,83 @@ struct Replaced {
     why: String,
 }
 
+/// `.rodata` variables drawn at random by every load (flow hash seeds): a program kept by a
+/// re-run keeps its own, so they are no part of a load's [`fingerprint`].
+const RANDOM_PER_LOAD: [&str; 1] = ["hash_seed"];
+
+/// What decides the program a load makes: each program's instructions, type and whether
+/// it loads, each map's definition and initial data (but [`RANDOM_PER_LOAD`]). Two loads
+/// with the same fingerprint on one kernel make the same programs.
+fn fingerprint(object: &libbpf_rs::OpenObject) -> u64 {
+    use libbpf_rs::AsRawLibbpf;
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for prog in object.progs() {
+        prog.name().hash(&mut hasher);
+        prog.autoload().hash(&mut hasher);
+        (prog.prog_type() as u32).hash(&mut hasher);
+        // SAFETY: a program of the open object.
+        let attach =
+            unsafe { libbpf_sys::bpf_program__expected_attach_type(prog.as_libbpf_object().as_ptr()) };
+        attach.hash(&mut hasher);
+        let insns = prog.insns();
+        // SAFETY: bpf_insn is 8 bytes of plain integers, every byte initialised.
+        let bytes = unsafe { std::slice::from_raw_parts(insns.as_ptr().cast::<u8>(), size_of_val(insns)) };
+        bytes.hash(&mut hasher);
+    }
+    // SAFETY: the object outlives this function's borrow of it.
+    let btf = libbpf_rs::btf::Btf::from_bpf_object(unsafe { object.as_libbpf_object().as_ref() })
+        .ok()
+        .flatten();
+    for map in object.maps() {
+        map.name().hash(&mut hasher);
+        (map.map_type() as u32, map.key_size(), map.value_size()).hash(&mut hasher);
+        (map.max_entries(), map.map_flags()).hash(&mut hasher);
+        let Some(initial) = map.initial_value() else {
+            continue;
+        };
+        let mut initial = initial.to_vec();
+        if map.name().to_string_lossy().ends_with(".rodata") {
+            let section = btf.as_ref().and_then(|btf| {
+                Some((
+                    btf,
+                    btf.type_by_name::<libbpf_rs::btf::types::DataSec<'_>>(".rodata")?,
+                ))
+            });
+            for (btf, var) in section
+                .iter()
+                .flat_map(|(btf, section)| section.iter().map(move |var| (btf, var)))
+            {
+                let name = btf
+                    .type_by_id::<libbpf_rs::btf::BtfType<'_>>(var.ty)
+                    .and_then(|ty| ty.name().map(|name| name.to_string_lossy().into_owned()));
+                if name.is_some_and(|name| RANDOM_PER_LOAD.contains(&name.as_str())) {
+                    let (start, end) = (var.offset as usize, (var.offset + var.size as u32) as usize);
+                    if let Some(bytes) = initial.get_mut(start..end) {
+                        bytes.fill(0);
+                    }
+                }
+            }
+        }
+        initial.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
 /// Reusing, migrating or creating the pinned maps of one load. `prepare` runs on the opened
 /// object, `after_load` once loaded (copies, first pins), `after_swap` once the new
 /// program is attached (the last copies, the replaced pins).
 pub struct PinSet {
     dir: PinDir,
     replaced: Vec<Replaced>,
+    /// the specs whose pinned map the load took over as it was
+    reused: Vec<&'static str>,
+    /// the fingerprint of the programs running from these pins, when a re-run may keep them
+    keep: Option<u64>,
+    /// the fingerprints of the objects prepared
+    pub fingerprints: Vec<u64>,
+    /// whether the load kept the running programs (loaded none, attaches nothing)
+    pub kept: bool,
     pub log: Vec<String>,
 }
 
@@ -337,6 +419,10 @@ impl PinSet {
         Self {
             dir: dir.clone(),
             replaced: Vec::new(),
+            reused: Vec::new(),
+            keep: None,
+            fingerprints: Vec::new(),
+            kept: false,
             log: Vec::new(),
         }
     }
@@ -370,6 +456,8 @@ impl PinSet {
         subcommand: &str,
         specs: &[MapPin],
     ) -> Result<()> {
+        let fingerprint = fingerprint(object);
+        self.fingerprints.push(fingerprint);
         for spec in specs {
             let mut map = object
                 .maps_mut()
@@ -397,6 +485,7 @@ impl PinSet {
             if have == wanted && stale.is_none() {
                 map.reuse_fd(handle.as_fd())
                     .with_context(|| format!("reusing {}", old_path.display()))?;
+                self.reused.push(spec.name);
                 continue;
             }
             let layout_same = have.map_type == wanted.map_type
@@ -425,7 +514,25 @@ impl PinSet {
                 why,
             });
         }
+        // the same programs over the same maps: the running ones stay, none is loaded
+        if self.keep == Some(fingerprint) && self.fingerprints.len() == 1 && self.replaced.is_empty() {
+            for mut prog in object.progs_mut() {
+                prog.set_autoload(false);
+            }
+            self.kept = true;
+        }
         Ok(())
+    }
+
+    /// Lets the load keep the programs that run from these pins (fingerprint `running`)
+    /// rather than load and verify them again, when it would make the same ones.
+    pub fn keep_programs(&mut self, running: u64) {
+        self.keep = Some(running);
+    }
+
+    /// Whether the load took over the pinned map of `spec` as it was.
+    pub fn reused(&self, spec: &MapPin) -> bool {
+        self.reused.contains(&spec.name)
     }
 
     /// Pins every map of a loaded object under its spec's name in `dir`: how a foreground run

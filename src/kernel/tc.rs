@@ -67,6 +67,17 @@ pub fn mode() -> TcMode {
     *CHOSEN.get().expect("set above")
 }
 
+/// A re-run kept the programs running on an interface: its ready line still says how tc
+/// programs are attached, when this directory has tcx links.
+pub fn note_kept(pins: &crate::kernel::pin::PinDir) {
+    let tcx = TcDirection::BOTH
+        .iter()
+        .any(|direction| pins.link_file(*direction).exists());
+    if tcx {
+        USED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// For the ready line: " (legacy tc)" once a tc program was attached that way, else "".
 pub fn ready_note() -> String {
     if USED.load(std::sync::atomic::Ordering::Relaxed) {
