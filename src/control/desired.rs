@@ -257,6 +257,10 @@ pub fn record_programs(pins: &PinDir, fingerprints: &[u64], prog_ids: &[u32]) ->
         words(ids.iter().map(u32::to_string).collect())
     );
     let path = programs_path(pins);
+    if let Some(dir) = path.parent() {
+        // a datapath without service tables (ipv6-hp) has no record of them to share it with
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let temp = path.with_extension("programs.new");
     fs::write(&temp, text).with_context(|| format!("writing {}", temp.display()))?;
     fs::rename(&temp, &path).with_context(|| format!("writing {}", path.display()))
