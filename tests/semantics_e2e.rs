@@ -434,13 +434,20 @@ fn refusal(kind: Kind, tag: &str) {
             );
         }
     }
-    // counted
+    // counted, in this namespace's entry (status lists every namespace's)
     let status = lab.lb.ebpf_net(&["status", "--json"]);
     let text = String::from_utf8_lossy(&status.stdout);
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-    let refused = find_counter(&json, "refused");
+    let refused = ["persisted", "runs"]
+        .iter()
+        .flat_map(|key| json[key].as_array().cloned().unwrap_or_default())
+        .filter(|entry| entry["netns"] == lab.lb.name.as_str())
+        .map(|entry| find_counter(&entry, "refused"))
+        .max()
+        .unwrap_or(0);
+    // 2 families x 2 services x 6 rounds x (one SYN + one datagram)
     assert!(
-        refused >= 2 * 2 * 2 * 6 * 2,
+        refused >= 48,
         "{kind:?}: refused counter {refused}, want every refusal counted: {text}"
     );
 }
