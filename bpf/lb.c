@@ -8,6 +8,7 @@
 #include "hash.h"
 #include "flood.h"
 #include "lb.h"
+#include "reject.h"
 
 #define BPF_F_CURRENT_NETNS (-1)
 /* opts__sz the conntrack kfuncs accept on every kernel that has them (6.1+) */
@@ -83,6 +84,14 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } lb_flood_seen SEC(".maps");
+
+/* session affinity: (service, client address) -> the backend it got (include/service.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AFFINITY_MAX_ENTRIES);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+} lb_affinity SEC(".maps");
 
 /* entries made per backend slot lately: source-NAT port pressure (include/lb.h) */
 struct {
@@ -170,6 +179,29 @@ static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
 	return held >= LB_PORT_BUDGET;
 }
 
+/* A new flow to a service without a usable backend: answered as a host without a listener
+ * would (include/reject.h), out the interface it came in; dropped when not answerable. */
+static __always_inline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
+{
+	struct reject_info info;
+	__u32 pull;
+
+	count->refused++;
+	if (!reject_read((void *)(long)skb->data, (void *)(long)skb->data_end, pkt, &info))
+		return TC_ACT_SHOT;
+	if (info.grow && bpf_skb_adjust_room(skb, info.grow, BPF_ADJ_ROOM_MAC, 0))
+		return TC_ACT_SHOT;
+	if (skb->len != info.len && bpf_skb_change_tail(skb, info.len, 0))
+		return TC_ACT_SHOT;
+	/* the headers written: linear and writable */
+	pull = info.len < MAX_HDR_PULL ? info.len : MAX_HDR_PULL;
+	if (bpf_skb_pull_data(skb, pull))
+		return TC_ACT_SHOT;
+	if (!reject_write((void *)(long)skb->data, (void *)(long)skb->data_end, &info))
+		return TC_ACT_SHOT;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
 SEC("tc/ingress")
 int lb_ingress(struct __sk_buff *skb)
 {
@@ -185,8 +217,10 @@ int lb_ingress(struct __sk_buff *skb)
 	struct nf_conn *ct;
 	struct lb_stats *stats;
 	struct lb_port_use *use = NULL;
+	struct affinity_key client;
 	__u32 tuple_sz, slot, hash;
-	bool nat_ok = true;
+	bool nat_ok = true, remembered = false;
+	int kept;
 	__u64 now;
 
 	linearize_headers(skb);
@@ -239,13 +273,27 @@ int lb_ingress(struct __sk_buff *skb)
 		}
 	}
 
+	if (!range.weight)
+		return refuse(skb, &pkt, count);
 	hash = flow_hash(&pkt);
-	if (pick_weighted_slot(&lb_weights, &range, hash, &slot))
+	now = bpf_ktime_get_ns();
+	if (range.flags & SERVICE_AFFINITY) {
+		__builtin_memset(&client, 0, sizeof(client));
+		client.service = vip;
+		__builtin_memcpy(client.client, pkt.saddr, sizeof(client.client));
+		kept = affinity_slot(&lb_affinity, &lb_backends, &lb_weights, &range, &client, now);
+		if (kept >= 0) {
+			slot = kept;
+			remembered = true;
+		} else if (pick_weighted_slot(&lb_weights, &range, hash, &slot)) {
+			return TC_PASS_ON;
+		}
+	} else if (pick_weighted_slot(&lb_weights, &range, hash, &slot)) {
 		return TC_PASS_ON;
+	}
 	backend = bpf_map_lookup_elem(&lb_backends, &slot);
 	if (!backend || backend->endpoint.family != pkt.family)
 		return TC_PASS_ON;
-	now = bpf_ktime_get_ns();
 	if (flood_over_rate(&lb_flood, flood_rate, now)) {
 		if (!flood_asked_again(&lb_flood_seen, hash, now)) {
 			count->flood_dropped++;
@@ -321,6 +369,8 @@ int lb_ingress(struct __sk_buff *skb)
 		__sync_fetch_and_add(&use->current, 1);
 	}
 	count->new_flows++;
+	if ((range.flags & SERVICE_AFFINITY) && !remembered)
+		affinity_remember(&lb_affinity, &range, &client, &backend->endpoint, slot, now);
 	stats = bpf_map_lookup_elem(&lb_stats, &slot);
 	if (stats)
 		__sync_fetch_and_add(&stats->new_flows, 1);

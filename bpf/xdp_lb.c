@@ -11,6 +11,7 @@
 #include "flood.h"
 #include "xdp_lb.h"
 #include "icmp_error.h"
+#include "reject.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -118,6 +119,41 @@ struct {
 	__type(key, __u32);
 	__type(value, struct xdp_lb_counters);
 } xdp_lb_counters SEC(".maps");
+
+/* session affinity: (service, client address) -> the backend it got (include/service.h) */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, AFFINITY_MAX_ENTRIES);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+} xdp_lb_affinity SEC(".maps");
+
+struct affinity_scratch {
+	struct affinity_key client;
+	struct affinity_value seen;
+	__u32 hash;
+	__u32 at; /* keys of the lookups, and the weights found */
+	__u32 prev;
+	__u32 ring;
+	__u32 end;
+	__u32 before;
+};
+
+/* affinity_pick()'s working state, per CPU */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct affinity_scratch);
+} xdp_lb_affinity_scratch SEC(".maps");
+
+/* refuse()'s working state, per CPU */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct reject_info);
+} xdp_lb_reject SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -583,6 +619,78 @@ static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
 	return true;
 }
 
+/* Session affinity: the client's backend while its affinity lasts and it still takes new
+ * flows (include/service.h's affinity_slot), else Maglev's choice (pick_slot), remembered
+ * (affinity_remember). Written out here with every map key in a per-CPU scratch value: the
+ * balancing path leaves a subprogram 16 bytes of stack, and those helpers keep their keys
+ * on it. */
+static __noinline __u32 affinity_pick(const struct xdp_lb_tuple *key, const struct service_range *range,
+				      __u64 now)
+{
+	struct xdp_lb_backend *backend;
+	struct affinity_value *known;
+	struct affinity_scratch *s;
+	__u32 *weight, *size, *entry;
+	__u32 zero = 0;
+
+	s = bpf_map_lookup_elem(&xdp_lb_affinity_scratch, &zero);
+	if (!s)
+		return ~0U; /* never: a per-CPU array's only entry */
+	s->seen.seen_ns = now;
+	/* every byte written: the key has no padding */
+	copy_addr(s->client.service.addr, key->dst);
+	s->client.service.port = key->dport;
+	s->client.service.family = key->family;
+	s->client.service.proto = key->proto;
+	copy_addr(s->client.client, key->src);
+	s->hash = flow_hash(key);
+
+	/* one pointer at a time: every value lives in the scratch entry */
+	known = bpf_map_lookup_elem(&xdp_lb_affinity, &s->client);
+	if (!known || s->seen.seen_ns - known->seen_ns > (__u64)range->affinity_s * 1000000000ULL)
+		goto choose;
+	s->at = known->slot;
+	s->seen.backend = known->backend;
+	/* refreshed now; a choice made below overwrites the entry anyway */
+	known->seen_ns = s->seen.seen_ns;
+	if (s->at - range->base >= range->count)
+		goto choose;
+	weight = bpf_map_lookup_elem(&xdp_lb_weights, &s->at);
+	if (!weight)
+		goto choose;
+	s->end = *weight;
+	s->prev = s->at - 1;
+	s->before = 0;
+	if (s->at > range->base) {
+		weight = bpf_map_lookup_elem(&xdp_lb_weights, &s->prev);
+		if (!weight)
+			goto choose;
+		s->before = *weight;
+	}
+	/* still usable (a weight of its own) and still that backend */
+	if (s->end <= s->before)
+		goto choose;
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &s->at);
+	if (backend && endpoint_equal(&backend->endpoint, &s->seen.backend))
+		return s->at;
+choose:
+	s->ring = range->base * XDP_LB_RING_PER_SLOT;
+	size = bpf_map_lookup_elem(&xdp_lb_rings, &s->ring);
+	if (!size || !*size)
+		return ~0U;
+	s->ring = s->ring + 1 + s->hash % *size;
+	entry = bpf_map_lookup_elem(&xdp_lb_rings, &s->ring);
+	if (!entry || *entry >= range->count)
+		return ~0U;
+	s->seen.slot = range->base + *entry;
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &s->seen.slot);
+	if (backend) {
+		s->seen.backend = backend->endpoint;
+		bpf_map_update_elem(&xdp_lb_affinity, &s->client, &s->seen, BPF_ANY);
+	}
+	return s->seen.slot;
+}
+
 /* Starts a flow on a backend (or moves one whose backend left its service). */
 static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *key, const struct service_range *range,
 						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now)
@@ -605,7 +713,7 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 		if (c)
 			c->flood_admitted++;
 	}
-	slot = pick_slot(range, hash);
+	slot = range->flags & SERVICE_AFFINITY ? affinity_pick(key, range, now) : pick_slot(range, hash);
 	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
 	if (!backend)
 		return NULL;
@@ -668,6 +776,51 @@ static __always_inline void tuple_of(struct xdp_lb_tuple *tuple, const struct l4
 	tuple->family = pkt->family;
 }
 
+/* A new flow to a service without a usable backend (or a flow whose backend left it): a TCP
+ * SYN gets an RST, a UDP datagram an ICMP port unreachable, back the way it came
+ * (include/reject.h); anything else, or what cannot be answered, is dropped. */
+/* The packet's bounds, read afresh: the compiler must not reuse a ctx field address it
+ * computed before a helper moved them (the verifier refuses a dereference of ctx + off). */
+static __always_inline void *xdp_data(struct xdp_md *ctx)
+{
+	asm volatile("" : "+r"(ctx));
+	return (void *)(long)ctx->data;
+}
+
+static __always_inline void *xdp_data_end(struct xdp_md *ctx)
+{
+	asm volatile("" : "+r"(ctx));
+	return (void *)(long)ctx->data_end;
+}
+
+/* A subprogram with its state in a map: the balancing path already uses most of the stack. */
+static __noinline int refuse(struct xdp_md *ctx, const struct l4_packet *pkt)
+{
+	struct xdp_lb_counters *c;
+	struct reject_info *info;
+	__u32 zero = 0;
+	int delta;
+
+	if (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+		return XDP_DROP;
+	c = counters();
+	if (c)
+		c->refused++;
+	info = bpf_map_lookup_elem(&xdp_lb_reject, &zero);
+	if (!info)
+		return XDP_DROP;
+	if (!reject_read(xdp_data(ctx), xdp_data_end(ctx), pkt, info))
+		return XDP_DROP;
+	if (info->grow && bpf_xdp_adjust_head(ctx, -(int)info->grow))
+		return XDP_DROP;
+	delta = (int)info->len - (int)(xdp_data_end(ctx) - xdp_data(ctx));
+	if (delta && bpf_xdp_adjust_tail(ctx, delta))
+		return XDP_DROP;
+	if (!reject_write(xdp_data(ctx), xdp_data_end(ctx), info))
+		return XDP_DROP;
+	return XDP_TX;
+}
+
 /* Client -> VIP: on to the flow's backend. */
 static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet *pkt,
 				      const struct service_range *range, const bool compat)
@@ -693,11 +846,11 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 		backend = current_backend(range, flow, compat);
 		if (!backend)
 			flow = open_flow(&key, range, flow, client_mac, now);
-	} else {
+	} else if (range->weight) {
 		flow = open_flow(&key, range, NULL, client_mac, now);
 	}
 	if (!flow)
-		return XDP_DROP;
+		return range->weight ? XDP_DROP : refuse(ctx, pkt);
 	if (!backend) {
 		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
 		if (!backend)

@@ -61,4 +61,5 @@ struct lb_counters {
 	__u64 flood_admitted; /* new flows made under flood for a client that asked again */
 	__u64 ports_low_dropped;  /* first packet of a new flow dropped: source ports of its backend low */
 	__u64 ports_low_admitted; /* new flows made with ports low for a client that asked again */
+	__u64 refused; /* new flows to a service without a usable backend: RST / ICMP unreachable */
 };

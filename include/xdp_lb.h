@@ -106,6 +106,7 @@ struct xdp_lb_counters {
 	__u64 table_full;     /* no room: every slot tried held a live established flow; dropped */
 	__u64 icmp_to_client;  /* ICMP error about a flow's backend leg, sent on to its client */
 	__u64 icmp_to_backend; /* ICMP error about a flow's client leg, sent on to its backend */
+	__u64 refused;	       /* new flows to a service without a usable backend: RST / ICMP unreachable */
 };
 
 #define XDP_LB_EVENT_NEW_FLOW 1

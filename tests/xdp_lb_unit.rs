@@ -855,3 +855,122 @@ fn icmp_errors_of_flows_reach_the_other_side_translated() {
         );
     });
 }
+
+/// A service without a usable backend answers a SYN with an RST (SEQ 0, ACK = SEG.SEQ +
+/// SEG.LEN, RST|ACK, from the VIP) and a UDP datagram with ICMP / ICMPv6 port unreachable
+/// quoting it (RFC 792: header + 8 bytes; RFC 4443: the whole packet when it fits), back to
+/// the MAC it came from; checksums as a receiver checks them; counted.
+#[test]
+fn a_service_without_usable_backend_answers_rst_and_port_unreachable() {
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    let netns = Netns::new("xlb-unit-rej");
+    netns.enter(|| {
+        let services = services(&[
+            "10.96.0.10:80=reject",
+            "[fd96::10]:80=reject",
+            "10.96.0.11:80=10.1.0.2:8080;state=down",
+        ]);
+        let mut object = MaybeUninit::uninit();
+        let skel = load(&mut object, &services, 1024, PORTS);
+        let prog = xdp_lb::program(&skel);
+        let client_mac = [0x02, 0, 0, 0, 0, 0xcc];
+        let cases = [
+            (sock("10.0.0.1:40000"), sock("10.96.0.10:80")),
+            (sock("10.0.0.1:40000"), sock("10.96.0.11:80")),
+            (sock("[2001:db8::1]:40000"), sock("[fd96::10]:80")),
+        ];
+        let mut answered = 0;
+        for (client, vip) in cases {
+            for l4 in [L4::Tcp, L4::Udp] {
+                let input = frame(client_mac, LB_MAC, client, vip, l4);
+                let (verdict, got) = run(prog, &input);
+                let name = format!("{client} -> {vip} {l4:?}");
+                assert_eq!(verdict, XDP_TX, "{name}: verdict");
+                verify_l4_checksum(&got, false).unwrap_or_else(|err| panic!("{name}: {err}: {}", hex(&got)));
+                assert_eq!(got[0..6], client_mac, "{name}: to the client's MAC");
+                assert_eq!(got[6..12], LB_MAC, "{name}: from ours");
+                let packet = SlicedPacket::from_ethernet(&got).unwrap();
+                let (src, dst): (IpAddr, IpAddr) = match &packet.net {
+                    Some(NetSlice::Ipv4(ip)) => (
+                        ip.header().source_addr().into(),
+                        ip.header().destination_addr().into(),
+                    ),
+                    Some(NetSlice::Ipv6(ip)) => (
+                        ip.header().source_addr().into(),
+                        ip.header().destination_addr().into(),
+                    ),
+                    other => panic!("{name}: {other:?}"),
+                };
+                assert_eq!((src, dst), (vip.ip(), client.ip()), "{name}: addresses");
+                match (&packet.transport, l4) {
+                    (Some(TransportSlice::Tcp(tcp)), L4::Tcp) => {
+                        assert!(tcp.rst() && tcp.ack() && !tcp.syn(), "{name}: flags");
+                        assert_eq!(tcp.sequence_number(), 0, "{name}: seq");
+                        // the SYN: seq 1234, PAYLOAD bytes of data
+                        assert_eq!(
+                            tcp.acknowledgment_number(),
+                            1234 + 1 + PAYLOAD.len() as u32,
+                            "{name}: ack"
+                        );
+                        assert_eq!(
+                            (tcp.source_port(), tcp.destination_port()),
+                            (vip.port(), client.port())
+                        );
+                        assert_eq!(
+                            got.len(),
+                            14 + if vip.is_ipv4() { 20 } else { 40 } + 20,
+                            "{name}: length"
+                        );
+                    }
+                    (Some(TransportSlice::Icmpv4(icmp)), L4::Udp) => {
+                        assert_eq!(
+                            (icmp.type_u8(), icmp.code_u8()),
+                            (3, 3),
+                            "{name}: port unreachable"
+                        );
+                        // RFC 792: the invoking header and 64 bits of its data
+                        assert_eq!(icmp.payload(), &input[14..14 + 28], "{name}: quote");
+                    }
+                    (Some(TransportSlice::Icmpv6(icmp)), L4::Udp) => {
+                        assert_eq!(
+                            (icmp.type_u8(), icmp.code_u8()),
+                            (1, 4),
+                            "{name}: port unreachable"
+                        );
+                        // RFC 4443: all of it, it fits in 1280
+                        assert_eq!(icmp.payload(), &input[14..], "{name}: quote");
+                    }
+                    other => panic!("{name}: {other:?}"),
+                }
+                answered += 1;
+            }
+        }
+        // a datagram that does not fit in the IPv6 minimum MTU: its headers are quoted
+        let big = etherparse::PacketBuilder::ethernet2(client_mac, LB_MAC)
+            .ipv6(
+                "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                "fd96::10".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+                64,
+            )
+            .udp(40000, 80);
+        let mut input = Vec::new();
+        big.write(&mut input, &[7u8; 1400]).unwrap();
+        let (verdict, got) = run(prog, &input);
+        assert_eq!(verdict, XDP_TX, "big datagram");
+        verify_l4_checksum(&got, false).unwrap_or_else(|err| panic!("big datagram: {err}"));
+        assert_eq!(got.len(), 14 + 40 + 8 + 40 + 8, "big datagram: headers quoted");
+        assert_eq!(&got[62..], &input[14..14 + 48]);
+        answered += 1;
+        // a non-SYN TCP packet of no flow is dropped, unanswered
+        let mut ack = l4_frame(sock("10.0.0.1:40001"), sock("10.96.0.10:80"), L4::Tcp);
+        ack[14 + 20 + 13] = 0x10;
+        assert_eq!(run(prog, &ack).0, XDP_DROP);
+        let counters: xdp_lb_counters = ebpf_net::kernel::maps::sum_percpu_counters(
+            &libbpf_rs::MapHandle::try_from(&skel.maps.xdp_lb_counters).unwrap(),
+            0,
+        )
+        .unwrap();
+        assert_eq!(counters.refused, answered);
+    });
+}

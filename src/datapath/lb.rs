@@ -76,8 +76,15 @@ const PIN_STATS: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
-    // v2, v3: more counters (include/lb.h)
-    version: 3,
+    // v2, v3, v4 (refused): more counters (include/lb.h)
+    version: 4,
+    on_change: OnChange::Rebuild,
+};
+/// Session affinity: (service, client address) -> backend; an LRU of the program's own.
+const PIN_AFFINITY: MapPin = MapPin {
+    map: "lb_affinity",
+    name: "affinity",
+    version: 1,
     on_change: OnChange::Rebuild,
 };
 /// include/lb.h LB_DEFAULT_FLOOD_RATE
@@ -155,6 +162,11 @@ crate::declare_counters!(
             ports_low_admitted,
             Event,
             "new flows made with ports low for a client that asked again"
+        ),
+        (
+            refused,
+            Event,
+            "new flows to a service without a usable backend, answered with an RST or ICMP port unreachable"
         ),
     ]
 );
@@ -669,7 +681,14 @@ pub struct Plan {
 }
 
 /// Every map pinned with `--persist`.
-const PINS: &[MapPin] = &[PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS, PIN_COUNTERS];
+const PINS: &[MapPin] = &[
+    PIN_SERVICES,
+    PIN_BACKENDS,
+    PIN_WEIGHTS,
+    PIN_STATS,
+    PIN_COUNTERS,
+    PIN_AFFINITY,
+];
 
 /// The maps a report reads.
 pub struct View {

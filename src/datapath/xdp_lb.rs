@@ -119,12 +119,15 @@ const PIN_CLOCK: MapPin = MapPin {
         setting: "--max-flows",
     },
 };
+// v3: refused
 const PIN_COUNTERS: MapPin = MapPin {
     map: "xdp_lb_counters",
     name: "counters",
-    version: 2,
+    version: 3,
     on_change: OnChange::Rebuild,
 };
+/// Session affinity: (service, client address) -> backend; an LRU of the program's own.
+const PIN_AFFINITY: MapPin = rebuilt("xdp_lb_affinity", "affinity");
 const LINK: &str = "link_xdp";
 /// How long a backend's next hop gets to answer ARP or neighbour discovery.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -215,6 +218,11 @@ crate::declare_counters!(
             icmp_to_backend,
             Event,
             "ICMP errors about a flow's client leg, sent on to its backend"
+        ),
+        (
+            refused,
+            Event,
+            "new flows to a service without a usable backend, answered with an RST or ICMP port unreachable"
         ),
     ]
 );
@@ -652,6 +660,7 @@ const PINS: &[MapPin] = &[
     PIN_REVERSE,
     PIN_CLOCK,
     PIN_COUNTERS,
+    PIN_AFFINITY,
 ];
 
 /// The maps a report reads.
