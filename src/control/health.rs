@@ -40,6 +40,8 @@ struct State {
     probes: HashMap<(String, SocketAddr), Probe>,
     /// health changes since the run began, for the metric
     changes: u64,
+    /// the run's name and where changes go, until the first check starts the thread
+    unstarted: Option<(&'static str, Sender<Request>)>,
 }
 
 static STATE: Mutex<Option<State>> = Mutex::new(None);
@@ -104,16 +106,25 @@ pub fn configure(services: &[Service]) {
         }
     }
     state.probes = probes;
+    // the thread only once there is something to check
+    if !state.probes.is_empty() {
+        if let Some((subcommand, changed)) = state.unstarted.take() {
+            std::thread::Builder::new()
+                .name("health".into())
+                .spawn(move || run(subcommand, changed))
+                .expect("starting the health-check thread");
+        }
+    }
 }
 
-/// Starts checking (a foreground run, before its first apply); changes are sent as
-/// [`Request::Health`]. The thread ends with the process.
+/// Lets a foreground run check its backends (before its first apply); changes are sent as
+/// [`Request::Health`]. The checking thread starts with the first check a service asks for
+/// and ends with the process.
 pub fn start(subcommand: &'static str, changed: Sender<Request>) {
-    *state() = Some(State::default());
-    std::thread::Builder::new()
-        .name("health".into())
-        .spawn(move || run(subcommand, changed))
-        .expect("starting the health-check thread");
+    *state() = Some(State {
+        unstarted: Some((subcommand, changed)),
+        ..State::default()
+    });
 }
 
 /// At most this many checks at once; the rest wait for the next turn.
@@ -252,6 +263,13 @@ fn check(check: &HealthCheck, backend: SocketAddr) -> Result<(), String> {
     }
 }
 
+/// The checks by service, then backend.
+fn sorted(state: &State) -> Vec<&Probe> {
+    let mut probes: Vec<&Probe> = state.probes.values().collect();
+    probes.sort_by(|a, b| (&a.service, a.backend).cmp(&(&b.service, b.backend)));
+    probes
+}
+
 /// Every checked backend, for `--json` and the exit summary: service, backend, healthy,
 /// last result, changes.
 pub fn snapshot() -> Vec<Value> {
@@ -259,9 +277,7 @@ pub fn snapshot() -> Vec<Value> {
     let Some(state) = guard.as_ref() else {
         return Vec::new();
     };
-    let mut probes: Vec<&Probe> = state.probes.values().collect();
-    probes.sort_by(|a, b| (&a.service, a.backend).cmp(&(&b.service, b.backend)));
-    probes
+    sorted(state)
         .into_iter()
         .map(|probe| {
             json!({
@@ -298,9 +314,7 @@ pub fn families(datapath: &str) -> Vec<crate::control::metrics::Family> {
         "ebpf_net_backend_healthy",
         "1 while a backend passes its health check, 0 while it gets no new flows for failing it",
     );
-    let mut probes: Vec<&Probe> = state.probes.values().collect();
-    probes.sort_by(|a, b| (&a.service, a.backend).cmp(&(&b.service, b.backend)));
-    for probe in probes {
+    for probe in sorted(state) {
         let backend = probe.backend.to_string();
         healthy.add(
             &[

@@ -303,19 +303,14 @@ impl Datapath for Ipv6Hp {
         ])
     }
     fn attach_pinned(loaded: &Loaded<'_>, target: &Target, pins: &PinDir, _plan: &Plan) -> Result<bool> {
-        let mut updated = false;
-        for (prog, direction) in [
-            (&loaded.0.progs.ipv6_hp_ingress, TcDirection::Ingress),
-            (&loaded.1.progs.ipv6_hp_egress, TcDirection::Egress),
-        ] {
-            updated |= crate::kernel::tc::attach_or_update_pinned_tc(
-                prog,
-                target.iface(),
-                direction,
-                &pins.link_file(direction),
-            )?;
-        }
-        Ok(updated)
+        crate::kernel::tc::attach_or_update_pinned_all(
+            &[
+                (&loaded.0.progs.ipv6_hp_ingress, TcDirection::Ingress),
+                (&loaded.1.progs.ipv6_hp_egress, TcDirection::Egress),
+            ],
+            target.iface(),
+            pins,
+        )
     }
     fn objects<'a>(loaded: &'a Loaded<'_>) -> Vec<(&'a libbpf_rs::Object, &'static [MapPin])> {
         vec![

@@ -900,6 +900,14 @@ fn log_repair(result: Result<Option<String>>) {
     }
 }
 
+/// The watcher gave up: the periodic check is what is left.
+fn watch_failed(err: &std::io::Error) {
+    eprintln!(
+        "{SUBCOMMAND}: watching nftables' notifications: {err}; checking the nft table every {} s only",
+        CHECK_PERIOD.as_secs()
+    );
+}
+
 /// Repairs lb's table as soon as nftables says a table, chain or rule was deleted in this
 /// namespace: until it is back no conntrack hook sees a packet, and a backend's packet to
 /// this node meets the node's own stack, which answers with an RST that ends the connection.
@@ -908,8 +916,7 @@ fn watch_table(netns_key: &str, repairs: &Repairs) {
     let mut events = match NftablesEvents::open() {
         Ok(events) => events,
         Err(err) => {
-            eprintln!("{SUBCOMMAND}: watching nftables' notifications: {err}; checking the nft table every {} s only", CHECK_PERIOD.as_secs());
-            return;
+            return watch_failed(&err);
         }
     };
     loop {
@@ -922,8 +929,7 @@ fn watch_table(netns_key: &str, repairs: &Repairs) {
             Ok(true) => log_repair(repair_namespace(netns_key)),
             Ok(false) => {}
             Err(err) => {
-                eprintln!("{SUBCOMMAND}: watching nftables' notifications: {err}; checking the nft table every {} s only", CHECK_PERIOD.as_secs());
-                return;
+                return watch_failed(&err);
             }
         }
     }

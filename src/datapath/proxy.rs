@@ -390,19 +390,14 @@ impl Datapath for Proxy {
         pins: &PinDir,
         _plan: &Vec<Rule>,
     ) -> Result<bool> {
-        let mut updated = false;
-        for (prog, direction) in [
-            (&skel.progs.proxy_egress, TcDirection::Egress),
-            (&skel.progs.proxy_ingress, TcDirection::Ingress),
-        ] {
-            updated |= crate::kernel::tc::attach_or_update_pinned_tc(
-                prog,
-                target.iface(),
-                direction,
-                &pins.link_file(direction),
-            )?;
-        }
-        Ok(updated)
+        crate::kernel::tc::attach_or_update_pinned_all(
+            &[
+                (&skel.progs.proxy_egress, TcDirection::Egress),
+                (&skel.progs.proxy_ingress, TcDirection::Ingress),
+            ],
+            target.iface(),
+            pins,
+        )
     }
     fn desired_maps() -> &'static [MapPin] {
         &[PIN_RULES]

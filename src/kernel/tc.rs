@@ -105,6 +105,20 @@ pub fn attach_tc(
     })
 }
 
+/// [`attach_or_update_pinned_tc`] for each of a datapath's programs, each at its direction's
+/// link pin in `pins`; true when every one was there already and replaced in place.
+pub fn attach_or_update_pinned_all(
+    progs: &[(&Program<'_>, TcDirection)],
+    iface: &Interface,
+    pins: &crate::kernel::pin::PinDir,
+) -> Result<bool> {
+    let mut updated = false;
+    for (prog, direction) in progs {
+        updated |= attach_or_update_pinned_tc(prog, iface, *direction, &pins.link_file(*direction))?;
+    }
+    Ok(updated)
+}
+
 /// Persists `prog` on one side of an interface, as `--tc` says (or as it was persisted
 /// before): replaces the program in place when it is there already (true), else attaches
 /// and records it (false). `link_path` is the tcx link's pin; a legacy filter is recorded
