@@ -42,6 +42,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, LB_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, struct lb_backend);
@@ -50,6 +51,7 @@ struct {
 /* slot -> cumulative weight of the service's usable backends (include/service.h) */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, LB_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);

@@ -20,6 +20,7 @@ struct {
 /* slot -> backend; a service owns a contiguous range. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, CLUSTERIP_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, struct service_endpoint);
@@ -37,6 +38,7 @@ struct {
 /* slot -> cumulative weight of the service's usable backends (include/service.h) */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, CLUSTERIP_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, __u32);

@@ -8,6 +8,7 @@
 //! ([`overlay`]): the tables give an unhealthy backend a weight of 0, and a change asks the
 //! run to apply its plan again ([`Request::Health`]).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -52,12 +53,13 @@ fn state() -> MutexGuard<'static, Option<State>> {
 
 /// The services with what the checks last said of their backends (all healthy where nothing
 /// checks them: persisted runs, services without a check).
-pub fn overlay(services: &[Service]) -> Vec<Service> {
+pub fn overlay(services: &[Service]) -> Cow<'_, [Service]> {
     let guard = state();
+    // no checks run (every --persist run): the services as given, not a copy of 10,000
     let Some(state) = guard.as_ref() else {
-        return services.to_vec();
+        return Cow::Borrowed(services);
     };
-    services
+    Cow::Owned(services
         .iter()
         .map(|service| {
             let mut service = service.clone();
@@ -70,7 +72,7 @@ pub fn overlay(services: &[Service]) -> Vec<Service> {
             }
             service
         })
-        .collect()
+        .collect())
 }
 
 /// The checks `services` ask for, from now on: new ones start healthy (as Kubernetes'

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use crate::control::counters::Counters;
 use crate::control::desired::Written;
-use crate::kernel::maps::{self, as_bytes};
+use crate::kernel::maps::{self, as_bytes, MappedArray};
 use crate::kernel::pin::{MapPin, PinDir};
 use crate::kernel::skel::sock_xlate::types::{service_endpoint, service_range};
 
@@ -464,17 +464,19 @@ impl Service {
     /// their weights (fail open: a check that fails everywhere is more likely the checker's
     /// problem than every backend's, and refusing every client would make it the service's).
     pub fn effective_weights(&self) -> Vec<u32> {
+        self.effective_weights_iter().collect()
+    }
+
+    /// [`Service::effective_weights`], one backend at a time.
+    pub fn effective_weights_iter(&self) -> impl Iterator<Item = u32> + '_ {
         let any_healthy = self.backends.iter().any(|b| b.active() && b.healthy);
-        self.backends
-            .iter()
-            .map(|b| {
-                if b.active() && (b.healthy || !any_healthy) {
-                    b.weight
-                } else {
-                    0
-                }
-            })
-            .collect()
+        self.backends.iter().map(move |b| {
+            if b.active() && (b.healthy || !any_healthy) {
+                b.weight
+            } else {
+                0
+            }
+        })
     }
 }
 
@@ -613,7 +615,9 @@ pub fn describe(services: &[Service]) -> String {
 
 /// The tables of include/service.h in one datapath's maps, from a fresh skeleton or pins:
 /// service key -> slot range, slot -> backend (a struct that starts with its endpoint),
-/// slot -> cumulative weight, and slot -> counters.
+/// slot -> cumulative weight, and slot -> counters. The slot arrays made mmapable
+/// (`BPF_F_MMAPABLE`) are mapped into this process and read and written as memory; the
+/// others go through the bpf system call by batches.
 pub struct ServiceTables {
     pub services: MapHandle,
     pub backends: MapHandle,
@@ -621,17 +625,31 @@ pub struct ServiceTables {
     pub stats: MapHandle,
     /// entries of the backend and counter arrays
     pub slots: u32,
+    /// the backend, weight and counter arrays where they are mapped, in [`Slots`] order
+    mapped: [Option<MappedArray>; 3],
+}
+
+/// One of the slot arrays.
+#[derive(Debug, Clone, Copy)]
+enum Slots {
+    Backends = 0,
+    Weights = 1,
+    Stats = 2,
 }
 
 impl ServiceTables {
     pub fn new(services: MapHandle, backends: MapHandle, weights: MapHandle, stats: MapHandle) -> Self {
         let slots = backends.max_entries();
+        // an array the kernel will not map is read and written by system calls instead
+        let map = |handle: &MapHandle| MappedArray::new(handle).ok().flatten();
+        let mapped = [map(&backends), map(&weights), map(&stats)];
         Self {
             services,
             backends,
             weights,
             stats,
             slots,
+            mapped,
         }
     }
 
@@ -643,6 +661,44 @@ impl ServiceTables {
             pins.open_map(&specs[2])?,
             pins.open_map(&specs[3])?,
         ))
+    }
+
+    fn handle(&self, which: Slots) -> &MapHandle {
+        match which {
+            Slots::Backends => &self.backends,
+            Slots::Weights => &self.weights,
+            Slots::Stats => &self.stats,
+        }
+    }
+
+    /// The values of slots `0..count` (fewer when the array is shorter), back to back.
+    fn read_first(&self, which: Slots, count: u32) -> Result<Vec<u8>> {
+        if let Some(mapped) = &self.mapped[which as usize] {
+            return Ok(mapped.read_first(count));
+        }
+        let map = self.handle(which);
+        let size = map.value_size() as usize;
+        let entries = maps::read_first(map, count as usize)?;
+        let mut out = Vec::with_capacity(count as usize * size);
+        for (_, value) in entries.iter().take(count as usize) {
+            out.extend_from_slice(value);
+        }
+        Ok(out)
+    }
+
+    /// Writes `values` to the slots of `keys` (u32 each), as a batch update takes them.
+    fn write(&self, which: Slots, keys: &[u8], values: &[u8]) -> Result<()> {
+        if let Some(mapped) = &self.mapped[which as usize] {
+            return mapped.write(keys, values);
+        }
+        self.handle(which).update_batch(
+            keys,
+            values,
+            (keys.len() / 4) as u32,
+            MapFlags::ANY,
+            MapFlags::ANY,
+        )?;
+        Ok(())
     }
 }
 
@@ -659,29 +715,6 @@ struct Installed {
 }
 
 impl Installed {
-    /// What the service's slots say, in an order that does not depend on the slots': equal
-    /// for two services that behave the same.
-    fn image(&self) -> (Vec<(SocketAddr, u32)>, Option<u32>) {
-        let mut backends: Vec<(SocketAddr, u32)> = self
-            .backends
-            .iter()
-            .copied()
-            .zip(self.weights.iter().copied())
-            .collect();
-        backends.sort();
-        (backends, self.affinity_s)
-    }
-
-    fn wanted_image(service: &Service) -> (Vec<(SocketAddr, u32)>, Option<u32>) {
-        let mut backends: Vec<(SocketAddr, u32)> = service
-            .addrs()
-            .into_iter()
-            .zip(service.effective_weights())
-            .collect();
-        backends.sort();
-        (backends, affinity_seconds(service))
-    }
-
     fn protocol(&self) -> Option<Protocol> {
         match self.keys.as_slice() {
             [only] => Some(only.protocol),
@@ -690,91 +723,211 @@ impl Installed {
     }
 }
 
+/// What a service's slots should say, in an order that does not depend on the slots':
+/// (backend, effective weight) sorted into `out`, and the affinity timeout returned. Equal
+/// for two services that behave the same.
+fn wanted_image_into(service: &Service, out: &mut Vec<(SocketAddr, u32)>) -> Option<u32> {
+    out.clear();
+    out.extend(
+        service
+            .backends
+            .iter()
+            .map(|backend| backend.addr)
+            .zip(service.effective_weights_iter()),
+    );
+    out.sort_unstable();
+    affinity_seconds(service)
+}
+
 fn affinity_seconds(service: &Service) -> Option<u32> {
     service
         .affinity
         .map(|timeout| timeout.as_secs().clamp(1, u32::MAX as u64) as u32)
 }
 
-/// Every service in the tables, one entry per slot range (the keys of a service of both
-/// protocols share theirs), by range start.
-fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
-    let mut ranges: BTreeMap<u32, (Vec<ServiceKey>, service_range)> = BTreeMap::new();
-    // by batches: 10,000 services and their 100,000 backend slots are a few system calls
-    for (key, value) in maps::read_all(&tables.services)?.iter() {
-        let endpoint: service_endpoint = maps::from_bytes("service key", key)?;
-        let range: service_range = maps::from_bytes("service range", value)?;
-        let Some(protocol) = Protocol::from_number(endpoint.proto) else {
-            continue;
-        };
-        let key = ServiceKey {
-            vip: SocketAddr::from(&endpoint),
-            protocol,
-        };
-        ranges
-            .entry(range.base)
-            .or_insert_with(|| (Vec::new(), range))
-            .0
-            .push(key);
-    }
-    let used = ranges
-        .values()
-        .map(|(_, range)| range.base.saturating_add(range.count))
-        .max()
-        .unwrap_or(0)
-        .min(tables.slots);
-    let mut endpoints = Vec::with_capacity(used as usize);
-    let mut cumulative = Vec::with_capacity(used as usize);
-    if used > 0 {
-        for (_, bytes) in maps::read_first(&tables.backends, used as usize)?.iter() {
-            if endpoints.len() as u32 >= used {
-                break;
-            }
-            let endpoint = bytes
-                .get(..size_of::<service_endpoint>())
-                .context("a backend value shorter than an endpoint")?;
-            let backend: service_endpoint = maps::from_bytes("backend", endpoint)?;
-            endpoints.push(SocketAddr::from(&backend));
+/// The tables as an update or a report finds them, read once: which range every key points
+/// at, and the endpoints and cumulative weights of the slots those ranges use, kept as the
+/// maps' bytes. A service's slots are decoded only when asked about: an update that changes
+/// one service of 10,000 compares each in place rather than building 10,000 lists.
+struct Current {
+    /// range start -> its value and how many keys point at it
+    ranges: HashMap<u32, (service_range, usize)>,
+    /// key -> the start of the range it points at
+    pointing: HashMap<ServiceKey, u32>,
+    /// the backend values of slots 0..used, `backend_size` bytes each
+    backends: Vec<u8>,
+    backend_size: usize,
+    /// the cumulative weights of slots 0..used
+    cumulative: Vec<u32>,
+}
+
+impl Current {
+    fn read(tables: &ServiceTables) -> Result<Self> {
+        let mut ranges: HashMap<u32, (service_range, usize)> = HashMap::new();
+        let mut pointing = HashMap::new();
+        // by batches: 10,000 services are a few system calls
+        for (key, value) in maps::read_all(&tables.services)?.iter() {
+            let endpoint: service_endpoint = maps::from_bytes("service key", key)?;
+            let range: service_range = maps::from_bytes("service range", value)?;
+            let Some(protocol) = Protocol::from_number(endpoint.proto) else {
+                continue;
+            };
+            let key = ServiceKey {
+                vip: SocketAddr::from(&endpoint),
+                protocol,
+            };
+            ranges.entry(range.base).or_insert((range, 0)).1 += 1;
+            pointing.insert(key, range.base);
         }
-        for (_, bytes) in tables.weights.lookup_batch(4096, MapFlags::ANY, MapFlags::ANY)? {
-            if cumulative.len() as u32 >= used {
-                break;
-            }
-            let weight: u32 = maps::from_bytes("backend weight", &bytes)?;
-            cumulative.push(weight);
-        }
-    }
-    let mut installed = BTreeMap::new();
-    for (base, (mut keys, range)) in ranges {
-        let end = range.base.saturating_add(range.count).min(endpoints.len() as u32);
-        let backends = endpoints
-            .get(range.base as usize..end as usize)
-            .context("backend slot out of range")?
-            .to_vec();
-        let ends = cumulative
-            .get(range.base as usize..end as usize)
-            .context("weight slot out of range")?;
-        let weights = ends
-            .iter()
-            .scan(0u32, |before, &end| {
-                let own = end.saturating_sub(*before);
-                *before = end;
-                Some(own)
-            })
-            .collect();
-        keys.sort();
-        installed.insert(
-            base,
-            Installed {
-                keys,
-                base,
-                backends,
-                weights,
-                affinity_s: (range.flags & SERVICE_AFFINITY != 0).then_some(range.affinity_s),
-            },
+        let used = ranges
+            .values()
+            .map(|(range, _)| range.base.saturating_add(range.count))
+            .max()
+            .unwrap_or(0)
+            .min(tables.slots);
+        let backend_size = tables.backends.value_size() as usize;
+        anyhow::ensure!(
+            backend_size >= size_of::<service_endpoint>(),
+            "a backend value shorter than an endpoint"
         );
+        let (backends, cumulative) = if used > 0 {
+            let weights = tables.read_first(Slots::Weights, used)?;
+            let cumulative = weights
+                .chunks_exact(4)
+                .map(|bytes| u32::from_ne_bytes(bytes.try_into().expect("4 bytes")))
+                .collect();
+            (tables.read_first(Slots::Backends, used)?, cumulative)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let current = Self {
+            ranges,
+            pointing,
+            backends,
+            backend_size,
+            cumulative,
+        };
+        for base in current.ranges.keys() {
+            anyhow::ensure!(
+                *base as usize <= current.slot_count(),
+                "backend slot out of range"
+            );
+            anyhow::ensure!(
+                current.end(*base) as usize <= current.cumulative.len(),
+                "weight slot out of range"
+            );
+        }
+        Ok(current)
     }
-    Ok(installed)
+
+    /// Slots read.
+    fn slot_count(&self) -> usize {
+        self.backends.len() / self.backend_size
+    }
+
+    /// The end of the slots of the range at `base` that were read.
+    fn end(&self, base: u32) -> u32 {
+        let count = self.ranges.get(&base).map_or(0, |(range, _)| range.count);
+        base.saturating_add(count).min(self.slot_count() as u32)
+    }
+
+    /// How many backends the range at `base` holds.
+    fn len(&self, base: u32) -> usize {
+        self.end(base).saturating_sub(base) as usize
+    }
+
+    fn endpoint(&self, slot: u32) -> Result<SocketAddr> {
+        let at = slot as usize * self.backend_size;
+        let endpoint: service_endpoint = maps::from_bytes(
+            "backend",
+            &self.backends[at..at + size_of::<service_endpoint>()],
+        )?;
+        Ok(SocketAddr::from(&endpoint))
+    }
+
+    /// The backends of the range at `base` with each slot's own weight (its cumulative
+    /// weight less the one before), in slot order.
+    fn slots(&self, base: u32) -> impl Iterator<Item = Result<(SocketAddr, u32)>> + '_ {
+        let mut before = 0u32;
+        (base..self.end(base)).map(move |slot| {
+            let end = self.cumulative[slot as usize];
+            let own = end.saturating_sub(before);
+            before = end;
+            Ok((self.endpoint(slot)?, own))
+        })
+    }
+
+    /// The affinity timeout the range at `base` says.
+    fn affinity(&self, base: u32) -> Option<u32> {
+        let (range, _) = self.ranges.get(&base)?;
+        (range.flags & SERVICE_AFFINITY != 0).then_some(range.affinity_s)
+    }
+
+    /// Whether `service` is in the tables as it should be: every key of it, and no other,
+    /// points at one range, whose slots say what the service's should (in any order).
+    fn holds(
+        &self,
+        service: &Service,
+        keys: &[ServiceKey],
+        wanted: &mut Vec<(SocketAddr, u32)>,
+        have: &mut Vec<(SocketAddr, u32)>,
+    ) -> Result<bool> {
+        let Some(&base) = keys.first().and_then(|key| self.pointing.get(key)) else {
+            return Ok(false);
+        };
+        if keys.iter().any(|key| self.pointing.get(key) != Some(&base))
+            || self.ranges.get(&base).map(|(_, holders)| *holders) != Some(keys.len())
+        {
+            return Ok(false);
+        }
+        let affinity = wanted_image_into(service, wanted);
+        if affinity != self.affinity(base) || wanted.len() != self.len(base) {
+            return Ok(false);
+        }
+        have.clear();
+        for slot in self.slots(base) {
+            have.push(slot?);
+        }
+        have.sort_unstable();
+        Ok(wanted == have)
+    }
+
+    /// The slot `addr` has in the range at `base`, if it is one of its backends.
+    fn slot_of(&self, base: u32, addr: SocketAddr) -> Option<u32> {
+        (base..self.end(base)).find(|slot| self.endpoint(*slot).is_ok_and(|at| at == addr))
+    }
+
+    /// Every service in the tables, one entry per slot range (the keys of a service of both
+    /// protocols share theirs), by range start.
+    fn installed(&self) -> Result<BTreeMap<u32, Installed>> {
+        let mut installed: BTreeMap<u32, Installed> = BTreeMap::new();
+        for (key, base) in &self.pointing {
+            if let Some(service) = installed.get_mut(base) {
+                service.keys.push(*key);
+                continue;
+            }
+            let (backends, weights) = self.slots(*base).collect::<Result<Vec<_>>>()?.into_iter().unzip();
+            installed.insert(
+                *base,
+                Installed {
+                    keys: vec![*key],
+                    base: *base,
+                    backends,
+                    weights,
+                    affinity_s: self.affinity(*base),
+                },
+            );
+        }
+        for service in installed.values_mut() {
+            service.keys.sort();
+        }
+        Ok(installed)
+    }
+}
+
+/// Every service in the tables, one entry per slot range, by range start.
+fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
+    Current::read(tables)?.installed()
 }
 
 /// include/service.h
@@ -877,25 +1030,30 @@ pub fn sync_services_with(
 ) -> Result<SyncReport> {
     crate::control::health::configure(services);
     let checked = crate::control::health::overlay(services);
-    let services = checked.as_slice();
-    let installed = read_installed(tables)?;
+    let services: &[Service] = &checked;
+    let current = Current::read(tables)?;
     crate::control::run::phase("installed services read");
     let mut report = SyncReport::default();
     let mut allocator = SlotAllocator::new(
         tables.slots,
-        installed.values().map(|svc| (svc.base, held(svc.backends.len()))),
+        current
+            .ranges
+            .keys()
+            .map(|base| (*base, held(current.len(*base)))),
     );
     // which range each key points at, and how many keys point at each range: a range is
     // free again once no key points at it
-    let mut pointing: HashMap<ServiceKey, u32> = installed
-        .values()
-        .flat_map(|svc| svc.keys.iter().map(|key| (*key, svc.base)))
+    let mut pointing: HashMap<ServiceKey, u32> = current.pointing.clone();
+    let mut holders: HashMap<u32, usize> = current
+        .ranges
+        .iter()
+        .map(|(base, (_, holders))| (*base, *holders))
         .collect();
-    let mut holders: HashMap<u32, usize> = installed.values().map(|svc| (svc.base, svc.keys.len())).collect();
     let mut released: Vec<(u32, u32)> = Vec::new();
-    let mut lengths: HashMap<u32, u32> = installed
-        .values()
-        .map(|svc| (svc.base, held(svc.backends.len())))
+    let mut lengths: HashMap<u32, u32> = current
+        .ranges
+        .keys()
+        .map(|base| (*base, held(current.len(*base))))
         .collect();
     // a key no longer points at its range; the range's slots once no key does
     fn unpoint(
@@ -927,18 +1085,13 @@ pub fn sync_services_with(
     removals.sort();
 
     let mut pending: Vec<&Service> = Vec::new();
+    // reused for every service: comparing 10,000 services allocates nothing per service
+    let (mut wanted_image, mut installed_image) = (Vec::new(), Vec::new());
     for service in services {
         let keys = service.keys();
-        let olds: Vec<Option<&Installed>> = keys
-            .iter()
-            .map(|key| pointing.get(key).and_then(|base| installed.get(base)))
-            .collect();
-        let same = olds.iter().all(|old| {
-            old.is_some_and(|old| old.keys == keys && old.image() == Installed::wanted_image(service))
-        });
-        if same {
+        if current.holds(service, &keys, &mut wanted_image, &mut installed_image)? {
             report.unchanged += 1;
-        } else if olds.iter().any(Option::is_some) {
+        } else if keys.iter().any(|key| pointing.contains_key(key)) {
             report.changed += 1;
             pending.push(service);
         } else {
@@ -958,7 +1111,7 @@ pub fn sync_services_with(
         }
         write_ranges(
             tables,
-            &installed,
+            &current,
             &pointing,
             &placed,
             &backend_value,
@@ -1028,7 +1181,7 @@ fn delete_key(tables: &ServiceTables, key: &ServiceKey, written: &mut Written) -
 /// its keys at them (one batch per table).
 fn write_ranges(
     tables: &ServiceTables,
-    installed: &BTreeMap<u32, Installed>,
+    current: &Current,
     pointing: &HashMap<ServiceKey, u32>,
     placed: &[(&Service, u32)],
     backend_value: &impl Fn(SocketAddr) -> Result<Vec<u8>>,
@@ -1045,27 +1198,30 @@ fn write_ranges(
     let mut service_keys = Vec::new();
     let mut service_values = Vec::new();
     for (service, base) in placed {
-        let olds: Vec<&Installed> = service
-            .keys()
-            .iter()
-            .filter_map(|key| installed.get(pointing.get(key)?))
-            .collect();
-        let weights = service.effective_weights();
+        // the ranges its keys point at now, whose counters its staying backends carry over
+        let mut olds: Vec<u32> = Vec::new();
+        for key in service.keys() {
+            if let Some(old) = pointing.get(&key).filter(|old| current.ranges.contains_key(old)) {
+                olds.push(*old);
+            }
+        }
+        let stats_size = tables.stats.value_size() as usize;
         let mut cumulative = 0u32;
-        for (index, (backend, weight)) in service.addrs().iter().zip(&weights).enumerate() {
+        for (index, (backend, weight)) in service
+            .backends
+            .iter()
+            .zip(service.effective_weights_iter())
+            .enumerate()
+        {
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
-            backend_values.extend_from_slice(&backend_value(*backend)?);
+            backend_values.extend_from_slice(&backend_value(backend.addr)?);
             cumulative += weight;
             weight_values.extend_from_slice(&cumulative.to_ne_bytes());
-            let old_slot = olds
-                .iter()
-                .find_map(|old| Some(old.base + old.backends.iter().position(|b| b == backend)? as u32));
-            let carried = match old_slot {
-                Some(slot) => read_stats(tables, slot)?,
-                None => vec![0u8; tables.stats.value_size() as usize],
-            };
-            stats_values.extend_from_slice(&carried);
+            match olds.iter().find_map(|old| current.slot_of(*old, backend.addr)) {
+                Some(slot) => stats_values.extend_from_slice(&read_stats(tables, slot)?),
+                None => stats_values.resize(stats_values.len() + stats_size, 0),
+            }
         }
         let range = service_range {
             base: *base,
@@ -1084,19 +1240,16 @@ fn write_ranges(
             service_values.extend_from_slice(as_bytes(&range));
         }
     }
-    let slots = (slot_keys.len() / 4) as u32;
-    if slots > 0 {
+    if !slot_keys.is_empty() {
         tables
-            .backends
-            .update_batch(&slot_keys, &backend_values, slots, MapFlags::ANY, MapFlags::ANY)
+            .write(Slots::Backends, &slot_keys, &backend_values)
             .context("writing backends")?;
         written.update(&tables.backends, &slot_keys, &backend_values)?;
         tables
-            .weights
-            .update_batch(&slot_keys, &weight_values, slots, MapFlags::ANY, MapFlags::ANY)
+            .write(Slots::Weights, &slot_keys, &weight_values)
             .context("writing backend weights")?;
         written.update(&tables.weights, &slot_keys, &weight_values)?;
-        write_stats(tables, &slot_keys, &stats_values, slots).context("writing backend counters")?;
+        write_stats(tables, &slot_keys, &stats_values).context("writing backend counters")?;
     }
     for (service, base) in placed {
         before_swap(service, *base)?;
@@ -1114,6 +1267,9 @@ fn write_ranges(
 /// of include/ is made of u64 words).
 fn read_stats(tables: &ServiceTables, slot: u32) -> Result<Vec<u8>> {
     let size = tables.stats.value_size() as usize;
+    if let Some(mapped) = &tables.mapped[Slots::Stats as usize] {
+        return mapped.read(slot);
+    }
     let key = slot.to_ne_bytes();
     if !tables.stats.map_type().is_percpu() {
         return Ok(tables
@@ -1135,12 +1291,9 @@ fn read_stats(tables: &ServiceTables, slot: u32) -> Result<Vec<u8>> {
 }
 
 /// Writes counters to slots; a per-CPU table gets each slot's total on the first CPU.
-fn write_stats(tables: &ServiceTables, keys: &[u8], values: &[u8], slots: u32) -> Result<()> {
+fn write_stats(tables: &ServiceTables, keys: &[u8], values: &[u8]) -> Result<()> {
     if !tables.stats.map_type().is_percpu() {
-        tables
-            .stats
-            .update_batch(keys, values, slots, MapFlags::ANY, MapFlags::ANY)?;
-        return Ok(());
+        return tables.write(Slots::Stats, keys, values);
     }
     let size = tables.stats.value_size() as usize;
     let cpus = libbpf_rs::num_possible_cpus()?;
@@ -1360,13 +1513,19 @@ mod tests {
         assert_eq!(slots.alloc(20), Some(0));
     }
 
+    fn wanted_image(service: &Service) -> (Vec<(SocketAddr, u32)>, Option<u32>) {
+        let mut backends = Vec::new();
+        let affinity = wanted_image_into(service, &mut backends);
+        (backends, affinity)
+    }
+
     #[test]
     fn backend_order_does_not_make_a_change_but_weights_do() {
         let one = Service::parse("10.96.0.1:80=10.0.0.1:80,10.0.0.2:80;weight=2").unwrap();
         let other = Service::parse("10.96.0.1:80=10.0.0.2:80;weight=2,10.0.0.1:80").unwrap();
-        assert_eq!(Installed::wanted_image(&one), Installed::wanted_image(&other));
+        assert_eq!(wanted_image(&one), wanted_image(&other));
         let heavier = Service::parse("10.96.0.1:80=10.0.0.2:80;weight=3,10.0.0.1:80").unwrap();
-        assert_ne!(Installed::wanted_image(&one), Installed::wanted_image(&heavier));
+        assert_ne!(wanted_image(&one), wanted_image(&heavier));
     }
 
     #[test]

@@ -303,14 +303,17 @@ pub struct Shape {
     pub key_size: u32,
     pub value_size: u32,
     pub max_entries: u32,
+    /// creation flags (BPF_F_NO_PREALLOC, BPF_F_MMAPABLE, ...): libbpf reuses a pin only
+    /// when they match too
+    pub map_flags: u32,
 }
 
 impl std::fmt::Display for Shape {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "type {}, key {} bytes, value {} bytes, {} entries",
-            self.map_type, self.key_size, self.value_size, self.max_entries
+            "type {}, key {} bytes, value {} bytes, {} entries, flags {:#x}",
+            self.map_type, self.key_size, self.value_size, self.max_entries, self.map_flags
         )
     }
 }
@@ -322,6 +325,7 @@ fn shape_of_handle(map: &libbpf_rs::MapHandle) -> Result<Shape> {
         key_size: info.info.key_size,
         value_size: info.info.value_size,
         max_entries: info.info.max_entries,
+        map_flags: info.info.map_flags,
     })
 }
 
@@ -468,6 +472,7 @@ impl PinSet {
                 key_size: map.key_size(),
                 value_size: map.value_size(),
                 max_entries: map.max_entries(),
+                map_flags: map.map_flags(),
             };
             let path = self.path(spec);
             let (old, stale) = if path.exists() {
