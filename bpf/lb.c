@@ -40,6 +40,8 @@ struct {
 	__type(value, struct service_range);
 } lb_services SEC(".maps");
 
+/* slot -> backend. The slot arrays are mmapable: user space reads and writes 100,000 slots
+ * as memory rather than by system calls. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -59,6 +61,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, LB_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, struct lb_stats);

@@ -17,7 +17,8 @@ struct {
 	__type(value, struct service_range);
 } clusterip_services SEC(".maps");
 
-/* slot -> backend; a service owns a contiguous range. */
+/* slot -> backend; a service owns a contiguous range. The slot arrays are mmapable: user
+ * space reads and writes 100,000 slots as memory rather than by system calls. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_MMAPABLE);
@@ -63,6 +64,7 @@ struct {
 /* slot -> how often that backend was chosen. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
 	__uint(max_entries, CLUSTERIP_BACKEND_SLOTS);
 	__type(key, __u32);
 	__type(value, struct clusterip_stats);

@@ -59,20 +59,22 @@ pub fn overlay(services: &[Service]) -> Cow<'_, [Service]> {
     let Some(state) = guard.as_ref() else {
         return Cow::Borrowed(services);
     };
-    Cow::Owned(services
-        .iter()
-        .map(|service| {
-            let mut service = service.clone();
-            let name = service.name();
-            for backend in &mut service.backends {
-                backend.healthy = state
-                    .probes
-                    .get(&(name.clone(), backend.addr))
-                    .is_none_or(|probe| probe.healthy);
-            }
-            service
-        })
-        .collect())
+    Cow::Owned(
+        services
+            .iter()
+            .map(|service| {
+                let mut service = service.clone();
+                let name = service.name();
+                for backend in &mut service.backends {
+                    backend.healthy = state
+                        .probes
+                        .get(&(name.clone(), backend.addr))
+                        .is_none_or(|probe| probe.healthy);
+                }
+                service
+            })
+            .collect(),
+    )
 }
 
 /// The checks `services` ask for, from now on: new ones start healthy (as Kubernetes'

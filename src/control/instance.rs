@@ -64,20 +64,23 @@ fn read_record(file: &mut File) -> Option<Record> {
 
 /// The command line as the record keeps it: 10,000 `--service` flags are 2 MB, written with
 /// every change of the record; the start says which run it is.
-fn shortened(args: impl Iterator<Item = String>) -> String {
+fn shortened(args: impl Iterator<Item = std::ffi::OsString>) -> String {
     const KEPT: usize = 1024;
     let mut command = String::new();
     let mut rest = 0;
-    // the words past the first KiB are only counted: 20,000 --service flags are 2 MB
+    // the words past the first KiB are only counted (as given, also when an argument is not
+    // UTF-8: a file name, say), not copied: 20,000 --service flags are 2 MB
+    let lossy_len =
+        |arg: &std::ffi::OsString| arg.to_str().map_or_else(|| arg.to_string_lossy().len(), str::len);
     for arg in args {
         if command.len() > KEPT {
-            rest += arg.len() + 1;
+            rest += lossy_len(&arg) + 1;
             continue;
         }
         if !command.is_empty() {
             command.push(' ');
         }
-        command.push_str(&arg);
+        command.push_str(&arg.to_string_lossy());
     }
     if command.len() > KEPT {
         let mut cut = KEPT;
@@ -141,8 +144,7 @@ impl Instance {
                 netns: netns.into(),
                 target: target.into(),
                 mode: if persist { "persist" } else { "foreground" }.into(),
-                // as given, also when an argument is not UTF-8 (a file name, say)
-                command: shortened(std::env::args_os().map(|arg| arg.to_string_lossy().into_owned())),
+                command: shortened(std::env::args_os()),
                 left: orphan.as_ref().map(|o| o.left.clone()).unwrap_or_default(),
                 pins: None,
             };

@@ -501,6 +501,7 @@ fn persist_run<D: Datapath>(
             desired::Before::Unknown
         };
         desired::record(pins, D::desired_maps(), before, applied.written.as_ref())?;
+        run::phase("  desired maps recorded");
         desired::record_programs(pins, &set.fingerprints, &pins.prog_ids())?;
         run::phase("desired state recorded");
         Ok((updated, applied))

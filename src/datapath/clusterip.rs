@@ -4,6 +4,7 @@
 
 use std::mem::MaybeUninit;
 use std::os::fd::AsFd;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
@@ -138,7 +139,8 @@ crate::run_args!(ClusteripArgs);
 /// What flags and config file say together.
 pub struct Settings {
     cgroup: Option<Item>,
-    services: Vec<Service>,
+    /// shared with the plan: 10,000 services are not copied for it
+    services: Arc<Vec<Service>>,
 }
 
 impl Settings {
@@ -151,7 +153,7 @@ impl Settings {
                 "--cgroup",
                 in_file.map(|(c, s)| (c, &s.cgroup, "cgroup")),
             ),
-            services: file.services(&args.services, LIMITS)?,
+            services: Arc::new(file.services(&args.services, LIMITS)?),
         })
     }
 
@@ -187,7 +189,10 @@ fn tables(skel: &SockXlateSkel<'_>) -> Result<ServiceTables> {
 
 fn sync(tables: &ServiceTables, services: &[Service]) -> Result<SyncReport> {
     // a backend is just its endpoint here
-    service::sync_services(tables, services, |backend| Ok(service::endpoint_bytes(backend)))
+    service::sync_services(tables, services, |backend, out| {
+        service::endpoint_bytes(backend, out);
+        Ok(())
+    })
 }
 
 /// Every program with the name its link is pinned under.
@@ -245,7 +250,7 @@ impl Datapath for Clusterip {
     const PROGRAMS: &'static [&'static str] = PROGRAMS;
     type Args = ClusteripArgs;
     type Desired = Settings;
-    type Plan = Vec<Service>;
+    type Plan = Arc<Vec<Service>>;
     type Loaded<'obj> = SockXlateSkel<'obj>;
     type View = View;
 
@@ -262,23 +267,23 @@ impl Datapath for Clusterip {
     fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
         refuse_if_attached(target.cgroup(), pinned)
     }
-    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Vec<Service>> {
-        Ok(desired.services.clone())
+    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Arc<Vec<Service>>> {
+        Ok(Arc::clone(&desired.services))
     }
     fn load<'obj>(
         storage: &'obj mut Storage,
-        _plan: &Vec<Service>,
+        _plan: &Arc<Vec<Service>>,
         pins: Option<&mut PinSet>,
     ) -> Result<SockXlateSkel<'obj>> {
         load(&mut storage[0], pins)
     }
-    fn apply(skel: &SockXlateSkel<'_>, services: &Vec<Service>) -> Result<Applied> {
+    fn apply(skel: &SockXlateSkel<'_>, services: &Arc<Vec<Service>>) -> Result<Applied> {
         Ok(Applied::synced(sync(&tables(skel)?, services)?))
     }
     fn attach(
         loaded: &SockXlateSkel<'_>,
         target: &Target,
-        _plan: &Vec<Service>,
+        _plan: &Arc<Vec<Service>>,
     ) -> Result<Vec<Box<dyn std::any::Any>>> {
         let cgroup = target.cgroup();
         let dir = cgroup.open()?;
@@ -296,7 +301,7 @@ impl Datapath for Clusterip {
         loaded: &SockXlateSkel<'_>,
         target: &Target,
         pins: &PinDir,
-        _plan: &Vec<Service>,
+        _plan: &Arc<Vec<Service>>,
     ) -> Result<bool> {
         let cgroup = target.cgroup();
         let dir = cgroup.open()?;
@@ -330,7 +335,7 @@ impl Datapath for Clusterip {
         }
         Ok(())
     }
-    fn describe(desired: &Settings, _target: &Target, _plan: &Vec<Service>) -> String {
+    fn describe(desired: &Settings, _target: &Target, _plan: &Arc<Vec<Service>>) -> String {
         service::describe(&desired.services)
     }
     fn view(loaded: &SockXlateSkel<'_>) -> Result<View> {

@@ -6,6 +6,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -204,7 +205,8 @@ crate::run_args!(LbArgs);
 #[derive(Debug, PartialEq, Eq)]
 pub struct Settings {
     iface: Item,
-    services: Vec<Service>,
+    /// shared with the plan: 10,000 services are not copied for it
+    services: Arc<Vec<Service>>,
     no_snat: bool,
     flood_rate: u32,
 }
@@ -214,7 +216,7 @@ impl Settings {
         let file = Sources::<LbSection>::read(&args.run)?;
         Ok(Self {
             iface: file.interface(args.iface.as_ref())?,
-            services: file.services(&args.services, LIMITS)?,
+            services: Arc::new(file.services(&args.services, LIMITS)?),
             no_snat: args.no_snat || file.value(None, |s| s.no_snat, false),
             flood_rate: file.value(args.flood_rate, |s| s.flood_rate, DEFAULT_FLOOD_RATE),
         })
@@ -254,7 +256,8 @@ impl BackendValues {
         })
     }
 
-    fn value(&self, backend: SocketAddr) -> Result<Vec<u8>> {
+    /// Appends the table value of `backend` to `out`.
+    fn value(&self, backend: SocketAddr, out: &mut Vec<u8>) -> Result<()> {
         let ip = backend.ip();
         let known = self.sources.borrow().get(&ip).copied();
         let source = match known {
@@ -269,7 +272,8 @@ impl BackendValues {
             endpoint: backend.into(),
             snat_addr: if self.snat { ip_to_words(source).1 } else { [0; 4] },
         };
-        Ok(as_bytes(&value).to_vec())
+        out.extend_from_slice(as_bytes(&value));
+        Ok(())
     }
 }
 
@@ -332,7 +336,7 @@ fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
 }
 
 fn sync(tables: &ServiceTables, services: &[Service], values: &BackendValues) -> Result<SyncReport> {
-    service::sync_services(tables, services, |backend| values.value(backend))
+    service::sync_services(tables, services, |backend, out| values.value(backend, out))
 }
 
 /// What lb changed in this namespace, as recorded in its nft table's comment.
@@ -724,7 +728,7 @@ impl Datapath for Lb {
         Ok(Plan {
             settings: Settings {
                 iface: desired.iface.clone(),
-                services: desired.services.clone(),
+                services: Arc::clone(&desired.services),
                 no_snat: desired.no_snat,
                 flood_rate: desired.flood_rate,
             },

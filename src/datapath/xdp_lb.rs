@@ -512,7 +512,7 @@ pub fn sync(
     service::sync_services_with(
         &tables.services,
         services,
-        |endpoint| {
+        |endpoint, out| {
             let backend = backends.get(&endpoint).context("backend without a route")?;
             let value = xdp_lb_backend {
                 endpoint: endpoint.into(),
@@ -520,7 +520,8 @@ pub fn sync(
                 mac: backend.mac,
                 ..Default::default()
             };
-            Ok(as_bytes(&value).to_vec())
+            out.extend_from_slice(as_bytes(&value));
+            Ok(())
         },
         |service, base| write_ring(&tables.rings, service, base),
     )

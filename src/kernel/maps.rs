@@ -237,7 +237,11 @@ impl MappedArray {
 
     /// The value of one slot.
     pub fn read(&self, index: u32) -> Result<Vec<u8>> {
-        anyhow::ensure!(index < self.entries, "slot {index} past the array's {}", self.entries);
+        anyhow::ensure!(
+            index < self.entries,
+            "slot {index} past the array's {}",
+            self.entries
+        );
         let mut out = vec![0u8; self.value_size];
         // SAFETY: index < entries, so the value lies inside the mapping
         unsafe {
@@ -253,9 +257,16 @@ impl MappedArray {
     /// Writes values to slots: `keys` (u32 each) and `values` back to back, as a batch
     /// update takes them.
     pub fn write(&self, keys: &[u8], values: &[u8]) -> Result<()> {
-        for (key, value) in keys.chunks_exact(4).zip(values.chunks_exact(self.value_size.max(1))) {
+        for (key, value) in keys
+            .chunks_exact(4)
+            .zip(values.chunks_exact(self.value_size.max(1)))
+        {
             let index = u32::from_ne_bytes(key.try_into().expect("4 bytes"));
-            anyhow::ensure!(index < self.entries, "slot {index} past the array's {}", self.entries);
+            anyhow::ensure!(
+                index < self.entries,
+                "slot {index} past the array's {}",
+                self.entries
+            );
             // SAFETY: index < entries, so the value lies inside the mapping
             unsafe {
                 std::ptr::copy_nonoverlapping(
