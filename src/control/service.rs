@@ -1631,7 +1631,7 @@ mod tests {
             plain += usize::from(plain_ipv4_endpoint(&text).is_some());
             agrees(&text);
         }
-        assert!(plain > 10_000, "only {plain} plain addresses made");
+        assert!(plain > 5_000, "only {plain} plain addresses made");
         for plain in ["10.0.0.1:80", "192.168.255.254:65535", "0.0.0.0:0"] {
             assert_eq!(plain_ipv4_endpoint(plain), plain.parse().ok(), "{plain}");
         }
