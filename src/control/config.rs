@@ -461,8 +461,14 @@ pub fn entries<T>(
     flag: &str,
     table_key: &str,
 ) -> Result<Vec<T>> {
+    // the file's first, then the flags'; without a file, the flags as they are (not moved
+    // one by one: 10,000 services)
     let mut items = file_items;
-    items.extend(flag_items);
+    if items.is_empty() {
+        items = flag_items;
+    } else {
+        items.extend(flag_items);
+    }
     if items.is_empty() {
         bail!("no {what}: give {flag} or [[{table_key}]] entries in --config FILE");
     }

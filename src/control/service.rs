@@ -584,7 +584,8 @@ pub fn parse_services(texts: &[String], limits: Limits) -> Result<Vec<Service>> 
 /// Checks services from every source together: a VIP once, the table limits, and MACs only
 /// where the datapath uses them; each error names the flag or file line.
 pub fn check_services(services: Vec<Service>, limits: Limits) -> Result<Vec<Service>> {
-    let mut vips: FastMap<ServiceKey, &str> = FastMap::default();
+    let mut vips: FastMap<ServiceKey, &str> =
+        FastMap::with_capacity_and_hasher(2 * services.len(), Default::default());
     let mut macs: HashMap<SocketAddr, [u8; 6]> = HashMap::new();
     let mut total = 0;
     for service in &services {
