@@ -1293,12 +1293,15 @@ fn write_ranges(
     if placed.is_empty() {
         return Ok(());
     }
-    let mut slot_keys = Vec::new();
-    let mut backend_values = Vec::new();
-    let mut weight_values = Vec::new();
-    let mut stats_values = Vec::new();
-    let mut service_keys = Vec::new();
-    let mut service_values = Vec::new();
+    // sized once: 100,000 slots grow no buffer by doubling
+    let slots: usize = placed.iter().map(|(service, _)| service.backends.len()).sum();
+    let key_count = 2 * placed.len();
+    let mut slot_keys = Vec::with_capacity(slots * 4);
+    let mut backend_values = Vec::with_capacity(slots * tables.backends.value_size() as usize);
+    let mut weight_values = Vec::with_capacity(slots * 4);
+    let mut stats_values = Vec::with_capacity(slots * tables.stats.value_size() as usize);
+    let mut service_keys = Vec::with_capacity(key_count * size_of::<service_endpoint>());
+    let mut service_values = Vec::with_capacity(key_count * size_of::<service_range>());
     for (service, base) in placed {
         // the ranges its keys point at now, whose counters its staying backends carry over
         let mut olds: Vec<u32> = Vec::new();
