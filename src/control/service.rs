@@ -806,10 +806,12 @@ struct Current {
 
 impl Current {
     fn read(tables: &ServiceTables) -> Result<Self> {
-        let mut ranges: FastMap<u32, (service_range, usize)> = FastMap::default();
-        let mut pointing = FastMap::default();
         // by batches: 10,000 services are a few system calls
-        for (key, value) in maps::read_all(&tables.services)?.iter() {
+        let entries = maps::read_all(&tables.services)?;
+        let mut ranges: FastMap<u32, (service_range, usize)> =
+            FastMap::with_capacity_and_hasher(entries.len(), Default::default());
+        let mut pointing = FastMap::with_capacity_and_hasher(entries.len(), Default::default());
+        for (key, value) in entries.iter() {
             let endpoint: service_endpoint = maps::from_bytes("service key", key)?;
             let range: service_range = maps::from_bytes("service range", value)?;
             let Some(protocol) = Protocol::from_number(endpoint.proto) else {
