@@ -155,6 +155,15 @@ impl Settings {
         })
     }
 
+    /// The settings of a program that drives clusterip (the Kubernetes agent): `services` on
+    /// the cgroup `cgroup` (None: the root).
+    pub fn driven(cgroup: Option<&str>, services: Vec<Service>) -> Result<Self> {
+        Ok(Self {
+            cgroup: cgroup.map(|path| Item::flags("--cgroup", &[path.to_string()]).remove(0)),
+            services: service::check_services(services, LIMITS)?,
+        })
+    }
+
     fn resolve_cgroup(&self) -> Result<Cgroup> {
         match &self.cgroup {
             Some(item) => Cgroup::resolve(Some(&item.text)).map_err(|err| item.fail(err)),
