@@ -258,9 +258,10 @@ pub fn run(args: &KubeArgs, netns: Option<&str>) -> Result<()> {
     if args.xdp && args.ifaces.is_empty() {
         bail!("--xdp puts xdp-lb on the interfaces: give them with -i IFACE");
     }
-    // one agent per node: a second would fight the first over the same tables
+    // one agent per cgroup: a second would fight the first over the same tables
+    let cgroup = crate::kernel::cgroup::Cgroup::resolve(args.cgroup.as_deref())?;
     let (_instance, orphan) =
-        crate::control::instance::Instance::claim(SUBCOMMAND, netns::HOST_KEY, "node", false)?;
+        crate::control::instance::Instance::claim(SUBCOMMAND, netns::HOST_KEY, &cgroup.target(), false)?;
     if let Some(orphan) = orphan {
         eprintln!("{SUBCOMMAND}: taking over from a killed agent (pid {})", orphan.pid);
     }
@@ -511,7 +512,7 @@ async fn agent(
                     (Ok(_), true) => continue,
                     (Ok(line), false) => {
                         driver.applied = outcome.seq;
-                        if ready_printed && !line.is_empty() {
+                        if !line.is_empty() {
                             eprintln!("{SUBCOMMAND}: {}: {line}", driver.name);
                         }
                     }
