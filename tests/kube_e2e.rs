@@ -344,6 +344,25 @@ fn the_agent_restarted_or_killed_mid_traffic_loses_nothing_and_the_api_server_re
 }
 
 #[test]
+fn deploy_manifests_pass_the_api_server_and_the_service_account_is_enough_for_the_agent() {
+    let api = ApiServer::up("kdep");
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for file in ["rbac.yaml", "daemonset.yaml"] {
+        let checked = api.create_manifest(&deploy.join(file), true).unwrap();
+        assert!(!checked.is_empty(), "{file}");
+    }
+    // the agent with the ServiceAccount's own token: what the ClusterRole grants is enough
+    api.create_manifest(&deploy.join("rbac.yaml"), false).unwrap();
+    let kubeconfig = api.service_account_kubeconfig("kube-system", "ebpf-net");
+    let cgroup = TestCgroup::new("kdep");
+    let args = ["kube", "--kubeconfig", kubeconfig.to_str().unwrap(), "--cgroup", cgroup.path_str(), "--node-name", "n", "--healthz", "off"];
+    let agent = Daemon::start(&args);
+    let (code, log) = agent.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    assert!(!log.iter().any(|l| l.contains("forbidden") || l.contains("Forbidden")), "{log:?}");
+}
+
+#[test]
 fn bad_configuration_gets_one_line_and_leaves_nothing_attached() {
     let cgroup = TestCgroup::new("kbad");
     let missing = "/nonexistent/kubeconfig";

@@ -148,6 +148,56 @@ impl ApiServer {
         self.block_on(async { self.services().delete(name, &DeleteParams::default()).await.unwrap() });
     }
 
+    /// Creates every object of a multi-document YAML file, or with `dry_run` has the server
+    /// validate them (admission, RBAC, schema) without storing them: `kubectl apply
+    /// --dry-run=server` without kubectl. Errors name the object.
+    pub fn create_manifest(&self, path: &std::path::Path, dry_run: bool) -> Result<Vec<String>, String> {
+        use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+        let text = std::fs::read_to_string(path).unwrap();
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let mut made = Vec::new();
+        for doc in docs.into_iter().filter(|d| !d.is_null()) {
+            let object: DynamicObject = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
+            let types = object.types.clone().ok_or("an object without apiVersion/kind")?;
+            let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+            let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
+            let api: Api<DynamicObject> = match &object.metadata.namespace {
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+                None => Api::all_with(self.client.clone(), &resource),
+            };
+            let params = PostParams {
+                dry_run,
+                ..PostParams::default()
+            };
+            let name = format!("{} {}", types.kind, object.metadata.name.clone().unwrap_or_default());
+            self.block_on(api.create(&params, &object)).map_err(|e| format!("{name}: {e}"))?;
+            made.push(name);
+        }
+        Ok(made)
+    }
+
+    /// A token of a ServiceAccount (TokenRequest), and a kubeconfig that uses it.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> PathBuf {
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        let request: TokenRequest = serde_json::from_value(serde_json::json!({
+            "spec": {"audiences": [], "expirationSeconds": 3600}
+        }))
+        .unwrap();
+        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
+        let token = self
+            .block_on(api.create_token_request(name, &PostParams::default(), &request))
+            .unwrap_or_else(|e| panic!("a token of {namespace}/{name}: {e}"))
+            .status
+            .unwrap()
+            .token;
+        let admin = std::fs::read_to_string(&self.kubeconfig).unwrap();
+        let admin_token = std::fs::read_to_string(self.dir.join("token")).unwrap();
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, admin.replace(admin_token.trim(), &token)).unwrap();
+        path
+    }
+
     /// Stops and starts it on the same data, port, token and certificates.
     pub fn restart(&self) {
         let said = run_script(&["restart", self.dir.to_str().unwrap()]);
