@@ -85,7 +85,15 @@ impl Lab {
     }
 
     /// Endpoint JSON of backend `i` (0..3) of a family, on `node`.
-    fn endpoint(&self, v4: bool, i: usize, node: &str, ready: bool, serving: bool, terminating: bool) -> Value {
+    fn endpoint(
+        &self,
+        v4: bool,
+        i: usize,
+        node: &str,
+        ready: bool,
+        serving: bool,
+        terminating: bool,
+    ) -> Value {
         let list = if v4 { &self.backends.v4 } else { &self.backends.v6 };
         endpoint(&list[i].ip().to_string(), node, ready, serving, terminating)
     }
@@ -153,20 +161,32 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
                          {"name": "echo", "port": 7, "targetPort": 8080, "protocol": "UDP"}]}),
     );
     let ports = [("http", 8080, "TCP"), ("echo", 8080, "UDP")];
-    lab.api.apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &[0, 1, 2]));
-    lab.api.apply_slice("web-6", "web", "IPv6", &ports, lab.ready(false, &[0, 1, 2]));
+    lab.api
+        .apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &[0, 1, 2]));
+    lab.api
+        .apply_slice("web-6", "web", "IPv6", &ports, lab.ready(false, &[0, 1, 2]));
     let sticky = lab.api.apply_service(
         "sticky",
         json!({"sessionAffinity": "ClientIP",
                "ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
     );
-    lab.api.apply_slice("sticky-4", "sticky", "IPv4", &[("", 8080, "TCP")], lab.ready(true, &[0, 1, 2]));
+    lab.api.apply_slice(
+        "sticky-4",
+        "sticky",
+        "IPv4",
+        &[("", 8080, "TCP")],
+        lab.ready(true, &[0, 1, 2]),
+    );
     let ips = cluster_ips(&web);
     assert_eq!(ips.len(), 2, "a dual-stack service: {ips:?}");
     let (vip4, vip6) = (with_port(&ips[0], 80), with_port(&ips[1], 80));
 
     let agent = lab.agent();
-    let ready = agent.stderr().into_iter().find(|l| l.contains("kube: ready:")).unwrap();
+    let ready = agent
+        .stderr()
+        .into_iter()
+        .find(|l| l.contains("kube: ready:"))
+        .unwrap();
     assert!(ready.contains(&format!("node {}", lab.node_name)), "{ready}");
     let mut client = Client::start(&lab.cgroup, &lab.node);
     // TCP and UDP of both families reach a backend, and the sockets see the ClusterIP
@@ -192,12 +212,17 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
     // open one keeps working
     let held = Seen::parse(&client.run(&format!("hold {vip4}"))[0]);
     let others: Vec<usize> = (0..3).filter(|i| lab.backend(true, *i) != held.server).collect();
-    lab.api.apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &others));
-    let took = within("new connections leave the removed endpoint", Duration::from_secs(10), || {
-        servers(&mut client, &format!("tcp {vip4} 6"))
-            .iter()
-            .all(|s| s.server != held.server)
-    });
+    lab.api
+        .apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &others));
+    let took = within(
+        "new connections leave the removed endpoint",
+        Duration::from_secs(10),
+        || {
+            servers(&mut client, &format!("tcp {vip4} 6"))
+                .iter()
+                .all(|s| s.server != held.server)
+        },
+    );
     eprintln!("endpoint removal seen by new connections after {took:?}");
     assert_eq!(client.run("ping"), ["ok ping"], "the open connection broke");
 
@@ -209,11 +234,15 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
         lab.endpoint(true, b, &lab.node_name, false, true, true),
     ]);
     lab.api.apply_slice("web-4", "web", "IPv4", &ports, endpoints);
-    within("only the ready endpoint takes new connections", Duration::from_secs(10), || {
-        servers(&mut client, &format!("tcp {vip4} 8"))
-            .iter()
-            .all(|s| s.server == lab.backend(true, a))
-    });
+    within(
+        "only the ready endpoint takes new connections",
+        Duration::from_secs(10),
+        || {
+            servers(&mut client, &format!("tcp {vip4} 8"))
+                .iter()
+                .all(|s| s.server == lab.backend(true, a))
+        },
+    );
     lab.api.apply_slice(
         "web-4",
         "web",
@@ -221,23 +250,33 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
         &ports,
         json!([lab.endpoint(true, b, &lab.node_name, false, true, true)]),
     );
-    within("the terminating endpoint serves when none is ready", Duration::from_secs(10), || {
-        servers(&mut client, &format!("tcp {vip4} 4"))
-            .iter()
-            .all(|s| s.server == lab.backend(true, b))
-    });
+    within(
+        "the terminating endpoint serves when none is ready",
+        Duration::from_secs(10),
+        || {
+            servers(&mut client, &format!("tcp {vip4} 4"))
+                .iter()
+                .all(|s| s.server == lab.backend(true, b))
+        },
+    );
 
     // no endpoints: the ClusterIP refuses at connect()
     lab.api.delete_slice("web-4");
-    within("a service without endpoints refuses", Duration::from_secs(10), || {
-        client.run(&format!("try tcp {vip4}"))[0].contains("ConnectionRefused")
-    });
+    within(
+        "a service without endpoints refuses",
+        Duration::from_secs(10),
+        || client.run(&format!("try tcp {vip4}"))[0].contains("ConnectionRefused"),
+    );
     // the service deleted: its ClusterIP is gone from the tables
     lab.api.delete_service("web");
-    within("a deleted service leaves the tables", Duration::from_secs(10), || {
-        let status = status_json().to_string();
-        !status.contains(&format!("{}:80", ips[0])) && status.contains(&sticky_vip.to_string())
-    });
+    within(
+        "a deleted service leaves the tables",
+        Duration::from_secs(10),
+        || {
+            let status = status_json().to_string();
+            !status.contains(&format!("{}:80", ips[0])) && status.contains(&sticky_vip.to_string())
+        },
+    );
     drop(client);
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
@@ -255,7 +294,10 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
         json!({"type": "LoadBalancer",
                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
     );
-    lab.api.set_service_status("front", json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}));
+    lab.api.set_service_status(
+        "front",
+        json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.10"}]}}),
+    );
     let spec = service.spec.as_ref().unwrap();
     let node_port = spec.ports.as_ref().unwrap()[0].node_port.unwrap() as u16;
     // backend 0 on this node, 1 and 2 elsewhere
@@ -264,7 +306,8 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
         lab.endpoint(true, 1, "elsewhere", true, true, false),
         lab.endpoint(true, 2, "elsewhere", true, true, false),
     ]);
-    lab.api.apply_slice("front-4", "front", "IPv4", &[("http", 8080, "TCP")], endpoints);
+    lab.api
+        .apply_slice("front-4", "front", "IPv4", &[("http", 8080, "TCP")], endpoints);
     let agent = lab.agent();
     let node_vip: SocketAddr = format!("10.9.0.1:{node_port}").parse().unwrap();
     let lb_vip: SocketAddr = "192.0.2.10:80".parse().unwrap();
@@ -279,9 +322,11 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
                "ports": [{"name": "http", "port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
     );
     let health_port = service.spec.as_ref().unwrap().health_check_node_port.unwrap();
-    within("Local keeps this node's endpoint", Duration::from_secs(10), || {
-        (0..10).all(|_| answered(&lab.client, node_vip).0 == lab.backend(true, 0))
-    });
+    within(
+        "Local keeps this node's endpoint",
+        Duration::from_secs(10),
+        || (0..10).all(|_| answered(&lab.client, node_vip).0 == lab.backend(true, 0)),
+    );
     for _ in 0..10 {
         assert_eq!(answered(&lab.client, lb_vip).0, lab.backend(true, 0));
     }
@@ -291,14 +336,20 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
         ))
     };
     let said = health(&lab);
-    assert!(said.ends_with(" 200") && said.contains("\"localEndpoints\":1"), "{said}");
+    assert!(
+        said.ends_with(" 200") && said.contains("\"localEndpoints\":1"),
+        "{said}"
+    );
     // the local endpoint gone: 503, and the cloud's load balancer would skip this node
     let endpoints = json!([
         lab.endpoint(true, 1, "elsewhere", true, true, false),
         lab.endpoint(true, 2, "elsewhere", true, true, false),
     ]);
-    lab.api.apply_slice("front-4", "front", "IPv4", &[("http", 8080, "TCP")], endpoints);
-    within("healthCheckNodePort says 503", Duration::from_secs(10), || health(&lab).ends_with(" 503"));
+    lab.api
+        .apply_slice("front-4", "front", "IPv4", &[("http", 8080, "TCP")], endpoints);
+    within("healthCheckNodePort says 503", Duration::from_secs(10), || {
+        health(&lab).ends_with(" 503")
+    });
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
 }
@@ -306,8 +357,16 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
 #[test]
 fn the_agent_restarted_or_killed_mid_traffic_loses_nothing_and_the_api_server_restarted_resyncs() {
     let lab = Lab::new("krs");
-    let web = lab.api.apply_service("web", json!({"ports": [{"port": 80, "targetPort": 8080}]}));
-    lab.api.apply_slice("web-4", "web", "IPv4", &[("", 8080, "TCP")], lab.ready(true, &[0, 1, 2]));
+    let web = lab
+        .api
+        .apply_service("web", json!({"ports": [{"port": 80, "targetPort": 8080}]}));
+    lab.api.apply_slice(
+        "web-4",
+        "web",
+        "IPv4",
+        &[("", 8080, "TCP")],
+        lab.ready(true, &[0, 1, 2]),
+    );
     let vip = with_port(&cluster_ips(&web)[0], 80);
     let agent = lab.agent();
     let mut client = Client::start(&lab.cgroup, &lab.node);
@@ -319,7 +378,11 @@ fn the_agent_restarted_or_killed_mid_traffic_loses_nothing_and_the_api_server_re
     assert_eq!(client.run("ping"), ["ok ping"]);
     // restarted: the same tables, nothing changed in them
     let agent = lab.agent();
-    let ready = agent.stderr().into_iter().find(|l| l.contains("kube: ready:")).unwrap();
+    let ready = agent
+        .stderr()
+        .into_iter()
+        .find(|l| l.contains("kube: ready:"))
+        .unwrap();
     let log = agent.stderr().join("\n");
     assert!(log.contains("0 added, 0 changed, 0 removed"), "{log}");
     // killed: the next one takes over
@@ -331,12 +394,22 @@ fn the_agent_restarted_or_killed_mid_traffic_loses_nothing_and_the_api_server_re
 
     // the API server restarted under the agent: its watches come back and changes flow again
     lab.api.restart();
-    lab.api.apply_slice("web-4", "web", "IPv4", &[("", 8080, "TCP")], lab.ready(true, &[1]));
-    let took = within("a change after the API server's restart", Duration::from_secs(30), || {
-        servers(&mut client, &format!("tcp {vip} 6"))
-            .iter()
-            .all(|s| s.server == lab.backend(true, 1))
-    });
+    lab.api.apply_slice(
+        "web-4",
+        "web",
+        "IPv4",
+        &[("", 8080, "TCP")],
+        lab.ready(true, &[1]),
+    );
+    let took = within(
+        "a change after the API server's restart",
+        Duration::from_secs(30),
+        || {
+            servers(&mut client, &format!("tcp {vip} 6"))
+                .iter()
+                .all(|s| s.server == lab.backend(true, 1))
+        },
+    );
     eprintln!("change after the API server restart applied after {took:?}");
     drop(client);
     let (code, log) = agent.stop();
@@ -355,11 +428,25 @@ fn deploy_manifests_pass_the_api_server_and_the_service_account_is_enough_for_th
     api.create_manifest(&deploy.join("rbac.yaml"), false).unwrap();
     let kubeconfig = api.service_account_kubeconfig("kube-system", "ebpf-net");
     let cgroup = TestCgroup::new("kdep");
-    let args = ["kube", "--kubeconfig", kubeconfig.to_str().unwrap(), "--cgroup", cgroup.path_str(), "--node-name", "n", "--healthz", "off"];
+    let args = [
+        "kube",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--cgroup",
+        cgroup.path_str(),
+        "--node-name",
+        "n",
+        "--healthz",
+        "off",
+    ];
     let agent = Daemon::start(&args);
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
-    assert!(!log.iter().any(|l| l.contains("forbidden") || l.contains("Forbidden")), "{log:?}");
+    assert!(
+        !log.iter()
+            .any(|l| l.contains("forbidden") || l.contains("Forbidden")),
+        "{log:?}"
+    );
 }
 
 #[test]
@@ -378,16 +465,40 @@ fn bad_configuration_gets_one_line_and_leaves_nothing_attached() {
     )
     .unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["kube", "--kubeconfig", missing, "--cgroup", cgroup.path_str()], "--kubeconfig /nonexistent/kubeconfig"),
         (
-            vec!["kube", "--kubeconfig", closed.to_str().unwrap(), "--cgroup", cgroup.path_str(), "--healthz", "off"],
+            vec!["kube", "--kubeconfig", missing, "--cgroup", cgroup.path_str()],
+            "--kubeconfig /nonexistent/kubeconfig",
+        ),
+        (
+            vec![
+                "kube",
+                "--kubeconfig",
+                closed.to_str().unwrap(),
+                "--cgroup",
+                cgroup.path_str(),
+                "--healthz",
+                "off",
+            ],
             "the API server does not answer",
         ),
         (
-            vec!["-n", &node.name, "kube", "--kubeconfig", missing, "--cgroup", cgroup.path_str(), "-i", "nope0"],
+            vec![
+                "-n",
+                &node.name,
+                "kube",
+                "--kubeconfig",
+                missing,
+                "--cgroup",
+                cgroup.path_str(),
+                "-i",
+                "nope0",
+            ],
             "unknown interface 'nope0'",
         ),
-        (vec!["kube", "--kubeconfig", missing, "--xdp"], "--xdp puts xdp-lb on the interfaces"),
+        (
+            vec!["kube", "--kubeconfig", missing, "--xdp"],
+            "--xdp puts xdp-lb on the interfaces",
+        ),
         (
             vec!["kube", "--kubeconfig", missing, "--cgroup", "/nonexistent-cgroup"],
             "nonexistent-cgroup",
@@ -401,7 +512,10 @@ fn bad_configuration_gets_one_line_and_leaves_nothing_attached() {
         assert_eq!(lines.len(), 1, "{args:?}: one line: {stderr}");
         assert!(lines[0].contains(expected), "{args:?}: {stderr}");
         let status = status_json().to_string();
-        assert!(!status.contains(cgroup.path.file_name().unwrap().to_str().unwrap()), "{args:?} left {status}");
+        assert!(
+            !status.contains(cgroup.path.file_name().unwrap().to_str().unwrap()),
+            "{args:?} left {status}"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

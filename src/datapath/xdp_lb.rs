@@ -314,7 +314,13 @@ impl Settings {
             flood_rate: DEFAULT_FLOOD_RATE,
         };
         // no flow events: nobody reads them, as with --persist
-        Ok((settings, EventLevel { events: 0, json: false }))
+        Ok((
+            settings,
+            EventLevel {
+                events: 0,
+                json: false,
+            },
+        ))
     }
 }
 

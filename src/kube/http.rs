@@ -107,14 +107,17 @@ pub fn healthz(state: &AgentState, now: SystemTime) -> (u16, String) {
 
 /// Listens on `listen` (ADDR:PORT) for /healthz and /livez; returns the address.
 pub async fn serve_healthz(listen: &str, state: Arc<Mutex<AgentState>>) -> Result<SocketAddr> {
-    let addrs = crate::control::metrics::parse_listen(listen).with_context(|| format!("--healthz {listen}"))?;
+    let addrs =
+        crate::control::metrics::parse_listen(listen).with_context(|| format!("--healthz {listen}"))?;
     let listener = TcpListener::bind(addrs.as_slice())
         .await
         .with_context(|| format!("--healthz {listen}: cannot listen"))?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             let state = state.clone();
             tokio::spawn(async move {
                 let Some((head, path)) = read_path(&mut stream).await else {
@@ -131,12 +134,15 @@ pub async fn serve_healthz(listen: &str, state: Arc<Mutex<AgentState>>) -> Resul
     Ok(addr)
 }
 
+/// What a healthCheckNodePort says, and the task answering it.
+type Answering = (Arc<Mutex<HealthPort>>, tokio::task::JoinHandle<()>);
+
 /// The healthCheckNodePorts this node answers, each on its own listener in the node's
 /// network namespace.
 pub struct HealthPorts {
     netns: Option<String>,
     /// port -> (what it says, its server)
-    ports: tokio::sync::Mutex<BTreeMap<u16, (Arc<Mutex<HealthPort>>, tokio::task::JoinHandle<()>)>>,
+    ports: tokio::sync::Mutex<BTreeMap<u16, Answering>>,
     state: Arc<Mutex<AgentState>>,
 }
 
@@ -197,14 +203,20 @@ impl HealthPorts {
             let state = self.state.clone();
             let task = tokio::spawn(async move {
                 loop {
-                    let Ok((mut stream, _)) = listener.accept().await else { continue };
+                    let Ok((mut stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let health = serving.lock().unwrap().clone();
                     let synced = state.lock().unwrap().last_synced.is_some();
                     tokio::spawn(async move {
                         let Some((head, _)) = read_path(&mut stream).await else {
                             return answer(&mut stream, false, 405, "{}").await;
                         };
-                        let status = if health.local_endpoints > 0 && synced { 200 } else { 503 };
+                        let status = if health.local_endpoints > 0 && synced {
+                            200
+                        } else {
+                            503
+                        };
                         let body = format!(
                             "{{\"service\":{{\"namespace\":\"{}\",\"name\":\"{}\"}},\"localEndpoints\":{},\"serviceProxyHealthy\":{synced}}}",
                             health.namespace, health.name, health.local_endpoints

@@ -263,7 +263,10 @@ pub fn run(args: &KubeArgs, netns: Option<&str>) -> Result<()> {
     let (_instance, orphan) =
         crate::control::instance::Instance::claim(SUBCOMMAND, netns::HOST_KEY, &cgroup.target(), false)?;
     if let Some(orphan) = orphan {
-        eprintln!("{SUBCOMMAND}: taking over from a killed agent (pid {})", orphan.pid);
+        eprintln!(
+            "{SUBCOMMAND}: taking over from a killed agent (pid {})",
+            orphan.pid
+        );
     }
     let node_addresses = node_addresses(netns, &args.ifaces)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -289,11 +292,9 @@ async fn client(args: &KubeArgs) -> Result<kube::Client> {
     kube::Client::try_from(config).context("connecting to the API server")
 }
 
-/// Which watch an event came from.
-enum Watched {
-    Services(std::result::Result<watcher::Event<K8sService>, watcher::Error>),
-    Slices(std::result::Result<watcher::Event<EndpointSlice>, watcher::Error>),
-}
+/// What a watch event means here: which watch (0 Services, 1 EndpointSlices), and whether it
+/// changed the stores ([`is_sync_point`]) or failed.
+type Watched = (usize, std::result::Result<Option<bool>, String>);
 
 async fn agent(
     args: &KubeArgs,
@@ -309,7 +310,9 @@ async fn agent(
         .await
         .context("the API server does not answer")?;
     let state = Arc::new(Mutex::new(AgentState::default()));
-    let latency = Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+    let latency = Histogram::new([
+        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]);
     let healthz = match args.healthz.as_str() {
         "off" => None,
         listen => Some(http::serve_healthz(listen, state.clone()).await?),
@@ -370,7 +373,9 @@ async fn agent(
         Ok(Arc::new(move || {
             let mut families = agent_families(&metrics_state.lock().unwrap(), &metrics_latency);
             for (name, pins) in &metrics_pins {
-                let Some(pins) = pins.lock().unwrap().clone() else { continue };
+                let Some(pins) = pins.lock().unwrap().clone() else {
+                    continue;
+                };
                 if !pins.exists() {
                     continue;
                 }
@@ -409,13 +414,16 @@ async fn agent(
         watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default()),
     )
     .default_backoff()
-    .map(Watched::Services);
+    .map(|event| -> Watched { (0, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
     let slice_stream = reflector::reflector(
         slice_writer,
-        watcher(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default()),
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        ),
     )
     .default_backoff()
-    .map(Watched::Slices);
+    .map(|event| -> Watched { (1, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
     let mut events = futures::stream::select(service_stream, slice_stream).boxed();
 
     let health_ports = http::HealthPorts::new(netns.map(str::to_string), state.clone());
@@ -434,11 +442,7 @@ async fn agent(
             .map(|first| (last_event + DEBOUNCE).min(first + DEBOUNCE_MAX));
         tokio::select! {
             event = events.next() => {
-                let Some(event) = event else { bail!("the watches ended") };
-                let (which, result) = match event {
-                    Watched::Services(result) => (0, result.map(|e| is_sync_point(&e))),
-                    Watched::Slices(result) => (1, result.map(|e| is_sync_point(&e))),
-                };
+                let Some((which, result)) = event else { bail!("the watches ended") };
                 match result {
                     Ok(change) => {
                         if failing_watch[which] {
@@ -576,7 +580,6 @@ async fn agent(
     Ok(())
 }
 
-
 /// Where the client talks to, for the ready line.
 fn client_url(args: &KubeArgs) -> String {
     match &args.kubeconfig {
@@ -631,7 +634,10 @@ fn external_only(services: &NodeServices) -> Vec<Service> {
 
 fn agent_families(state: &AgentState, latency: &Histogram) -> Vec<Family> {
     let mut families = Vec::new();
-    let mut services = Family::gauge("ebpf_net_kube_services", "services of the cluster this node serves");
+    let mut services = Family::gauge(
+        "ebpf_net_kube_services",
+        "services of the cluster this node serves",
+    );
     services.add(&[], state.services as u64);
     families.push(services);
     let mut keys = Family::gauge(
@@ -641,7 +647,10 @@ fn agent_families(state: &AgentState, latency: &Histogram) -> Vec<Family> {
     keys.add(&[("kind", "cluster")], state.cluster_keys as u64);
     keys.add(&[("kind", "external")], state.external_keys as u64);
     families.push(keys);
-    let mut syncs = Family::counter("ebpf_net_kube_syncs", "updates of the cluster applied to the maps");
+    let mut syncs = Family::counter(
+        "ebpf_net_kube_syncs",
+        "updates of the cluster applied to the maps",
+    );
     syncs.add(&[], state.syncs);
     families.push(syncs);
     let mut failures = Family::counter(
@@ -650,7 +659,10 @@ fn agent_families(state: &AgentState, latency: &Histogram) -> Vec<Family> {
     );
     failures.add(&[], state.sync_failures);
     families.push(failures);
-    let mut watch = Family::counter("ebpf_net_kube_watch_errors", "failed or restarted watches of the API server");
+    let mut watch = Family::counter(
+        "ebpf_net_kube_watch_errors",
+        "failed or restarted watches of the API server",
+    );
     watch.add(&[], state.watch_errors);
     families.push(watch);
     families.push(Family::histogram(

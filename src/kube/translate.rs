@@ -99,7 +99,9 @@ fn index_slices(slices: &[&EndpointSlice], node: &str) -> SliceIndex {
             let (Some(number), Ok(protocol)) = (port.port, protocol_of(port.protocol.as_deref())) else {
                 continue;
             };
-            let Ok(number) = u16::try_from(number) else { continue };
+            let Ok(number) = u16::try_from(number) else {
+                continue;
+            };
             let endpoints = by_port
                 .entry((port.name.clone().unwrap_or_default(), protocol))
                 .or_default();
@@ -275,16 +277,18 @@ pub fn node_services(cluster: &Cluster<'_>) -> NodeServices {
                     continue;
                 }
             };
-            let Ok(number) = u16::try_from(port.port) else { continue };
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
             let endpoints = endpoints_of(port, protocol);
-            let mut push = |list: &mut Vec<Service>, vip: IpAddr, number: u16, local: bool| {
-                match service_for(vip, number, protocol, endpoints, local, affinity, &origin) {
-                    Ok(service) => {
-                        list.push(service);
-                        served = true;
-                    }
-                    Err(problem) => out.skipped.push(problem),
+            let mut push = |list: &mut Vec<Service>, vip: IpAddr, number: u16, local: bool| match service_for(
+                vip, number, protocol, endpoints, local, affinity, &origin,
+            ) {
+                Ok(service) => {
+                    list.push(service);
+                    served = true;
                 }
+                Err(problem) => out.skipped.push(problem),
             };
             for vip in &cluster_ips {
                 push(&mut out.cluster, *vip, number, internal_local);
@@ -345,9 +349,7 @@ pub fn node_services(cluster: &Cluster<'_>) -> NodeServices {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{
-        LoadBalancerIngress, LoadBalancerStatus, ServiceSpec, ServiceStatus,
-    };
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceSpec, ServiceStatus};
     use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
@@ -385,7 +387,12 @@ mod tests {
     /// (address, ready, serving, terminating, node)
     type Ep<'a> = (&'a str, bool, bool, bool, &'a str);
 
-    fn slice(service: &str, family: &str, ports: &[(&str, i32, &str)], endpoints: &[Ep<'_>]) -> EndpointSlice {
+    fn slice(
+        service: &str,
+        family: &str,
+        ports: &[(&str, i32, &str)],
+        endpoints: &[Ep<'_>],
+    ) -> EndpointSlice {
         EndpointSlice {
             metadata: meta(&format!("{service}-x"), &[(SERVICE_NAME_LABEL, service)]),
             address_type: family.into(),
@@ -436,8 +443,14 @@ mod tests {
                     "{}:{}={}{}",
                     s.protocol.map_or("both", |p| p.name()),
                     s.vip,
-                    if backends.is_empty() { "reject".into() } else { backends.join(",") },
-                    s.affinity.map(|a| format!(" affinity {}s", a.as_secs())).unwrap_or_default()
+                    if backends.is_empty() {
+                        "reject".into()
+                    } else {
+                        backends.join(",")
+                    },
+                    s.affinity
+                        .map(|a| format!(" affinity {}s", a.as_secs()))
+                        .unwrap_or_default()
                 )
             })
             .collect()
@@ -459,9 +472,17 @@ mod tests {
             "dns",
             "IPv4",
             &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")],
-            &[("10.0.0.1", READY, true, false, "a"), ("10.0.0.2", READY, true, false, "b")],
+            &[
+                ("10.0.0.1", READY, true, false, "a"),
+                ("10.0.0.2", READY, true, false, "b"),
+            ],
         );
-        let v6 = slice("dns", "IPv6", &[("dns", 5353, "UDP")], &[("fd00::1", READY, true, false, "a")]);
+        let v6 = slice(
+            "dns",
+            "IPv6",
+            &[("dns", 5353, "UDP")],
+            &[("fd00::1", READY, true, false, "a")],
+        );
         let out = run(&[service], &[v4, v6], &[]);
         assert_eq!(
             text(&out.cluster),
@@ -503,7 +524,12 @@ mod tests {
             text(&out.cluster),
             ["tcp:10.96.0.20:80=10.0.0.1:8080,10.0.0.2:8080;state=draining"]
         );
-        let only_terminating = slice("web", "IPv4", &[("", 8080, "TCP")], &[("10.0.0.2", false, true, true, "a")]);
+        let only_terminating = slice(
+            "web",
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[("10.0.0.2", false, true, true, "a")],
+        );
         let out = run(&[service], &[only_terminating], &[]);
         assert_eq!(text(&out.cluster), ["tcp:10.96.0.20:80=10.0.0.2:8080"]);
     }
@@ -589,7 +615,10 @@ mod tests {
             "lb",
             "IPv4",
             &[("http", 8080, "TCP")],
-            &[("10.0.0.1", READY, true, false, "me"), ("10.0.0.2", READY, true, false, "other")],
+            &[
+                ("10.0.0.1", READY, true, false, "me"),
+                ("10.0.0.2", READY, true, false, "other"),
+            ],
         )];
         let node: [IpAddr; 2] = ["172.16.0.5".parse().unwrap(), "fd00:1::5".parse().unwrap()];
         let out = run(&[lb], &slices, &node);
@@ -629,10 +658,26 @@ mod tests {
                 ..ServiceSpec::default()
             },
         );
-        let elsewhere = slice("loc", "IPv4", &[("", 80, "TCP")], &[("10.0.0.9", READY, true, false, "other")]);
-        assert_eq!(text(&run(std::slice::from_ref(&service), &[elsewhere], &[]).cluster), ["tcp:10.96.0.50:80=reject"]);
-        let here = slice("loc", "IPv4", &[("", 80, "TCP")], &[("10.0.0.8", READY, true, false, "me")]);
-        assert_eq!(text(&run(&[service], &[here], &[]).cluster), ["tcp:10.96.0.50:80=10.0.0.8:80"]);
+        let elsewhere = slice(
+            "loc",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.9", READY, true, false, "other")],
+        );
+        assert_eq!(
+            text(&run(std::slice::from_ref(&service), &[elsewhere], &[]).cluster),
+            ["tcp:10.96.0.50:80=reject"]
+        );
+        let here = slice(
+            "loc",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.8", READY, true, false, "me")],
+        );
+        assert_eq!(
+            text(&run(&[service], &[here], &[]).cluster),
+            ["tcp:10.96.0.50:80=10.0.0.8:80"]
+        );
     }
 
     #[test]
@@ -645,9 +690,22 @@ mod tests {
                 ..ServiceSpec::default()
             },
         );
-        let mut second = slice("dup", "IPv4", &[("", 80, "TCP")], &[("10.0.0.1", false, true, true, "a")]);
+        let mut second = slice(
+            "dup",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.1", false, true, true, "a")],
+        );
         second.metadata.name = Some("dup-y".into());
-        let first = slice("dup", "IPv4", &[("", 80, "TCP")], &[("10.0.0.1", READY, true, false, "a")]);
-        assert_eq!(text(&run(&[service], &[first, second], &[]).cluster), ["tcp:10.96.0.60:80=10.0.0.1:80"]);
+        let first = slice(
+            "dup",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.1", READY, true, false, "a")],
+        );
+        assert_eq!(
+            text(&run(&[service], &[first, second], &[]).cluster),
+            ["tcp:10.96.0.60:80=10.0.0.1:80"]
+        );
     }
 }

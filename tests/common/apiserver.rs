@@ -18,7 +18,10 @@ fn script() -> PathBuf {
 }
 
 fn run_script(args: &[&str]) -> String {
-    let output = Command::new(script()).args(args).output().expect("running scripts/test-apiserver");
+    let output = Command::new(script())
+        .args(args)
+        .output()
+        .expect("running scripts/test-apiserver");
     assert!(
         output.status.success(),
         "scripts/test-apiserver {args:?}: {}{}",
@@ -45,7 +48,10 @@ impl ApiServer {
         let said = run_script(&["up", dir.to_str().unwrap()]);
         assert!(said.contains("ready"), "test-apiserver up: {said}");
         let kubeconfig = dir.join("kubeconfig");
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         let client = runtime.block_on(async {
             let config = kube::Config::from_custom_kubeconfig(
                 kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
@@ -100,7 +106,11 @@ impl ApiServer {
         });
         self.block_on(async {
             self.services()
-                .patch(name, &PatchParams::apply("ebpf-net-test").force(), &Patch::Apply(&object))
+                .patch(
+                    name,
+                    &PatchParams::apply("ebpf-net-test").force(),
+                    &Patch::Apply(&object),
+                )
                 .await
                 .unwrap_or_else(|err| panic!("applying service {name}: {err}"))
         })
@@ -119,7 +129,14 @@ impl ApiServer {
 
     /// Creates or updates an EndpointSlice of `service` (what kube-controller-manager does in a
     /// cluster): `family` IPv4 or IPv6, `ports` [(name, port, protocol)], `endpoints` as JSON.
-    pub fn apply_slice(&self, name: &str, service: &str, family: &str, ports: &[(&str, u16, &str)], endpoints: Value) {
+    pub fn apply_slice(
+        &self,
+        name: &str,
+        service: &str,
+        family: &str,
+        ports: &[(&str, u16, &str)],
+        endpoints: Value,
+    ) {
         let ports: Vec<Value> = ports
             .iter()
             .map(|(name, port, protocol)| serde_json::json!({"name": name, "port": port, "protocol": protocol}))
@@ -134,18 +151,32 @@ impl ApiServer {
         });
         self.block_on(async {
             self.slices()
-                .patch(name, &PatchParams::apply("ebpf-net-test").force(), &Patch::Apply(&object))
+                .patch(
+                    name,
+                    &PatchParams::apply("ebpf-net-test").force(),
+                    &Patch::Apply(&object),
+                )
                 .await
                 .unwrap_or_else(|err| panic!("applying endpointslice {name}: {err}"))
         });
     }
 
     pub fn delete_slice(&self, name: &str) {
-        self.block_on(async { self.slices().delete(name, &DeleteParams::default()).await.unwrap() });
+        self.block_on(async {
+            self.slices()
+                .delete(name, &DeleteParams::default())
+                .await
+                .unwrap()
+        });
     }
 
     pub fn delete_service(&self, name: &str) {
-        self.block_on(async { self.services().delete(name, &DeleteParams::default()).await.unwrap() });
+        self.block_on(async {
+            self.services()
+                .delete(name, &DeleteParams::default())
+                .await
+                .unwrap()
+        });
     }
 
     /// Creates every object of a multi-document YAML file, or with `dry_run` has the server
@@ -154,12 +185,16 @@ impl ApiServer {
     pub fn create_manifest(&self, path: &std::path::Path, dry_run: bool) -> Result<Vec<String>, String> {
         use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
         let text = std::fs::read_to_string(path).unwrap();
-        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let docs: Vec<Value> =
+            serde_saphyr::from_multiple(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         let mut made = Vec::new();
         for doc in docs.into_iter().filter(|d| !d.is_null()) {
             let object: DynamicObject = serde_json::from_value(doc.clone()).map_err(|e| e.to_string())?;
             let types = object.types.clone().ok_or("an object without apiVersion/kind")?;
-            let (group, version) = types.api_version.rsplit_once('/').unwrap_or(("", &types.api_version));
+            let (group, version) = types
+                .api_version
+                .rsplit_once('/')
+                .unwrap_or(("", &types.api_version));
             let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, &types.kind));
             let api: Api<DynamicObject> = match &object.metadata.namespace {
                 Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
@@ -169,8 +204,13 @@ impl ApiServer {
                 dry_run,
                 ..PostParams::default()
             };
-            let name = format!("{} {}", types.kind, object.metadata.name.clone().unwrap_or_default());
-            self.block_on(api.create(&params, &object)).map_err(|e| format!("{name}: {e}"))?;
+            let name = format!(
+                "{} {}",
+                types.kind,
+                object.metadata.name.clone().unwrap_or_default()
+            );
+            self.block_on(api.create(&params, &object))
+                .map_err(|e| format!("{name}: {e}"))?;
             made.push(name);
         }
         Ok(made)
@@ -207,7 +247,9 @@ impl ApiServer {
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
-        let _ = Command::new(script()).args(["down", self.dir.to_str().unwrap()]).output();
+        let _ = Command::new(script())
+            .args(["down", self.dir.to_str().unwrap()])
+            .output();
     }
 }
 
