@@ -208,6 +208,42 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
         .collect();
     assert_eq!(chosen.len(), 1, "sessionAffinity ClientIP: {chosen:?}");
 
+    // a resolver-like connected UDP socket whose backend leaves: destroyed (ECONNABORTED), so
+    // its owner connects again, to a backend that is there (cilium#27300)
+    let vip_udp = SocketAddr::new(vip4.ip(), 7);
+    let udp = Seen::parse(&client.run(&format!("udphold {vip_udp}"))[0]);
+    assert!(client.run("udpping")[0].starts_with("ok "));
+    let rest: Vec<usize> = (0..3).filter(|i| lab.backend(true, *i) != udp.server).collect();
+    lab.api
+        .apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &rest));
+    // destroyed: disconnected with ECONNABORTED pending, so a send fails EDESTADDRREQ (89)
+    // and a receive ECONNABORTED (103); a live socket answers
+    let took = within(
+        "the UDP socket of a removed backend is destroyed",
+        Duration::from_secs(10),
+        || {
+            let said = client.run("udpping").remove(0);
+            said == "err errno=89" || said == "err errno=103"
+        },
+    );
+    eprintln!("connected UDP socket destroyed {took:?} after its backend's removal");
+    for seen in servers(&mut client, &format!("udpc {vip_udp} 6")) {
+        assert_ne!(
+            seen.server, udp.server,
+            "a new UDP socket reached the removed backend"
+        );
+    }
+    lab.api
+        .apply_slice("web-4", "web", "IPv4", &ports, lab.ready(true, &[0, 1, 2]));
+    within("all three backends again", Duration::from_secs(10), || {
+        servers(&mut client, &format!("tcp {vip4} 30"))
+            .iter()
+            .map(|s| s.server)
+            .collect::<HashSet<_>>()
+            .len()
+            == 3
+    });
+
     // an open connection, then its backend's endpoint removed: new connections follow, the
     // open one keeps working
     let held = Seen::parse(&client.run(&format!("hold {vip4}"))[0]);

@@ -842,6 +842,9 @@ pub struct SyncReport {
     pub unchanged: usize,
     /// what it wrote to the services and backends, for the record `status` compares with
     pub written: Written,
+    /// (UDP VIP, backend) of every backend that left a UDP service (clusterip destroys the
+    /// sockets it connected through that VIP to that backend)
+    pub gone: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl std::fmt::Display for SyncReport {
@@ -916,6 +919,18 @@ pub fn sync_services_with(
         *left == 0
     }
 
+    let by_key: HashMap<ServiceKey, &Service> = services
+        .iter()
+        .flat_map(|service| service.keys().into_iter().map(move |key| (key, service)))
+        .collect();
+    for old in installed.values() {
+        for key in old.keys.iter().filter(|key| key.protocol == Protocol::Udp) {
+            let now = by_key.get(key).map(|service| service.addrs()).unwrap_or_default();
+            for backend in old.backends.iter().filter(|backend| !now.contains(backend)) {
+                report.gone.push((key.vip, *backend));
+            }
+        }
+    }
     let wanted: HashSet<ServiceKey> = services.iter().flat_map(Service::keys).collect();
     // Removed services go last, once every added or changed one is in: an update stopped
     // midway never leaves fewer services than either the old state or the new one has.
