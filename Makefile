@@ -29,6 +29,9 @@ demo: setup
 # The SYN-flood tests measure what a flood does: they run alone, after the rest.
 test: setup all
 	$(CARGO) clippy --all-targets -- -D warnings
+	# the real kube-apiserver + etcd of the Kubernetes tests (tests/kube_e2e.rs): built once from
+	# their Go modules into a cache outside the repo (minutes the first time), reused after
+	scripts/test-apiserver build
 	$(CARGO) test --release -- --test-threads=4 --skip syn_flood
 	$(CARGO) test --release --test lb_e2e --test xdp_lb_e2e -- --test-threads=1 syn_flood
 	# the tc datapaths again through legacy tc (clsact + cls_bpf), what kernels before 6.6 get

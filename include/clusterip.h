@@ -9,6 +9,8 @@
 #define CLUSTERIP_BACKEND_SLOTS 131072
 #define CLUSTERIP_MAX_BACKENDS_PER_SERVICE 16384
 #define CLUSTERIP_MAX_REVERSE 131072
+/* backends gone in one update whose connected UDP sockets bpf/sock_destroy.c destroys */
+#define CLUSTERIP_GONE_MAX 16384
 
 /* A socket that was sent to a backend instead of a VIP; its value is the VIP, for recvmsg and
  * getpeername. IPv4 endpoints are always stored as AF_INET, also for IPv4-mapped IPv6. */

@@ -6,8 +6,10 @@
 //! - `control`: what every datapath shares (configuration, typed services, the lifecycle,
 //!   instances, status, metrics, counters);
 //! - `datapath`: one module per datapath, each implementing the lifecycle once, and the
-//!   registry that `status`, `down` and the CLI loop over.
+//!   registry that `status`, `down` and the CLI loop over;
+//! - `kube`: the node agent, which drives datapaths from a Kubernetes API server.
 
 pub mod control;
 pub mod datapath;
 pub mod kernel;
+pub mod kube;

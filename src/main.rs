@@ -15,6 +15,7 @@ use ebpf_net::datapath::proxy::{self, Proxy, ProxyArgs};
 use ebpf_net::datapath::xdp_lb::{self, XdpLb, XdpLbArgs};
 use ebpf_net::datapath::REGISTRY;
 use ebpf_net::kernel::{netns, probe};
+use ebpf_net::kube::{self, KubeArgs};
 
 /// eBPF service networking for a Linux node.
 #[derive(Parser, Debug)]
@@ -43,6 +44,9 @@ enum Command {
     /// one-arm L4 load balancer in XDP: Maglev, per-flow state, full NAT, flow events
     #[command(name = "xdp-lb")]
     XdpLb(XdpLbArgs),
+    /// node agent: the Services of a Kubernetes API server on this node (clusterip on a
+    /// cgroup, lb or xdp-lb on interfaces); with -n, the interfaces' namespace
+    Kube(KubeArgs),
     /// show what ebpf-net has persisted (every namespace) and attached (this namespace)
     Status {
         /// machine-readable output
@@ -103,6 +107,10 @@ fn run(cli: Cli) -> Result<()> {
             bail!("clusterip attaches to a cgroup, whose processes it serves in every network namespace; drop --netns (it only says where health checks of --service ...;check=... run)");
         }
     }
+    if let Command::Kube(args) = &cli.command {
+        // the API server is reached from here; the datapaths work in the node's namespace
+        return kube::run(args, cli.netns.as_deref());
+    }
     if let Some(name) = &cli.netns {
         netns::enter(name)?;
     }
@@ -114,6 +122,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Clusterip(args) => lifecycle::run::<Clusterip>(args, &netns_key),
         Command::Lb(args) => lifecycle::run::<Lb>(args, &netns_key),
         Command::XdpLb(args) => lifecycle::run::<XdpLb>(args, &netns_key),
+        Command::Kube(_) => unreachable!("the agent runs before --netns is entered"),
         Command::Status { json } => status::status(&REGISTRY, *json, &netns_key),
         Command::Down {
             subcommand,

@@ -298,7 +298,7 @@ pub fn run<D: Datapath>(args: &D::Args, netns_key: &str) -> Result<()> {
                 target.display()
             );
         }
-        return persist_run::<D>(&desired, &target, &plan, &pins, instance.as_mut());
+        return persist_run::<D>(&desired, &target, &plan, &pins, instance.as_mut(), None);
     }
     // before the first apply: it registers the checks the services ask for
     health::start(D::NAME, shutdown.sender());
@@ -443,16 +443,89 @@ impl Drop for RunPins {
 pub const UPDATE_IN_PROGRESS: &str =
     "an update in progress (the maps may hold part of it; run the same command again to finish it)";
 
+/// What a program driving a datapath (the Kubernetes agent) is told after each apply (the
+/// ready line's text, or why it failed), answered with the next desired state; None stops,
+/// leaving the datapath pinned and serving.
+pub type Next<'a, D> = &'a mut dyn FnMut(Result<String>) -> Option<<D as Datapath>::Desired>;
+
+/// Runs a datapath for a program that computes its desired state, as the Kubernetes agent
+/// does: attached and pinned as `--persist` does, so it serves on while the program stops or
+/// restarts, then kept loaded while `next` gives new desired states, each applied in place as
+/// a diff. Call it on a thread of its own (in the datapath's network namespace).
+pub fn drive<D: Datapath>(netns_key: &str, desired: D::Desired, next: Next<'_, D>) -> Result<()> {
+    let target = D::target(&desired)?;
+    let netns_key = D::netns_key(netns_key);
+    let pins = PinDir::new(D::NAME, &netns_key, &target.key());
+    if pins.prog_ids().is_empty() {
+        D::check_kernel()?;
+    }
+    let (mut instance, _) = Instance::claim(D::NAME, &netns_key, &target.key(), true)?;
+    if let Target::Interface(iface) = &target {
+        for line in crate::kernel::tc::remove_orphaned_on(iface.index, D::PROGRAMS)? {
+            eprintln!("{}: {line}", D::NAME);
+        }
+    }
+    D::refuse_if_attached(&target, &pins.prog_ids())?;
+    let plan = D::plan(&desired, &target, true)?;
+    persist_run::<D>(&desired, &target, &plan, &pins, Some(&mut instance), Some(next))
+}
+
+/// " (1 added, ...)" after a ready or update line, when the apply counted.
+fn counted(applied: &Applied) -> String {
+    if applied.report.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", applied.report)
+    }
+}
+
+/// [`drive`]'s updates: each desired state `next` gives is planned, applied as a diff and
+/// recorded for `status`, as a `--persist` re-run would, without loading anything again.
+fn drive_updates<D: Datapath>(
+    loaded: &D::Loaded<'_>,
+    target: &Target,
+    pins: &PinDir,
+    first: String,
+    next: Next<'_, D>,
+) {
+    let mut outcome = Ok(first);
+    while let Some(desired) = next(outcome) {
+        outcome = (|| {
+            let plan = D::plan(&desired, target, true)?;
+            let recorded = desired::set_aside(pins);
+            let applied = D::apply(loaded, &plan)?;
+            for line in &applied.log {
+                eprintln!("{}: {line}", D::NAME);
+            }
+            let before = if recorded {
+                desired::Before::Recorded
+            } else {
+                desired::Before::Unknown
+            };
+            desired::record(pins, D::desired_maps(), before, applied.written.as_ref())?;
+            Ok(format!(
+                "{}: {}{}",
+                target.display(),
+                D::describe(&desired, target, &plan),
+                counted(&applied)
+            ))
+        })();
+    }
+}
+
 /// Attaches and pins, or updates what is pinned in place: the maps are reused (or migrated
 /// to a new shape), the desired state applied as a diff, then the new programs swapped into
-/// the pinned links, so traffic never meets an empty table or a missing program.
+/// the pinned links, so traffic never meets an empty table or a missing program. With
+/// `drive`, it stays loaded for the updates [`drive`] gives.
 fn persist_run<D: Datapath>(
     desired: &D::Desired,
     target: &Target,
     plan: &D::Plan,
     pins: &PinDir,
     instance: Option<&mut Instance>,
+    mut drive: Option<Next<'_, D>>,
 ) -> Result<()> {
+    let driven = drive.is_some();
     // recorded before the first map changes; the record goes when this run ends, so only a
     // killed run leaves it, for `status` to show and the next run to finish
     // a tree someone loosened is not ours to trust: refused before anything changes
@@ -504,6 +577,18 @@ fn persist_run<D: Datapath>(
         run::phase("  desired maps recorded");
         desired::record_programs(pins, &set.fingerprints, &pins.prog_ids())?;
         run::phase("desired state recorded");
+        if let Some(next) = drive.take() {
+            for line in applied.log.iter().chain(&set.log) {
+                eprintln!("{}: {line}", D::NAME);
+            }
+            let first = format!(
+                "{}: {}{}",
+                target.display(),
+                D::describe(desired, target, plan),
+                counted(&applied)
+            );
+            drive_updates::<D>(&loaded, target, pins, first, next);
+        }
         Ok((updated, applied))
     })();
     if result.is_err() && fresh {
@@ -511,16 +596,16 @@ fn persist_run<D: Datapath>(
         let _ = D::release(&pins.netns);
     }
     let (updated, applied) = result?;
+    if driven {
+        // the driver said everything as it went; it stops leaving the datapath serving
+        return Ok(());
+    }
     for line in applied.log.iter().chain(&set.log) {
         eprintln!("{}: {line}", D::NAME);
     }
     run::phase("done");
     let verb = if updated { "updated in place" } else { "pinned" };
-    let counted = if applied.report.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", applied.report)
-    };
+    let counted = counted(&applied);
     run::announce_ready(
         D::NAME,
         &format!(

@@ -14,6 +14,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
@@ -27,6 +28,8 @@ pub struct Family {
     pub help: String,
     pub gauge: bool,
     pub samples: Vec<(Labels, u64)>,
+    /// a histogram instead of the samples
+    pub histogram: Option<Histogram>,
 }
 
 impl Family {
@@ -36,6 +39,15 @@ impl Family {
             help: help.into(),
             gauge: false,
             samples: Vec::new(),
+            histogram: None,
+        }
+    }
+
+    /// A histogram the process keeps (observed as things happen, not read from maps).
+    pub fn histogram(name: &str, help: &str, histogram: Histogram) -> Self {
+        Self {
+            histogram: Some(histogram),
+            ..Self::counter(name, help)
         }
     }
 
@@ -71,6 +83,12 @@ impl std::fmt::Debug for Scrape {
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         for family in &self.families {
+            if let Some(histogram) = &family.histogram {
+                let metric =
+                    encoder.encode_descriptor(&family.name, &family.help, None, MetricType::Histogram)?;
+                histogram.encode(metric)?;
+                continue;
+            }
             let kind = if family.gauge {
                 MetricType::Gauge
             } else {

@@ -1098,6 +1098,9 @@ pub struct SyncReport {
     pub unchanged: usize,
     /// what it wrote to the services and backends, for the record `status` compares with
     pub written: Written,
+    /// (UDP VIP, backend) of every backend that left a UDP service (clusterip destroys the
+    /// sockets it connected through that VIP to that backend)
+    pub gone: Vec<(SocketAddr, SocketAddr)>,
 }
 
 impl std::fmt::Display for SyncReport {
@@ -1186,6 +1189,9 @@ pub fn sync_services_with(
         .copied()
         .collect();
     removals.sort();
+    for key in removals.iter().filter(|key| key.protocol == Protocol::Udp) {
+        gone_from(&current, *key, pointing[key], &[], &mut report.gone)?;
+    }
 
     let mut pending: Vec<&Service> = Vec::new();
     // reused for every service: comparing 10,000 services allocates nothing per service
@@ -1197,6 +1203,12 @@ pub fn sync_services_with(
         } else if keys.iter().any(|key| pointing.contains_key(key)) {
             report.changed += 1;
             pending.push(service);
+            let now = service.addrs();
+            for key in keys.iter().filter(|key| key.protocol == Protocol::Udp) {
+                if let Some(base) = pointing.get(key) {
+                    gone_from(&current, *key, *base, &now, &mut report.gone)?;
+                }
+            }
         } else {
             report.added += 1;
             pending.push(service);
@@ -1264,6 +1276,24 @@ pub fn sync_services_with(
         }
     }
     Ok(report)
+}
+
+/// Notes (VIP, backend) for each backend of the range at `base` that `key` points at and
+/// that is not in `now`.
+fn gone_from(
+    current: &Current,
+    key: ServiceKey,
+    base: u32,
+    now: &[SocketAddr],
+    gone: &mut Vec<(SocketAddr, SocketAddr)>,
+) -> Result<()> {
+    for slot in base..current.end(base) {
+        let backend = current.endpoint(slot)?;
+        if !now.contains(&backend) {
+            gone.push((key.vip, backend));
+        }
+    }
+    Ok(())
 }
 
 /// The slots a service of `backends` backends holds: one at least, so that every service,

@@ -157,6 +157,15 @@ impl Settings {
         })
     }
 
+    /// The settings of a program that drives clusterip (the Kubernetes agent): `services` on
+    /// the cgroup `cgroup` (None: the root).
+    pub fn driven(cgroup: Option<&str>, services: Vec<Service>) -> Result<Self> {
+        Ok(Self {
+            cgroup: cgroup.map(|path| Item::flags("--cgroup", &[path.to_string()]).remove(0)),
+            services: Arc::new(service::check_services(services, LIMITS)?),
+        })
+    }
+
     fn resolve_cgroup(&self) -> Result<Cgroup> {
         match &self.cgroup {
             Some(item) => Cgroup::resolve(Some(&item.text)).map_err(|err| item.fail(err)),
@@ -228,6 +237,101 @@ fn refuse_if_attached(cgroup: &Cgroup, pinned: &[u32]) -> Result<()> {
 /// The clusterip datapath on the lifecycle.
 pub struct Clusterip;
 
+/// What a clusterip run works from: the services, and the cgroup whose processes' connected
+/// UDP sockets go when their backend does.
+pub struct Plan {
+    services: Arc<Vec<Service>>,
+    cgroup: Cgroup,
+}
+
+/// Destroys the connected UDP sockets clusterip gave a backend in `gone`, in every network
+/// namespace of the cgroup's processes (bpf/sock_destroy.c): their owners see ECONNABORTED
+/// and connect again through the VIP. Says what it did, or why it could not, in a log line;
+/// never fails the update, which is in the maps already.
+fn destroy_gone_udp(
+    skel: &SockXlateSkel<'_>,
+    gone: &[(std::net::SocketAddr, std::net::SocketAddr)],
+    cgroup: &Cgroup,
+) -> Option<String> {
+    use crate::kernel::skel::sock_destroy::SockDestroySkelBuilder;
+    use libbpf_rs::MapCore;
+    let udp_gone: std::collections::HashSet<_> = gone.iter().map(|(_, backend)| backend).collect();
+    let udp_gone = udp_gone.len();
+    let result = (|| -> Result<u64> {
+        let mut storage = MaybeUninit::uninit();
+        let mut open = SockDestroySkelBuilder::default().open(&mut storage)?;
+        open.maps
+            .clusterip_reverse
+            .reuse_fd(skel.maps.clusterip_reverse.as_fd())?;
+        let destroyer = open
+            .load()
+            .context("loading the socket iterator (bpf_sock_destroy needs Linux 6.5)")?;
+        for (vip, backend) in gone.iter().take(include_limit()) {
+            // as the reply table has them: VIP then backend, neither with a protocol
+            let mut key = Vec::with_capacity(40);
+            service::endpoint_bytes(*vip, &mut key);
+            service::endpoint_bytes(*backend, &mut key);
+            destroyer
+                .maps
+                .clusterip_gone
+                .update(&key, &[1], libbpf_rs::MapFlags::ANY)?;
+        }
+        let link = destroyer.progs.cip_udp_gone.attach()?;
+        for netns in namespaces_of(cgroup) {
+            std::thread::scope(|scope| {
+                scope
+                    .spawn(|| -> Result<()> {
+                        let file = std::fs::File::open(&netns)?;
+                        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                        let mut iter = libbpf_rs::Iter::new(&link)?;
+                        std::io::copy(&mut iter, &mut std::io::sink())?;
+                        Ok(())
+                    })
+                    .join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("the socket iterator's thread failed")))
+            })
+            .with_context(|| format!("iterating the UDP sockets of {}", netns.display()))?;
+        }
+        Ok(destroyer.maps.bss_data.as_deref().map_or(0, |bss| bss.destroyed))
+    })();
+    match result {
+        Ok(0) => None,
+        Ok(destroyed) => Some(format!(
+            "destroyed {destroyed} connected UDP sockets of {udp_gone} backends that left their services (their owners connect again)"
+        )),
+        Err(err) => Some(format!(
+            "connected UDP sockets of backends that left their services stay: {err:#}"
+        )),
+    }
+}
+
+/// bpf/sock_destroy.c's CLUSTERIP_GONE_MAX
+fn include_limit() -> usize {
+    16384
+}
+
+/// One `/proc/PID/ns/net` per network namespace the processes of `cgroup` (and its
+/// descendants) are in.
+fn namespaces_of(cgroup: &Cgroup) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    for dir in cgroup.walk() {
+        let Ok(procs) = std::fs::read_to_string(dir.path.join("cgroup.procs")) else {
+            continue;
+        };
+        for pid in procs.split_whitespace() {
+            let path = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+            if let Ok(meta) = std::fs::metadata(&path) {
+                if seen.insert((meta.dev(), meta.ino())) {
+                    found.push(path);
+                }
+            }
+        }
+    }
+    found
+}
+
 /// Every map pinned with `--persist`.
 const PINS: &[MapPin] = &[
     PIN_SERVICES,
@@ -250,7 +354,7 @@ impl Datapath for Clusterip {
     const PROGRAMS: &'static [&'static str] = PROGRAMS;
     type Args = ClusteripArgs;
     type Desired = Settings;
-    type Plan = Arc<Vec<Service>>;
+    type Plan = Plan;
     type Loaded<'obj> = SockXlateSkel<'obj>;
     type View = View;
 
@@ -267,23 +371,34 @@ impl Datapath for Clusterip {
     fn refuse_if_attached(target: &Target, pinned: &[u32]) -> Result<()> {
         refuse_if_attached(target.cgroup(), pinned)
     }
-    fn plan(desired: &Settings, _target: &Target, _persist: bool) -> Result<Arc<Vec<Service>>> {
-        Ok(Arc::clone(&desired.services))
+    fn plan(desired: &Settings, target: &Target, _persist: bool) -> Result<Plan> {
+        Ok(Plan {
+            services: Arc::clone(&desired.services),
+            cgroup: target.cgroup().clone(),
+        })
     }
     fn load<'obj>(
         storage: &'obj mut Storage,
-        _plan: &Arc<Vec<Service>>,
+        _plan: &Plan,
         pins: Option<&mut PinSet>,
     ) -> Result<SockXlateSkel<'obj>> {
         load(&mut storage[0], pins)
     }
-    fn apply(skel: &SockXlateSkel<'_>, services: &Arc<Vec<Service>>) -> Result<Applied> {
-        Ok(Applied::synced(sync(&tables(skel)?, services)?))
+    fn apply(skel: &SockXlateSkel<'_>, plan: &Plan) -> Result<Applied> {
+        let report = sync(&tables(skel)?, &plan.services)?;
+        let mut log = Vec::new();
+        if !report.gone.is_empty() {
+            log.extend(destroy_gone_udp(skel, &report.gone, &plan.cgroup));
+        }
+        Ok(Applied {
+            log,
+            ..Applied::synced(report)
+        })
     }
     fn attach(
         loaded: &SockXlateSkel<'_>,
         target: &Target,
-        _plan: &Arc<Vec<Service>>,
+        _plan: &Plan,
     ) -> Result<Vec<Box<dyn std::any::Any>>> {
         let cgroup = target.cgroup();
         let dir = cgroup.open()?;
@@ -301,7 +416,7 @@ impl Datapath for Clusterip {
         loaded: &SockXlateSkel<'_>,
         target: &Target,
         pins: &PinDir,
-        _plan: &Arc<Vec<Service>>,
+        _plan: &Plan,
     ) -> Result<bool> {
         let cgroup = target.cgroup();
         let dir = cgroup.open()?;
@@ -335,7 +450,7 @@ impl Datapath for Clusterip {
         }
         Ok(())
     }
-    fn describe(desired: &Settings, _target: &Target, _plan: &Arc<Vec<Service>>) -> String {
+    fn describe(desired: &Settings, _target: &Target, _plan: &Plan) -> String {
         service::describe(&desired.services)
     }
     fn view(loaded: &SockXlateSkel<'_>) -> Result<View> {

@@ -222,6 +222,17 @@ impl Settings {
         })
     }
 
+    /// The settings of a program that drives lb (the Kubernetes agent): `services` on
+    /// `iface`, everything else as without flags.
+    pub fn driven(iface: &str, services: Vec<Service>) -> Result<Self> {
+        Ok(Self {
+            iface: Item::flags("-i", &[iface.to_string()]).remove(0),
+            services: Arc::new(service::check_services(services, LIMITS)?),
+            no_snat: false,
+            flood_rate: DEFAULT_FLOOD_RATE,
+        })
+    }
+
     /// What a reload may change live: the services; the rest needs a restart.
     fn check_reload(&self, new: &Self) -> Result<()> {
         if new.iface.text != self.iface.text {

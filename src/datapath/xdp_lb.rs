@@ -302,6 +302,26 @@ impl Settings {
             flood_rate: file.value(args.flood_rate, |s| s.flood_rate, DEFAULT_FLOOD_RATE),
         })
     }
+
+    /// The settings of a program that drives xdp-lb (the Kubernetes agent): `services` on
+    /// `iface`, everything else as without flags.
+    pub fn driven(iface: &str, services: Vec<Service>) -> Result<(Self, EventLevel)> {
+        let settings = Self {
+            iface: Item::flags("-i", &[iface.to_string()]).remove(0),
+            services: service::check_services(services, LIMITS)?,
+            mode: XdpMode::Auto,
+            max_flows: DEFAULT_MAX_FLOWS,
+            flood_rate: DEFAULT_FLOOD_RATE,
+        };
+        // no flow events: nobody reads them, as with --persist
+        Ok((
+            settings,
+            EventLevel {
+                events: 0,
+                json: false,
+            },
+        ))
+    }
 }
 
 /// Where packets to one backend go: this node's address towards it and its next hop's MAC.

@@ -19,6 +19,9 @@ pub mod monitor {
 pub mod proxy {
     include!(concat!(env!("OUT_DIR"), "/proxy.skel.rs"));
 }
+pub mod sock_destroy {
+    include!(concat!(env!("OUT_DIR"), "/sock_destroy.skel.rs"));
+}
 pub mod sock_xlate {
     include!(concat!(env!("OUT_DIR"), "/sock_xlate.skel.rs"));
 }

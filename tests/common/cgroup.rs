@@ -197,7 +197,15 @@ fn addr_and_count(args: &[&str]) -> Result<(SocketAddr, usize), String> {
 /// `tcp ADDR [N]`, `udp ADDR [N]` (unconnected), `udpc ADDR [N]` (connected) print
 /// `server= seen= peer=`; `try tcp|udp ADDR` one timed attempt; `hold ADDR` keeps a TCP
 /// connection open and `ping` uses it.
-fn serve(command: &str, held: &mut Option<TcpStream>) -> Result<(), String> {
+/// What a client keeps between commands: a TCP connection (`hold`) and a connected UDP
+/// socket (`udphold`), like a resolver's.
+#[derive(Default)]
+struct Held {
+    tcp: Option<TcpStream>,
+    udp: Option<UdpSocket>,
+}
+
+fn serve(command: &str, held: &mut Held) -> Result<(), String> {
     let words: Vec<&str> = command.split_whitespace().collect();
     match words.as_slice() {
         ["hello"] => reply("hello"),
@@ -271,10 +279,45 @@ fn serve(command: &str, held: &mut Option<TcpStream>) -> Result<(), String> {
             let (seen, server) = line.trim().split_once(' ').ok_or("greeting")?;
             let peer = stream.peer_addr().map_err(|e| e.to_string())?;
             reply(&format!("server={server} seen={seen} peer={peer}"));
-            *held = Some(stream);
+            held.tcp = Some(stream);
+        }
+        // a connected UDP socket kept for `udpping`
+        ["udphold", args @ ..] => {
+            let (addr, _) = addr_and_count(args)?;
+            let socket: UdpSocket = udp_socket_for(addr);
+            socket.connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+            let (greeting, _) = udp_request(&socket, None);
+            let peer = socket.peer_addr().map_err(|e| e.to_string())?;
+            reply(&format!(
+                "server={} seen={} peer={peer}",
+                greeting.server, greeting.seen
+            ));
+            held.udp = Some(socket);
+        }
+        // one request on the kept UDP socket: `server=...` or `err errno=N`
+        ["udpping"] => {
+            let socket = held.udp.as_ref().ok_or("no held UDP socket")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let sent = socket.send(b"ping");
+            let mut buffer = [0u8; 512];
+            match sent.and_then(|_| socket.recv(&mut buffer)) {
+                Ok(n) => {
+                    let text = String::from_utf8_lossy(&buffer[..n]);
+                    let server = text
+                        .split('|')
+                        .next()
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_string();
+                    reply(&format!("ok server={server}"))
+                }
+                Err(err) => reply(&format!("err errno={}", err.raw_os_error().unwrap_or(0))),
+            }
         }
         ["ping"] => {
-            let stream = held.as_mut().ok_or("no held connection")?;
+            let stream = held.tcp.as_mut().ok_or("no held connection")?;
             stream.write_all(b"ping\n").map_err(|e| format!("send: {e}"))?;
             let mut echo = [0u8; 5];
             std::io::Read::read_exact(stream, &mut echo).map_err(|e| format!("echo: {e}"))?;
@@ -289,7 +332,7 @@ fn serve(command: &str, held: &mut Option<TcpStream>) -> Result<(), String> {
 pub fn helper_main() {
     // the harness has printed "test client_helper ... " without a newline
     println!();
-    let mut held = None;
+    let mut held = Held::default();
     for line in std::io::stdin().lock().lines().map_while(Result::ok) {
         if let Err(err) = serve(&line, &mut held) {
             reply(&format!("error {err}"));

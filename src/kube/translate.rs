@@ -1,0 +1,711 @@
+//! What the cluster asks of this node, from the API server's objects: the ClusterIP services
+//! of the cgroup datapath (clusterip) and the external ones (NodePort, LoadBalancer ingress,
+//! externalIPs) of the interface datapath (lb or xdp-lb). Pure: the same objects give the same
+//! services, so the agent can recompute everything after any event and apply the difference.
+//!
+//! The rules are kube-proxy's: services named by `service.kubernetes.io/service-proxy-name`
+//! and headless ones are someone else's; EndpointSlices join by `kubernetes.io/service-name`
+//! and by port name and protocol; ready endpoints take new flows, serving-and-terminating ones
+//! only when no endpoint is ready (else they drain); `Local` traffic policies keep this
+//! node's endpoints only.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Service as K8sService, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use crate::control::service::{self, Backend, BackendState, Protocol, Service};
+
+/// The label that gives a service to another proxy.
+pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// The label that joins an EndpointSlice to its service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// What this node serves.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct NodeServices {
+    /// ClusterIPs, one per family, port and protocol: clusterip on the cgroup
+    pub cluster: Vec<Service>,
+    /// NodePorts on the node's addresses, LoadBalancer ingress IPs and externalIPs: lb or
+    /// xdp-lb on the interfaces
+    pub external: Vec<Service>,
+    /// healthCheckNodePort of each `externalTrafficPolicy: Local` load balancer
+    pub health_ports: Vec<HealthPort>,
+    /// services or ports this node does not serve, one line each, for the log
+    pub skipped: Vec<String>,
+    /// services the cluster has that this node serves (of `cluster` and `external`)
+    pub count: usize,
+}
+
+/// A healthCheckNodePort: answers 200 while the node has an endpoint of the service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPort {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// An endpoint of one service port, as the slices say it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Endpoint {
+    addr: SocketAddr,
+    ready: bool,
+    serving: bool,
+    terminating: bool,
+    local: bool,
+}
+
+/// The objects the agent watches, by namespace and name.
+pub struct Cluster<'a> {
+    pub services: &'a [&'a K8sService],
+    pub slices: &'a [&'a EndpointSlice],
+    /// this node's name (endpoints' `nodeName`)
+    pub node: &'a str,
+    /// addresses NodePorts are served on
+    pub node_addresses: &'a [IpAddr],
+}
+
+fn protocol_of(text: Option<&str>) -> Result<Protocol, String> {
+    match text.unwrap_or("TCP") {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        other => Err(format!("protocol {other} is not supported (TCP and UDP are)")),
+    }
+}
+
+/// Every endpoint of each (slice port name, protocol), per service, from the slices.
+type SliceIndex = BTreeMap<(String, String), BTreeMap<(String, Protocol), BTreeSet<Endpoint>>>;
+
+fn index_slices(slices: &[&EndpointSlice], node: &str) -> SliceIndex {
+    let mut index = SliceIndex::new();
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue; // FQDN slices are not for proxies
+        }
+        let namespace = slice.metadata.namespace.clone().unwrap_or_default();
+        let by_port = index.entry((namespace, service.clone())).or_default();
+        for port in slice.ports.iter().flatten() {
+            let (Some(number), Ok(protocol)) = (port.port, protocol_of(port.protocol.as_deref())) else {
+                continue;
+            };
+            let Ok(number) = u16::try_from(number) else {
+                continue;
+            };
+            let endpoints = by_port
+                .entry((port.name.clone().unwrap_or_default(), protocol))
+                .or_default();
+            for endpoint in &slice.endpoints {
+                // kube-proxy uses an endpoint's first address
+                let Some(ip) = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                    continue;
+                };
+                let conditions = endpoint.conditions.as_ref();
+                // unset ready and serving mean true; unset terminating false
+                let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+                let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                endpoints.insert(Endpoint {
+                    addr: SocketAddr::new(ip, number),
+                    ready,
+                    serving,
+                    terminating,
+                    local: endpoint.node_name.as_deref() == Some(node),
+                });
+            }
+        }
+    }
+    index
+}
+
+/// The backends of a service port for one address family: ready endpoints active,
+/// serving-and-terminating ones draining (active when none is ready), others left out.
+fn backends(endpoints: &BTreeSet<Endpoint>, v4: bool, local_only: bool) -> Vec<Backend> {
+    // an endpoint in two slices (a slice being replaced) once, its readiest view
+    let mut by_addr: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+    for endpoint in endpoints {
+        if endpoint.addr.is_ipv4() != v4 || (local_only && !endpoint.local) {
+            continue;
+        }
+        by_addr
+            .entry(endpoint.addr)
+            .and_modify(|seen| {
+                if endpoint.ready && !seen.ready {
+                    *seen = *endpoint
+                }
+            })
+            .or_insert(*endpoint);
+    }
+    let any_ready = by_addr.values().any(|e| e.ready);
+    by_addr
+        .values()
+        .filter_map(|endpoint| {
+            let state = if endpoint.ready {
+                BackendState::Active
+            } else if endpoint.serving && endpoint.terminating {
+                if any_ready {
+                    BackendState::Draining
+                } else {
+                    BackendState::Active
+                }
+            } else {
+                return None;
+            };
+            let mut backend = Backend::new(endpoint.addr);
+            backend.state = state;
+            Some(backend)
+        })
+        .collect()
+}
+
+fn parse_ips(texts: impl IntoIterator<Item = impl AsRef<str>>) -> Vec<IpAddr> {
+    texts
+        .into_iter()
+        .filter_map(|text| text.as_ref().parse().ok())
+        .collect()
+}
+
+/// One service of ours: `vip` for `port`, backends of the VIP's family.
+#[allow(clippy::too_many_arguments)]
+fn service_for(
+    vip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+    endpoints: Option<&BTreeSet<Endpoint>>,
+    local_only: bool,
+    affinity: Option<Duration>,
+    origin: &str,
+) -> Result<Service, String> {
+    let backends = endpoints
+        .map(|endpoints| backends(endpoints, vip.is_ipv4(), local_only))
+        .unwrap_or_default();
+    let mut service = Service::new(SocketAddr::new(vip, port), backends, origin.to_string())
+        .map_err(|err| format!("{origin}: {err:#}"))?;
+    service.protocol = Some(protocol);
+    service.affinity = affinity;
+    Ok(service)
+}
+
+/// What the cluster's services and slices ask of this node.
+pub fn node_services(cluster: &Cluster<'_>) -> NodeServices {
+    let index = index_slices(cluster.slices, cluster.node);
+    let mut out = NodeServices::default();
+    let mut sorted: Vec<&K8sService> = cluster.services.to_vec();
+    sorted.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
+    for k8s in sorted {
+        let namespace = k8s.metadata.namespace.clone().unwrap_or_default();
+        let name = k8s.metadata.name.clone().unwrap_or_default();
+        let Some(spec) = &k8s.spec else { continue };
+        if k8s
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(PROXY_NAME_LABEL))
+        {
+            continue;
+        }
+        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+        if kind == "ExternalName" {
+            continue;
+        }
+        let cluster_ips: Vec<IpAddr> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(ips), _) if !ips.is_empty() => parse_ips(ips),
+            (_, Some(ip)) => parse_ips([ip]),
+            _ => Vec::new(),
+        };
+        if spec.cluster_ip.as_deref() == Some("None") {
+            continue; // headless: DNS only
+        }
+        let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+            let seconds = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .filter(|s| *s > 0)
+                .map_or(service::DEFAULT_AFFINITY, |s| Duration::from_secs(s as u64));
+            seconds
+        });
+        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+        let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+        let mut external_vips: Vec<IpAddr> = parse_ips(spec.external_ips.iter().flatten());
+        if kind == "LoadBalancer" {
+            for ingress in k8s
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+            {
+                // ipMode Proxy: the cloud's load balancer proxies, its traffic is not for the VIP
+                if ingress.ip_mode.as_deref() == Some("Proxy") {
+                    continue;
+                }
+                external_vips.extend(parse_ips(ingress.ip.iter()));
+            }
+        }
+        let endpoints_of = |port: &ServicePort, protocol: Protocol| {
+            index
+                .get(&(namespace.clone(), name.clone()))
+                .and_then(|ports| ports.get(&(port.name.clone().unwrap_or_default(), protocol)))
+        };
+        let mut served = false;
+        for port in spec.ports.iter().flatten() {
+            let port_name = port.name.clone().unwrap_or_default();
+            let origin = if port_name.is_empty() {
+                format!("service {namespace}/{name} port {}", port.port)
+            } else {
+                format!("service {namespace}/{name} port {port_name}")
+            };
+            let protocol = match protocol_of(port.protocol.as_deref()) {
+                Ok(protocol) => protocol,
+                Err(problem) => {
+                    out.skipped.push(format!("{origin}: {problem}"));
+                    continue;
+                }
+            };
+            let Ok(number) = u16::try_from(port.port) else {
+                continue;
+            };
+            let endpoints = endpoints_of(port, protocol);
+            let mut push = |list: &mut Vec<Service>, vip: IpAddr, number: u16, local: bool| match service_for(
+                vip, number, protocol, endpoints, local, affinity, &origin,
+            ) {
+                Ok(service) => {
+                    list.push(service);
+                    served = true;
+                }
+                Err(problem) => out.skipped.push(problem),
+            };
+            for vip in &cluster_ips {
+                push(&mut out.cluster, *vip, number, internal_local);
+            }
+            for vip in &external_vips {
+                push(&mut out.external, *vip, number, external_local);
+            }
+            if matches!(kind, "NodePort" | "LoadBalancer") {
+                if let Some(node_port) = port.node_port.and_then(|p| u16::try_from(p).ok()) {
+                    // a NodePort on every node address of a family the service has
+                    let families: BTreeSet<bool> = cluster_ips.iter().map(IpAddr::is_ipv4).collect();
+                    for address in cluster.node_addresses {
+                        if families.is_empty() || families.contains(&address.is_ipv4()) {
+                            push(&mut out.external, *address, node_port, external_local);
+                        }
+                    }
+                }
+            }
+        }
+        if kind == "LoadBalancer" && external_local {
+            if let Some(port) = spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) {
+                let local: BTreeSet<SocketAddr> = index
+                    .get(&(namespace.clone(), name.clone()))
+                    .into_iter()
+                    .flat_map(|ports| ports.values().flatten())
+                    .filter(|e| e.local && e.ready)
+                    .map(|e| SocketAddr::new(e.addr.ip(), 0))
+                    .collect();
+                out.health_ports.push(HealthPort {
+                    port,
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                    local_endpoints: local.len(),
+                });
+            }
+        }
+        if served {
+            out.count += 1;
+        }
+    }
+    // two services of the cluster on one VIP (an externalIP given twice): the first keeps it
+    for list in [&mut out.cluster, &mut out.external] {
+        let mut seen = BTreeSet::new();
+        list.retain(|service| {
+            let fresh = service.keys().iter().all(|key| seen.insert(*key));
+            if !fresh {
+                out.skipped.push(format!(
+                    "{}: {} is served for another service already",
+                    service.origin, service.vip
+                ));
+            }
+            fresh
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{LoadBalancerIngress, LoadBalancerStatus, ServiceSpec, ServiceStatus};
+    use k8s_openapi::api::discovery::v1::{Endpoint as K8sEndpoint, EndpointConditions, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn meta(name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some("ns".into()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
+            ..ObjectMeta::default()
+        }
+    }
+
+    fn svc(name: &str, spec: ServiceSpec) -> K8sService {
+        K8sService {
+            metadata: meta(name, &[]),
+            spec: Some(spec),
+            status: None,
+        }
+    }
+
+    fn port(name: &str, number: i32, protocol: &str) -> ServicePort {
+        ServicePort {
+            name: Some(name.into()),
+            port: number,
+            protocol: Some(protocol.into()),
+            ..ServicePort::default()
+        }
+    }
+
+    /// (address, ready, serving, terminating, node)
+    type Ep<'a> = (&'a str, bool, bool, bool, &'a str);
+
+    fn slice(
+        service: &str,
+        family: &str,
+        ports: &[(&str, i32, &str)],
+        endpoints: &[Ep<'_>],
+    ) -> EndpointSlice {
+        EndpointSlice {
+            metadata: meta(&format!("{service}-x"), &[(SERVICE_NAME_LABEL, service)]),
+            address_type: family.into(),
+            ports: Some(
+                ports
+                    .iter()
+                    .map(|(name, number, protocol)| EndpointPort {
+                        name: Some(name.to_string()),
+                        port: Some(*number),
+                        protocol: Some(protocol.to_string()),
+                        ..EndpointPort::default()
+                    })
+                    .collect(),
+            ),
+            endpoints: endpoints
+                .iter()
+                .map(|(addr, ready, serving, terminating, node)| K8sEndpoint {
+                    addresses: vec![addr.to_string()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(*ready),
+                        serving: Some(*serving),
+                        terminating: Some(*terminating),
+                    }),
+                    node_name: Some(node.to_string()),
+                    ..K8sEndpoint::default()
+                })
+                .collect(),
+        }
+    }
+
+    fn run(services: &[K8sService], slices: &[EndpointSlice], node_addresses: &[IpAddr]) -> NodeServices {
+        let services: Vec<&K8sService> = services.iter().collect();
+        let slices: Vec<&EndpointSlice> = slices.iter().collect();
+        node_services(&Cluster {
+            services: &services,
+            slices: &slices,
+            node: "me",
+            node_addresses,
+        })
+    }
+
+    fn text(services: &[Service]) -> Vec<String> {
+        services
+            .iter()
+            .map(|s| {
+                let backends: Vec<String> = s.backends.iter().map(|b| b.to_string()).collect();
+                format!(
+                    "{}:{}={}{}",
+                    s.protocol.map_or("both", |p| p.name()),
+                    s.vip,
+                    if backends.is_empty() {
+                        "reject".into()
+                    } else {
+                        backends.join(",")
+                    },
+                    s.affinity
+                        .map(|a| format!(" affinity {}s", a.as_secs()))
+                        .unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    const READY: bool = true;
+
+    #[test]
+    fn cluster_ips_per_family_port_and_protocol_join_slices_by_port_name() {
+        let service = svc(
+            "dns",
+            ServiceSpec {
+                cluster_ips: Some(vec!["10.96.0.10".into(), "fd00::10".into()]),
+                ports: Some(vec![port("dns", 53, "UDP"), port("dns-tcp", 53, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        let v4 = slice(
+            "dns",
+            "IPv4",
+            &[("dns", 5353, "UDP"), ("dns-tcp", 5354, "TCP")],
+            &[
+                ("10.0.0.1", READY, true, false, "a"),
+                ("10.0.0.2", READY, true, false, "b"),
+            ],
+        );
+        let v6 = slice(
+            "dns",
+            "IPv6",
+            &[("dns", 5353, "UDP")],
+            &[("fd00::1", READY, true, false, "a")],
+        );
+        let out = run(&[service], &[v4, v6], &[]);
+        assert_eq!(
+            text(&out.cluster),
+            [
+                "udp:10.96.0.10:53=10.0.0.1:5353,10.0.0.2:5353",
+                "udp:[fd00::10]:53=[fd00::1]:5353",
+                "tcp:10.96.0.10:53=10.0.0.1:5354,10.0.0.2:5354",
+                // no IPv6 endpoint for the TCP port: refused, not missing
+                "tcp:[fd00::10]:53=reject",
+            ]
+        );
+        assert!(out.external.is_empty());
+        assert_eq!(out.count, 1);
+    }
+
+    #[test]
+    fn readiness_terminating_endpoints_drain_and_serve_only_without_ready_ones() {
+        let service = svc(
+            "web",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.20".into()),
+                ports: Some(vec![port("", 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        let mixed = slice(
+            "web",
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[
+                ("10.0.0.1", READY, true, false, "a"),
+                ("10.0.0.2", false, true, true, "a"),
+                ("10.0.0.3", false, false, true, "a"),
+                ("10.0.0.4", false, false, false, "a"),
+            ],
+        );
+        let out = run(std::slice::from_ref(&service), &[mixed], &[]);
+        assert_eq!(
+            text(&out.cluster),
+            ["tcp:10.96.0.20:80=10.0.0.1:8080,10.0.0.2:8080;state=draining"]
+        );
+        let only_terminating = slice(
+            "web",
+            "IPv4",
+            &[("", 8080, "TCP")],
+            &[("10.0.0.2", false, true, true, "a")],
+        );
+        let out = run(&[service], &[only_terminating], &[]);
+        assert_eq!(text(&out.cluster), ["tcp:10.96.0.20:80=10.0.0.2:8080"]);
+    }
+
+    #[test]
+    fn headless_other_proxies_external_names_and_sctp_are_not_served() {
+        let mut other = svc(
+            "other",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.30".into()),
+                ports: Some(vec![port("", 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        other.metadata.labels = Some([(PROXY_NAME_LABEL.to_string(), "x".to_string())].into());
+        let headless = svc(
+            "headless",
+            ServiceSpec {
+                cluster_ip: Some("None".into()),
+                ports: Some(vec![port("", 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        let sctp = svc(
+            "sctp",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.31".into()),
+                ports: Some(vec![port("s", 9, "SCTP"), port("t", 9, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        let name = svc(
+            "name",
+            ServiceSpec {
+                type_: Some("ExternalName".into()),
+                external_name: Some("example.org".into()),
+                ..ServiceSpec::default()
+            },
+        );
+        let out = run(&[other, headless, sctp, name], &[], &[]);
+        assert_eq!(text(&out.cluster), ["tcp:10.96.0.31:9=reject"]);
+        assert_eq!(
+            out.skipped,
+            ["service ns/sctp port s: protocol SCTP is not supported (TCP and UDP are)"]
+        );
+    }
+
+    #[test]
+    fn node_ports_load_balancer_ips_external_ips_affinity_and_local_policies() {
+        let mut lb = svc(
+            "lb",
+            ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                cluster_ips: Some(vec!["10.96.0.40".into()]),
+                external_ips: Some(vec!["192.0.2.7".into()]),
+                ports: Some(vec![ServicePort {
+                    node_port: Some(30080),
+                    ..port("http", 80, "TCP")
+                }]),
+                external_traffic_policy: Some("Local".into()),
+                health_check_node_port: Some(31000),
+                session_affinity: Some("ClientIP".into()),
+                ..ServiceSpec::default()
+            },
+        );
+        lb.status = Some(ServiceStatus {
+            load_balancer: Some(LoadBalancerStatus {
+                ingress: Some(vec![
+                    LoadBalancerIngress {
+                        ip: Some("198.51.100.1".into()),
+                        ..LoadBalancerIngress::default()
+                    },
+                    LoadBalancerIngress {
+                        ip: Some("198.51.100.2".into()),
+                        ip_mode: Some("Proxy".into()),
+                        ..LoadBalancerIngress::default()
+                    },
+                ]),
+            }),
+            ..ServiceStatus::default()
+        });
+        let slices = [slice(
+            "lb",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[
+                ("10.0.0.1", READY, true, false, "me"),
+                ("10.0.0.2", READY, true, false, "other"),
+            ],
+        )];
+        let node: [IpAddr; 2] = ["172.16.0.5".parse().unwrap(), "fd00:1::5".parse().unwrap()];
+        let out = run(&[lb], &slices, &node);
+        // the ClusterIP serves every endpoint (internalTrafficPolicy Cluster)
+        assert_eq!(
+            text(&out.cluster),
+            ["tcp:10.96.0.40:80=10.0.0.1:8080,10.0.0.2:8080 affinity 10800s"]
+        );
+        // external ones this node's only; the IPv6 node address not (an IPv4 service)
+        assert_eq!(
+            text(&out.external),
+            [
+                "tcp:192.0.2.7:80=10.0.0.1:8080 affinity 10800s",
+                "tcp:198.51.100.1:80=10.0.0.1:8080 affinity 10800s",
+                "tcp:172.16.0.5:30080=10.0.0.1:8080 affinity 10800s",
+            ]
+        );
+        assert_eq!(
+            out.health_ports,
+            [HealthPort {
+                port: 31000,
+                namespace: "ns".into(),
+                name: "lb".into(),
+                local_endpoints: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn internal_local_keeps_node_endpoints_and_refuses_without_them() {
+        let service = svc(
+            "loc",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.50".into()),
+                ports: Some(vec![port("", 80, "TCP")]),
+                internal_traffic_policy: Some("Local".into()),
+                ..ServiceSpec::default()
+            },
+        );
+        let elsewhere = slice(
+            "loc",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.9", READY, true, false, "other")],
+        );
+        assert_eq!(
+            text(&run(std::slice::from_ref(&service), &[elsewhere], &[]).cluster),
+            ["tcp:10.96.0.50:80=reject"]
+        );
+        let here = slice(
+            "loc",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.8", READY, true, false, "me")],
+        );
+        assert_eq!(
+            text(&run(&[service], &[here], &[]).cluster),
+            ["tcp:10.96.0.50:80=10.0.0.8:80"]
+        );
+    }
+
+    #[test]
+    fn an_endpoint_in_two_slices_is_one_backend() {
+        let service = svc(
+            "dup",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.60".into()),
+                ports: Some(vec![port("", 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        let mut second = slice(
+            "dup",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.1", false, true, true, "a")],
+        );
+        second.metadata.name = Some("dup-y".into());
+        let first = slice(
+            "dup",
+            "IPv4",
+            &[("", 80, "TCP")],
+            &[("10.0.0.1", READY, true, false, "a")],
+        );
+        assert_eq!(
+            text(&run(&[service], &[first, second], &[]).cluster),
+            ["tcp:10.96.0.60:80=10.0.0.1:80"]
+        );
+    }
+}
