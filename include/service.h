@@ -21,6 +21,7 @@ struct service_endpoint {
 
 /* service_range.flags */
 #define SERVICE_AFFINITY 1 /* a client keeps its backend for affinity_s (struct affinity_*) */
+#define SERVICE_KEEP_SOURCE 2 /* lb: no source NAT (its backend values carry no snat_addr); user space's record */
 
 struct service_range {
 	__u32 base;

@@ -347,9 +347,16 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
     let agent = lab.agent();
     let node_vip: SocketAddr = format!("10.9.0.1:{node_port}").parse().unwrap();
     let lb_vip: SocketAddr = "192.0.2.10:80".parse().unwrap();
+    let client_ip: std::net::IpAddr = "10.9.0.2".parse().unwrap();
     for vip in [node_vip, lb_vip] {
-        let seen: HashSet<SocketAddr> = (0..30).map(|_| answered(&lab.client, vip).0).collect();
+        let answers: Vec<(SocketAddr, SocketAddr)> = (0..30).map(|_| answered(&lab.client, vip)).collect();
+        let seen: HashSet<SocketAddr> = answers.iter().map(|a| a.0).collect();
         assert_eq!(seen.len(), 3, "{vip} (externalTrafficPolicy Cluster): {seen:?}");
+        // Cluster: the source is this node's address towards the backend
+        assert!(
+            answers.iter().all(|a| a.1.ip() != client_ip),
+            "{vip}: {answers:?}"
+        );
     }
     // Local: this node's endpoint only, and a healthCheckNodePort that says so
     let service = lab.api.apply_service(
@@ -363,8 +370,17 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
         Duration::from_secs(10),
         || (0..10).all(|_| answered(&lab.client, node_vip).0 == lab.backend(true, 0)),
     );
-    for _ in 0..10 {
-        assert_eq!(answered(&lab.client, lb_vip).0, lab.backend(true, 0));
+    for vip in [node_vip, lb_vip] {
+        for _ in 0..10 {
+            // Local: this node's endpoint, and it sees the client's own address
+            let (server, seen) = answered(&lab.client, vip);
+            assert_eq!(server, lab.backend(true, 0), "{vip}");
+            assert_eq!(
+                seen.ip(),
+                client_ip,
+                "{vip}: externalTrafficPolicy Local keeps the source"
+            );
+        }
     }
     let health = |lab: &Lab| {
         lab.client.exec(&format!(

@@ -244,6 +244,9 @@ pub struct Service {
     /// Some: a client keeps its backend this long across connections
     pub affinity: Option<Duration>,
     pub check: Option<HealthCheck>,
+    /// lb: the backends see the client's own address, no source NAT (Kubernetes'
+    /// `externalTrafficPolicy: Local`); their replies must come back through this node
+    pub keep_source: bool,
     /// where it came from, for error messages: `--service TEXT` or `FILE:LINE: service VIP`
     pub origin: String,
 }
@@ -284,6 +287,7 @@ impl Service {
             backends,
             affinity: None,
             check: None,
+            keep_source: false,
             origin,
         })
     }
@@ -923,7 +927,14 @@ impl Current {
         {
             return Ok(false);
         }
-        if affinity_seconds(service) != self.affinity(base) || service.backends.len() != self.len(base) {
+        if affinity_seconds(service) != self.affinity(base)
+            || service.backends.len() != self.len(base)
+            || self
+                .ranges
+                .get(&base)
+                .map(|(range, _)| range.flags & SERVICE_KEEP_SOURCE != 0)
+                != Some(service.keep_source)
+        {
             return Ok(false);
         }
         // the slots as this program writes them, in the service's order: no sorting
@@ -992,6 +1003,19 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
 
 /// include/service.h
 const SERVICE_AFFINITY: u32 = 1;
+const SERVICE_KEEP_SOURCE: u32 = 2;
+
+/// A service's flags in its range value.
+fn service_flags(service: &Service) -> u32 {
+    let mut flags = 0;
+    if service.affinity.is_some() {
+        flags |= SERVICE_AFFINITY;
+    }
+    if service.keep_source {
+        flags |= SERVICE_KEEP_SOURCE;
+    }
+    flags
+}
 
 /// The hasher of an update's own maps (keys from the tables and the user's services, not
 /// from the network): multiply-rotate as rustc's FxHash. SipHash's resistance to chosen keys
@@ -1120,7 +1144,7 @@ impl std::fmt::Display for SyncReport {
 pub fn sync_services(
     tables: &ServiceTables,
     services: &[Service],
-    backend_value: impl Fn(SocketAddr, &mut Vec<u8>) -> Result<()>,
+    backend_value: impl Fn(&Service, SocketAddr, &mut Vec<u8>) -> Result<()>,
 ) -> Result<SyncReport> {
     sync_services_with(tables, services, backend_value, |_, _| Ok(()))
 }
@@ -1131,7 +1155,7 @@ pub fn sync_services(
 pub fn sync_services_with(
     tables: &ServiceTables,
     services: &[Service],
-    backend_value: impl Fn(SocketAddr, &mut Vec<u8>) -> Result<()>,
+    backend_value: impl Fn(&Service, SocketAddr, &mut Vec<u8>) -> Result<()>,
     before_swap: impl Fn(&Service, u32) -> Result<()>,
 ) -> Result<SyncReport> {
     crate::control::health::configure(services);
@@ -1318,7 +1342,7 @@ fn write_ranges(
     current: &Current,
     pointing: &FastMap<ServiceKey, u32>,
     placed: &[(&Service, u32)],
-    backend_value: &impl Fn(SocketAddr, &mut Vec<u8>) -> Result<()>,
+    backend_value: &impl Fn(&Service, SocketAddr, &mut Vec<u8>) -> Result<()>,
     before_swap: &impl Fn(&Service, u32) -> Result<()>,
     written: &mut Written,
 ) -> Result<()> {
@@ -1352,7 +1376,7 @@ fn write_ranges(
         {
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
-            backend_value(backend.addr, &mut backend_values)?;
+            backend_value(service, backend.addr, &mut backend_values)?;
             cumulative += weight;
             weight_values.extend_from_slice(&cumulative.to_ne_bytes());
             match olds.iter().find_map(|old| current.slot_of(*old, backend.addr)) {
@@ -1364,11 +1388,7 @@ fn write_ranges(
             base: *base,
             count: service.backends.len() as u32,
             weight: cumulative,
-            flags: if service.affinity.is_some() {
-                SERVICE_AFFINITY
-            } else {
-                0
-            },
+            flags: service_flags(service),
             affinity_s: affinity_seconds(service).unwrap_or(0),
             pad: 0,
         };

@@ -198,7 +198,7 @@ fn tables(skel: &SockXlateSkel<'_>) -> Result<ServiceTables> {
 
 fn sync(tables: &ServiceTables, services: &[Service]) -> Result<SyncReport> {
     // a backend is just its endpoint here
-    service::sync_services(tables, services, |backend, out| {
+    service::sync_services(tables, services, |_, backend, out| {
         service::endpoint_bytes(backend, out);
         Ok(())
     })

@@ -267,8 +267,17 @@ impl BackendValues {
         })
     }
 
-    /// Appends the table value of `backend` to `out`.
-    fn value(&self, backend: SocketAddr, out: &mut Vec<u8>) -> Result<()> {
+    /// Appends the table value of `backend` to `out`; `snat` false: its service keeps the
+    /// client's address.
+    fn value(&self, backend: SocketAddr, snat: bool, out: &mut Vec<u8>) -> Result<()> {
+        if !(self.snat && snat) {
+            let value = lb_backend {
+                endpoint: backend.into(),
+                snat_addr: [0; 4],
+            };
+            out.extend_from_slice(as_bytes(&value));
+            return Ok(());
+        }
         let ip = backend.ip();
         let known = self.sources.borrow().get(&ip).copied();
         let source = match known {
@@ -281,7 +290,7 @@ impl BackendValues {
         };
         let value = lb_backend {
             endpoint: backend.into(),
-            snat_addr: if self.snat { ip_to_words(source).1 } else { [0; 4] },
+            snat_addr: ip_to_words(source).1,
         };
         out.extend_from_slice(as_bytes(&value));
         Ok(())
@@ -347,7 +356,9 @@ fn tables(skel: &LbSkel<'_>) -> Result<ServiceTables> {
 }
 
 fn sync(tables: &ServiceTables, services: &[Service], values: &BackendValues) -> Result<SyncReport> {
-    service::sync_services(tables, services, |backend, out| values.value(backend, out))
+    service::sync_services(tables, services, |service, backend, out| {
+        values.value(backend, !service.keep_source, out)
+    })
 }
 
 /// What lb changed in this namespace, as recorded in its nft table's comment.

@@ -532,7 +532,7 @@ pub fn sync(
     service::sync_services_with(
         &tables.services,
         services,
-        |endpoint, out| {
+        |_, endpoint, out| {
             let backend = backends.get(&endpoint).context("backend without a route")?;
             let value = xdp_lb_backend {
                 endpoint: endpoint.into(),

@@ -193,6 +193,8 @@ fn service_for(
         .map_err(|err| format!("{origin}: {err:#}"))?;
     service.protocol = Some(protocol);
     service.affinity = affinity;
+    // Local: the client's address reaches the backend (the endpoint is on this node)
+    service.keep_source = local_only;
     Ok(service)
 }
 
