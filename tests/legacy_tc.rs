@@ -233,7 +233,7 @@ fn persisted_legacy_rerun_swaps_the_program_in_the_same_filter_keeping_flows() {
             .cloned()
             .expect("the persisted proxy in status")
     };
-    // the connection keeps talking (a line every 200 ms; the server closes after 10 s of
+    // the connection keeps talking (a line every 200 ms; the server closes after 10 s (scaled) of
     // silence) while status is read and the re-run swaps the programs
     let stop = std::sync::atomic::AtomicBool::new(false);
     let (second, exchanged, entry) = std::thread::scope(|scope| {

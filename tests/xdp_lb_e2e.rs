@@ -502,7 +502,15 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     assert!(!lab.xdp_attached());
     let status = lab.ebpf_net(&["status", "--json"]);
     let status: Value = serde_json::from_slice(&status.stdout).unwrap();
-    assert!(status["attached"].as_array().unwrap().is_empty(), "{status}");
+    // this namespace's interface hooks: cgroup hooks are the host's, where another test's (or
+    // anyone's) clusterip may be attached meanwhile
+    let attached: Vec<&Value> = status["attached"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry.get("interface").is_some())
+        .collect();
+    assert!(attached.is_empty(), "{attached:?}");
 }
 
 /// One round on an open connection: `data` out, the same bytes echoed back.

@@ -12,6 +12,14 @@ use super::topology::Netns;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a TCP echo server waits for a connection's next bytes before it closes it: a
+/// bound that only ends connections a test leaked, so scaled like every such bound (in an
+/// emulated VM a `--persist` re-run between two messages took over 10 s, and the server's
+/// close, not the datapath, broke the tests' long connections).
+fn idle_timeout() -> Duration {
+    super::kernel::scaled(TIMEOUT)
+}
+
 /// A server thread that polls `stop`; raised and joined on drop.
 struct ServerThread {
     stop: Arc<AtomicBool>,
@@ -39,7 +47,7 @@ impl Drop for ServerThread {
 }
 
 /// TCP: on accept writes "<peer> <own address>\n", then echoes everything until the client
-/// shuts down.
+/// shuts down (or is silent for [`idle_timeout`]).
 pub struct TcpEchoServer {
     pub addr: SocketAddr,
     _thread: ServerThread,
@@ -71,7 +79,7 @@ impl TcpEchoServer {
 
 fn serve_tcp(mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
     stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_read_timeout(Some(idle_timeout()))?;
     let own = stream.local_addr()?;
     stream.write_all(format!("{peer} {own}\n").as_bytes())?;
     let mut buf = vec![0u8; 64 * 1024];
