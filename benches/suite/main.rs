@@ -3,8 +3,11 @@
 //!
 //!   cargo bench --bench suite                      everything, writes the report
 //!   cargo bench --bench suite -- SECTION...        only these (per-packet, services, bulk,
-//!                                                  control, attack); prints, writes the
-//!                                                  report under target/bench-partial
+//!                                                  control, attack, kube); prints, writes
+//!                                                  the report under target/bench-partial
+//!   cargo bench --bench suite -- kube              the Kubernetes agent at 10,000 services
+//!                                                  (only when named: it loads a real API
+//!                                                  server for minutes; scripts/bench-kube)
 //!   cargo bench --bench suite -- --quick ...       fewer and shorter rounds (a smoke run)
 
 #[path = "../../tests/common/mod.rs"]
@@ -13,6 +16,7 @@ mod common;
 mod attack;
 mod chart;
 mod control;
+mod kube;
 mod paths;
 mod per_packet;
 mod report;
@@ -90,7 +94,7 @@ impl Drop for InCgroup {
     }
 }
 
-const SECTIONS: [&str; 5] = ["per-packet", "services", "bulk", "control", "attack"];
+const SECTIONS: [&str; 6] = ["per-packet", "services", "bulk", "control", "attack", "kube"];
 
 fn main() {
     // `cargo bench` passes --bench; anything else is ours
@@ -111,7 +115,8 @@ fn main() {
         }
     }
     let all = chosen.is_empty();
-    let wants = |section: &str| all || chosen.contains(&section);
+    // kube only when named: it starts and loads a real API server for minutes
+    let wants = |section: &str| (all && section != "kube") || chosen.contains(&section);
     let settings = if quick {
         Settings::quick()
     } else {
@@ -140,6 +145,9 @@ fn main() {
     }
     if wants("control") {
         control::run(&mut report, &settings, &cgroup);
+    }
+    if wants("kube") {
+        kube::run(&mut report, &settings);
     }
     drop(inside);
 

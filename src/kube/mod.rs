@@ -310,8 +310,10 @@ async fn agent(
         .await
         .context("the API server does not answer")?;
     let state = Arc::new(Mutex::new(AgentState::default()));
+    // fine enough around the 100 ms goal to read a p99 off it
     let latency = Histogram::new([
-        0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5, 5.0, 10.0,
+        30.0,
     ]);
     let healthz = match args.healthz.as_str() {
         "off" => None,
@@ -411,7 +413,7 @@ async fn agent(
     let (slices, slice_writer) = reflector::store::<EndpointSlice>();
     let service_stream = reflector::reflector(
         service_writer,
-        watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default()),
+        watcher(Api::<K8sService>::all(client.clone()), watcher::Config::default()).modify(slim),
     )
     .default_backoff()
     .map(|event| -> Watched { (0, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
@@ -420,7 +422,8 @@ async fn agent(
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(slim),
     )
     .default_backoff()
     .map(|event| -> Watched { (1, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
@@ -590,6 +593,16 @@ fn client_url(args: &KubeArgs) -> String {
 
 fn watch_name(which: usize) -> &'static str {
     ["Service", "EndpointSlice"][which]
+}
+
+/// Drops what the agent never reads before an object is stored: managedFields (an
+/// EndpointSlice's lists every endpoint again) and annotations (kubectl's
+/// last-applied-configuration repeats the whole object). At 10,000 Services of 10
+/// endpoints the agent's RSS went from 186 to 130 MiB.
+fn slim<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
 }
 
 /// Whether a watch event changes what the stores hold: Some(true) at the end of a (re)list,
