@@ -14,12 +14,7 @@ int bpf_sock_destroy(struct sock_common *sk) __ksym;
 
 /* clusterip's own reply table (the map of bpf/sock_xlate.c, reused): only sockets it
  * translated are touched, never one a process connected to the backend address itself */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CLUSTERIP_MAX_REVERSE);
-	__type(key, struct clusterip_reverse_key);
-	__type(value, struct service_endpoint);
-} clusterip_reverse SEC(".maps");
+CLUSTERIP_REVERSE_MAP;
 
 /* (VIP, backend) of each backend that left a UDP service, as the reply table has them */
 struct clusterip_gone_key {

@@ -29,12 +29,7 @@ struct {
 
 /* (socket, backend) -> VIP, for the replies and getpeername of translated sockets. LRU:
  * entries of closed sockets age out. */
-struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, CLUSTERIP_MAX_REVERSE);
-	__type(key, struct clusterip_reverse_key);
-	__type(value, struct service_endpoint);
-} clusterip_reverse SEC(".maps");
+CLUSTERIP_REVERSE_MAP;
 
 /* slot -> cumulative weight of the service's usable backends (include/service.h) */
 struct {

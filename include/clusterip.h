@@ -20,6 +20,16 @@ struct clusterip_reverse_key {
 	__u32 pad; /* zeroed: no hole in a hashed key */
 };
 
+/* The reply table, defined once: bpf/sock_xlate.c fills it, bpf/sock_destroy.c reuses it. LRU:
+ * entries of closed sockets age out. */
+#define CLUSTERIP_REVERSE_MAP                                            \
+	struct {                                                         \
+		__uint(type, BPF_MAP_TYPE_LRU_HASH);                     \
+		__uint(max_entries, CLUSTERIP_MAX_REVERSE);              \
+		__type(key, struct clusterip_reverse_key);               \
+		__type(value, struct service_endpoint);                  \
+	} clusterip_reverse SEC(".maps")
+
 /* Key 0, per CPU. */
 struct clusterip_counters {
 	__u64 refused; /* connect() or sendmsg() to a service without a usable backend */

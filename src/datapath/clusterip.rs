@@ -266,7 +266,8 @@ fn destroy_gone_udp(
         let destroyer = open
             .load()
             .context("loading the socket iterator (bpf_sock_destroy needs Linux 6.5)")?;
-        for (vip, backend) in gone.iter().take(include_limit()) {
+        let room = destroyer.maps.clusterip_gone.max_entries() as usize;
+        for (vip, backend) in gone.iter().take(room) {
             // as the reply table has them: VIP then backend, neither with a protocol
             let mut key = Vec::with_capacity(40);
             service::endpoint_bytes(*vip, &mut key);
@@ -303,11 +304,6 @@ fn destroy_gone_udp(
             "connected UDP sockets of backends that left their services stay: {err:#}"
         )),
     }
-}
-
-/// bpf/sock_destroy.c's CLUSTERIP_GONE_MAX
-fn include_limit() -> usize {
-    16384
 }
 
 /// One `/proc/PID/ns/net` per network namespace the processes of `cgroup` (and its

@@ -35,7 +35,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use crate::control::lifecycle::{self, Datapath};
 use crate::control::metrics::{self, Family};
 use crate::control::run::{self, Request, Shutdown};
-use crate::control::service::Service;
 use crate::datapath::clusterip::{self, Clusterip};
 use crate::datapath::lb::{self, Lb};
 use crate::datapath::xdp_lb::{self, XdpLb};
@@ -357,7 +356,7 @@ async fn agent(
                 index,
                 format!("{} {iface}", lb::SUBCOMMAND),
                 netns,
-                move |services| lb::Settings::driven(&name, external_only(services)),
+                move |services| lb::Settings::driven(&name, services.external.clone()),
                 move |netns_key| Ok(PinDir::new(lb::SUBCOMMAND, netns_key, &key)),
                 outcome_tx.clone(),
             )?
@@ -638,11 +637,6 @@ fn compute(
         node,
         node_addresses,
     })
-}
-
-/// lb's services: the external ones.
-fn external_only(services: &NodeServices) -> Vec<Service> {
-    services.external.clone()
 }
 
 fn agent_families(state: &AgentState, latency: &Histogram) -> Vec<Family> {
