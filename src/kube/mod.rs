@@ -39,7 +39,7 @@ use crate::datapath::clusterip::{self, Clusterip};
 use crate::datapath::lb::{self, Lb};
 use crate::datapath::xdp_lb::{self, XdpLb};
 use crate::kernel::{netns, pin::PinDir};
-use translate::{Cluster, NodeServices};
+use translate::{Cluster, NodeServices, Translator};
 
 pub const SUBCOMMAND: &str = "kube";
 
@@ -437,6 +437,8 @@ async fn agent(
     // update number -> when its first change arrived
     let mut pending: BTreeMap<u64, Instant> = BTreeMap::new();
     let mut last_sent: Option<Arc<NodeServices>> = None;
+    // each Service worked out again only when it or its slices changed
+    let mut translator = Translator::default();
     let mut failing_watch = [false, false];
     loop {
         let deadline = changed_at
@@ -471,8 +473,12 @@ async fn agent(
             }
             _ = sleep_until(deadline) => {
                 let first = changed_at.take().expect("a deadline comes from a change");
-                let computed = Arc::new(compute(&services, &slices, &node, &node_addresses));
-                if last_sent.as_deref() == Some(&*computed) {
+                run::phase("kube: change debounced");
+                let computed = Arc::new(compute(&mut translator, &services, &slices, &node, &node_addresses));
+                run::phase("kube: services worked out");
+                let same = last_sent.as_deref() == Some(&*computed);
+                run::phase("kube: compared with the last update");
+                if same {
                     // nothing this node serves changed (another node's endpoint, a label)
                     let mut state = state.lock().unwrap();
                     if pending.is_empty() {
@@ -565,6 +571,7 @@ async fn agent(
                         // SIGHUP: everything again, as after a watch restart
                         changed_at.get_or_insert(Instant::now());
                         last_sent = None;
+                        translator = Translator::default();
                         eprintln!("{SUBCOMMAND}: reloading: every service again");
                     }
                 }
@@ -622,6 +629,7 @@ async fn sleep_until(deadline: Option<Instant>) {
 }
 
 fn compute(
+    translator: &mut Translator,
     services: &Store<K8sService>,
     slices: &Store<EndpointSlice>,
     node: &str,
@@ -631,7 +639,7 @@ fn compute(
     let slices = slices.state();
     let service_refs: Vec<&K8sService> = services.iter().map(|s| s.as_ref()).collect();
     let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
-    translate::node_services(&Cluster {
+    translator.node_services(&Cluster {
         services: &service_refs,
         slices: &slice_refs,
         node,
