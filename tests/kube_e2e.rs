@@ -322,6 +322,112 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
     );
 }
 
+/// One HTTP GET to the agent's health server: (status code, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connecting to /healthz");
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        answer.split("\r\n\r\n").nth(1).unwrap_or_default().to_string(),
+    )
+}
+
+#[test]
+fn this_node_from_the_api_gives_the_zone_of_topology_hints_and_its_removal_fails_healthz() {
+    let lab = Lab::new("knode");
+    let zone = |name: &str| json!({"topology.kubernetes.io/zone": name});
+    lab.api.apply_node(&lab.node_name, zone("zone-a"), json!({}));
+    let web = lab.api.apply_service(
+        "web",
+        json!({"ports": [{"port": 80, "targetPort": 8080, "protocol": "TCP"}]}),
+    );
+    // backend 0 hinted for zone-a, backends 1 and 2 for zone-b (the EndpointSlice
+    // controller's topology-aware routing)
+    let hinted: Vec<Value> = [(0, "zone-a"), (1, "zone-b"), (2, "zone-b")]
+        .iter()
+        .map(|(i, zone)| {
+            let mut endpoint = lab.endpoint(true, *i, "elsewhere", true, true, false);
+            endpoint["hints"] = json!({"forZones": [{"name": zone}]});
+            endpoint
+        })
+        .collect();
+    lab.api
+        .apply_slice("web-4", "web", "IPv4", &[("", 8080, "TCP")], Value::Array(hinted));
+    let vip = with_port(&cluster_ips(&web)[0], 80);
+
+    let agent = lab.agent();
+    let healthz = agent
+        .wait_stderr("kube: healthz at http://", 0, TIMEOUT)
+        .expect("the healthz line");
+    let healthz = healthz
+        .split("http://")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches("/healthz")
+        .to_string();
+    let mut client = Client::start(&lab.cgroup, &lab.node);
+    let reached = |client: &mut Client| -> HashSet<SocketAddr> {
+        servers(client, &format!("tcp {vip} 30"))
+            .iter()
+            .map(|s| s.server)
+            .collect()
+    };
+    assert_eq!(
+        reached(&mut client),
+        HashSet::from([lab.backend(true, 0)]),
+        "zone-a's endpoint only"
+    );
+    // the node moves to zone-b (its label changed): the other two
+    lab.api.apply_node(&lab.node_name, zone("zone-b"), json!({}));
+    let zone_b = HashSet::from([lab.backend(true, 1), lab.backend(true, 2)]);
+    within(
+        "zone-b's endpoints after the node's label changed",
+        Duration::from_secs(10),
+        || reached(&mut client) == zone_b,
+    );
+
+    // the cluster autoscaler marks the node for removal: /healthz fails (load balancers stop
+    // sending), /livez does not (the agent is fine), the services keep working
+    assert_eq!(get(&healthz, "/healthz").0, 200);
+    let taint =
+        json!({"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "value": "1", "effect": "NoSchedule"}]});
+    lab.api.apply_node(&lab.node_name, zone("zone-b"), taint);
+    within(
+        "/healthz fails for a node being removed",
+        Duration::from_secs(10),
+        || get(&healthz, "/healthz").0 == 503,
+    );
+    let (status, body) = get(&healthz, "/healthz");
+    assert!(
+        status == 503 && body.contains("\"nodeEligible\": false"),
+        "{status} {body}"
+    );
+    assert_eq!(get(&healthz, "/livez").0, 200);
+    assert_eq!(reached(&mut client), zone_b);
+    lab.api.apply_node(&lab.node_name, zone("zone-b"), json!({}));
+    within(
+        "/healthz back once the taint is gone",
+        Duration::from_secs(10),
+        || get(&healthz, "/healthz").0 == 200,
+    );
+    let (_, lines) = agent.stop();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("ToBeDeletedByClusterAutoscaler taint: /healthz answers 503")),
+        "{lines:#?}"
+    );
+}
+
 #[test]
 fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_namespace() {
     let lab = Lab::new("knp");

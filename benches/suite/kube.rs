@@ -152,6 +152,16 @@ impl Agent {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
+        // KUBE_BENCH_AGENT_LOG=FILE: the agent's stderr appended there (with EBPF_NET_TIMING=1,
+        // where each sync spends its time)
+        if let Some(path) = std::env::var_os("KUBE_BENCH_AGENT_LOG") {
+            use std::io::Write;
+            if let Ok(mut file) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+                for line in self.lines.lock().unwrap().drain(..) {
+                    let _ = writeln!(file, "{line}");
+                }
+            }
+        }
     }
 }
 

@@ -154,11 +154,13 @@ pub fn check_declaration<T: Counters>(btf: &Btf<'_>) -> Result<()> {
 /// `ebpf_net_backend_F_total{datapath,service,backend}` and `ebpf_net_service_F_total`;
 /// each backend's share of new flows `ebpf_net_backend_weight{datapath,service,backend}`
 /// (0: it takes none: draining, down or unhealthy). `service` is `tcp:VIP:PORT`,
-/// `udp:VIP:PORT`, or `VIP:PORT` for a service of both.
+/// `udp:VIP:PORT`, or `VIP:PORT` for a service of both. Per service only where
+/// [`crate::control::metrics::per_backend`] is off.
 pub fn service_families<T: Counters>(
     datapath: &str,
     report: &[crate::control::service::ServiceReport<T>],
 ) -> Vec<Family> {
+    let per_backend = crate::control::metrics::per_backend();
     let mut families = Vec::new();
     for (index, field) in T::FIELDS.iter().enumerate() {
         let mut backend = Family::counter(
@@ -171,7 +173,7 @@ pub fn service_families<T: Counters>(
         );
         for entry in report {
             let vip = entry.name();
-            for b in &entry.backends {
+            for b in entry.backends.iter().filter(|_| per_backend) {
                 backend.add(
                     &[
                         ("datapath", datapath),
@@ -186,8 +188,13 @@ pub fn service_families<T: Counters>(
                 entry.totals().values()[index],
             );
         }
-        families.push(backend);
+        if per_backend {
+            families.push(backend);
+        }
         families.push(service);
+    }
+    if !per_backend {
+        return families;
     }
     let mut weight = Family::gauge(
         "ebpf_net_backend_weight",

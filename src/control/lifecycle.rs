@@ -113,11 +113,38 @@ impl Applied {
     }
 }
 
+/// A report's JSON, built only when something shows it: at 10,000 services x 10 backends it
+/// was 150 MB of `serde_json` values that `status` without --json and every /metrics scrape
+/// built and threw away.
+pub struct Details(Box<dyn FnOnce() -> Value>);
+
+impl Details {
+    /// JSON made later, from what `make` owns.
+    pub fn later(make: impl FnOnce() -> Value + 'static) -> Self {
+        Self(Box::new(make))
+    }
+
+    /// JSON already made (small reports).
+    pub fn now(value: Value) -> Self {
+        Self(Box::new(move || value))
+    }
+
+    pub fn build(self) -> Value {
+        (self.0)()
+    }
+}
+
+impl Default for Details {
+    fn default() -> Self {
+        Self::now(Value::Null)
+    }
+}
+
 /// What a datapath shows of itself, read once and shown three ways.
 #[derive(Default)]
 pub struct Report {
-    /// `status --json`'s `details`
-    pub details: Value,
+    /// `status --json`'s `details`, made only when asked for
+    pub details: Details,
     /// `status`'s one line
     pub summary: String,
     /// `/metrics`

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::control::config::{self, ClusteripSection, Item, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
-use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Report, Storage, Target};
+use crate::control::lifecycle::{Applied, AttachedElsewhere, Datapath, Details, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 use crate::kernel::attach;
@@ -485,11 +485,6 @@ impl Datapath for Clusterip {
         }
         Ok(Report {
             on_detach: None,
-            details: json!({
-                "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
-                "health": crate::control::health::snapshot(),
-                "counters": events.json(),
-            }),
             summary: format!(
                 "{}; refused {}",
                 service::summarize_report(&services, backend_words),
@@ -497,6 +492,13 @@ impl Datapath for Clusterip {
             ),
             families,
             exit,
+            details: Details::later(move || {
+                json!({
+                    "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                    "health": crate::control::health::snapshot(),
+                    "counters": events.json(),
+                })
+            }),
         })
     }
     fn attached_elsewhere() -> Vec<AttachedElsewhere> {

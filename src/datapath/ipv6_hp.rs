@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use crate::control::config::{Ipv6HpSection, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
-use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::lifecycle::{Applied, Datapath, Details, Report, Storage, Target};
 use crate::control::metrics;
 use crate::kernel::addr::{parse_ipv6, Interface};
 use crate::kernel::attach::{self, prepare_tcx, LinkTarget, PinnedLink, TcDirection};
@@ -400,12 +400,12 @@ impl Datapath for Ipv6Hp {
             )
         };
         Ok(Report {
-            details: json!({
+            details: Details::now(json!({
                 "link_local": link_local,
                 "global": global,
                 "ingress": side(&ingress, view.links.map(|links| links[0])),
                 "egress": side(&egress, view.links.map(|links| links[1])),
-            }),
+            })),
             summary: format!(
                 "{} <-> {}; {}; {}",
                 link_local.as_deref().unwrap_or("?"),

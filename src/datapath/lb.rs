@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 
 use crate::control::config::{Item, LbSection, RunOptions, Sources};
 use crate::control::counters::{self, Counters};
-use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::lifecycle::{Applied, Datapath, Details, Report, Storage, Target};
 use crate::control::run::{self, Request, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 
@@ -847,12 +847,6 @@ impl Datapath for Lb {
         };
         Ok(Report {
             on_detach: None,
-            details: json!({
-                "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
-                "health": crate::control::health::snapshot(),
-                "counters": totals.json(),
-                "nft_table_repairs": repairs,
-            }),
             summary: format!(
                 "{}; conntrack entries created {}, failed {}{repaired}",
                 service::summarize_report(&services, backend_words),
@@ -861,6 +855,14 @@ impl Datapath for Lb {
             ),
             families,
             exit,
+            details: Details::later(move || {
+                json!({
+                    "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                    "health": crate::control::health::snapshot(),
+                    "counters": totals.json(),
+                    "nft_table_repairs": repairs,
+                })
+            }),
         })
     }
     fn release(netns_key: &str) -> Result<Vec<String>> {

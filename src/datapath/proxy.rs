@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::control::config::{self, Item, ProxySection, RunOptions, Sources};
 use crate::control::counters::Counters;
-use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::lifecycle::{Applied, Datapath, Details, Report, Storage, Target};
 use crate::control::metrics;
 use crate::kernel::addr::Interface;
 use crate::kernel::attach::TcDirection;
@@ -468,7 +468,7 @@ impl Datapath for Proxy {
             .collect();
         Ok(Report {
             on_detach: None,
-            details: json!({ "rules": details, "flows": flows }),
+            details: Details::now(json!({ "rules": details, "flows": flows })),
             summary: format!("{flows} tracked flows; {}", lines.join("; ")),
             families,
             exit: lines,

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::control::config::{Item, RunOptions, Sources, XdpLbSection};
 use crate::control::counters::{self, Counters};
-use crate::control::lifecycle::{Applied, Datapath, Report, Storage, Target};
+use crate::control::lifecycle::{Applied, Datapath, Details, Report, Storage, Target};
 use crate::control::metrics;
 use crate::control::run::{self, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
@@ -842,15 +842,9 @@ impl Datapath for XdpLb {
             .map(|service| service.summary(backend_words))
             .collect();
         exit.push(describe_counters(&totals));
+        let max_flows = view.flows.max_entries();
         Ok(Report {
             on_detach: None,
-            details: json!({
-                "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
-                "health": crate::control::health::snapshot(),
-                "flows": flows,
-                "max_flows": view.flows.max_entries(),
-                "counters": totals.json(),
-            }),
             summary: format!(
                 "{}; {flows} flows in the table, {} dropped",
                 service::summarize_report(&services, backend_words),
@@ -858,6 +852,15 @@ impl Datapath for XdpLb {
             ),
             families,
             exit,
+            details: Details::later(move || {
+                json!({
+                    "services": services.iter().map(ServiceReport::json).collect::<Vec<_>>(),
+                    "health": crate::control::health::snapshot(),
+                    "flows": flows,
+                    "max_flows": max_flows,
+                    "counters": totals.json(),
+                })
+            }),
         })
     }
     fn serve(

@@ -88,18 +88,20 @@ pub fn rfc3339(time: SystemTime) -> String {
     )
 }
 
-/// /healthz's answer: 200 once the maps hold what the API server had, and no change has
-/// waited longer than [`STALE_AFTER`] since.
-pub fn healthz(state: &AgentState, now: SystemTime) -> (u16, String) {
+/// /healthz's answer: 200 once the maps hold what the API server had, no change has waited
+/// longer than [`STALE_AFTER`] since, and the node is not being removed. /livez (`live`)
+/// leaves the node out, as kube-proxy's does: a node being drained is still alive.
+pub fn healthz(state: &AgentState, now: SystemTime, live: bool) -> (u16, String) {
     let stale = state
         .pending_since
         .is_some_and(|since| now.duration_since(since).unwrap_or_default() > STALE_AFTER);
-    let healthy = state.last_synced.is_some() && !stale;
+    let eligible = state.node_leaving.is_none();
+    let healthy = state.last_synced.is_some() && !stale && (live || eligible);
     let updated = state.last_synced.map_or_else(|| "".to_string(), rfc3339);
     (
         if healthy { 200 } else { 503 },
         format!(
-            "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{}\", \"nodeEligible\": true}}",
+            "{{\"lastUpdated\": \"{updated}\",\"currentTime\": \"{}\", \"nodeEligible\": {eligible}}}",
             rfc3339(now)
         ),
     )
@@ -124,7 +126,9 @@ pub async fn serve_healthz(listen: &str, state: Arc<Mutex<AgentState>>) -> Resul
                     return answer(&mut stream, false, 405, "{}").await;
                 };
                 let (status, body) = match path.split('?').next() {
-                    Some("/healthz" | "/livez") => healthz(&state.lock().unwrap(), SystemTime::now()),
+                    Some(path @ ("/healthz" | "/livez")) => {
+                        healthz(&state.lock().unwrap(), SystemTime::now(), path == "/livez")
+                    }
                     _ => (404, "{}".to_string()),
                 };
                 answer(&mut stream, head, status, &body).await;
@@ -251,12 +255,27 @@ mod tests {
     fn healthz_fails_before_the_first_sync_and_when_a_change_waits_too_long() {
         let now = SystemTime::now();
         let mut state = AgentState::default();
-        assert_eq!(healthz(&state, now).0, 503);
+        assert_eq!(healthz(&state, now, false).0, 503);
         state.last_synced = Some(now);
-        assert_eq!(healthz(&state, now).0, 200);
+        assert_eq!(healthz(&state, now, false).0, 200);
         state.pending_since = Some(now - Duration::from_secs(10));
-        assert_eq!(healthz(&state, now).0, 200);
+        assert_eq!(healthz(&state, now, false).0, 200);
         state.pending_since = Some(now - Duration::from_secs(61));
-        assert_eq!(healthz(&state, now).0, 503);
+        assert_eq!(healthz(&state, now, false).0, 503);
+    }
+
+    #[test]
+    fn a_node_being_removed_fails_healthz_but_not_livez() {
+        let now = SystemTime::now();
+        let mut state = AgentState {
+            last_synced: Some(now),
+            ..AgentState::default()
+        };
+        assert_eq!(healthz(&state, now, false).0, 200);
+        state.node_leaving = Some("is being deleted".into());
+        let (status, body) = healthz(&state, now, false);
+        assert_eq!(status, 503);
+        assert!(body.contains("\"nodeEligible\": false"), "{body}");
+        assert_eq!(healthz(&state, now, true).0, 200);
     }
 }

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service as K8sService;
+use k8s_openapi::api::core::v1::{Node, Service as K8sService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -47,6 +47,11 @@ pub const SUBCOMMAND: &str = "kube";
 /// the longest it lets a stream of changes wait.
 const DEBOUNCE: Duration = Duration::from_millis(5);
 const DEBOUNCE_MAX: Duration = Duration::from_millis(50);
+
+/// The node label endpoints' zone hints refer to.
+const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The cluster autoscaler's taint on a node it is about to remove.
+const AUTOSCALER_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 #[derive(clap::Args, Debug)]
 pub struct KubeArgs {
@@ -241,6 +246,8 @@ pub struct AgentState {
     pub external_keys: usize,
     /// per healthCheckNodePort: local endpoints
     pub health_ports: BTreeMap<u16, translate::HealthPort>,
+    /// why the node is being removed (/healthz fails, /livez does not), None while it stays
+    pub node_leaving: Option<String>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM. `netns`: the node's network namespace (`-n`),
@@ -365,7 +372,9 @@ async fn agent(
     }
     drop(outcome_tx);
 
-    // metrics: the agent's own and every driven datapath's, read from their pins
+    // metrics: the agent's own and every driven datapath's, read from their pins; per service,
+    // not per endpoint (metrics::set_per_backend says why)
+    metrics::set_per_backend(false);
     let metrics_state = state.clone();
     let metrics_latency = latency.clone();
     let metrics_pins: Vec<(String, Arc<Mutex<Option<PinDir>>>)> =
@@ -426,11 +435,27 @@ async fn agent(
     )
     .default_backoff()
     .map(|event| -> Watched { (1, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
-    let mut events = futures::stream::select(service_stream, slice_stream).boxed();
+    // this node alone: its zone (topology hints) and whether it is being removed (/healthz)
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_stream = reflector::reflector(
+        node_writer,
+        watcher(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+        )
+        .modify(|node: &mut Node| {
+            slim(node);
+            node.status = None; // its image list alone can be tens of KiB
+        }),
+    )
+    .default_backoff()
+    .map(|event| -> Watched { (2, event.map(|e| is_sync_point(&e)).map_err(|e| e.to_string())) });
+    let mut events =
+        futures::stream::select_all([service_stream.boxed(), slice_stream.boxed(), node_stream.boxed()]);
 
     let health_ports = http::HealthPorts::new(netns.map(str::to_string), state.clone());
     let mut ready_printed = false;
-    let mut synced_once = [false, false];
+    let mut synced_once = [false; 3];
     let mut changed_at: Option<Instant> = None;
     let mut last_event = Instant::now();
     let mut seq = 0u64;
@@ -439,10 +464,10 @@ async fn agent(
     let mut last_sent: Option<Arc<NodeServices>> = None;
     // each Service worked out again only when it or its slices changed
     let mut translator = Translator::default();
-    let mut failing_watch = [false, false];
+    let mut failing_watch = [false; 3];
     loop {
         let deadline = changed_at
-            .filter(|_| synced_once == [true, true])
+            .filter(|_| synced_once == [true; 3])
             .map(|first| (last_event + DEBOUNCE).min(first + DEBOUNCE_MAX));
         tokio::select! {
             event = events.next() => {
@@ -474,7 +499,17 @@ async fn agent(
             _ = sleep_until(deadline) => {
                 let first = changed_at.take().expect("a deadline comes from a change");
                 run::phase("kube: change debounced");
-                let computed = Arc::new(compute(&mut translator, &services, &slices, &node, &node_addresses));
+                let this_node = nodes.get(&reflector::ObjectRef::new(&node));
+                let leaving = this_node.as_deref().and_then(leaving);
+                if leaving != state.lock().unwrap().node_leaving {
+                    match &leaving {
+                        Some(why) => eprintln!("{SUBCOMMAND}: node {node} {why}: /healthz answers 503"),
+                        None => eprintln!("{SUBCOMMAND}: node {node} stays: /healthz answers 200 again"),
+                    }
+                    state.lock().unwrap().node_leaving = leaving;
+                }
+                let zone = this_node.as_deref().and_then(zone_of);
+                let computed = Arc::new(compute(&mut translator, &services, &slices, &node, zone, &node_addresses));
                 run::phase("kube: services worked out");
                 let same = last_sent.as_deref() == Some(&*computed);
                 run::phase("kube: compared with the last update");
@@ -598,7 +633,25 @@ fn client_url(args: &KubeArgs) -> String {
 }
 
 fn watch_name(which: usize) -> &'static str {
-    ["Service", "EndpointSlice"][which]
+    ["Service", "EndpointSlice", "Node"][which]
+}
+
+/// The node's `topology.kubernetes.io/zone` label, which endpoints' zone hints name.
+fn zone_of(node: &Node) -> Option<&str> {
+    node.metadata.labels.as_ref()?.get(ZONE_LABEL).map(String::as_str)
+}
+
+/// Why the node is on its way out, as kube-proxy's /healthz sees it (KEP-3836): deleted, or
+/// tainted by the cluster autoscaler for removal. Load balancers then stop sending to it.
+fn leaving(node: &Node) -> Option<String> {
+    if node.metadata.deletion_timestamp.is_some() {
+        return Some("is being deleted".to_string());
+    }
+    let taints = node.spec.as_ref()?.taints.as_ref()?;
+    taints
+        .iter()
+        .any(|taint| taint.key == AUTOSCALER_TAINT)
+        .then(|| format!("has the {AUTOSCALER_TAINT} taint"))
 }
 
 /// Drops what the agent never reads before an object is stored: managedFields (an
@@ -633,6 +686,7 @@ fn compute(
     services: &Store<K8sService>,
     slices: &Store<EndpointSlice>,
     node: &str,
+    zone: Option<&str>,
     node_addresses: &[IpAddr],
 ) -> NodeServices {
     let services = services.state();
@@ -643,6 +697,7 @@ fn compute(
         services: &service_refs,
         slices: &slice_refs,
         node,
+        zone,
         node_addresses,
     })
 }

@@ -57,6 +57,50 @@ struct Endpoint {
     serving: bool,
     terminating: bool,
     local: bool,
+    hints: Hints,
+}
+
+/// What an endpoint's topology hints say of this node: None when it has none, else whether
+/// they name this node (`forNodes`) or its zone (`forZones`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+struct Hints {
+    for_node: Option<bool>,
+    for_zone: Option<bool>,
+}
+
+/// Which of a service port's endpoints this node may use, from their hints (kube-proxy's
+/// topology-aware routing): when every ready endpoint has same-node hints and one names
+/// this node, those; else the same with zone hints; else all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Topology {
+    Any,
+    Node,
+    Zone,
+}
+
+impl Topology {
+    fn of<'a>(endpoints: impl Iterator<Item = &'a Endpoint> + Clone) -> Self {
+        let ready = endpoints.filter(|e| e.ready);
+        let usable = |hint: fn(&Hints) -> Option<bool>| {
+            ready.clone().all(|e| hint(&e.hints).is_some())
+                && ready.clone().any(|e| hint(&e.hints) == Some(true))
+        };
+        if usable(|h| h.for_node) {
+            Topology::Node
+        } else if usable(|h| h.for_zone) {
+            Topology::Zone
+        } else {
+            Topology::Any
+        }
+    }
+
+    fn allows(self, endpoint: &Endpoint) -> bool {
+        match self {
+            Topology::Any => true,
+            Topology::Node => endpoint.hints.for_node == Some(true),
+            Topology::Zone => endpoint.hints.for_zone == Some(true),
+        }
+    }
 }
 
 /// The objects the agent watches, by namespace and name.
@@ -65,6 +109,8 @@ pub struct Cluster<'a> {
     pub slices: &'a [&'a EndpointSlice],
     /// this node's name (endpoints' `nodeName`)
     pub node: &'a str,
+    /// this node's `topology.kubernetes.io/zone` (endpoints' zone hints)
+    pub zone: Option<&'a str>,
     /// addresses NodePorts are served on
     pub node_addresses: &'a [IpAddr],
 }
@@ -80,7 +126,7 @@ fn protocol_of(text: Option<&str>) -> Result<Protocol, String> {
 /// Every endpoint of each (slice port name, protocol), per service, from the slices.
 type SliceIndex = BTreeMap<(String, String), BTreeMap<(String, Protocol), BTreeSet<Endpoint>>>;
 
-fn index_slices(slices: &[&EndpointSlice], node: &str) -> SliceIndex {
+fn index_slices(slices: &[&EndpointSlice], node: &str, zone: Option<&str>) -> SliceIndex {
     let mut index = SliceIndex::new();
     for slice in slices {
         let Some(service) = slice
@@ -116,12 +162,19 @@ fn index_slices(slices: &[&EndpointSlice], node: &str) -> SliceIndex {
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
                 let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
                 let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+                let hints = endpoint.hints.as_ref();
+                let for_nodes = hints.and_then(|h| h.for_nodes.as_ref()).filter(|n| !n.is_empty());
+                let for_zones = hints.and_then(|h| h.for_zones.as_ref()).filter(|z| !z.is_empty());
                 endpoints.insert(Endpoint {
                     addr: SocketAddr::new(ip, number),
                     ready,
                     serving,
                     terminating,
                     local: endpoint.node_name.as_deref() == Some(node),
+                    hints: Hints {
+                        for_node: for_nodes.map(|nodes| nodes.iter().any(|n| n.name == node)),
+                        for_zone: for_zones.map(|zones| zones.iter().any(|z| Some(z.name.as_str()) == zone)),
+                    },
                 });
             }
         }
@@ -130,7 +183,8 @@ fn index_slices(slices: &[&EndpointSlice], node: &str) -> SliceIndex {
 }
 
 /// The backends of a service port for one address family: ready endpoints active,
-/// serving-and-terminating ones draining (active when none is ready), others left out.
+/// serving-and-terminating ones draining (active when none is ready), others left out;
+/// node-local ones only for a Local policy, else those the topology hints give this node.
 fn backends(endpoints: &BTreeSet<Endpoint>, v4: bool, local_only: bool) -> Vec<Backend> {
     // an endpoint in two slices (a slice being replaced) once, its readiest view
     let mut by_addr: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
@@ -147,6 +201,12 @@ fn backends(endpoints: &BTreeSet<Endpoint>, v4: bool, local_only: bool) -> Vec<B
             })
             .or_insert(*endpoint);
     }
+    let topology = if local_only {
+        Topology::Any
+    } else {
+        Topology::of(by_addr.values())
+    };
+    by_addr.retain(|_, endpoint| topology.allows(endpoint));
     let any_ready = by_addr.values().any(|e| e.ready);
     by_addr
         .values()
@@ -211,7 +271,7 @@ struct Part {
 
 /// What the cluster's services and slices ask of this node.
 pub fn node_services(cluster: &Cluster<'_>) -> NodeServices {
-    let index = index_slices(cluster.slices, cluster.node);
+    let index = index_slices(cluster.slices, cluster.node, cluster.zone);
     let mut sorted: Vec<&K8sService> = cluster.services.to_vec();
     sort_services(&mut sorted);
     let parts: Vec<Part> = sorted
@@ -404,6 +464,7 @@ pub struct Translator {
     /// bumped by each call: entries not seen in a call are gone
     generation: u64,
     node: String,
+    zone: Option<String>,
     node_addresses: Vec<IpAddr>,
 }
 
@@ -434,9 +495,13 @@ impl Cached {
 
 impl Translator {
     pub fn node_services(&mut self, cluster: &Cluster<'_>) -> NodeServices {
-        if self.node != cluster.node || self.node_addresses != cluster.node_addresses {
+        if self.node != cluster.node
+            || self.zone.as_deref() != cluster.zone
+            || self.node_addresses != cluster.node_addresses
+        {
             self.parts.clear();
             self.node = cluster.node.to_string();
+            self.zone = cluster.zone.map(str::to_string);
             self.node_addresses = cluster.node_addresses.to_vec();
         }
         self.generation += 1;
@@ -481,7 +546,7 @@ impl Translator {
             let cached = match names.get_mut(name) {
                 Some(cached) if cached.holds(version, slices) => cached,
                 _ => {
-                    let index = index_slices(slices, cluster.node);
+                    let index = index_slices(slices, cluster.node, cluster.zone);
                     let part = service_part(k8s, index.values().next(), cluster.node_addresses);
                     let entry = Cached {
                         version: version.to_string(),
@@ -591,6 +656,7 @@ mod tests {
             services: &services,
             slices: &slices,
             node: "me",
+            zone: Some("zone-a"),
             node_addresses,
         })
     }
@@ -911,6 +977,7 @@ mod tests {
                 services: &service_refs,
                 slices: &slice_refs,
                 node: "me",
+                zone: Some("zone-a"),
                 node_addresses: &[],
             };
             let cached = translator.node_services(&cluster);
@@ -944,5 +1011,182 @@ mod tests {
         // objects without resourceVersions: worked out whole
         services[0].metadata.resource_version = None;
         check(&mut translator, &services, &slices);
+    }
+
+    #[test]
+    fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
+        use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
+        let service = svc(
+            "web",
+            ServiceSpec {
+                cluster_ip: Some("10.96.0.80".into()),
+                ports: Some(vec![port("http", 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        );
+        // (address, zone hint, node hint)
+        let hinted = |endpoints: &[(&'static str, Option<&str>, Option<&str>)]| {
+            let eps: Vec<Ep<'_>> = endpoints
+                .iter()
+                .map(|(a, ..)| (*a, READY, true, false, "other"))
+                .collect();
+            let mut s = slice("web", "IPv4", &[("http", 8080, "TCP")], &eps);
+            for (endpoint, (_, zone, node)) in s.endpoints.iter_mut().zip(endpoints) {
+                if zone.is_some() || node.is_some() {
+                    endpoint.hints = Some(EndpointHints {
+                        for_zones: zone.map(|z| vec![ForZone { name: z.into() }]),
+                        for_nodes: node.map(|n| vec![ForNode { name: n.into() }]),
+                    });
+                }
+            }
+            text(&run(std::slice::from_ref(&service), &[s], &[]).cluster)
+        };
+        // every endpoint hinted, some for this node's zone (zone-a): only those
+        assert_eq!(
+            hinted(&[
+                ("10.1.0.1", Some("zone-a"), None),
+                ("10.1.0.2", Some("zone-b"), None)
+            ]),
+            ["tcp:10.96.0.80:80=10.1.0.1:8080"]
+        );
+        // one endpoint without hints: all of them
+        assert_eq!(
+            hinted(&[("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", None, None)]),
+            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
+        );
+        // hints for other zones only: all of them
+        assert_eq!(
+            hinted(&[
+                ("10.1.0.1", Some("zone-b"), None),
+                ("10.1.0.2", Some("zone-c"), None)
+            ]),
+            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
+        );
+        // same-node hints (PreferSameNode) before zone hints
+        assert_eq!(
+            hinted(&[
+                ("10.1.0.1", Some("zone-a"), Some("other")),
+                ("10.1.0.2", Some("zone-a"), Some("me"))
+            ]),
+            ["tcp:10.96.0.80:80=10.1.0.2:8080"]
+        );
+        // a node without a zone label: zone hints cannot apply
+        let s = slice(
+            "web",
+            "IPv4",
+            &[("http", 8080, "TCP")],
+            &[
+                ("10.1.0.1", READY, true, false, "x"),
+                ("10.1.0.2", READY, true, false, "x"),
+            ],
+        );
+        let mut s = s;
+        s.endpoints[0].hints = Some(EndpointHints {
+            for_zones: Some(vec![ForZone {
+                name: "zone-a".into(),
+            }]),
+            for_nodes: None,
+        });
+        s.endpoints[1].hints = Some(EndpointHints {
+            for_zones: Some(vec![ForZone {
+                name: "zone-b".into(),
+            }]),
+            for_nodes: None,
+        });
+        let (services, slices) = (vec![&service], vec![&s]);
+        let zoneless = node_services(&Cluster {
+            services: &services,
+            slices: &slices,
+            node: "me",
+            zone: None,
+            node_addresses: &[],
+        });
+        assert_eq!(
+            text(&zoneless.cluster),
+            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
+        );
+    }
+
+    /// Where an update's time goes at 10,000 Services x 10 endpoints, without an API server:
+    /// `cargo test --release --lib -- --ignored translator_at_scale --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a test"]
+    fn translator_at_scale() {
+        use std::time::Instant;
+        let n = 10_000;
+        let mut services: Vec<K8sService> = (0..n)
+            .map(|i| {
+                let mut service = svc(
+                    &format!("svc-{i}"),
+                    ServiceSpec {
+                        cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
+                        cluster_ips: Some(vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)]),
+                        ports: Some(vec![port("http", 80, "TCP")]),
+                        ..ServiceSpec::default()
+                    },
+                );
+                service.metadata.resource_version = Some("1".into());
+                service.metadata.uid = Some(format!("s{i}"));
+                service
+            })
+            .collect();
+        let endpoints = |i: usize, v: usize| -> Vec<String> {
+            (0..10)
+                .map(|e| {
+                    format!(
+                        "10.{}.{}.{}",
+                        128 + v % 64,
+                        (i * 10 + e) / 250 % 250,
+                        (i * 10 + e) % 250 + 1
+                    )
+                })
+                .collect()
+        };
+        let make_slice = |i: usize, v: usize| {
+            let addrs = endpoints(i, v);
+            let eps: Vec<Ep<'_>> = addrs
+                .iter()
+                .map(|a| (a.as_str(), READY, true, false, "other"))
+                .collect();
+            let mut s = slice(&format!("svc-{i}"), "IPv4", &[("http", 8080, "TCP")], &eps);
+            s.metadata.name = Some(format!("svc-{i}-1"));
+            s.metadata.resource_version = Some(v.to_string());
+            s.metadata.uid = Some(format!("e{i}"));
+            s
+        };
+        let mut slices: Vec<EndpointSlice> = (0..n).map(|i| make_slice(i, 1)).collect();
+        let mut translator = Translator::default();
+        let mut last = None;
+        let mut times = Vec::new();
+        for round in 0..30 {
+            let i = round * 7919 % n;
+            slices[i] = make_slice(i, round + 2);
+            if round == 29 {
+                services[i].metadata.resource_version = Some("2".into());
+            }
+            let began = Instant::now();
+            let service_refs: Vec<&K8sService> = services.iter().collect();
+            let slice_refs: Vec<&EndpointSlice> = slices.iter().collect();
+            let cluster = Cluster {
+                services: &service_refs,
+                slices: &slice_refs,
+                node: "me",
+                zone: None,
+                node_addresses: &[],
+            };
+            let out = translator.node_services(&cluster);
+            let worked_out = began.elapsed();
+            let same = last.as_ref() == Some(&out);
+            let compared = began.elapsed();
+            assert!(!same);
+            last = Some(out);
+            times.push((
+                worked_out.as_secs_f64() * 1e3,
+                (compared - worked_out).as_secs_f64() * 1e3,
+            ));
+        }
+        for (round, (work, compare)) in times.iter().enumerate() {
+            eprintln!("round {round}: worked out {work:.2} ms, compared {compare:.2} ms");
+        }
     }
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::Value;
@@ -158,6 +158,26 @@ impl ApiServer {
                 )
                 .await
                 .unwrap_or_else(|err| panic!("applying endpointslice {name}: {err}"))
+        });
+    }
+
+    /// Creates or updates a Node (server-side apply of `labels` and `spec`), as a kubelet
+    /// registering itself would; nodes are not namespaced, and each test has its own server.
+    pub fn apply_node(&self, name: &str, labels: Value, spec: Value) {
+        let object = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": labels},
+            "spec": spec,
+        });
+        self.block_on(async {
+            Api::<Node>::all(self.client.clone())
+                .patch(
+                    name,
+                    &PatchParams::apply("ebpf-net-test").force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .unwrap_or_else(|err| panic!("applying node {name}: {err}"))
         });
     }
 
