@@ -1179,7 +1179,7 @@ mod tests {
     fn translator_at_scale() {
         use std::time::Instant;
         let n = 10_000;
-        let mut services: Vec<K8sService> = (0..n)
+        let services: Vec<K8sService> = (0..n)
             .map(|i| {
                 let mut service = svc(
                     &format!("svc-{i}"),
