@@ -566,6 +566,8 @@ async fn agent(
                         changed_at.get_or_insert(Instant::now());
                         last_sent = None;
                         eprintln!("{SUBCOMMAND}: reloading: every service again");
+                        // serving all along: systemd's reload ends here, the sync goes on
+                        crate::control::notify::ready("kube: reloading: every service again");
                     }
                 }
             }
