@@ -243,11 +243,20 @@ impl NotifySocket {
         Some(text(&buf[..len]))
     }
 
-    /// The next message, which must start with `first_line`.
-    fn expect(&self, first_line: &str, process: &Process) -> String {
-        let message = self
-            .next(scaled(Duration::from_secs(30)))
-            .unwrap_or_else(|| panic!("no {first_line} on NOTIFY_SOCKET: {:?}", process.stderr()));
+    /// The next message, which must start with `first_line`; fails at once when the process
+    /// has exited instead.
+    fn expect(&self, first_line: &str, process: &mut Process) -> String {
+        let deadline = Instant::now() + scaled(Duration::from_secs(30));
+        let message = loop {
+            if let Some(message) = self.next(Duration::from_millis(100)) {
+                break message;
+            }
+            if process.has_exited() || Instant::now() > deadline {
+                // what it logged on the way out
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("no {first_line} on NOTIFY_SOCKET: {:?}", process.stderr());
+            }
+        };
         assert!(
             message.lines().next() == Some(first_line),
             "expected {first_line}, got {message:?}: {:?}",
@@ -290,6 +299,12 @@ impl Process {
 
     fn stderr(&self) -> Vec<String> {
         self.stderr.lock().unwrap().clone()
+    }
+
+    fn has_exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|child| child.try_wait().unwrap().is_some())
     }
 
     fn signal(&self, signal: i32) {
@@ -346,7 +361,7 @@ fn notify_socket_gets_ready_reloading_and_stopping() {
             .args(["clusterip", "--config", config.to_str().unwrap()])
             .env("NOTIFY_SOCKET", &notify.name),
     );
-    let ready = notify.expect("READY=1", &process);
+    let ready = notify.expect("READY=1", &mut process);
     assert!(
         ready.contains("STATUS=clusterip: ready: ") && ready.contains("10.251.9.1:80"),
         "{ready:?}"
@@ -355,7 +370,7 @@ fn notify_socket_gets_ready_reloading_and_stopping() {
     write_config(&["10.251.9.1:80", "10.251.9.2:80"]);
     let before = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
     process.signal(libc::SIGHUP);
-    let reloading = notify.expect("RELOADING=1", &process);
+    let reloading = notify.expect("RELOADING=1", &mut process);
     let usec: u64 = reloading
         .lines()
         .find_map(|line| line.strip_prefix("MONOTONIC_USEC="))
@@ -367,15 +382,15 @@ fn notify_socket_gets_ready_reloading_and_stopping() {
         usec >= before_usec && usec < before_usec + 10_000_000,
         "MONOTONIC_USEC={usec}, sent at {before_usec}"
     );
-    let reloaded = notify.expect("READY=1", &process);
+    let reloaded = notify.expect("READY=1", &mut process);
     assert!(reloaded.contains("STATUS=clusterip: reloaded: "), "{reloaded:?}");
     assert!(reloaded.contains("1 added"), "{reloaded:?}");
 
     // a file that does not parse: refused, the run goes on, and systemd hears it is done
     std::fs::write(&config, "[clusterip\n").unwrap();
     process.signal(libc::SIGHUP);
-    notify.expect("RELOADING=1", &process);
-    let refused = notify.expect("READY=1", &process);
+    notify.expect("RELOADING=1", &mut process);
+    let refused = notify.expect("READY=1", &mut process);
     assert!(
         refused.contains("reload failed, kept the running configuration"),
         "{refused:?}"
@@ -733,11 +748,11 @@ fn debian_package_installs_runs_its_units_and_purges() {
 
     let monitor_notify = NotifySocket::path("notify-monitor");
     let mut monitor_run = monitor.start(&node, &monitor_notify);
-    let ready = monitor_notify.expect("READY=1", &monitor_run);
+    let ready = monitor_notify.expect("READY=1", &mut monitor_run);
     assert!(ready.contains("STATUS=monitor: ready: eth0"), "{ready:?}");
     let notify = NotifySocket::path("notify-ipv6-hp");
     let mut ipv6_hp_run = ipv6_hp.start(&node, &notify);
-    let ready = notify.expect("READY=1", &ipv6_hp_run);
+    let ready = notify.expect("READY=1", &mut ipv6_hp_run);
     assert!(
         ready.contains("STATUS=ipv6-hp: ready: eth0: ingress fe80::1234:5678:9abc"),
         "{ready:?}"
@@ -749,8 +764,8 @@ fn debian_package_installs_runs_its_units_and_purges() {
     );
 
     ipv6_hp.reload(&ipv6_hp_run);
-    notify.expect("RELOADING=1", &ipv6_hp_run);
-    let reloaded = notify.expect("READY=1", &ipv6_hp_run);
+    notify.expect("RELOADING=1", &mut ipv6_hp_run);
+    let reloaded = notify.expect("READY=1", &mut ipv6_hp_run);
     assert!(reloaded.contains("STATUS=ipv6-hp: reloaded: "), "{reloaded:?}");
 
     for (run, notify) in [(&mut ipv6_hp_run, &notify), (&mut monitor_run, &monitor_notify)] {
