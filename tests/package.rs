@@ -710,7 +710,13 @@ fn debian_package_installs_runs_its_units_and_purges() {
         "ebpf-net-persist@clusterip.service",
     ];
     verify.extend(units);
+    // without a running systemd, the verifying manager leaves its unit-load stamp behind
+    let stamp = Path::new("/run/systemd/systemd-units-load");
+    let stamp_is_ours = !Path::new("/run/systemd/system").exists() && !stamp.exists();
     let verified = run("systemd-analyze", &verify);
+    if stamp_is_ours {
+        let _ = std::fs::remove_file(stamp);
+    }
     assert!(
         verified.status.success() && verified.stderr.is_empty(),
         "systemd-analyze {verify:?}: {}{}",
