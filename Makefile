@@ -9,9 +9,79 @@ BPF_OBJS := $(patsubst bpf/%.c,build/bpf/%.o,$(BPF_SRCS))
 HEADERS := $(wildcard include/*.h)
 CARGO ?= cargo
 
-.PHONY: all setup demo test test-kernels test-kernels-ci bench fuzz clean
+# make install: PREFIX (/usr/local), DESTDIR, and the directories below; the units and the
+# example config are rewritten to the BINDIR and SYSCONFDIR they are installed with
+PREFIX ?= /usr/local
+DESTDIR ?=
+BINDIR ?= $(PREFIX)/bin
+LIBDIR ?= $(PREFIX)/lib
+DATADIR ?= $(PREFIX)/share
+MANDIR ?= $(DATADIR)/man
+SYSCONFDIR ?= /etc
+UNITDIR ?= $(LIBDIR)/systemd/system
+ZSHCOMPDIR ?= $(DATADIR)/zsh/site-functions
+# make deb: where cargo-deb writes the package; DEB_FLAGS: more cargo-deb flags (--fast)
+DEB_OUT ?= target/debian
+DEB_FLAGS ?=
+EBPF_NET := target/release/ebpf-net
+UNITS := ebpf-net@.service ebpf-net-persist@.service
+DROPINS := ebpf-net@lb.service.d/modules.conf ebpf-net-persist@lb.service.d/modules.conf \
+	ebpf-net@monitor.service.d/capabilities.conf
+
+.PHONY: all setup demo test test-kernels test-kernels-ci bench fuzz clean release docs install uninstall deb
 
 all: $(BPF_OBJS)
+
+# PREBUILT=1: package and install target/release/ebpf-net as it is (tests/package.rs, whose
+# `cargo test` built it with the dev-dependencies' features: a `cargo build` would rebuild it)
+release:
+ifndef PREBUILT
+	$(CARGO) build --release --bin ebpf-net
+endif
+
+# Man pages and completions, written by the binary from its own clap definition (so they
+# cannot drift from the flags): ebpf-net.8 and ebpf-net-SUBCOMMAND.8, gzipped as Debian wants.
+docs: release
+	rm -rf build/man build/completions
+	$(EBPF_NET) man-pages build/man
+	gzip -9nf build/man/*.8
+	mkdir -p build/completions
+	$(EBPF_NET) completions bash > build/completions/ebpf-net.bash
+	$(EBPF_NET) completions zsh > build/completions/_ebpf-net
+	$(EBPF_NET) completions fish > build/completions/ebpf-net.fish
+
+install: all docs
+	install -D -m 755 $(EBPF_NET) $(DESTDIR)$(BINDIR)/ebpf-net
+	install -d $(DESTDIR)$(LIBDIR)/ebpf-net/bpf $(DESTDIR)$(MANDIR)/man8
+	install -m 644 $(BPF_OBJS) $(DESTDIR)$(LIBDIR)/ebpf-net/bpf/
+	install -m 644 build/man/*.8.gz $(DESTDIR)$(MANDIR)/man8/
+	install -D -m 644 build/completions/ebpf-net.bash $(DESTDIR)$(DATADIR)/bash-completion/completions/ebpf-net
+	install -D -m 644 build/completions/_ebpf-net $(DESTDIR)$(ZSHCOMPDIR)/_ebpf-net
+	install -D -m 644 build/completions/ebpf-net.fish $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ebpf-net.fish
+	for unit in $(UNITS) $(DROPINS); do \
+		install -d "$(DESTDIR)$(UNITDIR)/$$(dirname $$unit)" && \
+		sed -e 's|/usr/bin/ebpf-net|$(BINDIR)/ebpf-net|g' -e 's|/etc/ebpf-net/|$(SYSCONFDIR)/ebpf-net/|g' \
+			deploy/systemd/$$unit > "$(DESTDIR)$(UNITDIR)/$$unit" && \
+		chmod 644 "$(DESTDIR)$(UNITDIR)/$$unit" || exit 1; \
+	done
+	# the example config, never over one already there
+	test -e $(DESTDIR)$(SYSCONFDIR)/ebpf-net/node.toml || \
+		install -D -m 644 deploy/node.toml $(DESTDIR)$(SYSCONFDIR)/ebpf-net/node.toml
+
+# What install put there, except the config (yours by now) and what ebpf-net pinned or
+# attached (`ebpf-net down --all` first, while the binary is still there).
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/ebpf-net $(DESTDIR)$(DATADIR)/bash-completion/completions/ebpf-net \
+		$(DESTDIR)$(ZSHCOMPDIR)/_ebpf-net $(DESTDIR)$(DATADIR)/fish/vendor_completions.d/ebpf-net.fish \
+		$(DESTDIR)$(MANDIR)/man8/ebpf-net.8.gz $(DESTDIR)$(MANDIR)/man8/ebpf-net-*.8.gz
+	rm -rf $(DESTDIR)$(LIBDIR)/ebpf-net
+	for unit in $(DROPINS) $(UNITS); do rm -f "$(DESTDIR)$(UNITDIR)/$$unit"; done
+	for dir in $(sort $(dir $(DROPINS))); do rmdir "$(DESTDIR)$(UNITDIR)/$$dir" 2>/dev/null || true; done
+
+# The Debian package (cargo-deb: scripts/setup installs it): what install puts under /usr,
+# with the units under /lib/systemd/system and /etc/ebpf-net/node.toml as a conffile.
+deb: all docs
+	$(CARGO) deb --no-build --strip $(DEB_FLAGS) --output $(DEB_OUT)
 
 build/bpf/%.o: bpf/%.c $(HEADERS) | build/bpf
 	$(CLANG) $(BPF_CFLAGS) -c $< -o $@

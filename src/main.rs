@@ -3,9 +3,10 @@
 use std::process::ExitCode;
 
 use anyhow::{bail, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
 use ebpf_net::control::lifecycle;
+use ebpf_net::control::manual;
 use ebpf_net::control::status;
 use ebpf_net::datapath::clusterip::{self, Clusterip, ClusteripArgs};
 use ebpf_net::datapath::ipv6_hp::{self, Ipv6Hp, Ipv6HpArgs};
@@ -73,6 +74,18 @@ enum Command {
         #[arg(long)]
         all: bool,
     },
+    /// print the completion script of a shell (bash: `source <(ebpf-net completions bash)`)
+    Completions {
+        /// the shell to complete in
+        shell: clap_complete::Shell,
+    },
+    /// write the man pages, ebpf-net.8 and ebpf-net-SUBCOMMAND.8, into DIR (what `make`
+    /// and the package install)
+    #[command(name = "man-pages", hide = true)]
+    ManPages {
+        /// where to write them
+        dir: std::path::PathBuf,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -99,6 +112,18 @@ impl Datapath {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    // made from the command line's definition alone: no privileges, no kernel
+    match &cli.command {
+        Command::Completions { shell } => {
+            manual::completions(Cli::command(), *shell, &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::ManPages { dir } => {
+            manual::write_man_pages(Cli::command(), dir)?;
+            return Ok(());
+        }
+        _ => {}
+    }
     probe::require_privileges()?;
     // clusterip serves a cgroup's processes in every namespace: --netns only says where its
     // health checks run
@@ -123,6 +148,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Lb(args) => lifecycle::run::<Lb>(args, &netns_key),
         Command::XdpLb(args) => lifecycle::run::<XdpLb>(args, &netns_key),
         Command::Kube(_) => unreachable!("the agent runs before --netns is entered"),
+        Command::Completions { .. } | Command::ManPages { .. } => {
+            unreachable!("written before privileges are checked")
+        }
         Command::Status { json } => status::status(&REGISTRY, *json, &netns_key),
         Command::Down {
             subcommand,

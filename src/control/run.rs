@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
+use crate::control::notify;
+
 /// Where `EBPF_NET_TIMING=1` measures from: the first [`phase`] (main's first line).
 static STARTED: OnceLock<(Instant, bool)> = OnceLock::new();
 
@@ -30,9 +32,12 @@ pub fn phase(what: &str) {
     }
 }
 
-/// The line tests and scripts wait for: every program attached, every map filled.
+/// The line tests and scripts wait for: every program attached, every map filled; and
+/// systemd's `READY=1` under `Type=notify`.
 pub fn announce_ready(subcommand: &str, what: &str) {
-    eprintln!("{subcommand}: ready: {what}");
+    let line = format!("{subcommand}: ready: {what}");
+    eprintln!("{line}");
+    notify::ready(&line);
 }
 
 /// What a signal asks a foreground run to do.
@@ -63,9 +68,12 @@ impl Shutdown {
             .name("signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
+                    // told to systemd at once; the run says READY=1 when the reload is done
                     let request = if signal == SIGHUP {
+                        notify::reloading();
                         Request::Reload
                     } else {
+                        notify::stopping();
                         Request::Stop
                     };
                     if tx.send(request).is_err() {
@@ -109,14 +117,18 @@ impl Shutdown {
 }
 
 /// The one line a reload leaves in the log (a health change's own line was logged already:
-/// only a failure to apply it is).
+/// only a failure to apply it is); a SIGHUP's ends systemd's reload with `READY=1` either way,
+/// as the run goes on serving.
 pub fn log_reload(subcommand: &str, request: Request, outcome: Result<String>) {
-    match (request, outcome) {
-        (Request::Health, Ok(_)) => {}
+    let line = match (request, outcome) {
+        (Request::Health, Ok(_)) => return,
         (Request::Health, Err(err)) => {
-            eprintln!("{subcommand}: applying a health change failed, kept the tables: {err:#}")
+            eprintln!("{subcommand}: applying a health change failed, kept the tables: {err:#}");
+            return;
         }
-        (_, Ok(what)) => eprintln!("{subcommand}: reloaded: {what}"),
-        (_, Err(err)) => eprintln!("{subcommand}: reload failed, kept the running configuration: {err:#}"),
-    }
+        (_, Ok(what)) => format!("{subcommand}: reloaded: {what}"),
+        (_, Err(err)) => format!("{subcommand}: reload failed, kept the running configuration: {err:#}"),
+    };
+    eprintln!("{line}");
+    notify::ready(&line);
 }

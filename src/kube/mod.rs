@@ -608,6 +608,8 @@ async fn agent(
                         last_sent = None;
                         translator = Translator::default();
                         eprintln!("{SUBCOMMAND}: reloading: every service again");
+                        // serving all along: systemd's reload ends here, the sync goes on
+                        crate::control::notify::ready("kube: reloading: every service again");
                     }
                 }
             }
