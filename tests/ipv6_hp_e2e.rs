@@ -200,6 +200,14 @@ fn node_sees_global_address_only_while_attached() {
         [global(); 3],
         "TCP, UDP and ICMPv6 peers through ipv6-hp"
     );
+    // status reads a foreground run's counters from its maps (it pins no links)
+    let status = lab.node.ebpf_net(&["status"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    let run = text.lines().find(|l| l.contains("ipv6-hp") && l.contains("foreground"));
+    assert!(
+        run.is_some_and(|line| !line.contains("unreadable") && line.contains("rewrote")),
+        "{text}"
+    );
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log:?}");
     let summary = log

@@ -343,7 +343,12 @@ impl Datapath for Ipv6Hp {
                 *side = (id.map_or(0, |_| record.ifindex), id.unwrap_or(0));
                 continue;
             }
-            let link = PinnedLink::open(&pins.link_file(direction))?;
+            let file = pins.link_file(direction);
+            if !file.exists() {
+                // a foreground run pins its maps for `status`, not its links (they go with it)
+                continue;
+            }
+            let link = PinnedLink::open(&file)?;
             let ifindex = match link.target {
                 LinkTarget::Interface(ifindex) => ifindex,
                 _ => 0,
