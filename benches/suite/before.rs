@@ -23,7 +23,7 @@ use std::mem::MaybeUninit;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libbpf_rs::btf::types::{DataSec, Var};
 use libbpf_rs::{Btf, MapCore, MapFlags, Object, ObjectBuilder, ProgramInput, ProgramMut};
@@ -32,7 +32,7 @@ use socket2::{Domain, Socket, Type};
 use ebpf_net::control::service::{parse_services, Service};
 use ebpf_net::datapath::{clusterip, lb, maglev, xdp_lb};
 use ebpf_net::kernel::addr::{ip_to_words, Interface};
-use ebpf_net::kernel::attach::{TcDirection, TcxAttachment, XdpAttachment, XdpMode};
+use ebpf_net::kernel::attach::{TcDirection, TcxAttachment};
 use ebpf_net::kernel::maps::as_bytes;
 use ebpf_net::kernel::skel::lb::types::lb_backend;
 use ebpf_net::kernel::skel::sock_xlate::types::service_endpoint;
@@ -50,12 +50,14 @@ const BEFORE: &str = "6e0cd5a";
 /// What the service semantics may cost a service without affinity.
 const LIMIT: f64 = 1.05;
 
-/// How many rounds, and how much in each.
+/// How many rounds, and how much in each: a round is `turns` turns of every variant in
+/// rotated order, so the variants of a round are never more than a turn apart in time.
 struct Amounts {
     rounds: usize,
-    /// packets, connect() or sendmsg() calls per program per round (bpf_stats paths)
+    turns: usize,
+    /// packets, connect() or sendmsg() calls per program per turn (bpf_stats paths)
     calls: usize,
-    /// test_run repeat
+    /// test_run repeat per turn
     repeat: u32,
 }
 
@@ -63,15 +65,17 @@ impl Amounts {
     fn of(settings: &Settings) -> Self {
         if settings.rounds >= 5 {
             Self {
-                rounds: 9,
-                calls: 2000,
-                repeat: 200_000,
+                rounds: 15,
+                turns: 5,
+                calls: 400,
+                repeat: 40_000,
             }
         } else {
             Self {
                 rounds: 3,
-                calls: 500,
-                repeat: 20_000,
+                turns: 2,
+                calls: 200,
+                repeat: 5_000,
             }
         }
     }
@@ -88,9 +92,15 @@ enum Variant {
 
 const VARIANTS: [Variant; 3] = [Variant::Before, Variant::Now, Variant::NowAffinity];
 
-/// The variants in round `round`'s order: rotated, so none is always first.
-fn order(round: usize) -> impl Iterator<Item = Variant> {
-    (0..VARIANTS.len()).map(move |k| VARIANTS[(k + round) % VARIANTS.len()])
+/// The variants in turn `turn`'s order: rotated, so none is always first.
+fn order(turn: usize) -> impl Iterator<Item = Variant> {
+    (0..VARIANTS.len()).map(move |k| VARIANTS[(k + turn) % VARIANTS.len()])
+}
+
+impl Variant {
+    fn index(self) -> usize {
+        VARIANTS.iter().position(|v| *v == self).unwrap()
+    }
 }
 
 /// One path's samples, ns per run, per variant and round, with the load of each round.
@@ -100,6 +110,8 @@ struct Timed {
     method: &'static str,
     samples: HashMap<Variant, Vec<f64>>,
     loads: Vec<f64>,
+    /// this round's ns and runs so far, per variant
+    round: HashMap<Variant, (f64, u64)>,
 }
 
 impl Timed {
@@ -110,14 +122,22 @@ impl Timed {
             method,
             samples: HashMap::new(),
             loads: Vec::new(),
+            round: HashMap::new(),
         }
     }
 
-    fn push(&mut self, variant: Variant, ns: f64) {
-        self.samples.entry(variant).or_default().push(ns);
+    /// A turn's kernel-timed nanoseconds and runs.
+    fn add(&mut self, variant: Variant, (ns, runs): (f64, u64)) {
+        let sum = self.round.entry(variant).or_default();
+        sum.0 += ns;
+        sum.1 += runs;
     }
 
-    fn note_load(&mut self) {
+    /// Closes a round: its ns per run per variant, and the load now.
+    fn end_round(&mut self) {
+        for (variant, (ns, runs)) in self.round.drain() {
+            self.samples.entry(variant).or_default().push(ns / runs as f64);
+        }
         self.loads.push(load_1min());
     }
 
@@ -300,19 +320,23 @@ fn run_stats(prog: BorrowedFd<'_>) -> (u64, u64) {
     (info.run_time_ns, info.run_cnt)
 }
 
-/// Mean ns per run of `prog` while `traffic` runs; at least `expected` runs.
-fn timed_runs(prog: BorrowedFd<'_>, expected: usize, traffic: impl FnOnce()) -> f64 {
+/// The nanoseconds and runs of `prog` while `traffic` makes `expected` runs (waiting a
+/// little for packets still in a backlog).
+fn run_time(prog: BorrowedFd<'_>, expected: usize, traffic: impl FnOnce()) -> (f64, u64) {
     let (time0, count0) = run_stats(prog);
     traffic();
-    // the last packets may still be on their way through a backlog
-    std::thread::sleep(Duration::from_millis(20));
-    let (time1, count1) = run_stats(prog);
+    let began = Instant::now();
+    let (mut time1, mut count1) = run_stats(prog);
+    while ((count1 - count0) as usize) < expected && began.elapsed() < Duration::from_millis(500) {
+        std::thread::sleep(Duration::from_millis(1));
+        (time1, count1) = run_stats(prog);
+    }
     let runs = count1 - count0;
     assert!(
         runs as usize >= expected,
         "{runs} runs of the program for {expected} packets or calls"
     );
-    (time1 - time0) as f64 / runs as f64
+    ((time1 - time0) as f64, runs)
 }
 
 fn sock(text: &str) -> SocketAddr {
@@ -350,27 +374,53 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// A client namespace and a load balancer namespace on one veth pair (eth0 each): the
-/// client 10.9.0.2, the load balancer 10.9.0.1, neighbours permanent and IPv6 off, so the
-/// load balancer's ingress sees only the traffic a path sends.
-fn pair(tag: &str) -> (Netns, Netns) {
-    let client = Netns::new(&format!("{tag}-c"));
+/// A load balancer namespace with one client namespace per variant, each on its own veth
+/// pair: client k is 10.9.k.2 on its eth0, the load balancer 10.9.k.1 on its eth{k}; the
+/// VIPs 10.96/16 routed to it; neighbours permanent and IPv6 off, so a program sees only the
+/// traffic a path sends. Every variant's program on its own interface: no attaching and
+/// detaching between turns.
+fn star(tag: &str) -> (Netns, Vec<Netns>) {
     let balancer = Netns::new(&format!("{tag}-lb"));
-    veth(&client, "eth0", &balancer, "eth0");
-    for ns in [&client, &balancer] {
-        ns.exec("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1");
-    }
-    client.exec("ip addr add 10.9.0.2/24 dev eth0 && ip route add 10.96.0.0/16 via 10.9.0.1");
-    balancer.exec("ip addr add 10.9.0.1/24 dev eth0");
-    let client_mac = mac_text(mac_of(&client, "eth0"));
-    let balancer_mac = mac_text(mac_of(&balancer, "eth0"));
-    client.exec(&format!(
-        "ip neigh replace 10.9.0.1 lladdr {balancer_mac} dev eth0 nud permanent"
-    ));
-    balancer.exec(&format!(
-        "ip neigh replace 10.9.0.2 lladdr {client_mac} dev eth0 nud permanent"
-    ));
-    (client, balancer)
+    let clients: Vec<Netns> = (0..VARIANTS.len())
+        .map(|k| {
+            let client = Netns::new(&format!("{tag}-c{k}"));
+            let dev = format!("eth{k}");
+            veth(&client, "eth0", &balancer, &dev);
+            client.exec("sysctl -qw net.ipv6.conf.eth0.disable_ipv6=1");
+            balancer.exec(&format!("sysctl -qw net.ipv6.conf.{dev}.disable_ipv6=1"));
+            client.exec(&format!(
+                "ip addr add 10.9.{k}.2/24 dev eth0 && ip route add 10.96.0.0/16 via 10.9.{k}.1"
+            ));
+            balancer.exec(&format!("ip addr add 10.9.{k}.1/24 dev {dev}"));
+            let client_mac = mac_text(mac_of(&client, "eth0"));
+            let balancer_mac = mac_text(mac_of(&balancer, &dev));
+            client.exec(&format!(
+                "ip neigh replace 10.9.{k}.1 lladdr {balancer_mac} dev eth0 nud permanent"
+            ));
+            let mut neighbours =
+                format!("neigh replace 10.9.{k}.2 lladdr {client_mac} dev {dev} nud permanent\n");
+            let mut addresses = String::new();
+            for j in 0..CLIENTS {
+                let addr = client_addr(VARIANTS[k], j);
+                addresses.push_str(&format!("addr add {addr}/24 dev eth0\n"));
+                neighbours.push_str(&format!(
+                    "neigh replace {addr} lladdr {client_mac} dev {dev} nud permanent\n"
+                ));
+            }
+            client.exec(&format!("printf '{addresses}' | ip -batch -"));
+            balancer.exec(&format!("printf '{neighbours}' | ip -batch -"));
+            client
+        })
+        .collect();
+    (balancer, clients)
+}
+
+/// Client addresses of a variant's namespace that new flows take turns with: many clients,
+/// as a load balancer has (with affinity each keeps its backend, and the backends share them).
+const CLIENTS: usize = 32;
+
+fn client_addr(variant: Variant, client: usize) -> IpAddr {
+    IpAddr::from([10, 9, variant.index() as u8, 10 + client as u8])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -379,14 +429,11 @@ fn pair(tag: &str) -> (Netns, Netns) {
 const LB_BACKENDS: &str = "10.1.0.2:8080,10.1.0.3:8080,10.1.0.4:8080";
 
 fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
-    let (client, balancer) = pair("bf-lb");
-    // the backends behind the load balancer's own link: its source towards them is 10.1.0.1
+    let (balancer, clients) = star("bf-lb");
+    // the backends behind the load balancer's first link: its source towards them is 10.1.0.1
     balancer.exec("ip addr add 10.1.0.1/24 dev eth0");
     let vip = sock("10.96.0.20:80");
-    let vip_affinity = sock("10.96.0.21:80");
-    let client_addr: IpAddr = "10.9.0.2".parse().unwrap();
     balancer.enter(|| {
-        let iface = Interface::by_name("eth0").unwrap();
         // before: rodata and tables as 6e0cd5a's src/datapath/lb.rs wrote them (no flood
         // detector, as lb::load_with_services)
         let before = load_old(&old.path("lb"), &[("hash_seed", 1), ("flood_rate", 0)], &[], &[]);
@@ -401,16 +448,15 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             })
             .collect();
         fill_old_service(&before, "lb", vip, &values);
-        let mut storage = MaybeUninit::uninit();
-        let now = lb::load_with_services(
-            &mut storage,
-            &services(
-                &[
-                    &format!("{vip}={LB_BACKENDS}"),
-                    &format!("{vip_affinity};affinity=client={LB_BACKENDS}"),
-                ],
-                lb::LIMITS,
-            ),
+        // a program of its own per variant: no table holds another variant's state
+        let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
+            std::array::from_fn(|_| MaybeUninit::uninit());
+        let [plain_obj, affinity_obj] = &mut storage;
+        let service = |text: String| services(&[&text], lb::LIMITS);
+        let now = lb::load_with_services(plain_obj, &service(format!("{vip}={LB_BACKENDS}")), true).unwrap();
+        let now_affinity = lb::load_with_services(
+            affinity_obj,
+            &service(format!("{vip};affinity=client={LB_BACKENDS}")),
             true,
         )
         .unwrap();
@@ -418,82 +464,94 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         let program = |variant: Variant| -> &ProgramMut<'_> {
             match variant {
                 Variant::Before => &before_prog,
-                _ => &now.progs.lb_ingress,
+                Variant::Now => &now.progs.lb_ingress,
+                Variant::NowAffinity => &now_affinity.progs.lb_ingress,
             }
-        };
-        let target = |variant: Variant| match variant {
-            Variant::NowAffinity => vip_affinity,
-            _ => vip,
         };
 
         // known flow: test_run with repeat on a SYN whose conntrack entry the first run made
         let mut known = Timed::new("lb", "known flow (SYN of a tracked flow)", "test_run, repeat");
-        let frames: HashMap<Variant, Vec<u8>> = VARIANTS
-            .iter()
-            .map(|v| (*v, l4_frame(sock("10.0.0.1:40000"), target(*v), L4::Tcp)))
-            .collect();
+        let frame = l4_frame(sock("10.0.0.1:40000"), vip, L4::Tcp);
+        let input = |repeat: u32| ProgramInput {
+            data_in: Some(&frame),
+            repeat,
+            ..Default::default()
+        };
         for variant in VARIANTS {
-            program(variant)
-                .test_run(ProgramInput {
-                    data_in: Some(&frames[&variant]),
-                    ..Default::default()
-                })
-                .unwrap();
+            program(variant).test_run(input(1)).unwrap();
         }
-        for round in 0..amounts.rounds {
-            known.note_load();
-            for variant in order(round) {
-                let out = program(variant)
-                    .test_run(ProgramInput {
-                        data_in: Some(&frames[&variant]),
-                        repeat: amounts.repeat,
-                        ..Default::default()
-                    })
-                    .unwrap();
-                known.push(variant, out.duration.as_nanos() as f64);
+        for _ in 0..amounts.rounds {
+            for turn in 0..amounts.turns {
+                for variant in order(turn) {
+                    let out = program(variant).test_run(input(amounts.repeat)).unwrap();
+                    let repeat = u64::from(amounts.repeat);
+                    known.add(variant, (out.duration.as_nanos() as f64 * repeat as f64, repeat));
+                }
             }
+            known.end_round();
         }
 
-        // new flow: SYNs from fresh ports through the real hook; conntrack emptied before each
+        // new flow: SYNs from fresh ports through the real hook, each variant's client on
+        // its own interface; conntrack emptied before each round
         let mut fresh = Timed::new("lb", "new flow (SYN, conntrack entry made)", "bpf_stats, tcx");
+        let attached: Vec<TcxAttachment> = VARIANTS
+            .iter()
+            .map(|v| {
+                let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
+                TcxAttachment::attach(program(*v), &iface, TcDirection::Ingress).unwrap()
+            })
+            .collect();
         let _stats = RunTimeStats::enable();
-        for round in 0..amounts.rounds {
-            fresh.note_load();
-            for variant in order(round) {
-                balancer.exec("conntrack -F 2>/dev/null || true");
-                let attached = TcxAttachment::attach(program(variant), &iface, TcDirection::Ingress).unwrap();
-                let to = target(variant);
-                let calls = amounts.calls;
-                let ns = timed_runs(program(variant).as_fd(), calls, || {
-                    client.enter(move || {
-                        for i in 0..calls {
-                            syn(SocketAddr::new(client_addr, 20000 + i as u16), to);
-                        }
-                    })
-                });
-                drop(attached);
-                fresh.push(variant, ns);
+        let calls = amounts.calls;
+        for _ in 0..amounts.rounds {
+            balancer.exec("conntrack -F 2>/dev/null || true");
+            for turn in 0..amounts.turns {
+                for variant in order(turn) {
+                    let client = &clients[variant.index()];
+                    let base = 20000 + (turn * calls) as u16;
+                    fresh.add(
+                        variant,
+                        run_time(program(variant).as_fd(), calls, || {
+                            client.enter(move || {
+                                for i in 0..calls {
+                                    let source = client_addr(variant, i % CLIENTS);
+                                    syn(SocketAddr::new(source, base + i as u16), vip);
+                                }
+                            })
+                        }),
+                    );
+                }
             }
+            fresh.end_round();
         }
+        drop(attached);
         balancer.exec("conntrack -F 2>/dev/null || true");
         vec![fresh, known]
     })
 }
 
 // ---------------------------------------------------------------------------------------
-// xdp-lb: one arm on a veth; the backends are addresses of the client namespace
+// xdp-lb: one arm; each variant's backends are addresses of its client namespace
 
 const XDP_BACKENDS: [&str; 3] = ["10.1.0.2:8080", "10.1.0.3:8080", "10.1.0.4:8080"];
 
+/// A variant's client side: the backends' sinks (so no port unreachable comes back through
+/// the program), the known flow's client socket, and where that flow's datagrams land.
+struct XdpClient {
+    sinks: Vec<UdpSocket>,
+    talker: UdpSocket,
+    /// the sink of the known flow's backend, and the load balancer's end of that flow
+    flow: Option<(usize, SocketAddr)>,
+}
+
 fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
-    let (client, balancer) = pair("bf-xdp");
-    for backend in XDP_BACKENDS {
-        client.exec(&format!("ip addr add {}/32 dev eth0", sock(backend).ip()));
+    let (balancer, clients) = star("bf-xdp");
+    for client in &clients {
+        for backend in XDP_BACKENDS {
+            client.exec(&format!("ip addr add {}/32 dev eth0", sock(backend).ip()));
+        }
     }
-    let backend_mac = mac_of(&client, "eth0");
     let vip = sock("10.96.0.10:80");
-    let vip_affinity = sock("10.96.0.11:80");
-    let lb_addr: IpAddr = "10.9.0.1".parse().unwrap();
     let options = xdp_lb::Options {
         events: 0,
         max_flows: xdp_lb::DEFAULT_MAX_FLOWS,
@@ -503,168 +561,245 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         seed: Some(1),
     };
     let backends = XDP_BACKENDS.join(",");
-    let now_services = services(
-        &[
-            &format!("{vip}={backends}"),
-            &format!("{vip_affinity};affinity=client={backends}"),
-        ],
-        xdp_lb::LIMITS,
-    );
-    let routes: HashMap<SocketAddr, xdp_lb::Backend> = XDP_BACKENDS
-        .iter()
-        .map(|b| {
-            (
-                sock(b),
-                xdp_lb::Backend {
-                    lb_addr,
-                    mac: backend_mac,
-                },
-            )
-        })
-        .collect();
+    // variant k's backends are behind its own link: its client namespace's MAC, its address
+    let lb_addr = |variant: Variant| IpAddr::from([10, 9, variant.index() as u8, 1]);
+    let backend_mac = |variant: Variant| mac_of(&clients[variant.index()], "eth0");
+    let routes = |variant: Variant| -> HashMap<SocketAddr, xdp_lb::Backend> {
+        XDP_BACKENDS
+            .iter()
+            .map(|b| {
+                let backend = xdp_lb::Backend {
+                    lb_addr: lb_addr(variant),
+                    mac: backend_mac(variant),
+                };
+                (sock(b), backend)
+            })
+            .collect()
+    };
     let compat = xdp_lb::needs_compat();
     let old_name = if compat { "xdp_lb_compat" } else { "xdp_lb" };
     let old_off = if compat { "xdp_lb" } else { "xdp_lb_compat" };
-    balancer.enter(|| {
-        let iface = Interface::by_name("eth0").unwrap();
-        // before: 6e0cd5a's xdp_lb::load (rodata, table sizes) and sync (backends, rings)
-        let before = load_old(
-            &old.path("xdp_lb"),
-            &[
-                ("hash_seed", 1),
-                ("events_level", 0),
-                ("port_lo", u64::from(options.ports.0)),
-                ("port_span", u64::from(options.ports.1)),
-                ("clock_size", u64::from(options.max_flows)),
-                ("flood_rate", u64::from(options.flood_rate)),
-            ],
-            &[
-                ("xdp_lb_flows", options.max_flows),
-                ("xdp_lb_reverse", options.max_flows),
-                ("xdp_lb_clock", options.max_flows),
-            ],
-            &[old_off],
-        );
-        let values: Vec<Vec<u8>> = XDP_BACKENDS
-            .iter()
-            .map(|b| {
-                let value = xdp_lb_backend {
-                    endpoint: sock(b).into(),
-                    lb_addr: ip_to_words(lb_addr).1,
-                    mac: backend_mac,
-                    ..Default::default()
-                };
-                as_bytes(&value).to_vec()
-            })
-            .collect();
-        fill_old_service(&before, "xdp_lb", vip, &values);
-        let addrs: Vec<SocketAddr> = XDP_BACKENDS.iter().map(|b| sock(b)).collect();
-        let size = maglev::table_size(addrs.len());
-        let rings = map(&before, "xdp_lb_rings");
+    // before: 6e0cd5a's xdp_lb::load (rodata, table sizes) and sync (backends, rings)
+    let before = load_old(
+        &old.path("xdp_lb"),
+        &[
+            ("hash_seed", 1),
+            ("events_level", 0),
+            ("port_lo", u64::from(options.ports.0)),
+            ("port_span", u64::from(options.ports.1)),
+            ("clock_size", u64::from(options.max_flows)),
+            ("flood_rate", u64::from(options.flood_rate)),
+        ],
+        &[
+            ("xdp_lb_flows", options.max_flows),
+            ("xdp_lb_reverse", options.max_flows),
+            ("xdp_lb_clock", options.max_flows),
+        ],
+        &[old_off],
+    );
+    let values: Vec<Vec<u8>> = XDP_BACKENDS
+        .iter()
+        .map(|b| {
+            let value = xdp_lb_backend {
+                endpoint: sock(b).into(),
+                lb_addr: ip_to_words(lb_addr(Variant::Before)).1,
+                mac: backend_mac(Variant::Before),
+                ..Default::default()
+            };
+            as_bytes(&value).to_vec()
+        })
+        .collect();
+    fill_old_service(&before, "xdp_lb", vip, &values);
+    let addrs: Vec<SocketAddr> = XDP_BACKENDS.iter().map(|b| sock(b)).collect();
+    let size = maglev::table_size(addrs.len());
+    let rings = map(&before, "xdp_lb_rings");
+    rings
+        .update(&0u32.to_ne_bytes(), &size.to_ne_bytes(), MapFlags::ANY)
+        .unwrap();
+    for (i, index) in maglev::table(&addrs, size).into_iter().enumerate() {
         rings
-            .update(&0u32.to_ne_bytes(), &size.to_ne_bytes(), MapFlags::ANY)
+            .update(&(1 + i as u32).to_ne_bytes(), &index.to_ne_bytes(), MapFlags::ANY)
             .unwrap();
-        for (i, index) in maglev::table(&addrs, size).into_iter().enumerate() {
-            rings
-                .update(&(1 + i as u32).to_ne_bytes(), &index.to_ne_bytes(), MapFlags::ANY)
-                .unwrap();
+    }
+    // a program of its own per variant: no flow table or port claim holds another's flows
+    let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] = std::array::from_fn(|_| MaybeUninit::uninit());
+    let [plain_obj, affinity_obj] = &mut storage;
+    let service = |text: String| services(&[&text], xdp_lb::LIMITS);
+    let now = xdp_lb::load_with_services(
+        plain_obj,
+        &options,
+        &service(format!("{vip}={backends}")),
+        &routes(Variant::Now),
+    )
+    .unwrap();
+    let now_affinity = xdp_lb::load_with_services(
+        affinity_obj,
+        &options,
+        &service(format!("{vip};affinity=client={backends}")),
+        &routes(Variant::NowAffinity),
+    )
+    .unwrap();
+    let before_prog = prog(&before, old_name);
+    let program = |variant: Variant| -> &ProgramMut<'_> {
+        match variant {
+            Variant::Before => &before_prog,
+            Variant::Now => xdp_lb::program(&now),
+            Variant::NowAffinity => xdp_lb::program(&now_affinity),
         }
-        let mut storage = MaybeUninit::uninit();
-        let now = xdp_lb::load_with_services(&mut storage, &options, &now_services, &routes).unwrap();
-        let before_prog = prog(&before, old_name);
-        let program = |variant: Variant| -> &ProgramMut<'_> {
-            match variant {
-                Variant::Before => &before_prog,
-                _ => xdp_lb::program(&now),
-            }
-        };
-        let target = |variant: Variant| match variant {
-            Variant::NowAffinity => vip_affinity,
-            _ => vip,
-        };
-
-        let mut fresh = Timed::new(
-            "xdp-lb",
-            "new flow (Maglev, source port claimed)",
-            "bpf_stats, generic XDP",
-        );
-        let mut known = Timed::new(
-            "xdp-lb",
-            "known flow, client -> backend",
-            "bpf_stats, generic XDP",
-        );
-        let mut reply = Timed::new("xdp-lb", "backend -> client reply", "bpf_stats, generic XDP");
-        let _stats = RunTimeStats::enable();
-        // the backends: sinks, so no port unreachable comes back through the program; made
-        // in the client namespace (a socket stays in the namespace it was made in)
-        let (sinks, talker) = client.enter(|| {
-            let sinks: Vec<UdpSocket> = XDP_BACKENDS
+    };
+    let attached: Vec<OwnedFd> = balancer
+        .enter(|| {
+            VARIANTS
                 .iter()
-                .map(|b| {
-                    let sink = UdpSocket::bind(sock(b)).unwrap();
-                    sink.set_nonblocking(true).unwrap();
-                    sink
+                .map(|v| {
+                    let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
+                    (iface.index, *v)
                 })
-                .collect();
-            (sinks, UdpSocket::bind("10.9.0.2:40000").unwrap())
-        });
-        let drain = || {
-            let mut buf = [0u8; 64];
-            for sink in &sinks {
-                while sink.recv_from(&mut buf).is_ok() {}
-            }
-        };
-        let calls = amounts.calls;
-        for round in 0..amounts.rounds {
-            for path in [&mut fresh, &mut known, &mut reply] {
-                path.note_load();
-            }
-            for variant in order(round) {
-                let attached = XdpAttachment::attach(program(variant), &iface, XdpMode::Generic).unwrap();
+                .collect::<Vec<_>>()
+        })
+        .into_iter()
+        .map(|(index, v)| {
+            let iface = Interface {
+                name: format!("eth{}", v.index()),
+                index,
+            };
+            xdp_attach_in(&balancer, program(v), &iface)
+        })
+        .collect();
+
+    // sockets stay in the namespace they were made in
+    let mut sides: Vec<XdpClient> = VARIANTS
+        .iter()
+        .map(|v| {
+            let source = client_addr(*v, 0);
+            clients[v.index()].enter(move || XdpClient {
+                sinks: XDP_BACKENDS
+                    .iter()
+                    .map(|b| {
+                        let sink = UdpSocket::bind(sock(b)).unwrap();
+                        sink.set_nonblocking(true).unwrap();
+                        sink
+                    })
+                    .collect(),
+                talker: UdpSocket::bind(SocketAddr::new(source, 10000)).unwrap(),
+                flow: None,
+            })
+        })
+        .collect();
+    // the known flow's first datagram shows its backend and the load balancer's end
+    for side in &mut sides {
+        side.talker.send_to(b"x", vip).unwrap();
+        let began = Instant::now();
+        let mut buf = [0u8; 64];
+        while side.flow.is_none() && began.elapsed() < Duration::from_secs(2) {
+            side.flow = side
+                .sinks
+                .iter()
+                .enumerate()
+                .find_map(|(i, sink)| sink.recv_from(&mut buf).ok().map(|(_, from)| (i, from)));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            side.flow.is_some(),
+            "the known flow's datagram reached no backend"
+        );
+    }
+
+    let mut fresh = Timed::new(
+        "xdp-lb",
+        "new flow (Maglev, source port claimed)",
+        "bpf_stats, generic XDP",
+    );
+    let mut known = Timed::new(
+        "xdp-lb",
+        "known flow, client -> backend",
+        "bpf_stats, generic XDP",
+    );
+    let mut reply = Timed::new("xdp-lb", "backend -> client reply", "bpf_stats, generic XDP");
+    let _stats = RunTimeStats::enable();
+    let calls = amounts.calls;
+    for round in 0..amounts.rounds {
+        for turn in 0..amounts.turns {
+            for variant in order(turn) {
                 let fd = program(variant).as_fd();
-                let to = target(variant);
-                let base = 20000 + (round * calls) as u16;
-                fresh.push(
+                let side = &sides[variant.index()];
+                let base = 20000 + ((round * amounts.turns + turn) * calls % 40000) as u16;
+                fresh.add(
                     variant,
-                    timed_runs(fd, calls, || {
-                        client.enter(move || {
+                    run_time(fd, calls, || {
+                        clients[variant.index()].enter(move || {
                             for i in 0..calls {
-                                let from = SocketAddr::new("10.9.0.2".parse().unwrap(), base + i as u16);
-                                let _ = UdpSocket::bind(from).unwrap().send_to(b"x", to);
+                                let from =
+                                    SocketAddr::new(client_addr(variant, i % CLIENTS), base + i as u16);
+                                let _ = UdpSocket::bind(from).unwrap().send_to(b"x", vip);
                             }
                         })
                     }),
                 );
-                // the known flow's first datagram shows its backend and source port
-                drain();
-                talker.send_to(b"x", to).unwrap();
-                std::thread::sleep(Duration::from_millis(20));
-                let mut buf = [0u8; 64];
-                let (sink, lb_end) = sinks
-                    .iter()
-                    .find_map(|sink| sink.recv_from(&mut buf).ok().map(|(_, from)| (sink, from)))
-                    .expect("the known flow's datagram at a backend");
-                known.push(
+                known.add(
                     variant,
-                    timed_runs(fd, calls, || {
+                    run_time(fd, calls, || {
                         for _ in 0..calls {
-                            let _ = talker.send_to(b"x", to);
+                            let _ = side.talker.send_to(b"x", vip);
                         }
                     }),
                 );
-                reply.push(
+                let (sink, lb_end) = side.flow.unwrap();
+                reply.add(
                     variant,
-                    timed_runs(fd, calls, || {
+                    run_time(fd, calls, || {
                         for _ in 0..calls {
-                            let _ = sink.send_to(b"y", lb_end);
+                            let _ = side.sinks[sink].send_to(b"y", lb_end);
                         }
                     }),
                 );
-                drop(attached);
             }
         }
-        vec![fresh, known, reply]
-    })
+        for path in [&mut fresh, &mut known, &mut reply] {
+            path.end_round();
+        }
+        // the sinks' queues: emptied so they never push back
+        let mut buf = [0u8; 64];
+        for side in &sides {
+            for sink in &side.sinks {
+                while sink.recv_from(&mut buf).is_ok() {}
+            }
+        }
+    }
+    drop(attached);
+    vec![fresh, known, reply]
+}
+
+/// Attaches an XDP program in generic mode to an interface of `netns`: the link's fd, which
+/// detaches when closed.
+fn xdp_attach_in(netns: &Netns, prog: &ProgramMut<'_>, iface: &Interface) -> OwnedFd {
+    // the link refers to the interface by index in the namespace of the thread that makes it
+    let fd = prog.as_fd().try_clone_to_owned().unwrap();
+    let index = iface.index;
+    let link = netns.enter(move || {
+        let opts = libbpf_rs::libbpf_sys::bpf_link_create_opts {
+            sz: size_of::<libbpf_rs::libbpf_sys::bpf_link_create_opts>() as _,
+            flags: libbpf_rs::libbpf_sys::XDP_FLAGS_SKB_MODE,
+            ..Default::default()
+        };
+        // SAFETY: a program fd and options of the right size.
+        let link = unsafe {
+            libbpf_rs::libbpf_sys::bpf_link_create(
+                fd.as_raw_fd(),
+                index as i32,
+                libbpf_rs::libbpf_sys::BPF_XDP,
+                &opts,
+            )
+        };
+        assert!(
+            link >= 0,
+            "attaching XDP: {}",
+            std::io::Error::from_raw_os_error(-link)
+        );
+        // SAFETY: the kernel gave us this link fd.
+        unsafe { OwnedFd::from_raw_fd(link) }
+    });
+    link
 }
 
 // ---------------------------------------------------------------------------------------
@@ -678,37 +813,29 @@ fn clusterip_paths(amounts: &Amounts, old: &OldObjects, cgroup: &TestCgroup) -> 
     );
     let backends = ["10.1.0.2:9", "10.1.0.3:9", "10.1.0.4:9"];
     let vip = sock("10.96.0.10:9");
-    let vip_affinity = sock("10.96.0.11:9");
     let before = load_old(&old.path("sock_xlate"), &[], &[], &[]);
     let values: Vec<Vec<u8>> = backends
         .iter()
         .map(|b| as_bytes(&service_endpoint::from(sock(b))).to_vec())
         .collect();
     fill_old_service(&before, "clusterip", vip, &values);
-    let mut storage = MaybeUninit::uninit();
+    // a program of its own per variant: no reply table holds another variant's sockets
+    let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] = std::array::from_fn(|_| MaybeUninit::uninit());
+    let [plain_obj, affinity_obj] = &mut storage;
     let list = backends.join(",");
-    let now = clusterip::load_with_services(
-        &mut storage,
-        &services(
-            &[
-                &format!("{vip}={list}"),
-                &format!("{vip_affinity};affinity=client={list}"),
-            ],
-            clusterip::LIMITS,
-        ),
-    )
-    .unwrap();
+    let service = |text: String| services(&[&text], clusterip::LIMITS);
+    let now = clusterip::load_with_services(plain_obj, &service(format!("{vip}={list}"))).unwrap();
+    let now_affinity =
+        clusterip::load_with_services(affinity_obj, &service(format!("{vip};affinity=client={list}")))
+            .unwrap();
     let before_connect = prog(&before, "cip_connect4");
     let before_send = prog(&before, "cip_sendmsg4");
     let programs = |variant: Variant| -> [&ProgramMut<'_>; 2] {
         match variant {
             Variant::Before => [&before_connect, &before_send],
-            _ => [&now.progs.cip_connect4, &now.progs.cip_sendmsg4],
+            Variant::Now => [&now.progs.cip_connect4, &now.progs.cip_sendmsg4],
+            Variant::NowAffinity => [&now_affinity.progs.cip_connect4, &now_affinity.progs.cip_sendmsg4],
         }
-    };
-    let target = |variant: Variant| match variant {
-        Variant::NowAffinity => vip_affinity,
-        _ => vip,
     };
     let cgroup_fd = std::fs::File::open(&cgroup.path).unwrap();
     let mut connect = Timed::new("clusterip", "TCP connect()", "bpf_stats, cgroup connect4");
@@ -717,7 +844,6 @@ fn clusterip_paths(amounts: &Amounts, old: &OldObjects, cgroup: &TestCgroup) -> 
         "UDP sendmsg() (unconnected)",
         "bpf_stats, cgroup sendmsg4",
     );
-    let _stats = RunTimeStats::enable();
     // sockets stay in the namespace they were made in
     let (listeners, sinks, sender) = netns.enter(|| {
         let listeners: Vec<std::net::TcpListener> = backends
@@ -730,40 +856,43 @@ fn clusterip_paths(amounts: &Amounts, old: &OldObjects, cgroup: &TestCgroup) -> 
             .collect();
         (listeners, sinks, UdpSocket::bind("127.0.0.1:0").unwrap())
     });
+    let _stats = RunTimeStats::enable();
     let calls = amounts.calls;
-    for round in 0..amounts.rounds {
-        connect.note_load();
-        send.note_load();
-        for variant in order(round) {
-            let [connect4, sendmsg4] = programs(variant);
-            let links = [
-                connect4.attach_cgroup(cgroup_fd.as_raw_fd()).unwrap(),
-                sendmsg4.attach_cgroup(cgroup_fd.as_raw_fd()).unwrap(),
-            ];
-            let to = target(variant);
-            connect.push(
-                variant,
-                timed_runs(connect4.as_fd(), calls, || {
-                    netns.enter(move || {
+    for _ in 0..amounts.rounds {
+        for turn in 0..amounts.turns {
+            // one cgroup: a variant's programs are attached for its turn only
+            for variant in order(turn) {
+                let [connect4, sendmsg4] = programs(variant);
+                let links = [
+                    connect4.attach_cgroup(cgroup_fd.as_raw_fd()).unwrap(),
+                    sendmsg4.attach_cgroup(cgroup_fd.as_raw_fd()).unwrap(),
+                ];
+                connect.add(
+                    variant,
+                    run_time(connect4.as_fd(), calls, || {
+                        netns.enter(move || {
+                            for _ in 0..calls {
+                                let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                                socket.set_nonblocking(true).unwrap();
+                                socket.set_linger(Some(Duration::ZERO)).unwrap();
+                                let _ = socket.connect(&vip.into());
+                            }
+                        })
+                    }),
+                );
+                send.add(
+                    variant,
+                    run_time(sendmsg4.as_fd(), calls, || {
                         for _ in 0..calls {
-                            let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-                            socket.set_nonblocking(true).unwrap();
-                            socket.set_linger(Some(Duration::ZERO)).unwrap();
-                            let _ = socket.connect(&to.into());
+                            let _ = sender.send_to(b"x", vip);
                         }
-                    })
-                }),
-            );
-            send.push(
-                variant,
-                timed_runs(sendmsg4.as_fd(), calls, || {
-                    for _ in 0..calls {
-                        let _ = sender.send_to(b"x", to);
-                    }
-                }),
-            );
-            drop(links);
+                    }),
+                );
+                drop(links);
+            }
         }
+        connect.end_round();
+        send.end_round();
     }
     drop((listeners, sinks));
     vec![connect, send]
@@ -781,6 +910,24 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
     let mut rows = Vec::new();
     let mut worst: Vec<(&'static str, f64)> = Vec::new();
     for path in &paths {
+        println!(
+            "{} {}: per round ns before {:?} now {:?} affinity {:?}; load {:?}",
+            path.datapath,
+            path.path,
+            path.samples[&Variant::Before]
+                .iter()
+                .map(|v| v.round())
+                .collect::<Vec<_>>(),
+            path.samples[&Variant::Now]
+                .iter()
+                .map(|v| v.round())
+                .collect::<Vec<_>>(),
+            path.samples[&Variant::NowAffinity]
+                .iter()
+                .map(|v| v.round())
+                .collect::<Vec<_>>(),
+            path.loads
+        );
         let before = median(path.samples[&Variant::Before].clone());
         let loads = {
             let mut loads = path.loads.clone();
