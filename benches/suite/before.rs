@@ -474,41 +474,46 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             fill_old_service(&object, "lb", vip, &values);
             object
         };
-        let (before, copy) = (load_before(), load_before());
-        // a program of its own per variant: no table holds another variant's state
-        let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
-            std::array::from_fn(|_| MaybeUninit::uninit());
-        let [plain_obj, affinity_obj] = &mut storage;
         let service = |text: String| services(&[&text], lb::LIMITS);
-        let now = lb::load_with_services(plain_obj, &service(format!("{vip}={LB_BACKENDS}")), true).unwrap();
-        let now_affinity = lb::load_with_services(
-            affinity_obj,
-            &service(format!("{vip};affinity=client={LB_BACKENDS}")),
-            true,
-        )
-        .unwrap();
-        let (before_prog, copy_prog) = (prog(&before, "lb_ingress"), prog(&copy, "lb_ingress"));
-        let program = |variant: Variant| -> &ProgramMut<'_> {
-            match variant {
-                Variant::Before => &before_prog,
-                Variant::BeforeCopy => &copy_prog,
-                Variant::Now => &now.progs.lb_ingress,
-                Variant::NowAffinity => &now_affinity.progs.lb_ingress,
-            }
-        };
-
-        // known flow: test_run with repeat on a SYN whose conntrack entry the first run made
         let mut known = Timed::new("lb", "known flow (SYN of a tracked flow)", "test_run, repeat");
+        let mut fresh = Timed::new("lb", "new flow (SYN, conntrack entry made)", "bpf_stats, tcx");
         let frame = l4_frame(sock("10.0.0.1:40000"), vip, L4::Tcp);
         let input = |repeat: u32| ProgramInput {
             data_in: Some(&frame),
             repeat,
             ..Default::default()
         };
-        for variant in VARIANTS {
-            program(variant).test_run(input(1)).unwrap();
-        }
+        let calls = amounts.calls;
         for _ in 0..amounts.rounds {
+            // fresh programs every round, each variant its own: no table holds another's
+            // state, and where in memory an instance's tables landed varies between rounds
+            let (before, copy) = (load_before(), load_before());
+            let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
+                std::array::from_fn(|_| MaybeUninit::uninit());
+            let [plain_obj, affinity_obj] = &mut storage;
+            let now =
+                lb::load_with_services(plain_obj, &service(format!("{vip}={LB_BACKENDS}")), true).unwrap();
+            let now_affinity = lb::load_with_services(
+                affinity_obj,
+                &service(format!("{vip};affinity=client={LB_BACKENDS}")),
+                true,
+            )
+            .unwrap();
+            let (before_prog, copy_prog) = (prog(&before, "lb_ingress"), prog(&copy, "lb_ingress"));
+            let program = |variant: Variant| -> &ProgramMut<'_> {
+                match variant {
+                    Variant::Before => &before_prog,
+                    Variant::BeforeCopy => &copy_prog,
+                    Variant::Now => &now.progs.lb_ingress,
+                    Variant::NowAffinity => &now_affinity.progs.lb_ingress,
+                }
+            };
+            balancer.exec("conntrack -F 2>/dev/null || true");
+
+            // known flow: test_run with repeat on a SYN whose conntrack entry the first run made
+            for variant in VARIANTS {
+                program(variant).test_run(input(1)).unwrap();
+            }
             for turn in 0..amounts.turns {
                 for variant in order(turn) {
                     let out = program(variant).test_run(input(amounts.repeat)).unwrap();
@@ -517,22 +522,17 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
                 }
             }
             known.end_round();
-        }
 
-        // new flow: SYNs from fresh ports through the real hook, each variant's client on
-        // its own interface; conntrack emptied before each round
-        let mut fresh = Timed::new("lb", "new flow (SYN, conntrack entry made)", "bpf_stats, tcx");
-        let attached: Vec<TcxAttachment> = VARIANTS
-            .iter()
-            .map(|v| {
-                let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
-                TcxAttachment::attach(program(*v), &iface, TcDirection::Ingress).unwrap()
-            })
-            .collect();
-        let _stats = RunTimeStats::enable();
-        let calls = amounts.calls;
-        for _ in 0..amounts.rounds {
-            balancer.exec("conntrack -F 2>/dev/null || true");
+            // new flow: SYNs from fresh ports through the real hook, each variant's client on
+            // its own interface; the run-time statistics only now (test_run counts them too)
+            let stats = RunTimeStats::enable();
+            let attached: Vec<TcxAttachment> = VARIANTS
+                .iter()
+                .map(|v| {
+                    let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
+                    TcxAttachment::attach(program(*v), &iface, TcDirection::Ingress).unwrap()
+                })
+                .collect();
             for turn in 0..amounts.turns {
                 for variant in order(turn) {
                     let client = &clients[variant.index()];
@@ -551,8 +551,8 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
                 }
             }
             fresh.end_round();
+            drop((attached, stats));
         }
-        drop(attached);
         balancer.exec("conntrack -F 2>/dev/null || true");
         vec![fresh, known]
     })
@@ -652,54 +652,13 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         }
         before
     };
-    let (before, copy) = (load_before(Variant::Before), load_before(Variant::BeforeCopy));
-    // a program of its own per variant: no flow table or port claim holds another's flows
-    let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] = std::array::from_fn(|_| MaybeUninit::uninit());
-    let [plain_obj, affinity_obj] = &mut storage;
     let service = |text: String| services(&[&text], xdp_lb::LIMITS);
-    let now = xdp_lb::load_with_services(
-        plain_obj,
-        &options,
-        &service(format!("{vip}={backends}")),
-        &routes(Variant::Now),
-    )
-    .unwrap();
-    let now_affinity = xdp_lb::load_with_services(
-        affinity_obj,
-        &options,
-        &service(format!("{vip};affinity=client={backends}")),
-        &routes(Variant::NowAffinity),
-    )
-    .unwrap();
-    let (before_prog, copy_prog) = (prog(&before, old_name), prog(&copy, old_name));
-    let program = |variant: Variant| -> &ProgramMut<'_> {
-        match variant {
-            Variant::Before => &before_prog,
-            Variant::BeforeCopy => &copy_prog,
-            Variant::Now => xdp_lb::program(&now),
-            Variant::NowAffinity => xdp_lb::program(&now_affinity),
-        }
-    };
-    let attached: Vec<OwnedFd> = balancer
-        .enter(|| {
-            VARIANTS
-                .iter()
-                .map(|v| {
-                    let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
-                    (iface.index, *v)
-                })
-                .collect::<Vec<_>>()
-        })
-        .into_iter()
-        .map(|(index, v)| {
-            let iface = Interface {
-                name: format!("eth{}", v.index()),
-                index,
-            };
-            xdp_attach_in(&balancer, program(v), &iface)
-        })
-        .collect();
-
+    let indexes: Vec<u32> = balancer.enter(|| {
+        VARIANTS
+            .iter()
+            .map(|v| Interface::by_name(&format!("eth{}", v.index())).unwrap().index)
+            .collect()
+    });
     // sockets stay in the namespace they were made in
     let mut sides: Vec<XdpClient> = VARIANTS
         .iter()
@@ -719,25 +678,6 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             })
         })
         .collect();
-    // the known flow's first datagram shows its backend and the load balancer's end
-    for side in &mut sides {
-        side.talker.send_to(b"x", vip).unwrap();
-        let began = Instant::now();
-        let mut buf = [0u8; 64];
-        while side.flow.is_none() && began.elapsed() < Duration::from_secs(2) {
-            side.flow = side
-                .sinks
-                .iter()
-                .enumerate()
-                .find_map(|(i, sink)| sink.recv_from(&mut buf).ok().map(|(_, from)| (i, from)));
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        assert!(
-            side.flow.is_some(),
-            "the known flow's datagram reached no backend"
-        );
-    }
-
     let mut fresh = Timed::new(
         "xdp-lb",
         "new flow (Maglev, source port claimed)",
@@ -751,12 +691,68 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
     let mut reply = Timed::new("xdp-lb", "backend -> client reply", "bpf_stats, generic XDP");
     let _stats = RunTimeStats::enable();
     let calls = amounts.calls;
-    for round in 0..amounts.rounds {
+    for _ in 0..amounts.rounds {
+        // fresh programs every round, each variant its own: no flow table or port claim
+        // holds another's flows, and where in memory an instance's tables landed varies
+        // between rounds
+        let (before, copy) = (load_before(Variant::Before), load_before(Variant::BeforeCopy));
+        let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
+            std::array::from_fn(|_| MaybeUninit::uninit());
+        let [plain_obj, affinity_obj] = &mut storage;
+        let now = xdp_lb::load_with_services(
+            plain_obj,
+            &options,
+            &service(format!("{vip}={backends}")),
+            &routes(Variant::Now),
+        )
+        .unwrap();
+        let now_affinity = xdp_lb::load_with_services(
+            affinity_obj,
+            &options,
+            &service(format!("{vip};affinity=client={backends}")),
+            &routes(Variant::NowAffinity),
+        )
+        .unwrap();
+        let (before_prog, copy_prog) = (prog(&before, old_name), prog(&copy, old_name));
+        let program = |variant: Variant| -> &ProgramMut<'_> {
+            match variant {
+                Variant::Before => &before_prog,
+                Variant::BeforeCopy => &copy_prog,
+                Variant::Now => xdp_lb::program(&now),
+                Variant::NowAffinity => xdp_lb::program(&now_affinity),
+            }
+        };
+        let attached: Vec<OwnedFd> = VARIANTS
+            .iter()
+            .map(|v| xdp_attach_in(&balancer, program(*v), indexes[v.index()]))
+            .collect();
+        // the known flow's first datagram shows its backend and the load balancer's end
+        let mut buf = [0u8; 64];
+        for side in &mut sides {
+            for sink in &side.sinks {
+                while sink.recv_from(&mut buf).is_ok() {}
+            }
+            side.flow = None;
+            side.talker.send_to(b"x", vip).unwrap();
+            let began = Instant::now();
+            while side.flow.is_none() && began.elapsed() < Duration::from_secs(2) {
+                side.flow = side
+                    .sinks
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, sink)| sink.recv_from(&mut buf).ok().map(|(_, from)| (i, from)));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            assert!(
+                side.flow.is_some(),
+                "the known flow's datagram reached no backend"
+            );
+        }
         for turn in 0..amounts.turns {
             for variant in order(turn) {
                 let fd = program(variant).as_fd();
                 let side = &sides[variant.index()];
-                let base = 20000 + ((round * amounts.turns + turn) * calls % 40000) as u16;
+                let base = 20000 + (turn * calls) as u16;
                 fresh.add(
                     variant,
                     run_time(fd, calls, || {
@@ -791,24 +787,16 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         for path in [&mut fresh, &mut known, &mut reply] {
             path.end_round();
         }
-        // the sinks' queues: emptied so they never push back
-        let mut buf = [0u8; 64];
-        for side in &sides {
-            for sink in &side.sinks {
-                while sink.recv_from(&mut buf).is_ok() {}
-            }
-        }
+        drop(attached);
     }
-    drop(attached);
     vec![fresh, known, reply]
 }
 
 /// Attaches an XDP program in generic mode to an interface of `netns`: the link's fd, which
 /// detaches when closed.
-fn xdp_attach_in(netns: &Netns, prog: &ProgramMut<'_>, iface: &Interface) -> OwnedFd {
+fn xdp_attach_in(netns: &Netns, prog: &ProgramMut<'_>, index: u32) -> OwnedFd {
     // the link refers to the interface by index in the namespace of the thread that makes it
     let fd = prog.as_fd().try_clone_to_owned().unwrap();
-    let index = iface.index;
     let link = netns.enter(move || {
         let opts = libbpf_rs::libbpf_sys::bpf_link_create_opts {
             sz: size_of::<libbpf_rs::libbpf_sys::bpf_link_create_opts>() as _,
@@ -855,28 +843,8 @@ fn clusterip_paths(amounts: &Amounts, old: &OldObjects, cgroup: &TestCgroup) -> 
         fill_old_service(&object, "clusterip", vip, &values);
         object
     };
-    let (before, copy) = (load_before(), load_before());
-    // a program of its own per variant: no reply table holds another variant's sockets
-    let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] = std::array::from_fn(|_| MaybeUninit::uninit());
-    let [plain_obj, affinity_obj] = &mut storage;
     let list = backends.join(",");
     let service = |text: String| services(&[&text], clusterip::LIMITS);
-    let now = clusterip::load_with_services(plain_obj, &service(format!("{vip}={list}"))).unwrap();
-    let now_affinity =
-        clusterip::load_with_services(affinity_obj, &service(format!("{vip};affinity=client={list}")))
-            .unwrap();
-    let before_connect = prog(&before, "cip_connect4");
-    let before_send = prog(&before, "cip_sendmsg4");
-    let copy_connect = prog(&copy, "cip_connect4");
-    let copy_send = prog(&copy, "cip_sendmsg4");
-    let programs = |variant: Variant| -> [&ProgramMut<'_>; 2] {
-        match variant {
-            Variant::Before => [&before_connect, &before_send],
-            Variant::BeforeCopy => [&copy_connect, &copy_send],
-            Variant::Now => [&now.progs.cip_connect4, &now.progs.cip_sendmsg4],
-            Variant::NowAffinity => [&now_affinity.progs.cip_connect4, &now_affinity.progs.cip_sendmsg4],
-        }
-    };
     let cgroup_fd = std::fs::File::open(&cgroup.path).unwrap();
     let mut connect = Timed::new("clusterip", "TCP connect()", "bpf_stats, cgroup connect4");
     let mut send = Timed::new(
@@ -899,6 +867,26 @@ fn clusterip_paths(amounts: &Amounts, old: &OldObjects, cgroup: &TestCgroup) -> 
     let _stats = RunTimeStats::enable();
     let calls = amounts.calls;
     for _ in 0..amounts.rounds {
+        // fresh programs every round, each variant its own: no reply table holds another's
+        // sockets, and where in memory an instance's tables landed varies between rounds
+        let (before, copy) = (load_before(), load_before());
+        let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
+            std::array::from_fn(|_| MaybeUninit::uninit());
+        let [plain_obj, affinity_obj] = &mut storage;
+        let now = clusterip::load_with_services(plain_obj, &service(format!("{vip}={list}"))).unwrap();
+        let now_affinity =
+            clusterip::load_with_services(affinity_obj, &service(format!("{vip};affinity=client={list}")))
+                .unwrap();
+        let before_progs = [prog(&before, "cip_connect4"), prog(&before, "cip_sendmsg4")];
+        let copy_progs = [prog(&copy, "cip_connect4"), prog(&copy, "cip_sendmsg4")];
+        let programs = |variant: Variant| -> [&ProgramMut<'_>; 2] {
+            match variant {
+                Variant::Before => [&before_progs[0], &before_progs[1]],
+                Variant::BeforeCopy => [&copy_progs[0], &copy_progs[1]],
+                Variant::Now => [&now.progs.cip_connect4, &now.progs.cip_sendmsg4],
+                Variant::NowAffinity => [&now_affinity.progs.cip_connect4, &now_affinity.progs.cip_sendmsg4],
+            }
+        };
         for turn in 0..amounts.turns {
             // one cgroup: a variant's programs are attached for its turn only
             for variant in order(turn) {
@@ -1011,7 +999,7 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
          repeats); every other path by the kernel's run-time statistics (BPF_ENABLE_STATS, \
          run_time_ns / run_cnt, held only while this section runs) with the program on its \
          real hook under real traffic in namespaces of the bench: lb on tcx ingress (new \
-         flows: TCP SYNs from fresh ports of 32 client addresses, conntrack emptied each round), \
+         flows: TCP SYNs from fresh ports of 32 client addresses), \
          xdp-lb in generic mode on a veth (new flows: UDP datagrams from fresh ports; a known \
          flow; the backend's replies to it), clusterip's connect4 and sendmsg4 on the bench's \
          cgroup (non-blocking TCP connect() and unconnected UDP sendto() to the VIP). Neither \
@@ -1020,7 +1008,9 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
          statistics include a little of the two clock reads around each run, the same for old \
          and new.\n\n\
          Every variant has its own program instance (and for lb and xdp-lb its own veth), so \
-         no table holds another's flows. A round is {} turns of {} packets or calls per \
+         no table holds another's flows, loaded afresh every round (where an instance's tables \
+         land in memory moves its time by several per cent; new instances every round let \
+         that average out). A round is {} turns of {} packets or calls per \
          variant, the variants in rotated order in each turn; {} rounds. ns: the median over \
          rounds; before is the mean of two instances of the old program in each round; now / \
          before: the median of each round's ratio, so load that changes between rounds \
