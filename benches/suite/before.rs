@@ -397,8 +397,8 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// A load balancer namespace with one client namespace per variant, each on its own veth
-/// pair: client k is 10.9.k.2 on its eth0, the load balancer 10.9.k.1 on its eth{k}; the
+/// A load balancer namespace with one client namespace per variant (see [`link_of`]), each
+/// on its own veth pair: client k is 10.9.k.2 on its eth0, the load balancer 10.9.k.1 on its eth{k}; the
 /// VIPs 10.96/16 routed to it; neighbours permanent and IPv6 off, so a program sees only the
 /// traffic a path sends. Every variant's program on its own interface: no attaching and
 /// detaching between turns.
@@ -424,7 +424,7 @@ fn star(tag: &str) -> (Netns, Vec<Netns>) {
                 format!("neigh replace 10.9.{k}.2 lladdr {client_mac} dev {dev} nud permanent\n");
             let mut addresses = String::new();
             for j in 0..CLIENTS {
-                let addr = client_addr(VARIANTS[k], j);
+                let addr = client_addr(k, j);
                 addresses.push_str(&format!("addr add {addr}/24 dev eth0\n"));
                 neighbours.push_str(&format!(
                     "neigh replace {addr} lladdr {client_mac} dev {dev} nud permanent\n"
@@ -438,12 +438,18 @@ fn star(tag: &str) -> (Netns, Vec<Netns>) {
     (balancer, clients)
 }
 
+/// The link (interface, client namespace) a variant has in a round: rotated, so whatever
+/// differs between links (their queues, the CPU their softirqs run on) averages out.
+fn link_of(variant: Variant, round: usize) -> usize {
+    (variant.index() + round) % VARIANTS.len()
+}
+
 /// Client addresses of a variant's namespace that new flows take turns with: many clients,
 /// as a load balancer has (with affinity each keeps its backend, and the backends share them).
 const CLIENTS: usize = 32;
 
-fn client_addr(variant: Variant, client: usize) -> IpAddr {
-    IpAddr::from([10, 9, variant.index() as u8, 10 + client as u8])
+fn client_addr(link: usize, client: usize) -> IpAddr {
+    IpAddr::from([10, 9, link as u8, 10 + client as u8])
 }
 
 // ---------------------------------------------------------------------------------------
@@ -484,7 +490,8 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             ..Default::default()
         };
         let calls = amounts.calls;
-        for _ in 0..amounts.rounds {
+        for round in 0..amounts.rounds {
+            let link = |variant: Variant| link_of(variant, round);
             // fresh programs every round, each variant its own: no table holds another's
             // state, and where in memory an instance's tables landed varies between rounds
             let (before, copy) = (load_before(), load_before());
@@ -529,20 +536,21 @@ fn lb_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             let attached: Vec<TcxAttachment> = VARIANTS
                 .iter()
                 .map(|v| {
-                    let iface = Interface::by_name(&format!("eth{}", v.index())).unwrap();
+                    let iface = Interface::by_name(&format!("eth{}", link(*v))).unwrap();
                     TcxAttachment::attach(program(*v), &iface, TcDirection::Ingress).unwrap()
                 })
                 .collect();
             for turn in 0..amounts.turns {
                 for variant in order(turn) {
-                    let client = &clients[variant.index()];
+                    let client = &clients[link(variant)];
+                    let at = link(variant);
                     let base = 20000 + (turn * calls) as u16;
                     fresh.add(
                         variant,
                         run_time(program(variant).as_fd(), calls, || {
                             client.enter(move || {
                                 for i in 0..calls {
-                                    let source = client_addr(variant, i % CLIENTS);
+                                    let source = client_addr(at, i % CLIENTS);
                                     syn(SocketAddr::new(source, base + i as u16), vip);
                                 }
                             })
@@ -590,15 +598,16 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
     };
     let backends = XDP_BACKENDS.join(",");
     // variant k's backends are behind its own link: its client namespace's MAC, its address
-    let lb_addr = |variant: Variant| IpAddr::from([10, 9, variant.index() as u8, 1]);
-    let backend_mac = |variant: Variant| mac_of(&clients[variant.index()], "eth0");
-    let routes = |variant: Variant| -> HashMap<SocketAddr, xdp_lb::Backend> {
+    let lb_addr = |link: usize| IpAddr::from([10, 9, link as u8, 1]);
+    let macs: Vec<[u8; 6]> = clients.iter().map(|c| mac_of(c, "eth0")).collect();
+    let backend_mac = |link: usize| macs[link];
+    let routes = |link: usize| -> HashMap<SocketAddr, xdp_lb::Backend> {
         XDP_BACKENDS
             .iter()
             .map(|b| {
                 let backend = xdp_lb::Backend {
-                    lb_addr: lb_addr(variant),
-                    mac: backend_mac(variant),
+                    lb_addr: lb_addr(link),
+                    mac: backend_mac(link),
                 };
                 (sock(b), backend)
             })
@@ -608,7 +617,7 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
     let old_name = if compat { "xdp_lb_compat" } else { "xdp_lb" };
     let old_off = if compat { "xdp_lb" } else { "xdp_lb_compat" };
     // before: 6e0cd5a's xdp_lb::load (rodata, table sizes) and sync (backends, rings)
-    let load_before = |variant: Variant| {
+    let load_before = |link: usize| {
         let before = load_old(
             &old.path("xdp_lb"),
             &[
@@ -631,8 +640,8 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             .map(|b| {
                 let value = xdp_lb_backend {
                     endpoint: sock(b).into(),
-                    lb_addr: ip_to_words(lb_addr(variant)).1,
-                    mac: backend_mac(variant),
+                    lb_addr: ip_to_words(lb_addr(link)).1,
+                    mac: backend_mac(link),
                     ..Default::default()
                 };
                 as_bytes(&value).to_vec()
@@ -663,7 +672,7 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
     let mut sides: Vec<XdpClient> = VARIANTS
         .iter()
         .map(|v| {
-            let source = client_addr(*v, 0);
+            let source = client_addr(v.index(), 0);
             clients[v.index()].enter(move || XdpClient {
                 sinks: XDP_BACKENDS
                     .iter()
@@ -691,11 +700,15 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
     let mut reply = Timed::new("xdp-lb", "backend -> client reply", "bpf_stats, generic XDP");
     let _stats = RunTimeStats::enable();
     let calls = amounts.calls;
-    for _ in 0..amounts.rounds {
+    for round in 0..amounts.rounds {
+        let link = |variant: Variant| link_of(variant, round);
         // fresh programs every round, each variant its own: no flow table or port claim
         // holds another's flows, and where in memory an instance's tables landed varies
         // between rounds
-        let (before, copy) = (load_before(Variant::Before), load_before(Variant::BeforeCopy));
+        let (before, copy) = (
+            load_before(link(Variant::Before)),
+            load_before(link(Variant::BeforeCopy)),
+        );
         let mut storage: [MaybeUninit<libbpf_rs::OpenObject>; 2] =
             std::array::from_fn(|_| MaybeUninit::uninit());
         let [plain_obj, affinity_obj] = &mut storage;
@@ -703,14 +716,14 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
             plain_obj,
             &options,
             &service(format!("{vip}={backends}")),
-            &routes(Variant::Now),
+            &routes(link(Variant::Now)),
         )
         .unwrap();
         let now_affinity = xdp_lb::load_with_services(
             affinity_obj,
             &options,
             &service(format!("{vip};affinity=client={backends}")),
-            &routes(Variant::NowAffinity),
+            &routes(link(Variant::NowAffinity)),
         )
         .unwrap();
         let (before_prog, copy_prog) = (prog(&before, old_name), prog(&copy, old_name));
@@ -724,7 +737,7 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         };
         let attached: Vec<OwnedFd> = VARIANTS
             .iter()
-            .map(|v| xdp_attach_in(&balancer, program(*v), indexes[v.index()]))
+            .map(|v| xdp_attach_in(&balancer, program(*v), indexes[link(*v)]))
             .collect();
         // the known flow's first datagram shows its backend and the load balancer's end
         let mut buf = [0u8; 64];
@@ -751,15 +764,15 @@ fn xdp_paths(amounts: &Amounts, old: &OldObjects) -> Vec<Timed> {
         for turn in 0..amounts.turns {
             for variant in order(turn) {
                 let fd = program(variant).as_fd();
-                let side = &sides[variant.index()];
+                let side = &sides[link(variant)];
+                let at = link(variant);
                 let base = 20000 + (turn * calls) as u16;
                 fresh.add(
                     variant,
                     run_time(fd, calls, || {
-                        clients[variant.index()].enter(move || {
+                        clients[at].enter(move || {
                             for i in 0..calls {
-                                let from =
-                                    SocketAddr::new(client_addr(variant, i % CLIENTS), base + i as u16);
+                                let from = SocketAddr::new(client_addr(at, i % CLIENTS), base + i as u16);
                                 let _ = UdpSocket::bind(from).unwrap().send_to(b"x", vip);
                             }
                         })
@@ -1007,7 +1020,8 @@ pub fn run(report: &mut Report, settings: &Settings, cgroup: &TestCgroup) {
          again on its own output, and a new flow changes the program's state. The run-time \
          statistics include a little of the two clock reads around each run, the same for old \
          and new.\n\n\
-         Every variant has its own program instance (and for lb and xdp-lb its own veth), so \
+         Every variant has its own program instance (and for lb and xdp-lb its own veth, a \
+         different one each round: links measured apart by a few per cent), so \
          no table holds another's flows, loaded afresh every round (where an instance's tables \
          land in memory moves its time by several per cent; new instances every round let \
          that average out). A round is {} turns of {} packets or calls per \
