@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use common::affinity::moved_after_timeout;
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
 use common::servers::{tcp_echo, EchoBackends, TcpEchoServer, UdpEchoServer};
 use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
@@ -88,6 +89,21 @@ fn start(args: &[String]) -> Daemon {
 
 fn ebpf_net(args: &[String]) -> std::process::Output {
     output_within(Command::new(BIN).args(args))
+}
+
+/// `ebpf-net down clusterip --cgroup CGROUP`, which must succeed.
+fn down(cgroup: &TestCgroup) {
+    let output = ebpf_net(&[
+        "down".into(),
+        "clusterip".into(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn exchanges(lines: Vec<String>) -> Vec<Seen> {
@@ -281,13 +297,7 @@ fn persisted_services_update_in_place_without_dropping_a_connection_or_a_vip() {
         );
     }
 
-    let output = ebpf_net(&[
-        "down".into(),
-        "clusterip".into(),
-        "--cgroup".into(),
-        cgroup.path_str().into(),
-    ]);
-    assert!(output.status.success());
+    down(&cgroup);
     let after = Seen::parse(&holder.run(&format!("tcp {VIP4}"))[0]);
     assert_eq!(after.server, vip(VIP4), "still translated after down");
 }
@@ -775,13 +785,7 @@ fn affinity_is_kept_across_persist_re_runs() {
         first,
         "clients moved after a --persist re-run that changed another service"
     );
-    let output = ebpf_net(&[
-        "down".into(),
-        "clusterip".into(),
-        "--cgroup".into(),
-        cgroup.path_str().into(),
-    ]);
-    assert!(output.status.success());
+    down(&cgroup);
 }
 
 #[test]
@@ -805,19 +809,10 @@ fn affinity_expires_after_its_timeout() {
     ];
     let daemon = start(&args);
     let (_namespaces, mut clients) = namespace_clients(&lab, &cgroup);
-    let mut before = backend_per_namespace(&mut clients);
+    let before = backend_per_namespace(&mut clients);
     // past the timeout each namespace's next connection is a new choice among 3 backends: of
-    // 8, some move (all staying: (1/3)^8 per try); bounded, 3 tries
-    let mut moved = 0;
-    for _ in 0..3 {
-        std::thread::sleep(timeout + std::time::Duration::from_millis(500));
-        let after = backend_per_namespace(&mut clients);
-        moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
-        if moved > 0 {
-            break;
-        }
-        before = after;
-    }
+    // 8, some move (all staying: (1/3)^8 per try)
+    let moved = moved_after_timeout(timeout, before, || backend_per_namespace(&mut clients));
     assert!(
         moved > 0,
         "no namespace moved after {timeout:?} without a connection (affinity-timeout {timeout:?})\n{}",

@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::affinity::moved_after_timeout;
 use common::bench::IperfServer;
 use common::servers::{udp_request, Greeting, TcpEchoServer, UdpEchoServer};
 use common::topology::{veth, Daemon, Netns};
@@ -776,19 +777,10 @@ fn affinity_expiry(kind: Kind, tag: &str) {
         &plain(&lab.backends4),
     )];
     let daemon = lab.start(&services);
-    let mut before = backend_per_client(&lab, target);
+    let before = backend_per_client(&lab, target);
     // past the timeout each client's next connection is a new choice: one of 3 backends, so
-    // of 13 clients some move (all staying: (1/3)^13 per try); bounded, 3 tries
-    let mut moved = 0;
-    for _ in 0..3 {
-        std::thread::sleep(AFFINITY_TIMEOUT + Duration::from_millis(500));
-        let after = backend_per_client(&lab, target);
-        moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
-        if moved > 0 {
-            break;
-        }
-        before = after;
-    }
+    // of 13 clients some move (all staying: (1/3)^13 per try)
+    let moved = moved_after_timeout(AFFINITY_TIMEOUT, before, || backend_per_client(&lab, target));
     assert!(
         moved > 0,
         "{kind:?}: no client of {} moved after {:?} without a connection (affinity-timeout {:?})\n{}",

@@ -14,8 +14,12 @@
 //!   packet, and test_run's `repeat` runs the program on its own output (not idempotent);
 //!   a new flow changes the program's state by definition.
 //!
-//! Old and new take turns in rotated rounds (ABC, BCA, ...); each round gives a ratio new /
-//! old, and the reported ratio is the median of those, so load that changes between rounds
+//! Four variants: the old program, a second instance of it (the A/A control), the new one
+//! with a service without affinity, the new one with affinity. Every round loads fresh
+//! instances (where an instance's tables land in memory moves its time by several per cent)
+//! and gives each variant another link (lb, xdp-lb); within a round the variants take turns
+//! in rotated order. Each round gives a ratio new / old (old: the mean of its two instances),
+//! and the reported ratio is the median of those, so load that changes between rounds
 //! cancels. The 1-minute load average is noted with every path.
 
 use std::collections::HashMap;
@@ -397,10 +401,10 @@ fn mac_text(mac: [u8; 6]) -> String {
         .join(":")
 }
 
-/// A load balancer namespace with one client namespace per variant (see [`link_of`]), each
-/// on its own veth pair: client k is 10.9.k.2 on its eth0, the load balancer 10.9.k.1 on its eth{k}; the
-/// VIPs 10.96/16 routed to it; neighbours permanent and IPv6 off, so a program sees only the
-/// traffic a path sends. Every variant's program on its own interface: no attaching and
+/// A load balancer namespace with a link per variant (see [`link_of`]): client namespace k
+/// is 10.9.k.2 and [`client_addr`]s on its eth0, the load balancer 10.9.k.1 on its eth{k};
+/// the VIPs 10.96/16 routed to it; neighbours permanent and IPv6 off, so a program sees only
+/// the traffic a path sends. Every variant's program on its own interface: no attaching and
 /// detaching between turns.
 fn star(tag: &str) -> (Netns, Vec<Netns>) {
     let balancer = Netns::new(&format!("{tag}-lb"));
