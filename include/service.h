@@ -22,6 +22,9 @@ struct service_endpoint {
 /* service_range.flags */
 #define SERVICE_AFFINITY 1 /* a client keeps its backend for affinity_s (struct affinity_*) */
 #define SERVICE_KEEP_SOURCE 2 /* lb: no source NAT (its backend values carry no snat_addr); user space's record */
+/* every backend usable, all of one weight (the common case): a slot is base + hash % count and
+ * usable, as before weights existed, with no lookup in the weights table (issue 19's cost) */
+#define SERVICE_EVEN_WEIGHTS 4
 
 struct service_range {
 	__u32 base;
@@ -62,6 +65,10 @@ static __always_inline int pick_weighted_slot(void *weights, const struct servic
 
 	if (!range->weight || !range->count)
 		return -1;
+	if (range->flags & SERVICE_EVEN_WEIGHTS) {
+		*slot = range->base + hash % range->count;
+		return 0;
+	}
 	target = hash % range->weight;
 	for (i = 0; i < SERVICE_SEARCH_STEPS && lo < hi; i++) {
 		__u32 mid = lo + (hi - lo) / 2;
@@ -88,6 +95,8 @@ static __always_inline bool slot_usable(void *weights, const struct service_rang
 
 	if (slot < range->base || slot - range->base >= range->count)
 		return false;
+	if (range->flags & SERVICE_EVEN_WEIGHTS)
+		return true;
 	end = bpf_map_lookup_elem(weights, &slot);
 	if (!end)
 		return false;

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use common::affinity::moved_after_timeout;
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
 use common::servers::{tcp_echo, EchoBackends, TcpEchoServer, UdpEchoServer};
 use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
@@ -88,6 +89,21 @@ fn start(args: &[String]) -> Daemon {
 
 fn ebpf_net(args: &[String]) -> std::process::Output {
     output_within(Command::new(BIN).args(args))
+}
+
+/// `ebpf-net down clusterip --cgroup CGROUP`, which must succeed.
+fn down(cgroup: &TestCgroup) {
+    let output = ebpf_net(&[
+        "down".into(),
+        "clusterip".into(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+    ]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn exchanges(lines: Vec<String>) -> Vec<Seen> {
@@ -281,13 +297,7 @@ fn persisted_services_update_in_place_without_dropping_a_connection_or_a_vip() {
         );
     }
 
-    let output = ebpf_net(&[
-        "down".into(),
-        "clusterip".into(),
-        "--cgroup".into(),
-        cgroup.path_str().into(),
-    ]);
-    assert!(output.status.success());
+    down(&cgroup);
     let after = Seen::parse(&holder.run(&format!("tcp {VIP4}"))[0]);
     assert_eq!(after.server, vip(VIP4), "still translated after down");
 }
@@ -705,4 +715,111 @@ fn a_failing_health_check_takes_a_backend_out_and_brings_it_back() {
     let (code, log) = daemon.stop();
     assert_eq!(code, Some(0), "{log:?}");
     assert!(log.iter().any(|l| l.contains("is healthy again")), "{log:?}");
+}
+
+/// The backend each client (its own network namespace) reaches: three connections each,
+/// which must agree (affinity holds within a run).
+fn backend_per_namespace(clients: &mut [Client]) -> Vec<SocketAddr> {
+    clients
+        .iter_mut()
+        .enumerate()
+        .map(|(i, client)| {
+            let per_backend = shares(client.run(&format!("tcp {VIP4} 3")));
+            assert_eq!(
+                per_backend.len(),
+                1,
+                "client {i} moved within its affinity: {per_backend:?}"
+            );
+            *per_backend.keys().next().unwrap()
+        })
+        .collect()
+}
+
+/// Clients in 8 namespaces of their own, behind the node, in `cgroup`.
+fn namespace_clients(lab: &Lab, cgroup: &TestCgroup) -> (Vec<Netns>, Vec<Client>) {
+    let namespaces: Vec<Netns> = (0..8).map(|i| client_namespace(lab, i)).collect();
+    let clients = namespaces.iter().map(|ns| Client::start(cgroup, ns)).collect();
+    (namespaces, clients)
+}
+
+#[test]
+fn affinity_is_kept_across_persist_re_runs() {
+    let lab = Lab::new("cap");
+    let cgroup = TestCgroup::new("cap");
+    let b = lab.backends4.clone();
+    let persist = |other: &[SocketAddr]| {
+        let args: Vec<String> = vec![
+            "clusterip".into(),
+            "--cgroup".into(),
+            cgroup.path_str().into(),
+            "--service".into(),
+            format!("{VIP4};affinity=client={},{},{}", b[0], b[1], b[2]),
+            "--service".into(),
+            service_arg("10.96.0.20:80", other),
+            "--persist".into(),
+        ];
+        let output = ebpf_net(&args);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    };
+    persist(&b[..2]);
+    let (_namespaces, mut clients) = namespace_clients(&lab, &cgroup);
+    let first = backend_per_namespace(&mut clients);
+    let mut distinct = first.clone();
+    distinct.sort();
+    distinct.dedup();
+    // were they all on one backend, a client that lost its own could not be told apart
+    assert!(distinct.len() >= 2, "8 namespaces all on {distinct:?}");
+    persist(&b[..2]);
+    assert_eq!(
+        backend_per_namespace(&mut clients),
+        first,
+        "clients moved after re-running the same --persist command"
+    );
+    persist(&b);
+    assert_eq!(
+        backend_per_namespace(&mut clients),
+        first,
+        "clients moved after a --persist re-run that changed another service"
+    );
+    down(&cgroup);
+}
+
+#[test]
+fn affinity_expires_after_its_timeout() {
+    let lab = Lab::new("cae");
+    let cgroup = TestCgroup::new("cae");
+    let b = &lab.backends4;
+    let timeout = std::time::Duration::from_secs(2);
+    let args: Vec<String> = vec![
+        "clusterip".into(),
+        "--cgroup".into(),
+        cgroup.path_str().into(),
+        "--service".into(),
+        format!(
+            "{VIP4};affinity=client;affinity-timeout={}={},{},{}",
+            timeout.as_secs(),
+            b[0],
+            b[1],
+            b[2]
+        ),
+    ];
+    let daemon = start(&args);
+    let (_namespaces, mut clients) = namespace_clients(&lab, &cgroup);
+    let before = backend_per_namespace(&mut clients);
+    // past the timeout each namespace's next connection is a new choice among 3 backends: of
+    // 8, some move (all staying: (1/3)^8 per try)
+    let moved = moved_after_timeout(timeout, before, || backend_per_namespace(&mut clients));
+    assert!(
+        moved > 0,
+        "no namespace moved after {timeout:?} without a connection (affinity-timeout {timeout:?})\n{}",
+        daemon.stderr().join("\n")
+    );
+    eprintln!("{moved} of 8 namespaces moved after the timeout");
+    drop(clients);
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
 }

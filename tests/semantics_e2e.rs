@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::affinity::moved_after_timeout;
 use common::bench::IperfServer;
 use common::servers::{udp_request, Greeting, TcpEchoServer, UdpEchoServer};
 use common::topology::{veth, Daemon, Netns};
@@ -697,4 +698,109 @@ fn lb_health_check_takes_a_dead_backend_out_and_back() {
 #[test]
 fn xdp_lb_health_check_takes_a_dead_backend_out_and_back() {
     health(Kind::XdpLb, "shx");
+}
+
+// ---------------------------------------------------------------------------------------
+// affinity across --persist re-runs (the same command again; another service changed), and
+// affinity that expires: after its timeout a client may get another backend
+
+/// The backend each client address (every v4 client) reaches with a new connection; two
+/// connections each, which must agree (affinity holds within a run).
+fn backend_per_client(lab: &Lab, target: SocketAddr) -> Vec<SocketAddr> {
+    lab.clients4
+        .iter()
+        .map(|source| {
+            let first = lab
+                .which(source, target)
+                .unwrap_or_else(|err| panic!("{source} to {target}: {err}"));
+            let again = lab.which(source, target).unwrap();
+            assert_eq!(first, again, "{:?}: {source} moved within its affinity", lab.kind);
+            first
+        })
+        .collect()
+}
+
+fn distinct(backends: &[SocketAddr]) -> usize {
+    let mut seen = backends.to_vec();
+    seen.sort();
+    seen.dedup();
+    seen.len()
+}
+
+fn affinity_across_persist(kind: Kind, tag: &str) {
+    let lab = Lab::new(kind, tag);
+    let target = lab.vip(false, 80);
+    let sticky = service(target, ";affinity=client", &plain(&lab.backends4));
+    let other = |backends: &[SocketAddr]| service(lab.vip(false, 81), "", &plain(backends));
+    lab.persist(&[sticky.clone(), other(&lab.backends4[..2])]);
+    let first = backend_per_client(&lab, target);
+    // 13 clients on one of 3 backends each: were they all on one, a client that lost its
+    // backend could not be told from one that kept it
+    assert!(
+        distinct(&first) >= 2,
+        "{kind:?}: every client on one backend: {first:?}"
+    );
+    lab.persist(&[sticky.clone(), other(&lab.backends4[..2])]);
+    let rerun = backend_per_client(&lab, target);
+    assert_eq!(
+        rerun, first,
+        "{kind:?}: clients moved after re-running the same --persist command"
+    );
+    lab.persist(&[sticky, other(&lab.backends4)]);
+    let changed = backend_per_client(&lab, target);
+    assert_eq!(
+        changed, first,
+        "{kind:?}: clients moved after a --persist re-run that changed another service"
+    );
+    let down = lab.lb.ebpf_net(&["down"]);
+    assert!(down.status.success());
+}
+
+#[test]
+fn lb_affinity_is_kept_across_persist_re_runs() {
+    affinity_across_persist(Kind::Lb, "sapl");
+}
+
+#[test]
+fn xdp_lb_affinity_is_kept_across_persist_re_runs() {
+    affinity_across_persist(Kind::XdpLb, "sapx");
+}
+
+const AFFINITY_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn affinity_expiry(kind: Kind, tag: &str) {
+    let lab = Lab::new(kind, tag);
+    let target = lab.vip(false, 80);
+    let services = vec![service(
+        target,
+        &format!(";affinity=client;affinity-timeout={}", AFFINITY_TIMEOUT.as_secs()),
+        &plain(&lab.backends4),
+    )];
+    let daemon = lab.start(&services);
+    let before = backend_per_client(&lab, target);
+    // past the timeout each client's next connection is a new choice: one of 3 backends, so
+    // of 13 clients some move (all staying: (1/3)^13 per try)
+    let moved = moved_after_timeout(AFFINITY_TIMEOUT, before, || backend_per_client(&lab, target));
+    assert!(
+        moved > 0,
+        "{kind:?}: no client of {} moved after {:?} without a connection (affinity-timeout {:?})\n{}",
+        lab.clients4.len(),
+        AFFINITY_TIMEOUT + Duration::from_millis(500),
+        AFFINITY_TIMEOUT,
+        daemon.stderr().join("\n")
+    );
+    eprintln!(
+        "{kind:?}: {moved} of {} clients moved after the timeout",
+        lab.clients4.len()
+    );
+}
+
+#[test]
+fn lb_affinity_expires_after_its_timeout() {
+    affinity_expiry(Kind::Lb, "sael");
+}
+
+#[test]
+fn xdp_lb_affinity_expires_after_its_timeout() {
+    affinity_expiry(Kind::XdpLb, "saex");
 }

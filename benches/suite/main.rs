@@ -3,7 +3,8 @@
 //!
 //!   cargo bench --bench suite                      everything, writes the report
 //!   cargo bench --bench suite -- SECTION...        only these (per-packet, services, bulk,
-//!                                                  control, attack, kube); prints, writes
+//!                                                  control, attack, kube; per-packet includes
+//!                                                  before: issue 19's cost against 6e0cd5a); prints, writes
 //!                                                  the report under target/bench-partial
 //!   cargo bench --bench suite -- kube              the Kubernetes agent at 10,000 services
 //!                                                  (only when named: it loads a real API
@@ -14,6 +15,7 @@
 mod common;
 
 mod attack;
+mod before;
 mod chart;
 mod control;
 mod kube;
@@ -94,7 +96,15 @@ impl Drop for InCgroup {
     }
 }
 
-const SECTIONS: [&str; 6] = ["per-packet", "services", "bulk", "control", "attack", "kube"];
+const SECTIONS: [&str; 7] = [
+    "per-packet",
+    "before",
+    "services",
+    "bulk",
+    "control",
+    "attack",
+    "kube",
+];
 
 fn main() {
     // `cargo bench` passes --bench; anything else is ours
@@ -129,6 +139,9 @@ fn main() {
 
     if wants("per-packet") {
         per_packet::run(&mut report, &settings, &cgroup);
+    }
+    if wants("per-packet") || wants("before") {
+        before::run(&mut report, &settings, &cgroup);
     }
     if wants("services") || wants("bulk") || wants("attack") {
         let topology = paths::topology();

@@ -1004,6 +1004,7 @@ fn read_installed(tables: &ServiceTables) -> Result<BTreeMap<u32, Installed>> {
 /// include/service.h
 const SERVICE_AFFINITY: u32 = 1;
 const SERVICE_KEEP_SOURCE: u32 = 2;
+const SERVICE_EVEN_WEIGHTS: u32 = 4;
 
 /// A service's flags in its range value.
 fn service_flags(service: &Service) -> u32 {
@@ -1368,6 +1369,8 @@ fn write_ranges(
         }
         let stats_size = tables.stats.value_size() as usize;
         let mut cumulative = 0u32;
+        // every backend usable and of one weight: the programs pick without the weights
+        let mut even = true;
         for (index, (backend, weight)) in service
             .backends
             .iter()
@@ -1377,6 +1380,7 @@ fn write_ranges(
             let slot = base + index as u32;
             slot_keys.extend_from_slice(&slot.to_ne_bytes());
             backend_value(service, backend.addr, &mut backend_values)?;
+            even &= weight > 0 && (index == 0 || weight == cumulative / index as u32);
             cumulative += weight;
             weight_values.extend_from_slice(&cumulative.to_ne_bytes());
             match olds.iter().find_map(|old| current.slot_of(*old, backend.addr)) {
@@ -1388,7 +1392,7 @@ fn write_ranges(
             base: *base,
             count: service.backends.len() as u32,
             weight: cumulative,
-            flags: service_flags(service),
+            flags: service_flags(service) | if even { SERVICE_EVEN_WEIGHTS } else { 0 },
             affinity_s: affinity_seconds(service).unwrap_or(0),
             pad: 0,
         };

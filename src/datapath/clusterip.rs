@@ -187,6 +187,16 @@ fn load<'obj>(
     open.load().context("loading the clusterip programs")
 }
 
+/// Loads the programs with `services` installed, nothing attached: for benchmarks.
+pub fn load_with_services<'obj>(
+    storage: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    services: &[Service],
+) -> Result<SockXlateSkel<'obj>> {
+    let skel = load(storage, None)?;
+    sync(&tables(&skel)?, services)?;
+    Ok(skel)
+}
+
 fn tables(skel: &SockXlateSkel<'_>) -> Result<ServiceTables> {
     Ok(ServiceTables::new(
         MapHandle::try_from(&skel.maps.clusterip_services)?,

@@ -1,6 +1,7 @@
 //! Shared test helpers: packet building and checking, netns topologies, driving the binary.
 #![allow(dead_code)]
 
+pub mod affinity;
 pub mod apiserver;
 pub mod bench;
 pub mod cgroup;
