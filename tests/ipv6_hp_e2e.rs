@@ -203,7 +203,9 @@ fn node_sees_global_address_only_while_attached() {
     // status reads a foreground run's counters from its maps (it pins no links)
     let status = lab.node.ebpf_net(&["status"]);
     let text = String::from_utf8_lossy(&status.stdout);
-    let run = text.lines().find(|l| l.contains("ipv6-hp") && l.contains("foreground"));
+    let run = text
+        .lines()
+        .find(|l| l.contains("ipv6-hp") && l.contains("foreground"));
     assert!(
         run.is_some_and(|line| !line.contains("unreadable") && line.contains("rewrote")),
         "{text}"

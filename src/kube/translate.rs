@@ -666,6 +666,19 @@ mod tests {
         }
     }
 
+    /// A ClusterIP Service of one TCP port 80 named `port_name`.
+    fn tcp_service(name: &str, ip: &str, port_name: &str) -> K8sService {
+        svc(
+            name,
+            ServiceSpec {
+                cluster_ip: Some(ip.into()),
+                cluster_ips: Some(vec![ip.into()]),
+                ports: Some(vec![port(port_name, 80, "TCP")]),
+                ..ServiceSpec::default()
+            },
+        )
+    }
+
     fn port(name: &str, number: i32, protocol: &str) -> ServicePort {
         ServicePort {
             name: Some(name.into()),
@@ -792,14 +805,7 @@ mod tests {
 
     #[test]
     fn readiness_terminating_endpoints_drain_and_serve_only_without_ready_ones() {
-        let service = svc(
-            "web",
-            ServiceSpec {
-                cluster_ip: Some("10.96.0.20".into()),
-                ports: Some(vec![port("", 80, "TCP")]),
-                ..ServiceSpec::default()
-            },
-        );
+        let service = tcp_service("web", "10.96.0.20", "");
         let mixed = slice(
             "web",
             "IPv4",
@@ -828,14 +834,7 @@ mod tests {
 
     #[test]
     fn headless_other_proxies_external_names_and_sctp_are_not_served() {
-        let mut other = svc(
-            "other",
-            ServiceSpec {
-                cluster_ip: Some("10.96.0.30".into()),
-                ports: Some(vec![port("", 80, "TCP")]),
-                ..ServiceSpec::default()
-            },
-        );
+        let mut other = tcp_service("other", "10.96.0.30", "");
         other.metadata.labels = Some([(PROXY_NAME_LABEL.to_string(), "x".to_string())].into());
         let headless = svc(
             "headless",
@@ -974,14 +973,7 @@ mod tests {
 
     #[test]
     fn an_endpoint_in_two_slices_is_one_backend() {
-        let service = svc(
-            "dup",
-            ServiceSpec {
-                cluster_ip: Some("10.96.0.60".into()),
-                ports: Some(vec![port("", 80, "TCP")]),
-                ..ServiceSpec::default()
-            },
-        );
+        let service = tcp_service("dup", "10.96.0.60", "");
         let mut second = slice(
             "dup",
             "IPv4",
@@ -1081,14 +1073,7 @@ mod tests {
     #[test]
     fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
         use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
-        let service = svc(
-            "web",
-            ServiceSpec {
-                cluster_ip: Some("10.96.0.80".into()),
-                ports: Some(vec![port("http", 80, "TCP")]),
-                ..ServiceSpec::default()
-            },
-        );
+        let service = tcp_service("web", "10.96.0.80", "http");
         // (address, zone hint, node hint)
         let hinted = |endpoints: &[(&'static str, Option<&str>, Option<&str>)]| {
             let eps: Vec<Ep<'_>> = endpoints
@@ -1181,14 +1166,10 @@ mod tests {
         let n = 10_000;
         let services: Vec<K8sService> = (0..n)
             .map(|i| {
-                let mut service = svc(
+                let mut service = tcp_service(
                     &format!("svc-{i}"),
-                    ServiceSpec {
-                        cluster_ip: Some(format!("10.96.{}.{}", i / 250, i % 250 + 1)),
-                        cluster_ips: Some(vec![format!("10.96.{}.{}", i / 250, i % 250 + 1)]),
-                        ports: Some(vec![port("http", 80, "TCP")]),
-                        ..ServiceSpec::default()
-                    },
+                    &format!("10.96.{}.{}", i / 250, i % 250 + 1),
+                    "http",
                 );
                 service.metadata.resource_version = Some("1".into());
                 service.metadata.uid = Some(format!("s{i}"));
