@@ -12,7 +12,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::servers::{tcp_talk, udp_request, Greeting, TcpEchoServer, UdpEchoServer, TIMEOUT};
-use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
+use common::topology::{
+    ethtool_stat, output_within, service_arg, veth, xdp_hook, Daemon, NativeXdpPass, Netns, BIN,
+};
 use serde_json::Value;
 use socket2::{Domain, Socket, Type};
 
@@ -23,6 +25,15 @@ const LB6: &str = "fd70::2";
 const CLIENTS4: [&str; 3] = ["10.70.0.11", "10.70.0.12", "10.70.0.13"];
 const CLIENTS6: [&str; 3] = ["fd70::11", "fd70::12", "fd70::13"];
 
+/// The XDP mode a lab's load balancer must get. Native XDP on veth sends its frames
+/// (`XDP_TX`) to the peer, a bridge port here, which only receives them when it runs an XDP
+/// program in its driver: a native lab gives it one that passes everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Generic,
+    Native,
+}
+
 struct Lab {
     clients: Netns,
     lb: Netns,
@@ -30,11 +41,17 @@ struct Lab {
     backends6: Vec<SocketAddr>,
     _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
     _backends: Vec<Netns>,
+    _peer_xdp: Option<NativeXdpPass>,
     _switch: Netns,
 }
 
 impl Lab {
     fn new(tag: &str) -> Self {
+        Self::with(tag, Mode::Generic)
+    }
+
+    /// A lab whose load balancer's peer (the bridge port `plb`) is ready for `mode`.
+    fn with(tag: &str, mode: Mode) -> Self {
         let switch = Netns::new(&format!("{tag}-sw"));
         switch.exec("ip link add br0 type bridge && ip link set br0 up");
         let attach = |ns: &Netns, port: &str| {
@@ -76,6 +93,7 @@ impl Lab {
             }
             backend_ns.push(ns);
         }
+        let peer_xdp = (mode == Mode::Native).then(|| NativeXdpPass::attach(&switch, "plb"));
         Self {
             clients,
             lb,
@@ -83,6 +101,7 @@ impl Lab {
             backends6,
             _servers: servers,
             _backends: backend_ns,
+            _peer_xdp: peer_xdp,
             _switch: switch,
         }
     }
@@ -111,6 +130,35 @@ impl Lab {
     /// The program on the load balancer's eth0, as `ip link` shows it.
     fn xdp_attached(&self) -> bool {
         self.lb.exec("ip link show eth0").contains("prog/xdp")
+    }
+
+    /// xdp-lb is attached in `mode`, by the kernel's word (`ip -d link`) and by its ready
+    /// line: a silent fall back to generic fails here.
+    fn assert_mode(&self, daemon: &Daemon, mode: Mode) {
+        let (hook, said) = match mode {
+            Mode::Native => ("xdp", "(native XDP)"),
+            // these labs run auto: it says why it chose generic
+            Mode::Generic => (
+                "xdpgeneric",
+                "(generic XDP, as the veth peer of eth0 (plb in another namespace) runs no XDP program in its driver",
+            ),
+        };
+        assert_eq!(xdp_hook(&self.lb, "eth0").as_deref(), Some(hook), "{mode:?}");
+        let stderr = daemon.stderr();
+        let ready = stderr.iter().find(|line| line.contains(": ready: "));
+        assert!(
+            ready.is_some_and(|line| line.contains(said)),
+            "{mode:?}: the ready line should say {said}: {stderr:?}"
+        );
+    }
+
+    /// Frames the load balancer's eth0 sent back out in the driver (veth's `xdp_tx`), and
+    /// those it could not (`xdp_tx_errors`: the peer had no NAPI).
+    fn native_xdp_tx(&self) -> (u64, u64) {
+        (
+            ethtool_stat(&self.lb, "eth0", "rx_queue_0_xdp_tx"),
+            ethtool_stat(&self.lb, "eth0", "rx_queue_0_xdp_tx_errors"),
+        )
     }
 }
 
@@ -186,18 +234,25 @@ fn greeting(stream: &TcpStream) -> Greeting {
 
 #[test]
 fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
+    // auto on a veth whose peer runs no XDP: generic, saying why (assert_mode)
     let lab = Lab::new("xlb-e2e1");
+    tcp_udp_and_a_10mb_transfer(lab, Mode::Generic, &[]);
+}
+
+#[test]
+fn native_tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
+    let lab = Lab::with("xlb-e2e1n", Mode::Native);
+    tcp_udp_and_a_10mb_transfer(lab, Mode::Native, &["--mode", "native"]);
+}
+
+fn tcp_udp_and_a_10mb_transfer(lab: Lab, mode: Mode, extra: &[&str]) {
     // without xdp-lb the VIP is only the load balancer's own address: nothing listens there
     assert!(
         connect_from(&lab, CLIENTS4[0], sock(VIP4)).is_err(),
         "the VIP answered without xdp-lb"
     );
-    let daemon = lab.start(&[]);
-    assert!(
-        daemon.stderr().iter().any(|line| line.contains("(generic XDP)")),
-        "auto on veth should say generic: {:?}",
-        daemon.stderr()
-    );
+    let daemon = lab.start(extra);
+    lab.assert_mode(&daemon, mode);
     for (vip, lb, clients, backends) in [
         (sock(VIP4), LB4, CLIENTS4, &lab.backends4),
         (sock(VIP6), LB6, CLIENTS6, &lab.backends6),
@@ -227,6 +282,19 @@ fn tcp_udp_and_a_10mb_transfer_go_through_the_vip_both_families() {
         assert!(backends.contains(&greeting.server));
         assert_eq!(greeting.seen.ip(), lb.parse::<IpAddr>().unwrap());
     }
+    let (sent, lost) = lab.native_xdp_tx();
+    if mode == Mode::Native {
+        // 10 MB each way per family, in frames of at most 1,500 bytes, sent back out by the
+        // driver; none refused for want of NAPI on the peer
+        assert!(sent >= 2 * 2 * 10 * 1024 * 1024 / 1500, "xdp_tx {sent}");
+        assert_eq!(lost, 0, "xdp_tx_errors");
+    } else {
+        assert_eq!(
+            (sent, lost),
+            (0, 0),
+            "generic XDP shows in veth's native counters"
+        );
+    }
     let (code, _, stderr) = daemon.stop_with_output();
     assert_eq!(code, Some(0), "{stderr:?}");
     // the exit summary: three flows per family (TCP talk, bulk, UDP), and the 10 MB counted
@@ -255,8 +323,18 @@ fn greeting_of(stream: &TcpStream) -> SocketAddr {
 
 #[test]
 fn six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
-    let lab = Lab::new("xlb-e2e2");
+    six_hundred_connections(Lab::new("xlb-e2e2"), Mode::Generic);
+}
+
+#[test]
+fn native_six_hundred_connections_spread_a_long_one_stays_and_flows_are_announced() {
+    // --mode auto (the default) on a veth whose peer runs XDP: native
+    six_hundred_connections(Lab::with("xlb-e2e2n", Mode::Native), Mode::Native);
+}
+
+fn six_hundred_connections(lab: Lab, mode: Mode) {
     let daemon = lab.start(&[]);
+    lab.assert_mode(&daemon, mode);
     let vip = sock(VIP4);
     let long = connect_from(&lab, CLIENTS4[0], vip).expect("long connection");
     let long_backend = greeting_of(&long);

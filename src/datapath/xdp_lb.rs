@@ -795,10 +795,21 @@ impl Datapath for XdpLb {
         Ok(())
     }
     fn describe((settings, _): &(Settings, EventLevel), target: &Target, plan: &Plan) -> String {
-        let mode = attach::xdp_mode(target.iface().index).map_or("?", XdpMode::name);
+        let got = attach::xdp_mode(target.iface().index);
+        let mut mode = got.map_or("?", XdpMode::name).to_string();
+        // auto's choice of generic says why, so a slow path is never a mystery
+        if settings.mode == XdpMode::Auto && got == Some(XdpMode::Generic) {
+            if let Some(why) = attach::veth_xdp_tx_blocker(target.iface()) {
+                mode = format!("{mode} XDP, as {why}; native needs an XDP program on the peer");
+            } else {
+                mode.push_str(" XDP, the driver has no native XDP");
+            }
+        } else {
+            mode.push_str(" XDP");
+        }
         let (first, count) = plan.options.ports;
         format!(
-            "({mode} XDP): {}; source ports {first}-{}",
+            "({mode}): {}; source ports {first}-{}",
             service::describe(&settings.services),
             u32::from(first) + u32::from(count) - 1
         )
@@ -967,11 +978,11 @@ pub struct EventLevel {
 }
 
 fn warn_native_veth(iface: &Interface, mode: XdpMode) {
-    if mode == XdpMode::Native && iface.driver().as_deref() == Some("veth") {
-        eprintln!(
-            "{SUBCOMMAND}: note: native XDP on veth {} sends (XDP_TX) only to a peer that runs XDP or has GRO on (ethtool -K PEER gro on); --mode auto uses generic on veth",
-            iface.name
-        );
+    if mode != XdpMode::Native {
+        return;
+    }
+    if let Some(why) = attach::veth_xdp_tx_blocker(iface) {
+        eprintln!("{SUBCOMMAND}: warning: {why} (attach any XDP program to the peer in native mode, e.g. one that returns XDP_PASS; GRO alone is not enough); --mode auto would use generic");
     }
 }
 

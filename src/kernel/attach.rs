@@ -115,7 +115,7 @@ impl TcxAttachment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpMode {
-    /// native where the driver supports XDP, generic otherwise
+    /// native where the driver supports XDP and its XDP_TX arrives (on veth: the peer runs XDP in its driver), generic otherwise
     Auto,
     /// in the driver, before an skb exists (fails where the driver has no XDP support)
     Native,
@@ -171,12 +171,11 @@ impl XdpAttachment {
             let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
             Ok(Self { fd, mode })
         };
-        // veth has native XDP, but its XDP_TX only arrives when the peer polls with NAPI
-        // (an XDP program or GRO on it), which a bridge port usually does not: frames count
-        // as sent and vanish. Generic XDP works on any veth.
-        let veth = iface.driver().as_deref() == Some("veth");
+        // veth has native XDP, but its XDP_TX frames only arrive when the peer runs an XDP
+        // program in its driver, which a bridge port usually does not: frames count as sent
+        // and vanish (see veth_xdp_tx_blocker). Generic XDP works on any veth.
         let result = match mode {
-            XdpMode::Auto if veth => try_mode(XdpMode::Generic),
+            XdpMode::Auto if veth_xdp_tx_blocker(iface).is_some() => try_mode(XdpMode::Generic),
             XdpMode::Auto => match try_mode(XdpMode::Native) {
                 Err(err) if err.raw_os_error() == Some(libc::EOPNOTSUPP) => try_mode(XdpMode::Generic),
                 other => other,
@@ -213,6 +212,97 @@ impl XdpAttachment {
         }
         Ok(())
     }
+}
+
+/// Why frames a native XDP program sends back out of this veth (`XDP_TX`) would be lost, or
+/// None when they arrive (or the interface is no veth). drivers/net/veth.c hands such a frame
+/// to the peer's ring only when the peer has NAPI on (`veth_xdp_xmit`: `if
+/// (!rcu_access_pointer(rq->napi)) goto out;`, counted as `xdp_tx_errors`), and wakes the
+/// peer's NAPI only when the peer runs an XDP program (`veth_xdp_flush`: `if
+/// (unlikely(!rcu_access_pointer(rcv_rq->xdp_prog))) goto out;`). So GRO on the peer gives
+/// it NAPI and a ring, but nothing polls it: measured on 6.18, the frames are counted as
+/// sent (`xdp_tx`) and never arrive. Only an XDP program in the peer's driver (XDP_PASS is
+/// enough) makes native XDP_TX work; a generic one does not give the peer NAPI.
+pub fn veth_xdp_tx_blocker(iface: &Interface) -> Option<String> {
+    if iface.driver().as_deref() != Some("veth") {
+        return None;
+    }
+    match veth_peer(iface) {
+        Ok(peer) if peer.native_xdp => None,
+        Ok(peer) => Some(format!(
+            "the veth peer of {} ({}{}) runs no XDP program in its driver, so native XDP_TX frames would be lost",
+            iface.name,
+            peer.name,
+            if peer.same_netns { "" } else { " in another namespace" }
+        )),
+        Err(err) => Some(format!(
+            "the veth peer of {} could not be inspected ({err}), and native XDP_TX only arrives at a peer that runs XDP in its driver",
+            iface.name
+        )),
+    }
+}
+
+/// What native XDP on a veth needs to know of the other end.
+struct VethPeer {
+    name: String,
+    same_netns: bool,
+    /// an XDP program in the peer's driver (not generic): the peer then polls with NAPI
+    native_xdp: bool,
+}
+
+/// The other end of a veth, through rtnetlink: IFLA_LINK and IFLA_LINK_NETNSID of the veth,
+/// then the peer itself by that index in that namespace (IFLA_IF_NETNSID).
+fn veth_peer(iface: &Interface) -> std::io::Result<VethPeer> {
+    use netlink_packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
+    use netlink_packet_route::RouteNetlinkMessage;
+    let mut rtnl = crate::kernel::netlink::Rtnetlink::open()?;
+    let mut get = |index: u32, netns: Option<i32>| -> std::io::Result<Vec<LinkAttribute>> {
+        let mut request = LinkMessage::default();
+        request.header.index = index;
+        request.attributes.extend(netns.map(LinkAttribute::IfNetnsId));
+        match rtnl.get(RouteNetlinkMessage::GetLink(request))? {
+            RouteNetlinkMessage::NewLink(link) => Ok(link.attributes),
+            _ => Err(std::io::Error::other("an answer that is not a link")),
+        }
+    };
+    let ours = get(iface.index, None)?;
+    let peer_index = ours
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Link(index) => Some(*index),
+            _ => None,
+        })
+        .ok_or_else(|| std::io::Error::other("no peer index (IFLA_LINK)"))?;
+    let netns = ours.iter().find_map(|a| match a {
+        LinkAttribute::LinkNetNsId(id) => Some(*id),
+        _ => None,
+    });
+    let peer = get(peer_index, netns)?;
+    let name = peer
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::IfName(name) => Some(name.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| format!("ifindex {peer_index}"));
+    let xdp: Vec<&LinkXdp> = peer
+        .iter()
+        .filter_map(|a| match a {
+            LinkAttribute::Xdp(xdp) => Some(xdp.iter()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let native_xdp = xdp.iter().any(|x| match x {
+        LinkXdp::Attached(XdpAttached::Driver) => true,
+        LinkXdp::DrvProgId(id) => *id != 0,
+        _ => false,
+    });
+    Ok(VethPeer {
+        name,
+        same_netns: netns.is_none(),
+        native_xdp,
+    })
 }
 
 /// The mode the kernel reports for the XDP program on an interface.

@@ -298,3 +298,54 @@ impl Drop for Daemon {
         self.terminate();
     }
 }
+
+/// An XDP program that passes every frame, in the driver of veth `dev` in `ns`; detached on
+/// drop. What a veth peer needs for frames a native XDP program on the other end sends back
+/// (`XDP_TX`) to arrive: veth wakes the peer's NAPI for them only when the peer runs XDP in
+/// its driver (GRO on the peer gives it a ring nobody polls). See
+/// `ebpf_net::kernel::attach::veth_xdp_tx_blocker`.
+pub struct NativeXdpPass {
+    _attachment: ebpf_net::kernel::attach::XdpAttachment,
+}
+
+impl NativeXdpPass {
+    pub fn attach(ns: &Netns, dev: &str) -> Self {
+        use ebpf_net::kernel::attach::{XdpAttachment, XdpMode};
+        use ebpf_net::kernel::skel::noop::NoopSkelBuilder;
+        use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+        let attachment = ns.enter(|| {
+            let mut object = std::mem::MaybeUninit::uninit();
+            let skel = NoopSkelBuilder::default()
+                .open(&mut object)
+                .expect("opening noop")
+                .load()
+                .expect("loading noop");
+            let iface = ebpf_net::kernel::addr::Interface::by_name(dev).unwrap();
+            // the link keeps the program once the skeleton is gone
+            XdpAttachment::attach(&skel.progs.noop_xdp, &iface, XdpMode::Native)
+                .expect("XDP_PASS in the peer's driver")
+        });
+        Self {
+            _attachment: attachment,
+        }
+    }
+}
+
+/// How the XDP program on `dev` in `ns` is attached, as `ip -d link` shows it: `xdp` (in the
+/// driver), `xdpgeneric`, or None when there is none.
+pub fn xdp_hook(ns: &Netns, dev: &str) -> Option<String> {
+    let link = ns.exec(&format!("ip -d link show {dev}"));
+    link.split_whitespace()
+        .find(|word| matches!(*word, "xdp" | "xdpgeneric" | "xdpoffload" | "xdpmulti"))
+        .map(str::to_string)
+}
+
+/// A counter of `ethtool -S DEV` in `ns` (0 when absent).
+pub fn ethtool_stat(ns: &Netns, dev: &str, name: &str) -> u64 {
+    ns.exec(&format!("ethtool -S {dev}"))
+        .lines()
+        .filter_map(|line| line.trim().split_once(": "))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.trim().parse().ok())
+        .unwrap_or(0)
+}
