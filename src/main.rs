@@ -97,6 +97,8 @@ enum Datapath {
     Lb,
     #[value(name = "xdp-lb")]
     XdpLb,
+    /// what a Kubernetes agent drove (clusterip on its cgroup, lb or xdp-lb on its interfaces)
+    Kube,
 }
 
 impl Datapath {
@@ -107,6 +109,7 @@ impl Datapath {
             Datapath::Clusterip => clusterip::SUBCOMMAND,
             Datapath::Lb => lb::SUBCOMMAND,
             Datapath::XdpLb => xdp_lb::SUBCOMMAND,
+            Datapath::Kube => ebpf_net::kube::SUBCOMMAND,
         }
     }
 }
@@ -158,6 +161,12 @@ fn run(cli: Cli) -> Result<()> {
             cgroup,
             all,
         } => {
+            if matches!(subcommand, Some(Datapath::Kube)) {
+                if iface.is_some() || *all {
+                    bail!("down kube takes --cgroup (the agent's), not -i or --all");
+                }
+                return ebpf_net::kube::down(cgroup.as_deref(), &netns_key);
+            }
             let target = match cgroup {
                 Some(path) => Some(ebpf_net::kernel::cgroup::Cgroup::target_of(Some(path))?),
                 None => iface.clone(),
@@ -174,6 +183,7 @@ fn run(cli: Cli) -> Result<()> {
                     target: target.as_deref(),
                     default_cgroup: default_cgroup.as_deref(),
                     all: *all,
+                    only: None,
                 },
                 &netns_key,
             )

@@ -508,8 +508,56 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
     within("healthCheckNodePort says 503", Duration::from_secs(10), || {
         health(&lab).ends_with(" 503")
     });
+    // `down kube`: refused while the agent runs; after it, what it drove and left pinned goes
+    let down = |with_netns: bool| {
+        let mut args = vec!["down", "kube", "--cgroup", lab.cgroup.path_str()];
+        if with_netns {
+            args.splice(0..0, ["-n", lab.node.name.as_str()]);
+        }
+        output_within(std::process::Command::new(BIN).args(&args))
+    };
+    let refused = down(true);
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && said.contains("stop it first"),
+        "{said}"
+    );
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
+    let pinned = |status: &Value| {
+        status["persisted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["target"] == "c0"
+                    || p["target_display"]
+                        .as_str()
+                        .is_some_and(|t| t.contains(lab.cgroup.path_str()))
+            })
+            .count()
+    };
+    assert_eq!(
+        pinned(&status_json()),
+        2,
+        "clusterip and lb stay pinned after the agent"
+    );
+    // lb is in the node's namespace: `down kube` outside it says where, removes nothing
+    let elsewhere = down(false);
+    let said = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        !elsewhere.status.success() && said.contains(&format!("-n {}", lab.node.name)),
+        "{said}"
+    );
+    assert_eq!(pinned(&status_json()), 2);
+    let done = down(true);
+    let said = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{said}");
+    assert!(
+        said.contains("removed clusterip") && said.contains("removed lb"),
+        "{said}"
+    );
+    assert_eq!(pinned(&status_json()), 0, "{said}");
 }
 
 #[test]

@@ -395,12 +395,21 @@ pub struct DownScope<'a> {
     pub default_cgroup: Option<&'a str>,
     /// every namespace and every cgroup
     pub all: bool,
+    /// only these (subcommand, netns, target): what a Kubernetes agent drove
+    pub only: Option<&'a [(String, String, String)]>,
 }
 
 impl DownScope<'_> {
     /// Whether `down` removes the state of (subcommand, netns, target); `Err` with a note
     /// when it is left only because it is another cgroup than the default one.
     fn covers(&self, subcommand: &str, netns: &str, target: &str, netns_key: &str) -> Result<bool, ()> {
+        if let Some(only) = self.only {
+            // clusterip's cgroup state is the host's whichever namespace `down` runs in
+            return Ok((netns == netns_key || netns == crate::kernel::netns::HOST_KEY)
+                && only
+                    .iter()
+                    .any(|(s, n, t)| s == subcommand && n == netns && t == target));
+        }
         if (!self.all && netns != netns_key)
             || self.subcommand.is_some_and(|name| name != subcommand)
             || self.target.is_some_and(|name| name != target)

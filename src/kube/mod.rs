@@ -579,6 +579,7 @@ async fn agent(
                 }
                 if !ready_printed && done > 0 && pending.is_empty() {
                     ready_printed = true;
+                    record_driven(args.cgroup.as_deref(), &drivers)?;
                     let state = state.lock().unwrap();
                     run::announce_ready(
                         SUBCOMMAND,
@@ -631,6 +632,86 @@ fn client_url(args: &KubeArgs) -> String {
     match &args.kubeconfig {
         Some(path) => format!("(--kubeconfig {})", path.display()),
         None => "(inferred)".to_string(),
+    }
+}
+
+/// Where an agent notes the datapaths it drives, which stay pinned after it stops, for
+/// `ebpf-net down kube`: /run/ebpf-net/kube/CGROUP-TARGET, a line "SUBCOMMAND NETNS TARGET"
+/// each.
+fn driven_record(cgroup_target: &str) -> std::path::PathBuf {
+    std::path::Path::new(crate::control::instance::RUN_ROOT)
+        .join(SUBCOMMAND)
+        .join(cgroup_target)
+}
+
+fn record_driven(cgroup: Option<&str>, drivers: &[Driver]) -> Result<()> {
+    let target = crate::kernel::cgroup::Cgroup::resolve(cgroup)?.target();
+    let lines: String = drivers
+        .iter()
+        .filter_map(|driver| driver.pins.lock().unwrap().clone())
+        .map(|pins| format!("{} {} {}\n", pins.subcommand, pins.netns, pins.target))
+        .collect();
+    let path = driven_record(&target);
+    std::fs::create_dir_all(path.parent().expect("under the run directory"))
+        .and_then(|()| std::fs::write(&path, lines))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `ebpf-net down kube [--cgroup PATH]`: removes what the agent of that cgroup drove and left
+/// pinned (and the record of an agent killed), in this network namespace (`-n` as the agent
+/// had it); refused while that agent runs.
+pub fn down(cgroup: Option<&str>, netns_key: &str) -> Result<()> {
+    let target = crate::kernel::cgroup::Cgroup::target_of(cgroup)?;
+    let running = crate::control::instance::all()
+        .into_iter()
+        .find(|claim| claim.alive && claim.record.subcommand == SUBCOMMAND && claim.record.target == target);
+    if let Some(claim) = running {
+        bail!(
+            "the agent on {} runs (pid {}): stop it first (SIGTERM), then down",
+            claim.target_display(),
+            claim.record.pid
+        );
+    }
+    let path = driven_record(&target);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut only: Vec<(String, String, String)> = text
+        .lines()
+        .filter_map(|line| {
+            let mut words = line.split(' ');
+            Some((words.next()?.into(), words.next()?.into(), words.next()?.into()))
+        })
+        .collect();
+    if let Some((subcommand, netns, target)) = only
+        .iter()
+        .find(|(_, netns, _)| netns != netns_key && netns != netns::HOST_KEY)
+    {
+        bail!(
+            "the agent drove {subcommand} on {target} in network namespace {netns}: \
+             run `ebpf-net -n {netns} down kube`"
+        );
+    }
+    // a killed agent's own record
+    only.push((SUBCOMMAND.into(), netns::HOST_KEY.into(), target.clone()));
+    crate::control::status::down(
+        &crate::datapath::REGISTRY,
+        &crate::control::status::DownScope {
+            subcommand: None,
+            target: None,
+            default_cgroup: None,
+            all: false,
+            only: Some(&only),
+        },
+        netns_key,
+    )?;
+    match std::fs::remove_file(&path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
     }
 }
 
