@@ -116,6 +116,23 @@ impl Lab {
     }
 }
 
+impl Drop for Lab {
+    /// What the test's agents drove and their records under /run/ebpf-net/kube, also after a
+    /// failure (the cgroup's and namespace's own cleanup removes the pins, not the record).
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(BIN)
+            .args([
+                "-n",
+                &self.node.name,
+                "down",
+                "kube",
+                "--cgroup",
+                self.cgroup.path_str(),
+            ])
+            .output();
+    }
+}
+
 fn cluster_ips(service: &k8s_openapi::api::core::v1::Service) -> Vec<String> {
     service.spec.as_ref().unwrap().cluster_ips.clone().unwrap()
 }
@@ -524,16 +541,18 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
     );
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
+    let cgroup_name = lab.cgroup.path_str().rsplit('/').next().unwrap().to_string();
     let pinned = |status: &Value| {
         status["persisted"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|p| {
-                p["target"] == "c0"
-                    || p["target_display"]
-                        .as_str()
-                        .is_some_and(|t| t.contains(lab.cgroup.path_str()))
+                (p["subcommand"] == "lb" && p["netns"] == lab.node.name.as_str())
+                    || (p["subcommand"] == "clusterip"
+                        && p["target_display"]
+                            .as_str()
+                            .is_some_and(|t| t.ends_with(&cgroup_name)))
             })
             .count()
     };
@@ -653,6 +672,9 @@ fn deploy_manifests_pass_the_api_server_and_the_service_account_is_enough_for_th
             .any(|l| l.contains("forbidden") || l.contains("Forbidden")),
         "{log:?}"
     );
+    let down =
+        output_within(std::process::Command::new(BIN).args(["down", "kube", "--cgroup", cgroup.path_str()]));
+    assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
 }
 
 #[test]
