@@ -1070,12 +1070,14 @@ mod tests {
         check(&mut translator, &services, &slices);
     }
 
+    /// (address, zone hint, node hint)
+    type Hinted<'a> = (&'a str, Option<&'a str>, Option<&'a str>);
+
     #[test]
     fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
         use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
         let service = tcp_service("web", "10.96.0.80", "http");
-        // (address, zone hint, node hint)
-        let hinted = |endpoints: &[(&'static str, Option<&str>, Option<&str>)]| {
+        let hinted = |endpoints: &[Hinted<'_>]| {
             let eps: Vec<Ep<'_>> = endpoints
                 .iter()
                 .map(|(a, ..)| (*a, READY, true, false, "other"))
@@ -1091,35 +1093,23 @@ mod tests {
             }
             text(&run(std::slice::from_ref(&service), &[s], &[]).cluster)
         };
-        // every endpoint hinted, some for this node's zone (zone-a): only those
-        assert_eq!(
-            hinted(&[
-                ("10.1.0.1", Some("zone-a"), None),
-                ("10.1.0.2", Some("zone-b"), None)
-            ]),
-            ["tcp:10.96.0.80:80=10.1.0.1:8080"]
-        );
-        // one endpoint without hints: all of them
-        assert_eq!(
-            hinted(&[("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", None, None)]),
-            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
-        );
-        // hints for other zones only: all of them
-        assert_eq!(
-            hinted(&[
-                ("10.1.0.1", Some("zone-b"), None),
-                ("10.1.0.2", Some("zone-c"), None)
-            ]),
-            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
-        );
-        // same-node hints (PreferSameNode) before zone hints
-        assert_eq!(
-            hinted(&[
-                ("10.1.0.1", Some("zone-a"), Some("other")),
-                ("10.1.0.2", Some("zone-a"), Some("me"))
-            ]),
-            ["tcp:10.96.0.80:80=10.1.0.2:8080"]
-        );
+        let both = "tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080";
+        #[rustfmt::skip]
+        let cases: [(&str, [Hinted<'_>; 2], &str); 4] = [
+            ("every endpoint hinted, one for this node's zone (zone-a): that one",
+             [("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", Some("zone-b"), None)],
+             "tcp:10.96.0.80:80=10.1.0.1:8080"),
+            ("an endpoint without hints: all",
+             [("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", None, None)], both),
+            ("hints for other zones only: all",
+             [("10.1.0.1", Some("zone-b"), None), ("10.1.0.2", Some("zone-c"), None)], both),
+            ("same-node hints (PreferSameNode) before zone hints",
+             [("10.1.0.1", Some("zone-a"), Some("other")), ("10.1.0.2", Some("zone-a"), Some("me"))],
+             "tcp:10.96.0.80:80=10.1.0.2:8080"),
+        ];
+        for (what, endpoints, expected) in cases {
+            assert_eq!(hinted(&endpoints), [expected], "{what}");
+        }
         // a node without a zone label: zone hints cannot apply
         let s = slice(
             "web",
