@@ -5,7 +5,7 @@
 mod common;
 
 use std::ffi::OsStr;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::ffi::OsStrExt;
 use std::process::{Command, Output};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use common::cgroup::TestCgroup;
 use common::kernel::{self, Feature};
+use common::servers::http;
 use common::topology::{output_within, Netns, BIN};
 
 fn text(output: &Output) -> String {
@@ -33,18 +34,6 @@ fn node(tag: &str) -> Netns {
     let ns = Netns::new(tag);
     ns.exec("ip link add veth0 type veth peer name veth1 && ip link set veth1 up && ip link set veth0 up && ip addr add 10.0.0.1/24 dev veth0");
     ns
-}
-
-/// One request to `addr` (from the calling thread's namespace), the whole answer, within
-/// `timeout`.
-fn http(addr: &str, request: &[u8], timeout: Duration) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), timeout)?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    stream.write_all(request)?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer)
 }
 
 /// A line of /proc/PID/status in KiB.

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::apiserver::{endpoint, ApiServer};
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
 use common::kernel::scaled;
-use common::servers::{tcp_talk, EchoBackends, TIMEOUT};
+use common::servers::{http, tcp_talk, EchoBackends, TIMEOUT};
 use common::topology::{output_within, veth, Daemon, Netns, BIN};
 use serde_json::{json, Value};
 
@@ -341,12 +341,8 @@ fn cluster_ips_from_the_api_serve_the_cgroup_and_follow_endpoint_changes() {
 
 /// One HTTP GET to the agent's health server: (status code, body).
 fn get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).expect("connecting to /healthz");
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
+    let request = format!("GET {path} HTTP/1.0\r\n\r\n");
+    let answer = http(addr, request.as_bytes(), TIMEOUT).expect("asking /healthz");
     let status = answer
         .split(' ')
         .nth(1)

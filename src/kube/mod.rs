@@ -501,12 +501,15 @@ async fn agent(
                 run::phase("kube: change debounced");
                 let this_node = nodes.get(&reflector::ObjectRef::new(&node));
                 let leaving = this_node.as_deref().and_then(leaving);
-                if leaving != state.lock().unwrap().node_leaving {
-                    match &leaving {
-                        Some(why) => eprintln!("{SUBCOMMAND}: node {node} {why}: /healthz answers 503"),
-                        None => eprintln!("{SUBCOMMAND}: node {node} stays: /healthz answers 200 again"),
+                {
+                    let mut shared = state.lock().unwrap();
+                    if leaving != shared.node_leaving {
+                        match &leaving {
+                            Some(why) => eprintln!("{SUBCOMMAND}: node {node} {why}: /healthz answers 503"),
+                            None => eprintln!("{SUBCOMMAND}: node {node} stays: /healthz answers 200 again"),
+                        }
+                        shared.node_leaving = leaving;
                     }
-                    state.lock().unwrap().node_leaving = leaving;
                 }
                 let zone = this_node.as_deref().and_then(zone_of);
                 let computed = Arc::new(compute(&mut translator, &services, &slices, &node, zone, &node_addresses));

@@ -1077,7 +1077,8 @@ mod tests {
     fn topology_hints_narrow_cluster_endpoints_as_kube_proxy_does() {
         use k8s_openapi::api::discovery::v1::{EndpointHints, ForNode, ForZone};
         let service = tcp_service("web", "10.96.0.80", "http");
-        let hinted = |endpoints: &[Hinted<'_>]| {
+        // the node's zone, and its endpoints' hints -> the ClusterIP's backends
+        let hinted = |zone: Option<&str>, endpoints: &[Hinted<'_>]| {
             let eps: Vec<Ep<'_>> = endpoints
                 .iter()
                 .map(|(a, ..)| (*a, READY, true, false, "other"))
@@ -1091,60 +1092,38 @@ mod tests {
                     });
                 }
             }
-            text(&run(std::slice::from_ref(&service), &[s], &[]).cluster)
+            let (services, slices) = (vec![&service], vec![&s]);
+            let cluster = Cluster {
+                services: &services,
+                slices: &slices,
+                node: "me",
+                zone,
+                node_addresses: &[],
+            };
+            text(&node_services(&cluster).cluster)
         };
         let both = "tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080";
+        let zoned = [
+            ("10.1.0.1", Some("zone-a"), None),
+            ("10.1.0.2", Some("zone-b"), None),
+        ];
         #[rustfmt::skip]
-        let cases: [(&str, [Hinted<'_>; 2], &str); 4] = [
+        let cases: [(&str, Option<&str>, [Hinted<'_>; 2], &str); 5] = [
             ("every endpoint hinted, one for this node's zone (zone-a): that one",
-             [("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", Some("zone-b"), None)],
-             "tcp:10.96.0.80:80=10.1.0.1:8080"),
+             Some("zone-a"), zoned, "tcp:10.96.0.80:80=10.1.0.1:8080"),
             ("an endpoint without hints: all",
-             [("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", None, None)], both),
+             Some("zone-a"), [("10.1.0.1", Some("zone-a"), None), ("10.1.0.2", None, None)], both),
             ("hints for other zones only: all",
-             [("10.1.0.1", Some("zone-b"), None), ("10.1.0.2", Some("zone-c"), None)], both),
+             Some("zone-a"), [("10.1.0.1", Some("zone-b"), None), ("10.1.0.2", Some("zone-c"), None)], both),
             ("same-node hints (PreferSameNode) before zone hints",
+             Some("zone-a"),
              [("10.1.0.1", Some("zone-a"), Some("other")), ("10.1.0.2", Some("zone-a"), Some("me"))],
              "tcp:10.96.0.80:80=10.1.0.2:8080"),
+            ("a node without a zone label: zone hints cannot apply", None, zoned, both),
         ];
-        for (what, endpoints, expected) in cases {
-            assert_eq!(hinted(&endpoints), [expected], "{what}");
+        for (what, zone, endpoints, expected) in cases {
+            assert_eq!(hinted(zone, &endpoints), [expected], "{what}");
         }
-        // a node without a zone label: zone hints cannot apply
-        let s = slice(
-            "web",
-            "IPv4",
-            &[("http", 8080, "TCP")],
-            &[
-                ("10.1.0.1", READY, true, false, "x"),
-                ("10.1.0.2", READY, true, false, "x"),
-            ],
-        );
-        let mut s = s;
-        s.endpoints[0].hints = Some(EndpointHints {
-            for_zones: Some(vec![ForZone {
-                name: "zone-a".into(),
-            }]),
-            for_nodes: None,
-        });
-        s.endpoints[1].hints = Some(EndpointHints {
-            for_zones: Some(vec![ForZone {
-                name: "zone-b".into(),
-            }]),
-            for_nodes: None,
-        });
-        let (services, slices) = (vec![&service], vec![&s]);
-        let zoneless = node_services(&Cluster {
-            services: &services,
-            slices: &slices,
-            node: "me",
-            zone: None,
-            node_addresses: &[],
-        });
-        assert_eq!(
-            text(&zoneless.cluster),
-            ["tcp:10.96.0.80:80=10.1.0.1:8080,10.1.0.2:8080"]
-        );
     }
 
     /// Where an update's time goes at 10,000 Services x 10 endpoints, without an API server:

@@ -293,3 +293,15 @@ impl EchoBackends {
         }
     }
 }
+
+/// One request to `addr` (from the calling thread's namespace), the whole answer, within
+/// `timeout`.
+pub fn http(addr: &str, request: &[u8], timeout: Duration) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr.parse().unwrap(), timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(request)?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok(answer)
+}
