@@ -32,6 +32,71 @@ int xdp_mac_swap(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* The packet-rate benchmark (benches/suite/rate.rs): a frame source and a sink.
+ *
+ * rate_source runs through BPF_PROG_RUN's live-frame mode with the client's veth as its
+ * interface: every frame it returns XDP_TX for leaves that veth for the load balancer's end,
+ * whose XDP program (the one measured) sees it in its driver. The kernel recycles a frame's
+ * page without restoring what a program wrote into it, so the source writes the frame under
+ * test over the page every time; with rate_new_flows, every frame gets a source address and
+ * port of its own (a new flow for a load balancer). */
+#define RATE_FRAME_LEN 64
+__u8 rate_frame[RATE_FRAME_LEN];
+__u32 rate_new_flows;
+__u64 rate_seq;
+
+SEC("xdp")
+int rate_source(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct iphdr *ip = data + sizeof(struct ethhdr);
+	struct udphdr *udp = (void *)(ip + 1);
+	__u32 seq, sum = 0;
+	__u16 *word;
+
+	if (data + RATE_FRAME_LEN > data_end)
+		return XDP_ABORTED;
+	__builtin_memcpy(data, rate_frame, RATE_FRAME_LEN);
+	if (!rate_new_flows)
+		return XDP_TX;
+	/* IPv4 and UDP without a checksum (the frame the benchmark writes): the source address's
+	 * last two bytes and the source port from a sequence, 2^31 flows before one repeats */
+	if ((void *)(udp + 1) > data_end || ip->ihl != 5)
+		return XDP_ABORTED;
+	seq = rate_seq++;
+	ip->saddr = (ip->saddr & bpf_htonl(0xffff0000)) | bpf_htonl((seq >> 15) & 0xffff);
+	udp->source = bpf_htons(1024 + (seq & 0x7fff));
+	ip->check = 0;
+	word = (__u16 *)ip;
+#pragma unroll
+	for (int i = 0; i < 10; i++)
+		sum += word[i];
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip->check = ~sum & 0xffff;
+	return XDP_TX;
+}
+
+/* Where the benchmark's frames end: counted and dropped. With rate_sink_keep, the first
+ * RATE_FRAME_LEN bytes of the last frame are kept (the benchmark reads the port a load
+ * balancer chose off them to write its backend's reply). */
+__u64 rate_sink_frames;
+__u32 rate_sink_keep;
+__u8 rate_sink_last[RATE_FRAME_LEN];
+
+SEC("xdp")
+int rate_sink(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+
+	__sync_fetch_and_add(&rate_sink_frames, 1);
+	if (rate_sink_keep && data + RATE_FRAME_LEN <= data_end)
+		__builtin_memcpy(rate_sink_last, data, RATE_FRAME_LEN);
+	return XDP_DROP;
+}
+
 /* cgroup sock_addr hooks: let the call go on untouched */
 SEC("cgroup/connect4")
 int noop_connect4(struct bpf_sock_addr *ctx)

@@ -208,6 +208,8 @@ fn persisted_legacy_rerun_swaps_the_program_in_the_same_filter_keeping_flows() {
     let first = lab.client.ebpf_net(&strs(&args));
     let said = String::from_utf8_lossy(&first.stderr);
     assert!(first.status.success() && said.contains("(legacy tc)"), "{said}");
+    // the second side finds the qdisc the first made: no word from libbpf about it
+    assert_eq!(said.lines().count(), 1, "the ready line only: {said}");
     let before = legacy_filters(&lab.client);
     assert_eq!(before.len(), 2, "{before:?}");
     assert!(

@@ -3,7 +3,7 @@
 //!
 //!   cargo bench --bench suite                      everything, writes the report
 //!   cargo bench --bench suite -- SECTION...        only these (per-packet, services, bulk,
-//!                                                  control, attack, kube; per-packet includes
+//!                                                  rate, control, attack, kube; per-packet includes
 //!                                                  before: issue 19's cost against 6e0cd5a); prints, writes
 //!                                                  the report under target/bench-partial
 //!   cargo bench --bench suite -- kube              the Kubernetes agent at 10,000 services
@@ -21,6 +21,7 @@ mod control;
 mod kube;
 mod paths;
 mod per_packet;
+mod rate;
 mod report;
 
 use std::path::Path;
@@ -96,8 +97,9 @@ impl Drop for InCgroup {
     }
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "per-packet",
+    "rate",
     "before",
     "services",
     "bulk",
@@ -139,6 +141,9 @@ fn main() {
 
     if wants("per-packet") {
         per_packet::run(&mut report, &settings, &cgroup);
+    }
+    if wants("rate") {
+        rate::run(&mut report, &settings);
     }
     if wants("per-packet") || wants("before") {
         before::run(&mut report, &settings, &cgroup);

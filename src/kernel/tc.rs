@@ -354,7 +354,12 @@ impl TcAttachment {
             ..Default::default()
         };
         // SAFETY: a hook of the right size; EEXIST means the interface has a clsact already.
+        // libbpf would print the kernel's "Exclusivity flag on, cannot modify" for that, the
+        // common case (the other side's filter made it, or someone else did): any other
+        // failure is reported below with its errno
+        let printer = libbpf_rs::set_print(None);
         let ret = unsafe { libbpf_sys::bpf_tc_hook_create(&mut qdisc) };
+        libbpf_rs::set_print(printer);
         let created_qdisc = match ret {
             0 => {
                 CREATED_QDISCS
