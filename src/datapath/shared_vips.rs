@@ -14,6 +14,7 @@ use crate::kernel::addr::Interface;
 use crate::kernel::attach::{self, AttachedProgram, TcDirection};
 use crate::kernel::maps;
 use crate::kernel::skel::sock_xlate::types::service_endpoint;
+use crate::kernel::tc;
 
 /// A load balancer and how to find it on an interface.
 struct Balancer {
@@ -38,7 +39,8 @@ const BALANCERS: [Balancer; 2] = [
 
 impl Balancer {
     fn attached(&self, iface: &Interface) -> Vec<AttachedProgram> {
-        let mut found = attach::tcx_programs(iface.index, TcDirection::Ingress).unwrap_or_default();
+        // tcx or legacy tc: lb attached either way (a 6.1 node has only the legacy filters)
+        let mut found = tc::tc_programs(iface.index, TcDirection::Ingress).unwrap_or_default();
         found.extend(attach::xdp_program(iface.index));
         found.retain(|prog| self.programs.contains(&prog.name.as_str()));
         found
