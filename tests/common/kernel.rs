@@ -15,6 +15,8 @@ pub enum Feature {
     Tcx,
     /// the conntrack NAT kfunc `bpf_ct_set_nat_info` that `lb` needs
     CtNat,
+    /// the `bpf_sock_destroy` kfunc (clusterip's destroying of connected UDP sockets)
+    SockDestroy,
 }
 
 impl Feature {
@@ -22,6 +24,7 @@ impl Feature {
         match self {
             Feature::Tcx => "tcx links (Linux 6.6)",
             Feature::CtNat => "the conntrack NAT kfunc bpf_ct_set_nat_info for lb (Linux 6.1)",
+            Feature::SockDestroy => "the bpf_sock_destroy kfunc to destroy connected UDP sockets (Linux 6.5)",
         }
     }
 
@@ -30,6 +33,7 @@ impl Feature {
         match self {
             Feature::Tcx => (6, 6),
             Feature::CtNat => (6, 1),
+            Feature::SockDestroy => (6, 5),
         }
     }
 }
