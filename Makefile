@@ -109,8 +109,10 @@ test: setup all
 	# the tc datapaths again through legacy tc (clsact + cls_bpf), what kernels before 6.6 get
 	EBPF_NET_TC=legacy $(CARGO) test --release --test ipv6_hp_e2e --test proxy_e2e \
 		--test monitor_e2e --test lb_e2e -- --test-threads=4 --skip syn_flood
-	# and lb's legacy filters seen by xdp-lb's one-balancer-per-VIP check
+	# and, through legacy filters: xdp-lb's one-balancer-per-VIP check seeing lb's, a persisted
+	# filter lost with its interface re-attached by the re-run, status of another namespace's
 	EBPF_NET_TC=legacy $(CARGO) test --release --test control_safety -- what_cannot_work_is_refused_in_one_line
+	EBPF_NET_TC=legacy $(CARGO) test --release --test node_safety -- a_re_created_interface an_update_killed_midway
 
 # The same tests on other kernels, each booted in a VM (scripts/test-kernels: qemu + virtme-ng,
 # Debian's kernel packages unpacked under /opt/ebpf-net-kernels; KVM if the CPU has it, else

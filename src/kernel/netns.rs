@@ -76,3 +76,30 @@ pub fn key_exists(key: &str) -> Option<bool> {
         Some(Path::new(NAMED_NETNS_DIR).join(key).exists())
     }
 }
+
+/// Runs `f` in the network namespace `key` names (see [`current_key`]): here when this thread
+/// is in it, else on a thread that entered it. None when it cannot be entered (gone, or an
+/// unnamed namespace other than this thread's).
+pub fn in_key<T: Send>(key: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
+    if current_key().ok().as_deref() == Some(key) {
+        return Some(f());
+    }
+    let path = if key == HOST_KEY {
+        init_ns_path("net")
+    } else if key.is_empty() || key.contains('/') || key.starts_with("netns-") {
+        return None;
+    } else {
+        format!("{NAMED_NETNS_DIR}/{key}")
+    };
+    let file = File::open(path).ok()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
+                Some(f())
+            })
+            .join()
+            .ok()
+            .flatten()
+    })
+}

@@ -134,9 +134,25 @@ pub fn attach_or_update_pinned_tc(
     let pinned = record_file(dir, direction);
     if let Some(record) = Record::read(&pinned) {
         // a re-run replaces the program atomically and keeps the filter (and its place)
-        TcAttachment::replace(prog, &record)?;
-        pin_program(prog, &pinned)?;
-        return Ok(true);
+        if record.ifindex == iface.index && record.prog_id().is_some() {
+            TcAttachment::replace(prog, &record)?;
+            pin_program(prog, &pinned)?;
+            return Ok(true);
+        }
+        // the filter went with its interface (deleted, maybe re-created under another index),
+        // or someone removed it: a new one, and the maps kept
+        let why = if record.ifindex == iface.index {
+            "it is gone".to_string()
+        } else {
+            format!("it was on ifindex {}, an interface since deleted", record.ifindex)
+        };
+        fs::remove_file(&pinned).with_context(|| format!("removing {}", pinned.display()))?;
+        eprintln!(
+            "re-attaching to {} (ifindex {}): the persisted {} tc filter was lost ({why})",
+            iface.name,
+            iface.index,
+            direction.name()
+        );
     }
     if link_path.exists() || mode() == TcMode::Tcx {
         return attach::attach_or_update_pinned(prog, iface, direction, link_path);
@@ -471,16 +487,26 @@ impl Drop for TcAttachment {
     }
 }
 
-/// The legacy filters a persisted directory recorded, with the program in each.
+/// The legacy filters a persisted directory recorded, with the program in each. The filters
+/// are asked for in the namespace the directory is kept for (`.../<netns>/<interface>`),
+/// which need not be this thread's: `status` looks at every namespace's.
 pub fn recorded(dir: &Path) -> Vec<(Record, Option<u32>)> {
-    TcDirection::BOTH
+    let records: Vec<Record> = TcDirection::BOTH
         .iter()
         .filter_map(|&direction| Record::read(&record_file(dir, direction)))
-        .map(|record| {
-            let id = record.prog_id();
-            (record, id)
-        })
-        .collect()
+        .collect();
+    if records.is_empty() {
+        return records.into_iter().map(|record| (record, None)).collect();
+    }
+    let ask = || records.iter().map(Record::prog_id).collect::<Vec<_>>();
+    let key = dir
+        .parent()
+        .and_then(Path::file_name)
+        .and_then(|name| name.to_str())
+        .unwrap_or_default();
+    // an unnamed namespace we are not in cannot be entered: asked here, as before
+    let ids = crate::kernel::netns::in_key(key, ask).unwrap_or_else(ask);
+    records.into_iter().zip(ids).collect()
 }
 
 /// Removes the legacy filters a persisted directory recorded (before its pins go).
