@@ -17,6 +17,8 @@ pub enum Feature {
     CtNat,
     /// the `bpf_sock_destroy` kfunc (clusterip's destroying of connected UDP sockets)
     SockDestroy,
+    /// `bpf_set_retval`: a cgroup hook's refusal is ECONNREFUSED (before: EPERM)
+    SetRetval,
 }
 
 impl Feature {
@@ -25,6 +27,7 @@ impl Feature {
             Feature::Tcx => "tcx links (Linux 6.6)",
             Feature::CtNat => "the conntrack NAT kfunc bpf_ct_set_nat_info for lb (Linux 6.1)",
             Feature::SockDestroy => "the bpf_sock_destroy kfunc to destroy connected UDP sockets (Linux 6.5)",
+            Feature::SetRetval => "bpf_set_retval to refuse a connect() with ECONNREFUSED (Linux 5.18)",
         }
     }
 
@@ -34,6 +37,7 @@ impl Feature {
             Feature::Tcx => (6, 6),
             Feature::CtNat => (6, 1),
             Feature::SockDestroy => (6, 5),
+            Feature::SetRetval => (5, 18),
         }
     }
 }
