@@ -298,6 +298,31 @@ struct Target<'a> {
     must_translate: Vec<Vec<u8>>,
 }
 
+impl<'a> Target<'a> {
+    /// A tc program that never changes a packet (monitor, lb): frames to `addressed` pairs
+    /// and to `other_pairs` of the same shapes.
+    fn read_only_tc(
+        name: &'static str,
+        prog: &'a ProgramMut<'a>,
+        addressed: &[(&str, &str)],
+        other_pairs: &[(&str, &str)],
+    ) -> Self {
+        Target {
+            name,
+            prog,
+            pass: &[TCX_NEXT, TCX_PASS],
+            translated: &[],
+            owned_drop: &[],
+            addresses: vec![],
+            addressed: other_shapes(addressed),
+            other: other_shapes(other_pairs),
+            read_only: true,
+            foreign: vec![],
+            must_translate: vec![],
+        }
+    }
+}
+
 #[derive(Default, Debug)]
 struct Tally {
     frames: usize,
@@ -610,22 +635,15 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             ("monitor_egress", &monitor.progs.monitor_egress),
         ] {
             fuzz_and_report(
-                Target {
+                Target::read_only_tc(
                     name,
                     prog,
-                    pass: tc_pass,
-                    translated: &[],
-                    owned_drop: &[],
-                    addresses: vec![],
-                    addressed: other_shapes(&[
+                    &[
                         ("10.0.0.1:40000", "10.96.0.10:80"),
                         ("[fd00::1]:40000", "[fd96::10]:53"),
-                    ]),
-                    other: other_shapes(&other_pairs),
-                    read_only: true,
-                    foreign: vec![],
-                    must_translate: vec![],
-                },
+                    ],
+                    &other_pairs,
+                ),
                 &mut rng,
                 &mut failures,
             );
@@ -723,22 +741,15 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
             let lb_skel = lb::load_with_services(lb_obj, &services, true).unwrap();
             let prog = &lb_skel.progs.lb_ingress;
             fuzz_and_report(
-                Target {
-                    name: "lb_ingress",
+                Target::read_only_tc(
+                    "lb_ingress",
                     prog,
-                    pass: tc_pass,
-                    translated: &[],
-                    owned_drop: &[],
-                    addresses: vec![],
-                    addressed: other_shapes(&[
+                    &[
                         ("10.0.0.1:40000", "10.96.0.20:80"),
                         ("[fd00::1]:40000", "[fd96::20]:80"),
-                    ]),
-                    other: other_shapes(&other_pairs),
-                    read_only: true,
-                    foreign: vec![],
-                    must_translate: vec![],
-                },
+                    ],
+                    &other_pairs,
+                ),
                 &mut rng,
                 &mut failures,
             );
