@@ -52,13 +52,16 @@ fn status_json() -> String {
 fn stop(mut child: Child, signal: i32) -> (std::process::ExitStatus, String) {
     // SAFETY: signalling our own child.
     unsafe { libc::kill(child.id() as i32, signal) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    // a hang, not a speed: longer in a VM in emulation, where a startup's verifier run
+    // alone takes seconds
+    let bound = kernel::scaled(Duration::from_secs(10));
+    let deadline = Instant::now() + bound;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let output = child.wait_with_output().unwrap();
             panic!(
-                "no exit within 10 s of signal {signal}: {}",
+                "no exit within {bound:?} of signal {signal}: {}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }
