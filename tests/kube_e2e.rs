@@ -58,8 +58,11 @@ impl Lab {
         }
     }
 
+    /// The agent on the lab's node: ClusterIPs on the cgroup, and NodePorts through lb on
+    /// c0 where the kernel runs lb (6.1); below it ClusterIPs only (`kube -i` refuses there:
+    /// [`node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_namespace`]).
     fn agent_args(&self) -> Vec<String> {
-        [
+        let mut args: Vec<String> = [
             "-n",
             &self.node.name,
             "kube",
@@ -69,14 +72,16 @@ impl Lab {
             self.cgroup.path_str(),
             "--node-name",
             &self.node_name,
-            "-i",
-            "c0",
             "--healthz",
             "127.0.0.1:0",
         ]
         .iter()
         .map(|s| s.to_string())
-        .collect()
+        .collect();
+        if kernel::has(Feature::CtNat) {
+            args.extend(["-i".to_string(), "c0".to_string()]);
+        }
+        args
     }
 
     fn agent(&self) -> Daemon {
@@ -467,6 +472,19 @@ fn this_node_from_the_api_gives_the_zone_of_topology_hints_and_its_removal_fails
 #[test]
 fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_namespace() {
     let lab = Lab::new("knp");
+    if !kernel::has(Feature::CtNat) {
+        // -i runs lb: refused up front in one line that names the way out
+        let mut args = lab.agent_args();
+        args.extend(["-i".to_string(), "c0".to_string()]);
+        let output = output_within(std::process::Command::new(BIN).args(&args[..]));
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && said.lines().count() == 1 && said.contains("--xdp puts xdp-lb there"),
+            "{said}"
+        );
+        kernel::require_for(Feature::CtNat, "NodePorts through lb");
+        return;
+    }
     let service = lab.api.apply_service(
         "front",
         json!({"type": "LoadBalancer",

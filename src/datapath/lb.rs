@@ -33,7 +33,7 @@ use crate::kernel::{netns, nft, probe};
 pub const SUBCOMMAND: &str = "lb";
 pub const PROGRAMS: &[&str] = &["lb_ingress"];
 /// Every conntrack kfunc bpf/lb.c calls.
-const KFUNCS: [&str; 7] = [
+pub const KFUNCS: [&str; 7] = [
     "bpf_skb_ct_alloc",
     "bpf_skb_ct_lookup",
     "bpf_ct_insert_entry",
