@@ -28,6 +28,17 @@ fn axis(max: f64) -> (f64, f64) {
     ((max / step).ceil() * step, step)
 }
 
+/// A bar's value as written beside it: whole numbers from 100, else two digits that count.
+fn bar_label(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
 fn number(value: f64) -> String {
     if value >= 1000.0 {
         format!("{:.0}k", value / 1000.0)
@@ -206,7 +217,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
             let fill = if bar.baseline { "#9e9e9e" } else { color };
             let _ = writeln!(
                 svg,
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"/><text x=\"{:.1}\" y=\"{:.1}\">{:.0}</text>",
+                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{fill}\"/><text x=\"{:.1}\" y=\"{:.1}\">{}</text>",
                 left - 8.0,
                 y + 15.0,
                 escape(&bar.label),
@@ -215,7 +226,7 @@ pub fn bar_chart(title: &str, unit: &str, bars: &[Bar]) -> String {
                 row_h - 6.0,
                 left + scale(bar.value) + 6.0,
                 y + 15.0,
-                bar.value
+                bar_label(bar.value)
             );
             y += row_h;
         }
