@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use common::affinity::moved_after_timeout;
 use common::bench::IperfServer;
+use common::kernel::{self, Feature};
 use common::servers::{udp_request, Greeting, TcpEchoServer, UdpEchoServer};
 use common::topology::{veth, Daemon, Netns};
 use socket2::{Domain, Socket, Type};
@@ -313,6 +314,9 @@ fn weights(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_weights_1_2_1() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     weights(Kind::Lb, "swl");
 }
 
@@ -361,6 +365,9 @@ fn protocols(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_tcp_and_udp_services_on_one_vip_port() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     protocols(Kind::Lb, "spl");
 }
 
@@ -475,6 +482,9 @@ fn find_counter(json: &serde_json::Value, name: &str) -> u64 {
 
 #[test]
 fn lb_refuses_without_usable_backend() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     refusal(Kind::Lb, "srl");
 }
 
@@ -551,6 +561,9 @@ fn affinity(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_by_client_address() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     affinity(Kind::Lb, "sal");
 }
 
@@ -629,6 +642,9 @@ fn draining(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_draining_backend_keeps_its_connection() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     draining(Kind::Lb, "sdl");
 }
 
@@ -692,6 +708,9 @@ fn health(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_health_check_takes_a_dead_backend_out_and_back() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     health(Kind::Lb, "shl");
 }
 
@@ -758,6 +777,9 @@ fn affinity_across_persist(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_is_kept_across_persist_re_runs() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     affinity_across_persist(Kind::Lb, "sapl");
 }
 
@@ -797,6 +819,9 @@ fn affinity_expiry(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_expires_after_its_timeout() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
     affinity_expiry(Kind::Lb, "sael");
 }
 
