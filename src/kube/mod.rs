@@ -264,12 +264,6 @@ pub fn run(args: &KubeArgs, netns: Option<&str>) -> Result<()> {
     if args.xdp && args.ifaces.is_empty() {
         bail!("--xdp puts xdp-lb on the interfaces: give them with -i IFACE");
     }
-    // before anything runs: lb needs Linux 6.1, xdp-lb does not
-    if !args.xdp && !args.ifaces.is_empty() {
-        crate::kernel::probe::require_kfuncs(lb::SUBCOMMAND, &lb::KFUNCS).context(
-            "-i puts lb on the interfaces (--xdp puts xdp-lb there, which needs no conntrack kfunc; without -i, ClusterIPs only)",
-        )?;
-    }
     // one agent per cgroup: a second would fight the first over the same tables
     let cgroup = crate::kernel::cgroup::Cgroup::resolve(args.cgroup.as_deref())?;
     let (_instance, orphan) =
@@ -281,6 +275,12 @@ pub fn run(args: &KubeArgs, netns: Option<&str>) -> Result<()> {
         );
     }
     let node_addresses = node_addresses(netns, &args.ifaces)?;
+    // the interfaces exist: before anything runs on them, lb needs Linux 6.1, xdp-lb does not
+    if !args.xdp && !args.ifaces.is_empty() {
+        crate::kernel::probe::require_kfuncs(lb::SUBCOMMAND, &lb::KFUNCS).context(
+            "-i puts lb on the interfaces (--xdp puts xdp-lb there, which needs no conntrack kfunc; without -i, ClusterIPs only)",
+        )?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
