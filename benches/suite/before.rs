@@ -42,7 +42,7 @@ use ebpf_net::kernel::skel::lb::types::lb_backend;
 use ebpf_net::kernel::skel::sock_xlate::types::service_endpoint;
 use ebpf_net::kernel::skel::xdp_lb::types::xdp_lb_backend;
 
-use crate::common::bench::median;
+use crate::common::bench::{median, run_stats, RunTimeStats};
 use crate::common::cgroup::TestCgroup;
 use crate::common::packets::{l4_frame, L4};
 use crate::common::topology::{sh, veth, Netns};
@@ -321,31 +321,6 @@ fn fill_old_service(object: &Object, prefix: &str, vip: SocketAddr, values: &[Ve
 
 // ---------------------------------------------------------------------------------------
 // the kernel's run-time statistics
-
-/// BPF_ENABLE_STATS: run time is counted while this is held (and nothing else asked).
-struct RunTimeStats(#[allow(dead_code)] OwnedFd);
-
-impl RunTimeStats {
-    fn enable() -> Self {
-        // SAFETY: a plain system call; a non-negative result is a descriptor we own.
-        let fd =
-            unsafe { libbpf_rs::libbpf_sys::bpf_enable_stats(libbpf_rs::libbpf_sys::BPF_STATS_RUN_TIME) };
-        assert!(fd >= 0, "BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-        // SAFETY: see above.
-        Self(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
-/// (run_time_ns, run_cnt) of a program so far.
-fn run_stats(prog: BorrowedFd<'_>) -> (u64, u64) {
-    let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
-    let mut len = size_of::<libbpf_rs::libbpf_sys::bpf_prog_info>() as u32;
-    // SAFETY: a program fd and a buffer of `len` bytes.
-    let ret =
-        unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(prog.as_raw_fd(), &mut info, &mut len) };
-    assert_eq!(ret, 0, "bpf_prog_get_info_by_fd");
-    (info.run_time_ns, info.run_cnt)
-}
 
 /// The nanoseconds and runs of `prog` while `traffic` makes `expected` runs (waiting a
 /// little for packets still in a backlog).

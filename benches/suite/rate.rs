@@ -29,7 +29,7 @@ use ebpf_net::kernel::attach::{prepare_tcx, TcDirection, TcxAttachment, XdpAttac
 use ebpf_net::kernel::skel::noop::{NoopSkel, NoopSkelBuilder};
 
 use crate::chart::{bar_chart, Bar};
-use crate::common::bench::{median, paired_ratio};
+use crate::common::bench::{median, paired_ratio, prog_info, RunTimeStats};
 use crate::common::topology::{veth, Netns};
 use crate::report::{table, Report};
 use crate::Settings;
@@ -86,18 +86,6 @@ fn udp_frame(dst_mac: [u8; 6], src_mac: [u8; 6], src: SocketAddrV4, dst: SocketA
     f
 }
 
-/// Moves this thread into `ns` (the rate section runs on a thread of its own).
-fn setns(ns: &Netns) {
-    let file = std::fs::File::open(format!("/run/netns/{}", ns.name)).unwrap();
-    // SAFETY: setns on a valid fd affects only this thread.
-    assert_eq!(
-        unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
-        0,
-        "setns {}",
-        ns.name
-    );
-}
-
 /// Pins this thread to one CPU: the run, and the NAPI work it triggers, stay on it.
 fn pin_to_cpu(cpu: usize) {
     // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity on this thread.
@@ -136,42 +124,23 @@ fn live_run(prog: &Program<'_>, ifindex: u32, frame: &[u8], frames: u32) -> Dura
 fn prog_stats() -> BTreeMap<u32, (String, u64, u64)> {
     let mut all = BTreeMap::new();
     let mut id = 0u32;
-    // SAFETY: the libbpf calls get an id, an fd they return, and an info struct of the size given.
-    unsafe {
-        while libbpf_sys::bpf_prog_get_next_id(id, &mut id) == 0 {
-            let fd = libbpf_sys::bpf_prog_get_fd_by_id(id);
-            if fd < 0 {
-                continue;
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut info: libbpf_sys::bpf_prog_info = std::mem::zeroed();
-            let mut len = std::mem::size_of_val(&info) as u32;
-            if libbpf_sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) != 0 {
-                continue;
-            }
-            let name: String = info
-                .name
-                .iter()
-                .take_while(|c| **c != 0)
-                .map(|c| *c as u8 as char)
-                .collect();
-            all.insert(id, (name, info.run_time_ns, info.run_cnt));
+    // SAFETY: the libbpf calls get the next id and an fd we then own.
+    while unsafe { libbpf_sys::bpf_prog_get_next_id(id, &mut id) } == 0 {
+        let fd = unsafe { libbpf_sys::bpf_prog_get_fd_by_id(id) };
+        if fd < 0 {
+            continue;
         }
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let info = prog_info(fd.as_fd());
+        let name: String = info
+            .name
+            .iter()
+            .take_while(|c| **c != 0)
+            .map(|c| *c as u8 as char)
+            .collect();
+        all.insert(id, (name, info.run_time_ns, info.run_cnt));
     }
     all
-}
-
-/// Kernel BPF statistics on while held (BPF_ENABLE_STATS; off again when the last holder
-/// closes, unless the sysctl was set).
-struct StatsOn(#[allow(dead_code)] OwnedFd);
-
-impl StatsOn {
-    fn new() -> Self {
-        // SAFETY: returns a new fd or a negative error
-        let fd = unsafe { libbpf_sys::bpf_enable_stats(libbpf_sys::BPF_STATS_RUN_TIME) };
-        assert!(fd >= 0, "BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
-        Self(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
 }
 
 /// The programs we care about, by name: each path's and the do-nothing ones.
@@ -294,7 +263,7 @@ fn lab() -> Lab {
         mac_text(CLIENT_MAC),
         mac_text(BACKEND_MAC)
     ));
-    setns(&client);
+    client.move_this_thread();
     let client_if = Interface::by_name("cl0").unwrap().index;
     Lab {
         client,
@@ -315,7 +284,7 @@ struct Setup {
 
 fn setup(lab: &Lab, skel: &NoopSkel<'_>, group: Group) -> Setup {
     let mut done = Setup::default();
-    setns(&lab.lb);
+    lab.lb.move_this_thread();
     let lb0 = Interface::by_name("lb0").unwrap();
     match group {
         Group::MacSwap => {
@@ -371,7 +340,7 @@ fn setup(lab: &Lab, skel: &NoopSkel<'_>, group: Group) -> Setup {
             }
         }
     }
-    setns(&lab.client);
+    lab.client.move_this_thread();
     done
 }
 
@@ -502,10 +471,10 @@ fn measure_all(settings: &Settings) -> Measured {
     let mut skel = open.load().expect("loading noop");
     // the sinks, in the drivers of the client's and the backend's veths (their NAPI also
     // makes XDP_TX towards them arrive)
-    setns(&lab.backend);
+    lab.backend.move_this_thread();
     let be0 = Interface::by_name("be0").unwrap();
     let backend_sink = XdpAttachment::attach(&skel.progs.rate_sink, &be0, XdpMode::Native).unwrap();
-    setns(&lab.client);
+    lab.client.move_this_thread();
     let cl0 = Interface::by_name("cl0").unwrap();
     let client_sink = XdpAttachment::attach(&skel.progs.rate_sink, &cl0, XdpMode::Native).unwrap();
 
@@ -531,7 +500,7 @@ fn measure_all(settings: &Settings) -> Measured {
     // bpf_stats: once more per path, statistics on
     let mut stats = BTreeMap::new();
     {
-        let _on = StatsOn::new();
+        let _on = RunTimeStats::enable();
         for group in GROUPS {
             let done = setup(&lab, &skel, group);
             for path in Path::ALL.into_iter().filter(|p| p.group() == group) {

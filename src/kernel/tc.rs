@@ -496,7 +496,7 @@ pub fn recorded(dir: &Path) -> Vec<(Record, Option<u32>)> {
         .filter_map(|&direction| Record::read(&record_file(dir, direction)))
         .collect();
     if records.is_empty() {
-        return records.into_iter().map(|record| (record, None)).collect();
+        return Vec::new();
     }
     let ask = || records.iter().map(Record::prog_id).collect::<Vec<_>>();
     let key = dir

@@ -140,3 +140,37 @@ pub fn test_run_median_ns(prog: &libbpf_rs::ProgramMut<'_>, frames: &[Vec<u8>], 
     samples.sort();
     samples[samples.len() / 2].as_nanos() as f64
 }
+
+/// BPF_ENABLE_STATS: the kernel counts every program's run time while this is held (and
+/// nothing else asked for it).
+pub struct RunTimeStats(#[allow(dead_code)] std::os::fd::OwnedFd);
+
+impl RunTimeStats {
+    pub fn enable() -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: a plain system call; a non-negative result is a descriptor we own.
+        let fd =
+            unsafe { libbpf_rs::libbpf_sys::bpf_enable_stats(libbpf_rs::libbpf_sys::BPF_STATS_RUN_TIME) };
+        assert!(fd >= 0, "BPF_ENABLE_STATS: {}", std::io::Error::last_os_error());
+        // SAFETY: see above.
+        Self(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+    }
+}
+
+/// The kernel's information about a loaded program (its name, run time and runs, ...).
+pub fn prog_info(prog: std::os::fd::BorrowedFd<'_>) -> libbpf_rs::libbpf_sys::bpf_prog_info {
+    use std::os::fd::AsRawFd;
+    let mut info = libbpf_rs::libbpf_sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of_val(&info) as u32;
+    // SAFETY: a program fd and a buffer of `len` bytes.
+    let ret =
+        unsafe { libbpf_rs::libbpf_sys::bpf_prog_get_info_by_fd(prog.as_raw_fd(), &mut info, &mut len) };
+    assert_eq!(ret, 0, "bpf_prog_get_info_by_fd");
+    info
+}
+
+/// (run_time_ns, run_cnt) of a program so far.
+pub fn run_stats(prog: std::os::fd::BorrowedFd<'_>) -> (u64, u64) {
+    let info = prog_info(prog);
+    (info.run_time_ns, info.run_cnt)
+}

@@ -62,14 +62,25 @@ impl Netns {
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
-                    // SAFETY: setns on a valid fd affects only this thread.
-                    assert_eq!(unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+                    self.move_this_thread();
                     f()
                 })
                 .join()
                 .expect("thread in netns panicked")
         })
+    }
+
+    /// Moves the calling thread into this namespace (for a thread that switches between
+    /// several; [`Netns::enter`] is the scoped form).
+    pub fn move_this_thread(&self) {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.name)).unwrap();
+        // SAFETY: setns on a valid fd affects only this thread.
+        assert_eq!(
+            unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) },
+            0,
+            "setns {}",
+            self.name
+        );
     }
 
     /// Runs `ebpf-net --netns NAME ARGS` to completion (bounded, see [`output_within`]).
