@@ -58,10 +58,12 @@ fn stop(mut child: Child, signal: i32) -> (std::process::ExitStatus, String) {
     let deadline = Instant::now() + bound;
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
+            // where each thread waits, read before the kill: what a hang is stuck on
+            let stacks = thread_stacks(child.id());
             let _ = child.kill();
             let output = child.wait_with_output().unwrap();
             panic!(
-                "no exit within {bound:?} of signal {signal}: {}",
+                "no exit within {bound:?} of signal {signal}: {}\nits threads:\n{stacks}",
                 String::from_utf8_lossy(&output.stderr)
             );
         }

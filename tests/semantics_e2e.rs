@@ -46,6 +46,14 @@ struct Lab {
 
 const EXTRA_CLIENTS: usize = 12;
 
+/// Runs one of the shared tests with lb, where the kernel has what lb needs (6.1); elsewhere
+/// skipped with the reason printed.
+fn lb_test(tag: &str, test: fn(Kind, &str)) {
+    if kernel::require(Feature::CtNat) {
+        test(Kind::Lb, tag);
+    }
+}
+
 impl Lab {
     fn new(kind: Kind, tag: &str) -> Self {
         let (clients, lb, switch, clients4, clients6, backend_ns, backends4, backends6, vip4, vip6) =
@@ -314,10 +322,7 @@ fn weights(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_weights_1_2_1() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    weights(Kind::Lb, "swl");
+    lb_test("swl", weights);
 }
 
 #[test]
@@ -365,10 +370,7 @@ fn protocols(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_tcp_and_udp_services_on_one_vip_port() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    protocols(Kind::Lb, "spl");
+    lb_test("spl", protocols);
 }
 
 #[test]
@@ -482,10 +484,7 @@ fn find_counter(json: &serde_json::Value, name: &str) -> u64 {
 
 #[test]
 fn lb_refuses_without_usable_backend() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    refusal(Kind::Lb, "srl");
+    lb_test("srl", refusal);
 }
 
 #[test]
@@ -561,10 +560,7 @@ fn affinity(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_by_client_address() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    affinity(Kind::Lb, "sal");
+    lb_test("sal", affinity);
 }
 
 #[test]
@@ -642,10 +638,7 @@ fn draining(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_draining_backend_keeps_its_connection() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    draining(Kind::Lb, "sdl");
+    lb_test("sdl", draining);
 }
 
 #[test]
@@ -708,10 +701,7 @@ fn health(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_health_check_takes_a_dead_backend_out_and_back() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    health(Kind::Lb, "shl");
+    lb_test("shl", health);
 }
 
 #[test]
@@ -777,10 +767,7 @@ fn affinity_across_persist(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_is_kept_across_persist_re_runs() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    affinity_across_persist(Kind::Lb, "sapl");
+    lb_test("sapl", affinity_across_persist);
 }
 
 #[test]
@@ -819,10 +806,7 @@ fn affinity_expiry(kind: Kind, tag: &str) {
 
 #[test]
 fn lb_affinity_expires_after_its_timeout() {
-    if !kernel::require(Feature::CtNat) {
-        return;
-    }
-    affinity_expiry(Kind::Lb, "sael");
+    lb_test("sael", affinity_expiry);
 }
 
 #[test]
