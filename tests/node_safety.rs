@@ -76,6 +76,30 @@ fn stop(mut child: Child, signal: i32) -> (std::process::ExitStatus, String) {
     )
 }
 
+/// Every thread of `pid`: its name, state, wait channel and kernel stack.
+fn thread_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(gone)".into();
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |file: &str| std::fs::read_to_string(dir.join(file)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .filter(|l| l.starts_with("Name:") || l.starts_with("State:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        out += &format!(
+            "{} {state} wchan {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    out
+}
+
 /// What a run may leave behind that names `name` (a namespace or a cgroup): nothing, or
 /// the first thing found.
 fn leftovers(subcommand: &str, netns: Option<&Netns>, name: &str) -> Option<String> {
