@@ -18,6 +18,12 @@
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
+/* The services' epoch: user space writes a new value after every change of the service
+ * tables (xdp_lb::sync). A flow that saw this value already (xdp_lb_flow.epoch) goes to its
+ * backend without looking its service up again; the first packet after a change checks.
+ * A section (a map) of its own, read without a helper call or a byte of stack. */
+volatile __u32 services_epoch SEC(".data.epoch") = 0;
+
 /* Set by user space before load. */
 volatile const __u32 hash_seed = 0;
 volatile const __u8 events_level = XDP_LB_EVENTS_OFF;
@@ -839,17 +845,18 @@ static __noinline int refuse(struct xdp_md *ctx, const struct l4_packet *pkt)
 	return XDP_TX;
 }
 
-/* Client -> VIP: on to the flow's backend. */
+/* Client -> VIP: on to the flow's backend. With `range` NULL, `flow` and `backend` are a
+ * flow checked in this epoch and its backend; else `range` is the service's, and `flow` its
+ * flow if it has one, to be checked (and moved, when its backend left) or opened. */
 static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet *pkt,
-				      const struct service_range *range, const bool compat)
+				      const struct xdp_lb_tuple *key, const struct service_range *range,
+				      struct xdp_lb_flow *flow, struct xdp_lb_backend *backend, __u32 epoch,
+				      const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
 	__u64 now = now_ns(compat);
-	struct xdp_lb_backend *backend = NULL;
-	struct xdp_lb_tuple key;
-	struct xdp_lb_flow *flow;
 	struct ethhdr *eth = data;
 	struct rewrite to = {};
 	__u8 client_mac[ETH_ALEN];
@@ -858,21 +865,24 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
 	__builtin_memcpy(client_mac, eth->h_source, ETH_ALEN);
-	tuple_of(&key, pkt);
-	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
-	if (flow) {
-		backend = current_backend(range, flow, compat);
-		if (!backend)
-			flow = open_flow(&key, range, flow, client_mac, now);
-	} else if (range->weight) {
-		flow = open_flow(&key, range, NULL, client_mac, now);
-	}
-	if (!flow)
-		return range->weight ? XDP_DROP : refuse(ctx, pkt);
-	if (!backend) {
-		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
-		if (!backend)
-			return XDP_DROP;
+	if (range) {
+		backend = NULL;
+		if (flow) {
+			backend = current_backend(range, flow, compat);
+			if (!backend)
+				flow = open_flow(key, range, flow, client_mac, now);
+		} else if (range->weight) {
+			flow = open_flow(key, range, NULL, client_mac, now);
+		}
+		if (!flow)
+			return range->weight ? XDP_DROP : refuse(ctx, pkt);
+		if (!backend) {
+			backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
+			if (!backend)
+				return XDP_DROP;
+		}
+		if (flow->epoch != epoch)
+			flow->epoch = epoch;
 	}
 	if (pkt->proto == IPPROTO_TCP) {
 		/* a new connection on the port of a closed one starts clean */
@@ -898,20 +908,23 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	to.dport = flow->backend.port;
 	count(flow->slot, true, len);
 	if (events_level >= XDP_LB_EVENTS_TRACE)
-		emit(XDP_LB_EVENT_TRACE_IN, &key, flow, NULL, len);
+		emit(XDP_LB_EVENT_TRACE_IN, key, flow, NULL, len);
 	if (!rewrite_packet(ctx, pkt, &to, backend_mac))
 		return XDP_PASS;
 	return XDP_TX;
 }
 
-/* Backend -> this node: a reply of one of our flows goes back to its client. */
+#define NOT_A_REPLY -1
+
+/* Backend -> this node: a reply of one of our flows goes back to its client. `rev`: the
+ * packet's tuple (backend -> this node:lb_port). NOT_A_REPLY when no flow of ours owns it. */
 static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet *pkt,
-				      const bool compat)
+				      const struct xdp_lb_tuple *rev, const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	struct xdp_lb_tuple rev, key, *owner;
+	struct xdp_lb_tuple key, *owner;
 	struct xdp_lb_backend *backend;
 	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
@@ -919,17 +932,16 @@ static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet 
 	struct rewrite to = {};
 	__u8 client_mac[ETH_ALEN];
 
-	tuple_of(&rev, pkt);
-	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
 	if (!owner)
-		return XDP_PASS;
+		return NOT_A_REPLY;
 	key = *owner;
 	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
-	if (!flow || !flow_owns(flow, &rev)) {
+	if (!flow || !flow_owns(flow, rev)) {
 		c = counters();
 		if (c)
 			c->stale_replies++;
-		return XDP_PASS;
+		return NOT_A_REPLY;
 	}
 	if (!(flow->state & XDP_LB_REPLIED))
 		flow->state |= XDP_LB_REPLIED;
@@ -1037,27 +1049,61 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	return XDP_TX;
 }
 
+/* The packet's way, in as few hash lookups as its kind allows: a reply (its destination
+ * port one of ours) by its reverse entry; a flow's packet by its flow alone while no service
+ * changed since it was checked; the rest by the service lookup. */
 static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	struct service_endpoint vip = {};
+	struct xdp_lb_backend *backend;
 	struct service_range *range;
+	struct xdp_lb_tuple tuple;
+	struct xdp_lb_flow *flow;
 	struct l4_packet pkt;
+	__u32 epoch;
+	bool ours;
+	int verdict;
 
 	/* fragments are not balanced: later ones carry no ports to find their flow by */
 	if (!parse_l4_packet(data, data_end, &pkt))
 		return icmp_error_of_flow(ctx);
 	if (pkt.fragment || pkt.l4_off > 0x1ff - 20)
 		return XDP_PASS;
+	tuple_of(&tuple, &pkt);
+	/* a port we hand out: most likely a backend's reply. A live reverse entry is one for
+	 * certain, whatever else the tuple matches: the backend's own stack holds that
+	 * connection (or UDP socket) with us and can hold no other of that tuple. */
+	ours = (__u32)(__u16)(bpf_ntohs(pkt.dport) - port_lo) < (__u32)port_span;
+	if (ours) {
+		verdict = to_client(ctx, &pkt, &tuple, compat);
+		if (verdict != NOT_A_REPLY)
+			return verdict;
+	}
+	/* read before the service lookup: a change in between is seen at the next packet */
+	epoch = services_epoch;
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, &tuple);
+	if (flow && flow->epoch == epoch && epoch) {
+		/* the backend at its slot is still the one: only a change rewrites a slot */
+		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
+		if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
+			return to_backend(ctx, &pkt, &tuple, NULL, flow, backend, epoch, compat);
+	}
 	copy_addr(vip.addr, pkt.daddr);
 	vip.port = pkt.dport;
 	vip.family = pkt.family;
 	vip.proto = pkt.proto;
 	range = bpf_map_lookup_elem(&xdp_lb_services, &vip);
 	if (range)
-		return to_backend(ctx, &pkt, range, compat);
-	return to_client(ctx, &pkt, compat);
+		return to_backend(ctx, &pkt, &tuple, range, flow, NULL, epoch, compat);
+	/* a reply on a port outside today's range: of flows a run with other --ports made */
+	if (!ours) {
+		verdict = to_client(ctx, &pkt, &tuple, compat);
+		if (verdict != NOT_A_REPLY)
+			return verdict;
+	}
+	return XDP_PASS;
 }
 
 SEC("xdp")

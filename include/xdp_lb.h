@@ -78,6 +78,9 @@ struct xdp_lb_flow {
 	__u8 state;
 	__u8 pad[3];
 	__u32 clock_slot; /* its slot in the flow clock, which names it back */
+	/* xdp_lb_epoch's value when its service and backend were last checked: while it is
+	 * still the one, a packet skips the service lookup (0, of older runs: never checked) */
+	__u32 epoch;
 };
 
 

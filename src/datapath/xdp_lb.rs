@@ -472,6 +472,10 @@ pub fn load<'obj>(
 pub struct Tables {
     pub services: ServiceTables,
     pub rings: MapHandle,
+    /// services_epoch's section, renewed after every sync; not pinned: each run's program has
+    /// its own (a re-run's flows carry the old run's value, so each is checked once), and
+    /// only the process that loaded it syncs
+    epoch: Option<MapHandle>,
 }
 
 impl Tables {
@@ -484,6 +488,7 @@ impl Tables {
                 MapHandle::try_from(&skel.maps.xdp_lb_stats)?,
             ),
             rings: MapHandle::try_from(&skel.maps.xdp_lb_rings)?,
+            epoch: Some(MapHandle::try_from(&skel.maps.data_epoch)?),
         })
     }
 
@@ -491,7 +496,28 @@ impl Tables {
         Ok(Self {
             services: ServiceTables::pinned(pins, [PIN_SERVICES, PIN_BACKENDS, PIN_WEIGHTS, PIN_STATS])?,
             rings: pins.open_map(&PIN_RINGS)?,
+            epoch: None,
         })
+    }
+
+    /// A new epoch: every flow checks its service and backend again at its next packet
+    /// (bpf/xdp_lb.c balance). Random and never 0 (0: never checked), so it differs from
+    /// the value of any earlier run whose flows a re-run keeps, but for a 1 in 2^32 chance.
+    fn renew_epoch(&self) -> Result<()> {
+        let epoch = self
+            .epoch
+            .as_ref()
+            .context("the service epoch of a pinned view cannot be renewed")?;
+        let old = epoch
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)?
+            .map_or(0, |value| u32::from_ne_bytes(value[..4].try_into().unwrap()));
+        let mut new = 0;
+        while new == 0 || new == old {
+            new = crate::kernel::random_seed()?;
+        }
+        epoch
+            .update(&0u32.to_ne_bytes(), &new.to_ne_bytes(), MapFlags::ANY)
+            .context("writing xdp-lb's service epoch")
     }
 }
 
@@ -523,13 +549,14 @@ fn write_ring(rings: &MapHandle, service: &Service, base: u32) -> Result<()> {
         .with_context(|| format!("writing the Maglev ring of {}", service.vip))
 }
 
-/// Makes the tables hold exactly `services`; see [`service::sync_services`].
+/// Makes the tables hold exactly `services`; see [`service::sync_services`]. Then a new
+/// epoch, also after a failed sync (it may have written part): flows check again.
 pub fn sync(
     tables: &Tables,
     services: &[Service],
     backends: &HashMap<SocketAddr, Backend>,
 ) -> Result<SyncReport> {
-    service::sync_services_with(
+    let synced = service::sync_services_with(
         &tables.services,
         services,
         |_, endpoint, out| {
@@ -544,7 +571,9 @@ pub fn sync(
             Ok(())
         },
         |service, base| write_ring(&tables.rings, service, base),
-    )
+    );
+    tables.renew_epoch()?;
+    synced
 }
 
 /// A loaded program with `services` in its tables: for test_run tables and benchmarks.
