@@ -85,12 +85,13 @@ struct {
 	__type(value, struct xdp_lb_flow);
 } xdp_lb_flows SEC(".maps");
 
-/* backend -> this node:lb_port tuple -> the flow's client -> VIP tuple */
+/* backend -> this node:lb_port tuple -> the flow's client -> VIP tuple and what its
+ * replies need (struct xdp_lb_reply): a reply takes this one lookup */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, XDP_LB_DEFAULT_FLOWS);
 	__type(key, struct xdp_lb_tuple);
-	__type(value, struct xdp_lb_tuple);
+	__type(value, struct xdp_lb_reply);
 } xdp_lb_reverse SEC(".maps");
 
 /* The flow clock: slot -> client tuple of the flow holding it (which names its slot back).
@@ -153,7 +154,15 @@ struct {
 	__type(value, struct affinity_scratch);
 } xdp_lb_affinity_scratch SEC(".maps");
 
-/* open_flow()'s new flow, built here before it goes into xdp_lb_flows, per CPU. On the stack
+/* open_flow()'s new flow and its reply entry, built here before they go into their
+ * tables, and a reverse key for take_clock_slot() */
+struct flow_scratch {
+	struct xdp_lb_flow flow;
+	struct xdp_lb_reply reply;
+	struct xdp_lb_tuple rev;
+};
+
+/* open_flow()'s working state (struct flow_scratch), per CPU. On the stack
  * it made the balancing path's frame 488 bytes; older kernels (6.1, 5.10) round a frame up to
  * 32 bytes in the combined-stack check (6.18 to 16 when JITed), so 512 + a subprogram's 32
  * (affinity_pick, refuse) and they refused the program: "combined stack size of 2 calls is
@@ -163,7 +172,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct xdp_lb_flow);
+	__type(value, struct flow_scratch);
 } xdp_lb_new_flow SEC(".maps");
 
 /* refuse()'s working state, per CPU */
@@ -326,10 +335,11 @@ static __always_inline __u32 pick_slot(const struct service_range *range, __u32 
 	return range->base + *entry;
 }
 
-static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u8 proto, __u64 now)
+/* Whether a flow is done with: `last_seen` is its latest packet either way. */
+static __always_inline bool flow_idle(const struct xdp_lb_flow *flow, __u64 last_seen, __u8 proto, __u64 now)
 {
 	/* coarse clocks of two CPUs may disagree by a tick: never "idle" for that */
-	__u64 idle = now > flow->last_seen ? now - flow->last_seen : 0;
+	__u64 idle = now > last_seen ? now - last_seen : 0;
 
 	if (!(flow->state & XDP_LB_ESTABLISHED))
 		return idle > XDP_LB_HALF_OPEN_NS;
@@ -359,24 +369,29 @@ static __always_inline bool flow_owns(const struct xdp_lb_flow *flow, const stru
 	       flow->backend.addr[2] == rev->src[2] && flow->backend.addr[3] == rev->src[3];
 }
 
-/* Whether the source port of reverse entry `rev`, held by flow `owner`, may go to the flow
- * `want`: it is that flow itself, or its owner was removed, moved on, went idle, or is
- * half-open for over a second (then it is evicted: an established flow never is). */
-static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct xdp_lb_tuple *owner,
+static __always_inline __u64 later(__u64 a, __u64 b)
+{
+	return a > b ? a : b;
+}
+
+/* Whether the source port of reverse entry `rev`, held by the flow `owner` names, may go to
+ * the flow `want`: it is that flow itself, or its owner was removed, moved on, went idle, or
+ * is half-open for over a second (then it is evicted: an established flow never is). */
+static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct xdp_lb_reply *owner,
 					  const struct xdp_lb_tuple *want, __u64 now)
 {
 	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
 
-	if (tuple_equal(owner, want))
+	if (tuple_equal(&owner->client, want))
 		return true;
-	flow = bpf_map_lookup_elem(&xdp_lb_flows, owner);
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, &owner->client);
 	if (!flow)
 		return true;
 	if (!flow_owns(flow, rev))
 		return true;
 	if (flow->state & XDP_LB_ESTABLISHED) {
-		if (!flow_idle(flow, owner->proto, now))
+		if (!flow_idle(flow, later(flow->last_seen, owner->last_seen), owner->client.proto, now))
 			return false;
 	} else {
 		if (now < flow->last_seen + XDP_LB_PREEMPT_NS)
@@ -385,18 +400,20 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 		if (c)
 			c->evicted++;
 	}
-	bpf_map_delete_elem(&xdp_lb_flows, owner);
+	bpf_map_delete_elem(&xdp_lb_flows, &owner->client);
 	return true;
 }
 
-/* Claims a source port towards the backend for the flow: a reverse-table entry of its own.
- * Tries a few ports from the flow's hash on. */
-static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const struct xdp_lb_backend *backend,
+/* Claims a source port towards the backend for the flow of `reply` (its key, slot and
+ * client MAC filled in): a reverse-table entry of its own. Tries a few ports from the flow's
+ * hash on. */
+static __always_inline bool claim_port(const struct xdp_lb_reply *reply, const struct xdp_lb_backend *backend,
 				       __u32 hash, __u64 now, __be16 *port)
 {
+	const struct xdp_lb_tuple *key = &reply->client;
 	struct xdp_lb_counters *c = counters();
 	struct xdp_lb_tuple rev = {};
-	struct xdp_lb_tuple *owner;
+	struct xdp_lb_reply *owner;
 
 	copy_addr(rev.src, backend->endpoint.addr);
 	copy_addr(rev.dst, backend->lb_addr);
@@ -409,13 +426,13 @@ static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const str
 		if (i && c)
 			c->port_retries++;
 		rev.dport = bpf_htons((__u16)(port_lo + (hash + i * 7919) % span));
-		if (bpf_map_update_elem(&xdp_lb_reverse, &rev, key, BPF_NOEXIST) == 0) {
+		if (bpf_map_update_elem(&xdp_lb_reverse, &rev, reply, BPF_NOEXIST) == 0) {
 			*port = rev.dport;
 			return true;
 		}
 		owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
 		if (owner && port_reusable(&rev, owner, key, now) &&
-		    bpf_map_update_elem(&xdp_lb_reverse, &rev, key, BPF_ANY) == 0) {
+		    bpf_map_update_elem(&xdp_lb_reverse, &rev, reply, BPF_ANY) == 0) {
 			*port = rev.dport;
 			return true;
 		}
@@ -423,20 +440,39 @@ static __always_inline bool claim_port(const struct xdp_lb_tuple *key, const str
 	return false;
 }
 
+/* The reverse table's key of the flow `key` -> `flow`: backend -> this node:lb_port. */
+static __always_inline void reverse_key(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
+					const struct xdp_lb_flow *flow)
+{
+	__builtin_memset(rev, 0, sizeof(*rev));
+	copy_addr(rev->src, flow->backend.addr);
+	copy_addr(rev->dst, flow->lb_addr);
+	rev->sport = flow->backend.port;
+	rev->dport = flow->lb_port;
+	rev->proto = key->proto;
+	rev->family = key->family;
+}
+
+/* The reply entry of the flow `key` -> `flow`, or NULL. */
+static __always_inline struct xdp_lb_reply *reply_of(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+{
+	struct xdp_lb_tuple rev;
+	struct xdp_lb_reply *reply;
+
+	reverse_key(&rev, key, flow);
+	reply = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	return reply && tuple_equal(&reply->client, key) ? reply : NULL;
+}
+
 /* Drops the reverse entry of a flow that moves to another backend or port. */
 static __always_inline void release_port(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
 {
-	struct xdp_lb_tuple rev = {};
-	struct xdp_lb_tuple *owner;
+	struct xdp_lb_tuple rev;
+	struct xdp_lb_reply *owner;
 
-	copy_addr(rev.src, flow->backend.addr);
-	copy_addr(rev.dst, flow->lb_addr);
-	rev.sport = flow->backend.port;
-	rev.dport = flow->lb_port;
-	rev.proto = key->proto;
-	rev.family = key->family;
+	reverse_key(&rev, key, flow);
 	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
-	if (owner && tuple_equal(owner, key))
+	if (owner && tuple_equal(&owner->client, key))
 		bpf_map_delete_elem(&xdp_lb_reverse, &rev);
 }
 
@@ -589,14 +625,16 @@ static __always_inline void evict(const struct xdp_lb_tuple *key, const struct x
 /* A slot of the flow clock for a new flow, from a few random ones: a free one at once, else
  * one whose flow finished or went idle, else the one of the oldest half-open flow seen
  * (evicted); never one of a live established flow. False: the table is (nearly) full of established flows. */
-static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
+static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev, __u32 *slot)
 {
 	__u32 size = clock_size ? clock_size : 1;
 	__u32 fallback = ~0U;
 	__u64 oldest = 0;
 	struct xdp_lb_tuple *occupant;
 	struct xdp_lb_tuple victim;
+	struct xdp_lb_reply *reply;
 	struct xdp_lb_flow *flow;
+	__u64 last_seen;
 
 	for (int i = 0; i < XDP_LB_CLOCK_TRIES; i++) {
 		__u32 at = bpf_get_prandom_u32() % size;
@@ -609,7 +647,15 @@ static __always_inline bool take_clock_slot(__u64 now, __u32 *slot)
 			*slot = at;
 			return true;
 		}
-		if (flow_idle(flow, occupant->proto, now)) {
+		/* the backend's side too: a stream of replies keeps a flow */
+		last_seen = flow->last_seen;
+		if (flow->state & XDP_LB_REPLIED) {
+			reverse_key(rev, occupant, flow);
+			reply = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
+			if (reply && tuple_equal(&reply->client, occupant))
+				last_seen = later(last_seen, reply->last_seen);
+		}
+		if (flow_idle(flow, last_seen, occupant->proto, now)) {
 			victim = *occupant;
 			evict(&victim, flow);
 			*slot = at;
@@ -719,6 +765,7 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	struct xdp_lb_backend *backend;
 	struct xdp_lb_tuple *clock_entry;
 	struct xdp_lb_stats *stats;
+	struct flow_scratch *scratch;
 	struct xdp_lb_flow *flow;
 	__u32 hash = flow_hash(key);
 	__u32 slot, clock_slot;
@@ -737,15 +784,16 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
 	if (!backend)
 		return NULL;
-	flow = bpf_map_lookup_elem(&xdp_lb_new_flow, &zero);
-	if (!flow)
+	scratch = bpf_map_lookup_elem(&xdp_lb_new_flow, &zero);
+	if (!scratch)
 		return NULL; /* never: a per-CPU array's only entry */
+	flow = &scratch->flow;
 	__builtin_memset(flow, 0, sizeof(*flow));
 	if (old) {
 		previous = old->backend;
 		clock_slot = old->clock_slot;
 		release_port(key, old);
-	} else if (!take_clock_slot(now, &clock_slot)) {
+	} else if (!take_clock_slot(now, &scratch->rev, &clock_slot)) {
 		if (c)
 			c->table_full++;
 		return NULL;
@@ -756,7 +804,12 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	flow->slot = slot;
 	flow->clock_slot = clock_slot;
 	__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
-	if (!claim_port(key, backend, hash, now, &flow->lb_port)) {
+	__builtin_memset(&scratch->reply, 0, sizeof(scratch->reply));
+	scratch->reply.client = *key;
+	scratch->reply.last_seen = now;
+	scratch->reply.slot = slot;
+	__builtin_memcpy(scratch->reply.client_mac, client_mac, ETH_ALEN);
+	if (!claim_port(&scratch->reply, backend, hash, now, &flow->lb_port)) {
 		if (c)
 			c->no_port++;
 		if (old)
@@ -859,8 +912,10 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	__u64 now = now_ns(compat);
 	struct ethhdr *eth = data;
 	struct rewrite to = {};
+	struct xdp_lb_reply *reply;
 	__u8 client_mac[ETH_ALEN];
 	__u8 backend_mac[ETH_ALEN];
+	__u32 slot;
 
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
@@ -868,9 +923,16 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	if (range) {
 		backend = NULL;
 		if (flow) {
+			slot = flow->slot;
 			backend = current_backend(range, flow, compat);
-			if (!backend)
+			if (!backend) {
 				flow = open_flow(key, range, flow, client_mac, now);
+			} else if (flow->slot != slot) {
+				/* the list was rewritten under the flow: its replies count here too */
+				reply = reply_of(key, flow);
+				if (reply)
+					reply->slot = flow->slot;
+			}
 		} else if (range->weight) {
 			flow = open_flow(key, range, NULL, client_mac, now);
 		}
@@ -885,9 +947,14 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 			flow->epoch = epoch;
 	}
 	if (pkt->proto == IPPROTO_TCP) {
-		/* a new connection on the port of a closed one starts clean */
-		if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN)
+		/* a new connection on the port of a closed one starts clean, its reply entry too
+		 * (which tells the next reply to say REPLIED again) */
+		if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && flow->state) {
 			flow->state = 0;
+			reply = reply_of(key, flow);
+			if (reply)
+				reply->state = 0;
+		}
 		track_tcp(flow, pkt->tcp_flags, true);
 	}
 	/* the client answered the backend (the handshake's ACK, a second datagram): a spoofed
@@ -899,8 +966,12 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	if (flow->last_seen != now)
 		flow->last_seen = now;
 	if (*(__u32 *)flow->client_mac != *(__u32 *)client_mac ||
-	    *(__u16 *)&flow->client_mac[4] != *(__u16 *)&client_mac[4])
+	    *(__u16 *)&flow->client_mac[4] != *(__u16 *)&client_mac[4]) {
 		__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
+		reply = reply_of(key, flow);
+		if (reply)
+			__builtin_memcpy(reply->client_mac, client_mac, ETH_ALEN);
+	}
 	__builtin_memcpy(backend_mac, backend->mac, ETH_ALEN);
 	copy_addr(to.src, flow->lb_addr);
 	copy_addr(to.dst, flow->backend.addr);
@@ -916,52 +987,64 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 
 #define NOT_A_REPLY -1
 
-/* Backend -> this node: a reply of one of our flows goes back to its client. `rev`: the
- * packet's tuple (backend -> this node:lb_port). NOT_A_REPLY when no flow of ours owns it. */
+/* Backend -> this node: a reply of one of our flows goes back to its client, by its reply
+ * entry alone. `rev`: the packet's tuple (backend -> this node:lb_port). NOT_A_REPLY when no
+ * flow of ours owns it. */
 static __always_inline int to_client(struct xdp_md *ctx, const struct l4_packet *pkt,
 				      const struct xdp_lb_tuple *rev, const bool compat)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
 	__u64 len = data_end - data;
-	struct xdp_lb_tuple key, *owner;
 	struct xdp_lb_backend *backend;
 	struct xdp_lb_counters *c;
+	struct xdp_lb_reply *reply;
 	struct xdp_lb_flow *flow;
 	__u64 now;
 	struct rewrite to = {};
 	__u8 client_mac[ETH_ALEN];
 
-	owner = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
-	if (!owner)
+	reply = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
+	if (!reply)
 		return NOT_A_REPLY;
-	key = *owner;
-	flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
-	if (!flow || !flow_owns(flow, rev)) {
-		c = counters();
-		if (c)
-			c->stale_replies++;
-		return NOT_A_REPLY;
-	}
-	if (!(flow->state & XDP_LB_REPLIED))
+	/* what the flow's state needs of this side, from the few packets that change it: the
+	 * backend's first answer (then the client's next packet establishes the flow), a FIN,
+	 * an RST. The flow table is looked at for those only. */
+	if (!(reply->state & XDP_LB_REPLIED) ||
+	    (pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (TCP_FLAG_FIN | TCP_FLAG_RST)))) {
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &reply->client);
+		if (!flow || !flow_owns(flow, rev)) {
+			c = counters();
+			if (c)
+				c->stale_replies++;
+			return NOT_A_REPLY;
+		}
 		flow->state |= XDP_LB_REPLIED;
-	if (pkt->proto == IPPROTO_TCP)
-		track_tcp(flow, pkt->tcp_flags, false);
+		if (pkt->proto == IPPROTO_TCP)
+			track_tcp(flow, pkt->tcp_flags, false);
+		reply->state |= XDP_LB_REPLIED;
+	}
 	now = now_ns(compat);
-	if (flow->last_seen != now)
-		flow->last_seen = now;
-	__builtin_memcpy(client_mac, flow->client_mac, ETH_ALEN);
-	copy_addr(to.src, key.dst);
-	copy_addr(to.dst, key.src);
-	to.sport = key.dport;
-	to.dport = key.sport;
-	backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
-	if (backend && endpoint_equal(&backend->endpoint, &flow->backend))
-		count(flow->slot, false, len);
+	if (reply->last_seen != now)
+		reply->last_seen = now;
+	__builtin_memcpy(client_mac, reply->client_mac, ETH_ALEN);
+	copy_addr(to.src, reply->client.dst);
+	copy_addr(to.dst, reply->client.src);
+	to.sport = reply->client.dport;
+	to.dport = reply->client.sport;
+	/* still the backend of that slot (a rewritten list may have moved it) */
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &reply->slot);
+	if (backend && backend->endpoint.port == rev->sport && backend->endpoint.addr[0] == rev->src[0] &&
+	    backend->endpoint.addr[1] == rev->src[1] && backend->endpoint.addr[2] == rev->src[2] &&
+	    backend->endpoint.addr[3] == rev->src[3])
+		count(reply->slot, false, len);
 	else if ((c = counters()))
 		c->unattributed++;
-	if (events_level >= XDP_LB_EVENTS_TRACE)
-		emit(XDP_LB_EVENT_TRACE_OUT, &key, flow, NULL, len);
+	if (events_level >= XDP_LB_EVENTS_TRACE) {
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &reply->client);
+		if (flow)
+			emit(XDP_LB_EVENT_TRACE_OUT, &reply->client, flow, NULL, len);
+	}
 	if (!rewrite_packet(ctx, pkt, &to, client_mac))
 		return XDP_PASS;
 	return XDP_TX;
@@ -979,7 +1062,8 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 	struct icmp_error_rewrite to = {};
 	struct xdp_lb_backend *backend;
-	struct xdp_lb_tuple rev, key, *owner;
+	struct xdp_lb_tuple rev, key;
+	struct xdp_lb_reply *owner;
 	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
 	struct icmp_error err;
@@ -999,7 +1083,7 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	rev.family = err.family;
 	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
 	if (owner) {
-		key = *owner;
+		key = owner->client;
 		flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
 		if (!flow || !flow_owns(flow, &rev))
 			return XDP_PASS;

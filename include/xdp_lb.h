@@ -51,6 +51,17 @@ struct xdp_lb_tuple {
 	__u16 pad;
 };
 
+/* The reverse table's value: what a backend's reply needs to reach its client without a
+ * look at the flow table. Written with its flow, removed with it. */
+struct xdp_lb_reply {
+	struct xdp_lb_tuple client; /* the flow's key, client -> VIP; first: readers see a tuple */
+	__u64 last_seen;	    /* ns of the backend's latest packet (the flow's: the client's) */
+	__u32 slot;		    /* the flow's backend slot, for its counters */
+	__u8 client_mac[6];	    /* the flow's */
+	__u8 state;		    /* XDP_LB_REPLIED once the flow knows the backend answered */
+	__u8 pad;
+};
+
 struct xdp_lb_backend {
 	struct service_endpoint endpoint; /* first: service.h readers see an endpoint */
 	__u32 lb_addr[4];		  /* this node's address towards the backend */
@@ -71,14 +82,14 @@ struct xdp_lb_backend {
 struct xdp_lb_flow {
 	struct service_endpoint backend;
 	__u32 lb_addr[4];
-	__u64 last_seen; /* ns (bpf_ktime_get_ns) of its latest packet, either way */
+	__u64 last_seen; /* ns of the client's latest packet (the backend's: in its xdp_lb_reply) */
 	__u32 slot;	 /* backend slot for counters; checked against the backend each packet */
 	__be16 lb_port;
 	__u8 client_mac[6]; /* where replies go: the client or the router it came through */
 	__u8 state;
 	__u8 pad[3];
 	__u32 clock_slot; /* its slot in the flow clock, which names it back */
-	/* xdp_lb_epoch's value when its service and backend were last checked: while it is
+	/* services_epoch's value when its service and backend were last checked: while it is
 	 * still the one, a packet skips the service lookup (0, of older runs: never checked) */
 	__u32 epoch;
 };

@@ -872,12 +872,15 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
 /// moved.
 #[test]
 fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
-    use ebpf_net::kernel::skel::xdp_lb::types::xdp_lb_tuple;
+    use ebpf_net::kernel::maps::from_bytes;
+    use ebpf_net::kernel::skel::xdp_lb::types::{xdp_lb_flow, xdp_lb_reply, xdp_lb_tuple};
     use etherparse::PacketBuilder;
     use libbpf_rs::{MapCore, MapFlags};
 
     const LB_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x10];
     const CLIENT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
+    const OTHER_ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
+    const BACKEND_MAC: [u8; 6] = [2, 0, 0, 0, 0xbb, 1];
     let sequences = (packets_per_program() / 20).max(500);
     let netns = Netns::new("fuzz-state");
     let (frames, checks, peak, failures) = netns.enter(|| {
@@ -894,7 +897,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
                     b,
                     Backend {
                         lb_addr: "10.1.0.1".parse().unwrap(),
-                        mac: [2, 0, 0, 0, 0xbb, 1],
+                        mac: BACKEND_MAC,
                     },
                 )
             })
@@ -910,11 +913,11 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
         let skel = xdp_lb::load_with_services(&mut object, &options, &services, &backends).unwrap();
         let prog = xdp_lb::program(&skel);
         let vip = sock("10.96.0.10:80");
-        let tcp = |src: SocketAddr, dst: SocketAddr, flags: &str, payload: &[u8]| -> Vec<u8> {
+        let tcp = |src_mac: [u8; 6], src: SocketAddr, dst: SocketAddr, flags: &str, payload: &[u8]| -> Vec<u8> {
             let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
                 unreachable!()
             };
-            let mut b = PacketBuilder::ethernet2(CLIENT_MAC, LB_MAC)
+            let mut b = PacketBuilder::ethernet2(src_mac, LB_MAC)
                 .ipv4(s.octets(), d.octets(), 64)
                 .tcp(src.port(), dst.port(), 1000, 64240);
             for flag in flags.chars() {
@@ -940,8 +943,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             .unwrap()
             .return_value as i32
         };
-        let decode =
-            |bytes: &[u8]| -> xdp_lb_tuple { ebpf_net::kernel::maps::from_bytes("tuple", bytes).unwrap() };
+        let decode = |bytes: &[u8]| -> xdp_lb_tuple { from_bytes("tuple", bytes).unwrap() };
         let mut rng = Rng(seed() ^ 0x57a7e);
         // per client: 0 nothing, 1 SYN sent, 2 answered, 3 established, 4 closed
         let clients: Vec<SocketAddr> = (0..150u32)
@@ -962,8 +964,11 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
             let flow = flows.iter().find(|f| f.client == client).cloned();
             let from_backend = |f: &xdp_lb::Flow, flags: &str, data: &[u8]| {
-                tcp(f.backend, SocketAddr::new(f.lb_addr, f.lb_port), flags, data)
+                tcp(BACKEND_MAC, f.backend, SocketAddr::new(f.lb_addr, f.lb_port), flags, data)
             };
+            // one client frame in eight from another router: the flow's way back follows
+            let mac = if rng.below(8) == 0 { OTHER_ROUTER_MAC } else { CLIENT_MAC };
+            let tcp = |src: SocketAddr, dst: SocketAddr, flags: &str, payload: &[u8]| tcp(mac, src, dst, flags, payload);
             let frame = match (stage[i], &flow, rng.below(10)) {
                 // a SYN, or (one in ten) a SYN that will never be answered: a spoofed one
                 (0 | 4, _, _) | (_, None, _) => {
@@ -1011,22 +1016,36 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             }
             // invariants
             let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            // client -> the flow's backend slot
+            let mut slots = HashMap::new();
+            for key in skel.maps.xdp_lb_flows.keys() {
+                let Some(value) = skel.maps.xdp_lb_flows.lookup(&key, MapFlags::ANY).unwrap() else {
+                    continue;
+                };
+                let (k, v): (xdp_lb_tuple, xdp_lb_flow) = (decode(&key), from_bytes("flow", &value).unwrap());
+                let client = SocketAddr::new(
+                    ebpf_net::kernel::addr::ip_from_words(k.family, k.src),
+                    u16::from_be(k.sport),
+                );
+                slots.insert(client, v.slot);
+            }
+            // (backend, port) -> what a reply of that flow is rewritten with
             let mut reverse = HashMap::new();
             for key in skel.maps.xdp_lb_reverse.keys() {
                 let Some(value) = skel.maps.xdp_lb_reverse.lookup(&key, MapFlags::ANY).unwrap() else {
                     continue;
                 };
-                let (k, v) = (decode(&key), decode(&value));
+                let (k, v): (xdp_lb_tuple, xdp_lb_reply) = (decode(&key), from_bytes("reply", &value).unwrap());
                 let backend = SocketAddr::new(
                     ebpf_net::kernel::addr::ip_from_words(k.family, k.src),
                     u16::from_be(k.sport),
                 );
                 let port = u16::from_be(k.dport);
                 let client = SocketAddr::new(
-                    ebpf_net::kernel::addr::ip_from_words(v.family, v.src),
-                    u16::from_be(v.sport),
+                    ebpf_net::kernel::addr::ip_from_words(v.client.family, v.client.src),
+                    u16::from_be(v.client.sport),
                 );
-                reverse.insert((backend, port), client);
+                reverse.insert((backend, port), (client, v.client_mac, v.slot));
             }
             checks += 1;
             if reverse.len() != flows.len() {
@@ -1039,11 +1058,21 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             let mut owners = HashMap::new();
             for f in &flows {
                 checks += 2;
-                if reverse.get(&(f.backend, f.lb_port)) != Some(&f.client) {
-                    failures.push(format!(
-                        "frame {frames}: flow of {} has no reverse entry",
+                match reverse.get(&(f.backend, f.lb_port)) {
+                    Some((client, _, _)) if *client != f.client => failures.push(format!(
+                        "frame {frames}: flow of {}: its reverse entry names {client}",
                         f.client
-                    ));
+                    )),
+                    Some((_, mac, slot)) if (*mac, Some(slot)) != (f.client_mac, slots.get(&f.client)) => {
+                        failures.push(format!(
+                            "frame {frames}: flow of {}: its reverse entry has MAC {mac:02x?} and slot {slot}, the flow {:02x?} and {:?}",
+                            f.client,
+                            f.client_mac,
+                            slots.get(&f.client)
+                        ))
+                    }
+                    Some(_) => {}
+                    None => failures.push(format!("frame {frames}: flow of {} has no reverse entry", f.client)),
                 }
                 if let Some(other) = owners.insert((f.backend, f.lb_port), f.client) {
                     failures.push(format!(
@@ -1054,7 +1083,8 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             }
             for (client, was) in &established {
                 checks += 1;
-                if flows.iter().find(|f| f.client == *client) != Some(was) {
+                let way = |f: &xdp_lb::Flow| (f.backend, f.lb_addr, f.lb_port);
+                if flows.iter().find(|f| f.client == *client).map(way) != Some(way(was)) {
                     failures.push(format!(
                         "frame {frames}: established flow of {client} lost or moved"
                     ));

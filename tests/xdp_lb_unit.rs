@@ -10,9 +10,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use common::packets::*;
 use common::topology::Netns;
-use ebpf_net::control::service::{parse_services, Service};
+use ebpf_net::control::service::{self, parse_services, Service};
 use ebpf_net::datapath::xdp_lb::{self, Backend, Flow, Options};
-use ebpf_net::kernel::skel::xdp_lb::types::xdp_lb_counters;
+use ebpf_net::kernel::skel::xdp_lb::types::{xdp_lb_counters, xdp_lb_stats};
 use libbpf_rs::{ProgramInput, ProgramMut};
 
 const XDP_DROP: i32 = 1;
@@ -481,6 +481,22 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
             (50..=150).contains(&moved),
             "{moved} of 300 flows were on the removed backend"
         );
+        // the replies of every flow, moved or kept in a list written to new slots, count
+        // for their backend in the service's list of now
+        let replies_counted = || -> u64 {
+            let report = service::service_report::<xdp_lb_stats>(&tables.services).unwrap();
+            report[0].totals().packets_out
+        };
+        let before_replies = replies_counted();
+        for flow in &after {
+            let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
+            let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
+            assert_eq!(run(prog, &reply).0, XDP_TX, "reply of {flow:?}");
+        }
+        assert_eq!(replies_counted() - before_replies, after.len() as u64);
+        let counters: xdp_lb_counters =
+            ebpf_net::kernel::maps::sum_percpu_counters(&skel.maps.xdp_lb_counters, 0).unwrap();
+        assert_eq!(counters.unattributed, 0, "replies counted for no backend");
     });
 }
 
@@ -577,7 +593,9 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         assert!(counters(&skel).table_full > 0);
 
         // flood detector at 50 new flows a second: the rest are dropped at first, and a
-        // client sending its SYN again 0.3 s later gets its flow
+        // client sending its SYN again 0.3 s later gets its flow. On one CPU: each has its own
+        // window, and a thread moved midway would find 50 more admitted on the next.
+        common::pin_this_thread(0);
         let mut object = MaybeUninit::uninit();
         let options = Options {
             flood_rate: 50,

@@ -26,7 +26,8 @@ use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::xdp_lb::types::{
-    service_endpoint, xdp_lb_backend, xdp_lb_counters, xdp_lb_event, xdp_lb_flow, xdp_lb_stats, xdp_lb_tuple,
+    service_endpoint, xdp_lb_backend, xdp_lb_counters, xdp_lb_event, xdp_lb_flow, xdp_lb_reply, xdp_lb_stats,
+    xdp_lb_tuple,
 };
 use crate::kernel::skel::xdp_lb::{XdpLbSkel, XdpLbSkelBuilder};
 
@@ -103,10 +104,11 @@ const PIN_FLOWS: MapPin = MapPin {
         setting: "--max-flows",
     },
 };
+// v3: values carry what a reply needs (struct xdp_lb_reply)
 const PIN_REVERSE: MapPin = MapPin {
     map: "xdp_lb_reverse",
     name: "reverse",
-    version: 2,
+    version: 3,
     on_change: OnChange::Copy {
         setting: "--max-flows",
     },
@@ -142,6 +144,7 @@ unsafe impl plain::Plain for xdp_lb_backend {}
 unsafe impl plain::Plain for xdp_lb_event {}
 unsafe impl plain::Plain for xdp_lb_flow {}
 unsafe impl plain::Plain for xdp_lb_tuple {}
+unsafe impl plain::Plain for xdp_lb_reply {}
 
 crate::endpoint_conversions!(service_endpoint);
 

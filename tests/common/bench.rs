@@ -26,12 +26,7 @@ pub struct Sample {
 /// 0), as load generators do, so TIME_WAIT does not run out of ports.
 pub fn connect_rate(client: &Netns, target: SocketAddr, secs: f64) -> Sample {
     client.enter(|| {
-        // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        }
+        super::pin_this_thread(0);
         let domain = if target.is_ipv4() {
             Domain::IPV4
         } else {
