@@ -148,8 +148,8 @@ const PROGRAMS: [&str; 7] = [
 fn stats_delta(
     before: &BTreeMap<u32, (String, u64, u64)>,
     after: &BTreeMap<u32, (String, u64, u64)>,
-) -> BTreeMap<String, (u64, u64)> {
-    let mut gained: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+) -> RunStats {
+    let mut gained = RunStats::new();
     for (id, (name, ns, cnt)) in after {
         if !PROGRAMS.contains(&name.as_str()) {
             continue;
@@ -438,13 +438,16 @@ pub fn run(report: &mut Report, settings: &Settings) {
     write_report(report, &section);
 }
 
+/// program -> (run_time_ns, run_cnt) gained in one run
+type RunStats = BTreeMap<String, (u64, u64)>;
+
 struct Measured {
     frames: u32,
     cpu: usize,
     mpps: BTreeMap<Path, Vec<f64>>,
     delivered: BTreeMap<Path, Vec<f64>>,
-    /// per path, per round: program -> (run_time_ns, run_cnt)
-    stats: BTreeMap<Path, Vec<BTreeMap<String, (u64, u64)>>>,
+    /// per path, per round
+    stats: BTreeMap<Path, Vec<RunStats>>,
 }
 
 fn measure_all(settings: &Settings) -> Measured {
