@@ -640,8 +640,31 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
     assert_eq!(entry["details"]["max_flows"], 2048, "{entry}");
     assert!(entry["details"]["flows"].as_u64().unwrap() >= 1, "{entry}");
 
-    // someone else's map where the flow table's pin was: one line, nothing changed
     let dir = entry["path"].as_str().unwrap().to_string();
+    // the reverse table pinned by an earlier version (v2: its values were the client tuple
+    // alone): one line that says so and names `down`, nothing changed
+    std::fs::rename(format!("{dir}/reverse_v3"), format!("{dir}/reverse_v2")).unwrap();
+    let older = persist("2048");
+    let stderr = String::from_utf8_lossy(&older.stderr);
+    assert!(
+        !older.status.success(),
+        "an older reverse table was taken: {stderr}"
+    );
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("reverse_v2")
+            && stderr.contains("earlier version")
+            && stderr.contains("ebpf-net down xdp-lb -i eth0"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("--max-flows"),
+        "no setting brings an old layout back: {stderr}"
+    );
+    echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
+    std::fs::rename(format!("{dir}/reverse_v2"), format!("{dir}/reverse_v3")).unwrap();
+
+    // someone else's map where the flow table's pin was: one line, nothing changed
     std::fs::remove_file(format!("{dir}/flows_v2")).unwrap();
     let made = Command::new("bpftool")
         .args(["map", "create", &format!("{dir}/flows_v2"), "type", "hash"])

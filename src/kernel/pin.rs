@@ -506,6 +506,11 @@ impl PinSet {
             let why = match spec.on_change {
                 OnChange::Rebuild => format!("{what}: rebuilt from the desired state"),
                 OnChange::Copy { .. } if layout_same => format!("{what}: entries copied over"),
+                // an upgrade's new layout: no setting brings the old one back
+                OnChange::Copy { .. } if stale.is_some() => bail!(
+                    "{subcommand}: the {what}, the layout of an earlier version; run `ebpf-net down {subcommand} {}` and start afresh (its entries are dropped)",
+                    self.dir.down_args()
+                ),
                 OnChange::Copy { setting } => bail!(
                     "{subcommand}: the {what}; keep {setting} as it was, or run `ebpf-net down {subcommand} {}` and start afresh (its entries are dropped)",
                     self.dir.down_args()
