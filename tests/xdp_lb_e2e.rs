@@ -641,30 +641,27 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
     assert!(entry["details"]["flows"].as_u64().unwrap() >= 1, "{entry}");
 
     let dir = entry["path"].as_str().unwrap().to_string();
+    // a re-run refused: one line naming what and the way out, and the old state still serving
+    let refused = |what: &str, names: &[&str]| -> String {
+        let out = persist("2048");
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{what} was taken: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        for name in names.iter().chain(&["ebpf-net down xdp-lb -i eth0"]) {
+            assert!(stderr.contains(name), "{what}: no {name:?} in {stderr}");
+        }
+        assert!(!stderr.contains("libbpf"), "{stderr}");
+        echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
+        stderr
+    };
     // the reverse table pinned by an earlier version (v2: its values were the client tuple
-    // alone): one line that says so and names `down`, nothing changed
+    // alone): said so, and no setting offered that could bring it back
     std::fs::rename(format!("{dir}/reverse_v3"), format!("{dir}/reverse_v2")).unwrap();
-    let older = persist("2048");
-    let stderr = String::from_utf8_lossy(&older.stderr);
-    assert!(
-        !older.status.success(),
-        "an older reverse table was taken: {stderr}"
-    );
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("reverse_v2")
-            && stderr.contains("earlier version")
-            && stderr.contains("ebpf-net down xdp-lb -i eth0"),
-        "{stderr}"
-    );
-    assert!(
-        !stderr.contains("--max-flows"),
-        "no setting brings an old layout back: {stderr}"
-    );
-    echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
+    let said = refused("an older reverse table", &["reverse_v2", "earlier version"]);
+    assert!(!said.contains("--max-flows"), "{said}");
     std::fs::rename(format!("{dir}/reverse_v2"), format!("{dir}/reverse_v3")).unwrap();
 
-    // someone else's map where the flow table's pin was: one line, nothing changed
+    // someone else's map where the flow table's pin was
     std::fs::remove_file(format!("{dir}/flows_v2")).unwrap();
     let made = Command::new("bpftool")
         .args(["map", "create", &format!("{dir}/flows_v2"), "type", "hash"])
@@ -672,19 +669,7 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let third = persist("2048");
-    let stderr = String::from_utf8_lossy(&third.stderr);
-    assert!(
-        !third.status.success(),
-        "a foreign flow table was taken: {stderr}"
-    );
-    assert_eq!(stderr.lines().count(), 1, "{stderr}");
-    assert!(
-        stderr.contains("flows_v2") && stderr.contains("ebpf-net down xdp-lb -i eth0"),
-        "{stderr}"
-    );
-    assert!(!stderr.contains("libbpf"), "{stderr}");
-    echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
+    refused("a foreign flow table", &["flows_v2"]);
     let down = lab.ebpf_net(&["down", "xdp-lb"]);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(!lab.xdp_attached());
