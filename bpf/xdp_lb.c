@@ -647,9 +647,11 @@ static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev,
 			*slot = at;
 			return true;
 		}
-		/* the backend's side too: a stream of replies keeps a flow */
+		/* an established flow's backend side too: a stream of replies keeps it. Not a
+		 * half-open one's (a flood's SYNs, answered): the lookup would slow every new flow
+		 * under flood, and a backend resending its SYN-ACK keeps nothing alive */
 		last_seen = flow->last_seen;
-		if (flow->state & XDP_LB_REPLIED) {
+		if (flow->state & XDP_LB_ESTABLISHED) {
 			reverse_key(rev, occupant, flow);
 			reply = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
 			if (reply && tuple_equal(&reply->client, occupant))
