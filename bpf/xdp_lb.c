@@ -453,14 +453,15 @@ static __always_inline void reverse_key(struct xdp_lb_tuple *rev, const struct x
 	rev->family = key->family;
 }
 
-/* The reply entry of the flow `key` -> `flow`, or NULL. */
-static __always_inline struct xdp_lb_reply *reply_of(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+/* The reply entry of the flow `key` -> `flow`, or NULL; `rev` holds its key (a caller short
+ * of stack passes scratch memory). */
+static __always_inline struct xdp_lb_reply *reply_of(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
+						     const struct xdp_lb_flow *flow)
 {
-	struct xdp_lb_tuple rev;
 	struct xdp_lb_reply *reply;
 
-	reverse_key(&rev, key, flow);
-	reply = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	reverse_key(rev, key, flow);
+	reply = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
 	return reply && tuple_equal(&reply->client, key) ? reply : NULL;
 }
 
@@ -652,9 +653,8 @@ static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev,
 		 * under flood, and a backend resending its SYN-ACK keeps nothing alive */
 		last_seen = flow->last_seen;
 		if (flow->state & XDP_LB_ESTABLISHED) {
-			reverse_key(rev, occupant, flow);
-			reply = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
-			if (reply && tuple_equal(&reply->client, occupant))
+			reply = reply_of(rev, occupant, flow);
+			if (reply)
 				last_seen = later(last_seen, reply->last_seen);
 		}
 		if (flow_idle(flow, last_seen, occupant->proto, now)) {
@@ -915,6 +915,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	struct ethhdr *eth = data;
 	struct rewrite to = {};
 	struct xdp_lb_reply *reply;
+	struct xdp_lb_tuple rev;
 	__u8 client_mac[ETH_ALEN];
 	__u8 backend_mac[ETH_ALEN];
 	__u32 slot;
@@ -931,7 +932,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 				flow = open_flow(key, range, flow, client_mac, now);
 			} else if (flow->slot != slot) {
 				/* the list was rewritten under the flow: its replies count here too */
-				reply = reply_of(key, flow);
+				reply = reply_of(&rev, key, flow);
 				if (reply)
 					reply->slot = flow->slot;
 			}
@@ -953,7 +954,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 		 * (which tells the next reply to say REPLIED again) */
 		if ((pkt->tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN && flow->state) {
 			flow->state = 0;
-			reply = reply_of(key, flow);
+			reply = reply_of(&rev, key, flow);
 			if (reply)
 				reply->state = 0;
 		}
@@ -970,7 +971,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 	if (*(__u32 *)flow->client_mac != *(__u32 *)client_mac ||
 	    *(__u16 *)&flow->client_mac[4] != *(__u16 *)&client_mac[4]) {
 		__builtin_memcpy(flow->client_mac, client_mac, ETH_ALEN);
-		reply = reply_of(key, flow);
+		reply = reply_of(&rev, key, flow);
 		if (reply)
 			__builtin_memcpy(reply->client_mac, client_mac, ETH_ALEN);
 	}
