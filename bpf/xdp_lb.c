@@ -155,19 +155,19 @@ struct {
 } xdp_lb_affinity_scratch SEC(".maps");
 
 /* open_flow()'s new flow and its reply entry, built here before they go into their
- * tables, and a reverse key for take_clock_slot() */
+ * tables, and the keys new_flow_clock_slot() and new_flow_port() work with (they have
+ * almost no stack) */
 struct flow_scratch {
 	struct xdp_lb_flow flow;
 	struct xdp_lb_reply reply;
 	struct xdp_lb_tuple rev;
+	struct xdp_lb_tuple victim;
 };
 
-/* open_flow()'s working state (struct flow_scratch), per CPU. On the stack
- * it made the balancing path's frame 488 bytes; older kernels (6.1, 5.10) round a frame up to
- * 32 bytes in the combined-stack check (6.18 to 16 when JITed), so 512 + a subprogram's 32
- * (affinity_pick, refuse) and they refused the program: "combined stack size of 2 calls is
- * 544. Too large". Now 480 + 32: the balancing path has no byte of stack left to grow into
- * (llvm-objdump -d: the deepest r10 offset of xdp_lb / xdp_lb_compat must stay <= 480). */
+/* open_flow()'s working state (struct flow_scratch), per CPU. On the stack it made the
+ * balancing path's frame too big for older kernels (6.1, 5.10), which add up the frames of a
+ * call chain, each rounded up to 32 bytes, against 512 ("combined stack size of 2 calls is
+ * 544. Too large"); scripts/check-stack checks every chain as they do. */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -404,36 +404,37 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 	return true;
 }
 
-/* Claims a source port towards the backend for the flow of `reply` (its key, slot and
- * client MAC filled in): a reverse-table entry of its own. Tries a few ports from the flow's
- * hash on. */
-static __always_inline bool claim_port(const struct xdp_lb_reply *reply, const struct xdp_lb_backend *backend,
-				       __u32 hash, __u64 now, __be16 *port)
+/* Claims a source port towards the backend for the flow of `s->reply` (its key, slot and
+ * client MAC filled in): a reverse-table entry of its own, its key built in `s->rev`. Tries
+ * a few ports from the flow's hash on. */
+static __always_inline bool claim_port(struct flow_scratch *s, const struct xdp_lb_backend *backend,
+				       __u32 hash, __u64 now)
 {
-	const struct xdp_lb_tuple *key = &reply->client;
+	const struct xdp_lb_tuple *key = &s->reply.client;
+	struct xdp_lb_tuple *rev = &s->rev;
 	struct xdp_lb_counters *c = counters();
-	struct xdp_lb_tuple rev = {};
 	struct xdp_lb_reply *owner;
 
-	copy_addr(rev.src, backend->endpoint.addr);
-	copy_addr(rev.dst, backend->lb_addr);
-	rev.sport = backend->endpoint.port;
-	rev.proto = key->proto;
-	rev.family = key->family;
+	__builtin_memset(rev, 0, sizeof(*rev));
+	copy_addr(rev->src, backend->endpoint.addr);
+	copy_addr(rev->dst, backend->lb_addr);
+	rev->sport = backend->endpoint.port;
+	rev->proto = key->proto;
+	rev->family = key->family;
 	for (__u32 i = 0; i < XDP_LB_PORT_PROBES; i++) {
 		__u32 span = port_span ? port_span : 1;
 
 		if (i && c)
 			c->port_retries++;
-		rev.dport = bpf_htons((__u16)(port_lo + (hash + i * 7919) % span));
-		if (bpf_map_update_elem(&xdp_lb_reverse, &rev, reply, BPF_NOEXIST) == 0) {
-			*port = rev.dport;
+		rev->dport = bpf_htons((__u16)(port_lo + (hash + i * 7919) % span));
+		if (bpf_map_update_elem(&xdp_lb_reverse, rev, &s->reply, BPF_NOEXIST) == 0) {
+			s->flow.lb_port = rev->dport;
 			return true;
 		}
-		owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
-		if (owner && port_reusable(&rev, owner, key, now) &&
-		    bpf_map_update_elem(&xdp_lb_reverse, &rev, reply, BPF_ANY) == 0) {
-			*port = rev.dport;
+		owner = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
+		if (owner && port_reusable(rev, owner, key, now) &&
+		    bpf_map_update_elem(&xdp_lb_reverse, rev, &s->reply, BPF_ANY) == 0) {
+			s->flow.lb_port = rev->dport;
 			return true;
 		}
 	}
@@ -465,16 +466,17 @@ static __always_inline struct xdp_lb_reply *reply_of(struct xdp_lb_tuple *rev, c
 	return reply && tuple_equal(&reply->client, key) ? reply : NULL;
 }
 
-/* Drops the reverse entry of a flow that moves to another backend or port. */
-static __always_inline void release_port(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+/* Drops the reverse entry of a flow that moves to another backend or port; its key is
+ * built in `rev`. */
+static __always_inline void release_port(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
+					 const struct xdp_lb_flow *flow)
 {
-	struct xdp_lb_tuple rev;
 	struct xdp_lb_reply *owner;
 
-	reverse_key(&rev, key, flow);
-	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	reverse_key(rev, key, flow);
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
 	if (owner && tuple_equal(&owner->client, key))
-		bpf_map_delete_elem(&xdp_lb_reverse, &rev);
+		bpf_map_delete_elem(&xdp_lb_reverse, rev);
 }
 
 static __always_inline __u16 csum_fold(__u32 sum)
@@ -612,12 +614,13 @@ static __always_inline void track_tcp(struct xdp_lb_flow *flow, __u8 flags, bool
 		flow->state |= from_client ? XDP_LB_FIN_CLIENT : XDP_LB_FIN_BACKEND;
 }
 
-/* Removes a flow and its reverse entry together. */
-static __always_inline void evict(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow)
+/* Removes a flow and its reverse entry together (that entry's key built in `rev`). */
+static __always_inline void evict(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
+				  const struct xdp_lb_flow *flow)
 {
 	struct xdp_lb_counters *c = counters();
 
-	release_port(key, flow);
+	release_port(rev, key, flow);
 	bpf_map_delete_elem(&xdp_lb_flows, key);
 	if (c)
 		c->evicted++;
@@ -626,13 +629,14 @@ static __always_inline void evict(const struct xdp_lb_tuple *key, const struct x
 /* A slot of the flow clock for a new flow, from a few random ones: a free one at once, else
  * one whose flow finished or went idle, else the one of the oldest half-open flow seen
  * (evicted); never one of a live established flow. False: the table is (nearly) full of established flows. */
-static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev, __u32 *slot)
+static __always_inline bool take_clock_slot(__u64 now, struct flow_scratch *s, __u32 *slot)
 {
 	__u32 size = clock_size ? clock_size : 1;
+	struct xdp_lb_tuple *victim = &s->victim;
+	struct xdp_lb_tuple *rev = &s->rev;
 	__u32 fallback = ~0U;
 	__u64 oldest = 0;
 	struct xdp_lb_tuple *occupant;
-	struct xdp_lb_tuple victim;
 	struct xdp_lb_reply *reply;
 	struct xdp_lb_flow *flow;
 	__u64 last_seen;
@@ -658,8 +662,8 @@ static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev,
 				last_seen = later(last_seen, reply->last_seen);
 		}
 		if (flow_idle(flow, last_seen, occupant->proto, now)) {
-			victim = *occupant;
-			evict(&victim, flow);
+			*victim = *occupant;
+			evict(rev, victim, flow);
 			*slot = at;
 			return true;
 		}
@@ -674,13 +678,13 @@ static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev,
 	occupant = bpf_map_lookup_elem(&xdp_lb_clock, &fallback);
 	if (!occupant)
 		return false;
-	victim = *occupant;
-	flow = bpf_map_lookup_elem(&xdp_lb_flows, &victim);
+	*victim = *occupant;
+	flow = bpf_map_lookup_elem(&xdp_lb_flows, victim);
 	if (flow && flow->clock_slot == fallback) {
 		/* looked at a moment ago; a reply may have come in between */
 		if (flow->state & XDP_LB_ESTABLISHED)
 			return false;
-		evict(&victim, flow);
+		evict(rev, victim, flow);
 	}
 	*slot = fallback;
 	return true;
@@ -689,8 +693,8 @@ static __always_inline bool take_clock_slot(__u64 now, struct xdp_lb_tuple *rev,
 /* Session affinity: the client's backend while its affinity lasts and it still takes new
  * flows (include/service.h's affinity_slot), else Maglev's choice (pick_slot), remembered
  * (affinity_remember). Written out here with every map key in a per-CPU scratch value: the
- * balancing path leaves a subprogram 16 bytes of stack, and those helpers keep their keys
- * on it. */
+ * balancing path leaves a subprogram little stack (scripts/check-stack), and those helpers
+ * keep their keys on it. */
 static __noinline __u32 affinity_pick(const struct xdp_lb_tuple *key, const struct service_range *range,
 				      __u64 now)
 {
@@ -758,6 +762,55 @@ choose:
 	return s->seen.slot;
 }
 
+/* The two loops of a new flow, as global functions: the verifier checks each once, on its
+ * own. Inlined, the 16 clock tries and the 32 port probes were checked again for every way a
+ * packet reaches them (family, VLAN tags, TCP or UDP, a new or a moved flow), and the
+ * verifiers of 6.1 and 5.10 ran out of their 1,000,000 instructions. So scalars in and out
+ * (5.10's global functions take no pointers), their keys in the per-CPU scratch, and
+ * frames of a few words: the balancing path leaves them 128 bytes (scripts/check-stack). */
+
+/* A clock slot for a new flow (take_clock_slot()), or ~0 when the table is full of live
+ * flows (counted). */
+__noinline __u32 new_flow_clock_slot(__u64 now)
+{
+	struct xdp_lb_counters *c;
+	struct flow_scratch *s;
+	__u32 zero = 0;
+	__u32 slot;
+
+	s = bpf_map_lookup_elem(&xdp_lb_new_flow, &zero);
+	if (!s)
+		return ~0U; /* never: a per-CPU array's only entry */
+	if (take_clock_slot(now, s, &slot))
+		return slot;
+	c = counters();
+	if (c)
+		c->table_full++;
+	return ~0U;
+}
+
+/* A source port towards the backend at `slot` for the flow built in the scratch, with its
+ * reverse entry written (claim_port()); its port in s->flow.lb_port. False when none is
+ * free (counted). */
+__noinline int new_flow_port(__u32 slot, __u32 hash, __u64 now)
+{
+	struct xdp_lb_backend *backend;
+	struct xdp_lb_counters *c;
+	struct flow_scratch *s;
+	__u32 zero = 0;
+
+	s = bpf_map_lookup_elem(&xdp_lb_new_flow, &zero);
+	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
+	if (!s || !backend)
+		return false; /* never: open_flow() checked the slot; the scratch is per CPU */
+	if (claim_port(s, backend, hash, now))
+		return true;
+	c = counters();
+	if (c)
+		c->no_port++;
+	return false;
+}
+
 /* Starts a flow on a backend (or moves one whose backend left its service). */
 static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *key, const struct service_range *range,
 						     struct xdp_lb_flow *old, const __u8 *client_mac, __u64 now)
@@ -790,16 +843,16 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	if (!scratch)
 		return NULL; /* never: a per-CPU array's only entry */
 	flow = &scratch->flow;
-	__builtin_memset(flow, 0, sizeof(*flow));
 	if (old) {
 		previous = old->backend;
 		clock_slot = old->clock_slot;
-		release_port(key, old);
-	} else if (!take_clock_slot(now, &scratch->rev, &clock_slot)) {
-		if (c)
-			c->table_full++;
-		return NULL;
+		release_port(&scratch->rev, key, old);
+	} else {
+		clock_slot = new_flow_clock_slot(now);
+		if (clock_slot == ~0U)
+			return NULL;
 	}
+	__builtin_memset(flow, 0, sizeof(*flow));
 	flow->backend = backend->endpoint;
 	copy_addr(flow->lb_addr, backend->lb_addr);
 	flow->last_seen = now;
@@ -811,9 +864,7 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	scratch->reply.last_seen = now;
 	scratch->reply.slot = slot;
 	__builtin_memcpy(scratch->reply.client_mac, client_mac, ETH_ALEN);
-	if (!claim_port(&scratch->reply, backend, hash, now, &flow->lb_port)) {
-		if (c)
-			c->no_port++;
+	if (!new_flow_port(slot, hash, now)) {
 		if (old)
 			bpf_map_delete_elem(&xdp_lb_flows, key);
 		return NULL;
@@ -822,7 +873,7 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 		if (c)
 			c->flow_failed++;
 		/* no flow without its reverse entry, and no reverse entry without its flow */
-		release_port(key, flow);
+		release_port(&scratch->rev, key, flow);
 		if (old)
 			bpf_map_delete_elem(&xdp_lb_flows, key);
 		return NULL;
@@ -989,6 +1040,7 @@ static __always_inline int to_backend(struct xdp_md *ctx, const struct l4_packet
 }
 
 #define NOT_A_REPLY -1
+#define NOT_L4 -2
 
 /* Backend -> this node: a reply of one of our flows goes back to its client, by its reply
  * entry alone. `rev`: the packet's tuple (backend -> this node:lb_port). NOT_A_REPLY when no
@@ -1155,7 +1207,7 @@ static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 
 	/* fragments are not balanced: later ones carry no ports to find their flow by */
 	if (!parse_l4_packet(data, data_end, &pkt))
-		return icmp_error_of_flow(ctx);
+		return NOT_L4;
 	if (pkt.fragment || pkt.l4_off > 0x1ff - 20)
 		return XDP_PASS;
 	tuple_of(&tuple, &pkt);
@@ -1193,17 +1245,42 @@ static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 	return XDP_PASS;
 }
 
+/* The program and its parts, each a subprogram with a frame of its own: kernels before 6.11
+ * (6.1, 5.10) add up the frames of a call chain, each rounded up to 32 bytes, against the
+ * 512 bytes of stack. The balancing path (about 330 bytes) and the ICMP path (about 370) are
+ * called one after the other, never one inside the other, and the balancing path leaves
+ * the subprograms it calls 128 (scripts/check-stack prints every chain). The two balancing subprograms are two so that xdp_lb_compat holds
+ * no bpf_loop (5.10 refuses a program with its callback in it, even where never called). */
+static __noinline int balance_with_loop(struct xdp_md *ctx)
+{
+	return balance(ctx, false);
+}
+
+static __noinline int balance_without_loop(struct xdp_md *ctx)
+{
+	return balance(ctx, true);
+}
+
+static __noinline int icmp_error(struct xdp_md *ctx)
+{
+	return icmp_error_of_flow(ctx);
+}
+
 SEC("xdp")
 int xdp_lb(struct xdp_md *ctx)
 {
-	return balance(ctx, false);
+	int verdict = balance_with_loop(ctx);
+
+	return verdict == NOT_L4 ? icmp_error(ctx) : verdict;
 }
 
 /* The same for kernels without bpf_loop (before 5.17); user space loads one of the two. */
 SEC("xdp")
 int xdp_lb_compat(struct xdp_md *ctx)
 {
-	return balance(ctx, true);
+	int verdict = balance_without_loop(ctx);
+
+	return verdict == NOT_L4 ? icmp_error(ctx) : verdict;
 }
 
 char LICENSE[] SEC("license") = "GPL";
