@@ -1249,8 +1249,9 @@ static __always_inline int balance(struct xdp_md *ctx, const bool compat)
  * (6.1, 5.10) add up the frames of a call chain, each rounded up to 32 bytes, against the
  * 512 bytes of stack. The balancing path (about 330 bytes) and the ICMP path (about 370) are
  * called one after the other, never one inside the other, and the balancing path leaves
- * the subprograms it calls 128 (scripts/check-stack prints every chain). The two balancing subprograms are two so that xdp_lb_compat holds
- * no bpf_loop (5.10 refuses a program with its callback in it, even where never called). */
+ * the subprograms it calls 128 (scripts/check-stack -v prints every chain). The balancing
+ * path is two subprograms so that xdp_lb_compat holds no bpf_loop (5.10 refuses a program
+ * with its callback in it, even where it is never called). */
 static __noinline int balance_with_loop(struct xdp_md *ctx)
 {
 	return balance(ctx, false);
