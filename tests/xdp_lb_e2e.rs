@@ -153,7 +153,7 @@ impl Lab {
     }
 
     /// Frames the load balancer's eth0 sent back out in the driver (veth's `xdp_tx`), and
-    /// those it could not (`xdp_tx_errors`: the peer had no NAPI).
+    /// those it could not (`xdp_tx_errors`: the peer had no NAPI, or its ring was full).
     fn native_xdp_tx(&self) -> (u64, u64) {
         (
             ethtool_stat(&self.lb, "eth0", "rx_queue_0_xdp_tx"),
@@ -285,9 +285,11 @@ fn tcp_udp_and_a_10mb_transfer(lab: Lab, mode: Mode, extra: &[&str]) {
     let (sent, lost) = lab.native_xdp_tx();
     if mode == Mode::Native {
         // 10 MB each way per family, in frames of at most 1,500 bytes, sent back out by the
-        // driver; none refused for want of NAPI on the peer
+        // driver. Without NAPI on the peer every one is refused; with it, a burst can still
+        // find the peer's ring (256 frames) full when make test's other tests hold both CPUs
+        // (94 of them once), which TCP retransmits as it would on any NIC's full TX ring
         assert!(sent >= 2 * 2 * 10 * 1024 * 1024 / 1500, "xdp_tx {sent}");
-        assert_eq!(lost, 0, "xdp_tx_errors");
+        assert!(lost * 100 <= sent, "xdp_tx_errors: {lost} of {sent} frames");
     } else {
         assert_eq!(
             (sent, lost),
