@@ -404,23 +404,30 @@ static __always_inline bool port_reusable(const struct xdp_lb_tuple *rev, struct
 	return true;
 }
 
-/* Claims a source port towards the backend for the flow of `s->reply` (its key, slot and
- * client MAC filled in): a reverse-table entry of its own, its key built in `s->rev`. Tries
- * a few ports from the flow's hash on. */
-static __always_inline bool claim_port(struct flow_scratch *s, const struct xdp_lb_backend *backend,
-				       __u32 hash, __u64 now)
+/* The reverse table's key of the flow `key` -> `flow`: backend -> this node:lb_port. */
+static __always_inline void reverse_key(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
+					const struct xdp_lb_flow *flow)
+{
+	__builtin_memset(rev, 0, sizeof(*rev));
+	copy_addr(rev->src, flow->backend.addr);
+	copy_addr(rev->dst, flow->lb_addr);
+	rev->sport = flow->backend.port;
+	rev->dport = flow->lb_port;
+	rev->proto = key->proto;
+	rev->family = key->family;
+}
+
+/* Claims a source port towards the backend of the flow built in `s` (s->flow's backend and
+ * address, s->reply's key, slot and client MAC filled in): a reverse-table entry of its own,
+ * its key built in `s->rev`. Tries a few ports from the flow's hash on. */
+static __always_inline bool claim_port(struct flow_scratch *s, __u32 hash, __u64 now)
 {
 	const struct xdp_lb_tuple *key = &s->reply.client;
 	struct xdp_lb_tuple *rev = &s->rev;
 	struct xdp_lb_counters *c = counters();
 	struct xdp_lb_reply *owner;
 
-	__builtin_memset(rev, 0, sizeof(*rev));
-	copy_addr(rev->src, backend->endpoint.addr);
-	copy_addr(rev->dst, backend->lb_addr);
-	rev->sport = backend->endpoint.port;
-	rev->proto = key->proto;
-	rev->family = key->family;
+	reverse_key(rev, key, &s->flow);
 	for (__u32 i = 0; i < XDP_LB_PORT_PROBES; i++) {
 		__u32 span = port_span ? port_span : 1;
 
@@ -439,19 +446,6 @@ static __always_inline bool claim_port(struct flow_scratch *s, const struct xdp_
 		}
 	}
 	return false;
-}
-
-/* The reverse table's key of the flow `key` -> `flow`: backend -> this node:lb_port. */
-static __always_inline void reverse_key(struct xdp_lb_tuple *rev, const struct xdp_lb_tuple *key,
-					const struct xdp_lb_flow *flow)
-{
-	__builtin_memset(rev, 0, sizeof(*rev));
-	copy_addr(rev->src, flow->backend.addr);
-	copy_addr(rev->dst, flow->lb_addr);
-	rev->sport = flow->backend.port;
-	rev->dport = flow->lb_port;
-	rev->proto = key->proto;
-	rev->family = key->family;
 }
 
 /* The reply entry of the flow `key` -> `flow`, or NULL; `rev` holds its key (a caller short
@@ -789,21 +783,19 @@ __noinline __u32 new_flow_clock_slot(__u64 now)
 	return ~0U;
 }
 
-/* A source port towards the backend at `slot` for the flow built in the scratch, with its
- * reverse entry written (claim_port()); its port in s->flow.lb_port. False when none is
- * free (counted). */
-__noinline int new_flow_port(__u32 slot, __u32 hash, __u64 now)
+/* A source port towards the backend of the flow built in the scratch, with its reverse
+ * entry written (claim_port()); its port in s->flow.lb_port. False when none is free
+ * (counted). */
+__noinline int new_flow_port(__u32 hash, __u64 now)
 {
-	struct xdp_lb_backend *backend;
 	struct xdp_lb_counters *c;
 	struct flow_scratch *s;
 	__u32 zero = 0;
 
 	s = bpf_map_lookup_elem(&xdp_lb_new_flow, &zero);
-	backend = bpf_map_lookup_elem(&xdp_lb_backends, &slot);
-	if (!s || !backend)
-		return false; /* never: open_flow() checked the slot; the scratch is per CPU */
-	if (claim_port(s, backend, hash, now))
+	if (!s)
+		return false; /* never: a per-CPU array's only entry */
+	if (claim_port(s, hash, now))
 		return true;
 	c = counters();
 	if (c)
@@ -864,7 +856,7 @@ static __always_inline struct xdp_lb_flow *open_flow(const struct xdp_lb_tuple *
 	scratch->reply.last_seen = now;
 	scratch->reply.slot = slot;
 	__builtin_memcpy(scratch->reply.client_mac, client_mac, ETH_ALEN);
-	if (!new_flow_port(slot, hash, now)) {
+	if (!new_flow_port(hash, now)) {
 		if (old)
 			bpf_map_delete_elem(&xdp_lb_flows, key);
 		return NULL;
