@@ -9,6 +9,8 @@
 #include "flood.h"
 #include "lb.h"
 #include "reject.h"
+#include "csum.h"
+#include "inet_csum.h"
 
 #define BPF_F_CURRENT_NETNS (-1)
 /* opts__sz the conntrack kfuncs accept on every kernel that has them (6.1+) */
@@ -31,6 +33,9 @@ int bpf_ct_set_nat_info(struct nf_conn___init *nfct, union nf_inet_addr *addr, i
 volatile const __u32 hash_seed = 0;
 /* new flows per second per CPU that mean a flood (include/flood.h); 0: never */
 volatile const __u32 flood_rate = LB_DEFAULT_FLOOD_RATE;
+/* the namespace's conntrack UDP timeouts (include/lb.h), read by user space at start */
+volatile const __u32 udp_timeout_ms = LB_UDP_TIMEOUT_MS;
+volatile const __u32 udp_stream_timeout_ms = LB_UDP_STREAM_TIMEOUT_MS;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -105,6 +110,23 @@ struct {
 	__type(key, __u32);
 	__type(value, struct lb_port_use);
 } lb_port_use SEC(".maps");
+
+/* A UDP flow's translation, as conntrack's NAT holds it, and forward_known()'s route lookup */
+struct lb_forward {
+	struct bpf_fib_lookup fib;
+	__u32 src[4]; /* the packet's new source (this node towards the backend, or the client's) */
+	__u32 dst[4]; /* and destination (the backend) */
+	__be16 sport;
+	__be16 dport;
+};
+
+/* one per CPU: lb_ingress leaves a subprogram little stack */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct lb_forward);
+} lb_forward SEC(".maps");
 
 /* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
@@ -184,6 +206,158 @@ static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
 	return held >= LB_PORT_BUDGET;
 }
 
+/*
+ * Whether lb sends this datagram of a UDP flow on itself, past the stack: conntrack has seen
+ * the flow both ways (its first datagram and a reply passed the node's hooks and firewall),
+ * holds a destination NAT for it, and nothing else works on it (no helper, no expectation,
+ * not dying, not a NAT clash). Then its translation, conntrack's reply tuple turned around,
+ * goes to lb_forward, and the entry's timeout is refreshed as conntrack refreshes it for a
+ * datagram it sees. An IPv6 datagram only where bpf_l4_csum_replace knows IPv6 (the
+ * checksum of a CHECKSUM_COMPLETE packet would go wrong before: csum.h).
+ */
+static __always_inline bool answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
+{
+	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT;
+	const unsigned long refuse = IPS_EXPECTED | IPS_DYING | IPS_HELPER | IPS_UNTRACKED;
+	const struct nf_conntrack_tuple *reply = &ct->tuplehash[IP_CT_DIR_REPLY].tuple;
+	unsigned long status = ct->status;
+	struct lb_forward *fwd;
+	__u32 zero = 0;
+
+	if ((status & want) != want || (status & refuse))
+		return false;
+	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
+		return false;
+	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
+	if (!fwd)
+		return false;
+	__builtin_memcpy(fwd->src, reply->dst.u3.all, sizeof(fwd->src));
+	__builtin_memcpy(fwd->dst, reply->src.u3.all, sizeof(fwd->dst));
+	fwd->sport = reply->dst.u.udp.port;
+	fwd->dport = reply->src.u.udp.port;
+	bpf_ct_change_timeout(ct, (status & IPS_ASSURED) ? udp_stream_timeout_ms : udp_timeout_ms);
+	return true;
+}
+
+/*
+ * A datagram answered_translation() let through: translated here as conntrack's NAT would,
+ * its TTL counted down as forwarding does, and sent to the next hop of the translated
+ * destination. What the stack would handle otherwise (no neighbour entry yet, larger than the
+ * route's MTU, a TTL running out, a destination on this node, forwarding off, a VLAN tag in
+ * the frame) passes to the stack untouched, where conntrack translates it as before.
+ */
+static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
+{
+	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
+	struct bpf_fib_lookup *fib;
+	void *data, *data_end;
+	struct lb_forward *fwd;
+	struct udphdr *udp;
+	struct ethhdr *eth;
+	__u32 l4_off, csum_off, zero = 0;
+	__be32 old_ports, new_ports;
+	__s64 diff;
+
+	if (pkt->l3_off != sizeof(struct ethhdr) || pkt->fragment)
+		return TC_PASS_ON;
+	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
+	if (!fwd)
+		return TC_PASS_ON;
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	fib = &fwd->fib;
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = pkt->family;
+	fib->l4_protocol = IPPROTO_UDP;
+	fib->sport = fwd->sport;
+	fib->dport = fwd->dport;
+	fib->ifindex = skb->ingress_ifindex;
+	if (pkt->family == AF_INET) {
+		struct iphdr *ip = data + sizeof(struct ethhdr);
+
+		if ((void *)(ip + 1) > data_end || ip->ttl <= 1)
+			return TC_PASS_ON;
+		fib->tos = ip->tos;
+		fib->ipv4_src = fwd->src[0];
+		fib->ipv4_dst = fwd->dst[0];
+	} else {
+		struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+
+		if ((void *)(ip6 + 1) > data_end || ip6->hop_limit <= 1)
+			return TC_PASS_ON;
+		fib->flowinfo = *(__be32 *)ip6 & bpf_htonl(0x0fffffff);
+		__builtin_memcpy(fib->ipv6_src, fwd->src, sizeof(fib->ipv6_src));
+		__builtin_memcpy(fib->ipv6_dst, fwd->dst, sizeof(fib->ipv6_dst));
+	}
+	/* tot_len 0: the helper checks the packet (GSO too) against the route's MTU */
+	if (bpf_fib_lookup(skb, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
+		return TC_PASS_ON;
+
+	/* the UDP checksum by the helper, which knows the packet's checksum state (a partial
+	 * checksum covers the pseudo-header only); zero ("none") stays zero */
+	csum_off = pkt->l4_csum_off;
+	if (pkt->family == AF_INET) {
+		l4_flags |= BPF_F_PSEUDO_HDR | sizeof(__be32);
+		if (bpf_l4_csum_replace(skb, csum_off, pkt->saddr[0], fwd->src[0], l4_flags) ||
+		    bpf_l4_csum_replace(skb, csum_off, pkt->daddr[0], fwd->dst[0], l4_flags))
+			return TC_ACT_SHOT;
+	} else {
+		/* saddr and daddr follow each other in both */
+		diff = bpf_csum_diff((__be32 *)pkt->saddr, 32, (__be32 *)fwd->src, 32, 0);
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff,
+					BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR | l4_csum_ipv6_flag))
+			return TC_ACT_SHOT;
+	}
+	old_ports = (__u32)pkt->sport | (__u32)pkt->dport << 16;
+	new_ports = (__u32)fwd->sport | (__u32)fwd->dport << 16;
+	if (bpf_l4_csum_replace(skb, csum_off, old_ports, new_ports, BPF_F_MARK_MANGLED_0 | sizeof(__be32)))
+		return TC_ACT_SHOT;
+
+	/* the helpers may have moved the packet */
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	l4_off = pkt->l4_off;
+	asm volatile("" : "+r"(l4_off));
+	l4_off &= 0x1ff;
+	eth = data;
+	udp = data + l4_off;
+	if ((void *)(udp + 1) > data_end)
+		return TC_ACT_SHOT;
+	if (pkt->family == AF_INET) {
+		struct iphdr *ip = data + sizeof(struct ethhdr);
+		__be32 old_words[2], new_words[2];
+		__u32 check;
+
+		if ((void *)(ip + 1) > data_end)
+			return TC_ACT_SHOT;
+		old_words[0] = ip->saddr;
+		old_words[1] = ip->daddr;
+		ip->saddr = fwd->src[0];
+		ip->daddr = fwd->dst[0];
+		new_words[0] = ip->saddr;
+		new_words[1] = ip->daddr;
+		ip->check = csum_replace(ip->check, old_words, new_words, 2);
+		/* as ip_decrease_ttl() */
+		check = (__u32)ip->check + bpf_htons(0x0100);
+		ip->check = (__sum16)(check + (check >= 0xffff));
+		ip->ttl--;
+	} else {
+		struct ipv6hdr *ip6 = data + sizeof(struct ethhdr);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(&ip6->saddr, fwd->src, sizeof(ip6->saddr));
+		__builtin_memcpy(&ip6->daddr, fwd->dst, sizeof(ip6->daddr));
+		ip6->hop_limit--;
+	}
+	udp->source = fwd->sport;
+	udp->dest = fwd->dport;
+	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+	count->forwarded++;
+	return bpf_redirect(fib->ifindex, 0);
+}
+
 /* A new flow to a service without a usable backend: answered as a host without a listener
  * would (include/reject.h), out the interface it came in; dropped when not answerable. */
 static __always_inline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
@@ -260,13 +434,16 @@ int lb_ingress(struct __sk_buff *skb)
 		 */
 		bool reopened = pkt.proto == IPPROTO_TCP && ct->proto.tcp.state >= TCP_CONNTRACK_TIME_WAIT &&
 				ct->proto.tcp.state <= TCP_CONNTRACK_CLOSE;
+		bool forward = false;
 
 		if (reopened)
 			bpf_ct_change_timeout(ct, 0);
+		else if (pkt.proto == IPPROTO_UDP)
+			forward = answered_translation(ct, &pkt);
 		bpf_ct_release(ct);
 		if (!reopened) {
 			count->known_flows++;
-			return TC_PASS_ON;
+			return forward ? forward_known(skb, &pkt, count) : TC_PASS_ON;
 		}
 		count->reopened++;
 		ct_opts(&opts, pkt.proto);

@@ -12,6 +12,7 @@
 #include "xdp_lb.h"
 #include "icmp_error.h"
 #include "reject.h"
+#include "inet_csum.h"
 
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
@@ -471,26 +472,6 @@ static __always_inline void release_port(struct xdp_lb_tuple *rev, const struct 
 	owner = bpf_map_lookup_elem(&xdp_lb_reverse, rev);
 	if (owner && tuple_equal(&owner->client, key))
 		bpf_map_delete_elem(&xdp_lb_reverse, rev);
-}
-
-static __always_inline __u16 csum_fold(__u32 sum)
-{
-	sum = (sum & 0xffff) + (sum >> 16);
-	sum = (sum & 0xffff) + (sum >> 16);
-	return (__u16)sum;
-}
-
-/* A checksum after `words` 32-bit words at `from` became `to`: RFC 1624's
- * HC' = ~(~HC + ~m + m'), summed inline (no helper call) and folded. */
-static __always_inline __sum16 csum_replace(__sum16 check, const __be32 *from, const __be32 *to, int words)
-{
-	__u64 sum = (__u16)~check;
-
-	for (int i = 0; i < words; i++)
-		sum += (__u64)(__u32)~from[i] + to[i];
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	sum = (sum & 0xffffffff) + (sum >> 32);
-	return ~csum_fold((__u32)sum);
 }
 
 /* The addresses and ports a rewrite changes, in packet order: what the L4 checksum's

@@ -15,6 +15,12 @@
  * (LB_HALF_OPEN_S below). */
 #define LB_TCP_NEW_TIMEOUT_MS 60000
 #define LB_UDP_NEW_TIMEOUT_MS 30000
+/* The timeouts conntrack gives a UDP flow that has seen a reply (nf_conntrack_udp_timeout) and
+ * one that went on replying past two seconds (nf_conntrack_udp_timeout_stream), the kernel's
+ * defaults since 6.0 (the stream one was 180 s before); user space reads the namespace's own
+ * at start. lb refreshes them, as conntrack would, on the datagrams it sends on itself. */
+#define LB_UDP_TIMEOUT_MS 30000
+#define LB_UDP_STREAM_TIMEOUT_MS 120000
 /* include/flood.h: new flows per second per CPU above which only clients asking again get one */
 #define LB_DEFAULT_FLOOD_RATE 40000
 /*
@@ -62,4 +68,5 @@ struct lb_counters {
 	__u64 ports_low_dropped;  /* first packet of a new flow dropped: source ports of its backend low */
 	__u64 ports_low_admitted; /* new flows made with ports low for a client that asked again */
 	__u64 refused; /* new flows to a service without a usable backend: RST / ICMP unreachable */
+	__u64 forwarded; /* datagrams of UDP flows answered both ways, translated and sent on here */
 };

@@ -100,6 +100,19 @@ fn lb_side(backend: SocketAddr) -> std::net::IpAddr {
     own.parse().unwrap()
 }
 
+/// Datagrams a UDP flow sends after its first has been answered.
+const UDP_MORE: u64 = 20;
+
+/// The number before `what` in the daemon's log ("... (N what) ...").
+fn counted(log: &[String], what: &str) -> u64 {
+    log.iter()
+        .find_map(|line| {
+            let end = line.find(what)?;
+            line[..end].trim_end().rsplit(['(', ' ']).next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no '{what}' in {log:?}"))
+}
+
 #[test]
 fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
     if !kernel::require(Feature::CtNat) {
@@ -131,6 +144,19 @@ fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
         );
         assert_eq!(from, target, "UDP reply to {vip_text} came from {from}");
         assert_eq!(greeting.seen.ip(), lb_side(greeting.server));
+        // one flow answered both ways: lb sends its next datagrams on itself (IPv6 where the
+        // checksum helper knows it), and they arrive translated as conntrack's NAT would
+        let socket = lab.client.enter(|| udp_socket_for(target));
+        let (first, _) = udp_request(&socket, Some(target));
+        for _ in 0..UDP_MORE {
+            let (greeting, from) = udp_request(&socket, Some(target));
+            assert_eq!(from, target, "UDP reply to {vip_text} came from {from}");
+            assert_eq!(
+                (greeting.server, greeting.seen),
+                (first.server, first.seen),
+                "a later datagram of one flow"
+            );
+        }
         let (greeting, _) = lab.tcp(target, &bulk);
         assert!(backends.contains(&greeting.server));
     }
@@ -155,6 +181,19 @@ fn tcp_udp_and_bulk_through_a_vip_v4_and_v6_with_conntrack_entries() {
         log.iter()
             .any(|l| l.contains("registered conntrack and NAT hooks")),
         "{log:?}"
+    );
+    // the datagrams after each flow's first (and its reply), of both families where IPv6 is
+    // forwarded; a retransmitted request may add one
+    let families = if ebpf_net::kernel::probe::l4_csum_ipv6_flag() != 0 {
+        2
+    } else {
+        1
+    };
+    let forwarded = counted(&log, "UDP datagrams forwarded here past the stack");
+    assert!(
+        (families * UDP_MORE..=families * (UDP_MORE + 2)).contains(&forwarded),
+        "forwarded {forwarded}, want {} of {families} families: {log:?}",
+        families * UDP_MORE
     );
     // what it added is gone again
     assert!(!lab.lb.exec("nft list tables").contains("ebpf_net_lb"));

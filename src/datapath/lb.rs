@@ -77,8 +77,8 @@ const PIN_STATS: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
-    // v2, v3, v4 (refused): more counters (include/lb.h)
-    version: 4,
+    // v2, v3, v4 (refused), v5 (forwarded): more counters (include/lb.h)
+    version: 5,
     on_change: OnChange::Rebuild,
 };
 /// Session affinity: (service, client address) -> backend; an LRU of the program's own.
@@ -90,6 +90,9 @@ const PIN_AFFINITY: MapPin = MapPin {
 };
 /// include/lb.h LB_DEFAULT_FLOOD_RATE
 pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
+/// include/lb.h LB_UDP_TIMEOUT_MS, LB_UDP_STREAM_TIMEOUT_MS: conntrack's defaults
+const LB_UDP_TIMEOUT_MS: u32 = 30_000;
+const LB_UDP_STREAM_TIMEOUT_MS: u32 = 120_000;
 /// include/lb.h LB_HALF_OPEN_S: conntrack's SYN_SENT and SYN_RECV timeouts in the namespace
 /// while lb runs, when they were longer.
 pub const HALF_OPEN_S: u32 = 60;
@@ -168,6 +171,11 @@ crate::declare_counters!(
             refused,
             Event,
             "new flows to a service without a usable backend, answered with an RST or ICMP port unreachable"
+        ),
+        (
+            forwarded,
+            Event,
+            "datagrams of UDP flows answered both ways, translated and sent to the next hop by lb itself"
         ),
     ]
 );
@@ -326,11 +334,32 @@ fn load<'obj>(
         .expect("lb.c declares constants");
     rodata.hash_seed = crate::kernel::random_seed()?;
     rodata.flood_rate = flood_rate;
+    let (udp, stream) = udp_timeouts_ms();
+    rodata.udp_timeout_ms = udp;
+    rodata.udp_stream_timeout_ms = stream;
+    // IPv6 datagrams are forwarded past the stack only where the checksum helper knows IPv6
+    rodata.l4_csum_ipv6_flag = probe::l4_csum_ipv6_flag();
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
     if let Some(pins) = pins {
         pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
     }
     open.load().context("loading the lb program")
+}
+
+/// This namespace's conntrack timeouts of a UDP flow that saw a reply and of a stream, in ms:
+/// lb refreshes them on the datagrams it forwards itself, as conntrack does on those it sees.
+/// The kernel's defaults where conntrack is not loaded yet or the sysctls cannot be read.
+fn udp_timeouts_ms() -> (u32, u32) {
+    let read = |name: &str, default: u32| {
+        std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
+            .ok()
+            .and_then(|text| text.trim().parse::<u32>().ok())
+            .map_or(default, |seconds| seconds.saturating_mul(1000))
+    };
+    (
+        read("nf_conntrack_udp_timeout", LB_UDP_TIMEOUT_MS),
+        read("nf_conntrack_udp_timeout_stream", LB_UDP_STREAM_TIMEOUT_MS),
+    )
 }
 
 /// Loads the program with `services` installed, nothing attached; for benchmarks. Each
@@ -999,10 +1028,11 @@ fn backend_words(stats: &lb_stats) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {}, failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again); source ports low dropped {} ({} admitted on asking again)",
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {} ({} UDP datagrams forwarded here past the stack), failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again); source ports low dropped {} ({} admitted on asking again)",
         totals.new_flows,
         totals.reopened,
         totals.known_flows,
+        totals.forwarded,
         totals.alloc_failed,
         totals.nat_failed,
         totals.insert_failed,
