@@ -449,6 +449,59 @@ fn a_long_connection_survives_updates_removing_another_backend_and_its_own() {
     assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "0");
 }
 
+/// Datagrams lb forwards past the stack keep their conntrack entry alive as conntrack's own
+/// refresh would, by the namespace's UDP timeouts: with those at 3 s and the backend's replies
+/// dropped before conntrack sees them, only lb's refresh can keep it for 5 s.
+#[test]
+fn an_answered_udp_flow_forwarded_past_the_stack_keeps_its_entry_alive() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
+    let lab = Lab::new("lbk");
+    lab.lb.exec(
+        "sysctl -qw net.netfilter.nf_conntrack_udp_timeout=3 \
+         net.netfilter.nf_conntrack_udp_timeout_stream=3",
+    );
+    let daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let target = vip(VIP4);
+    let socket = lab.client.enter(|| udp_socket_for(target));
+    udp_request(&socket, Some(target));
+    let port = socket.local_addr().unwrap().port();
+    let entry = || {
+        lab.lb
+            .exec(&format!("conntrack -L -p udp --orig-port-src {port} 2>/dev/null"))
+    };
+    assert!(!entry().contains("UNREPLIED"), "{}", entry());
+    // from now on conntrack sees no reply (raw hook, before its own)
+    lab.lb.exec(
+        "nft add table inet quiet && \
+         nft add chain inet quiet pre '{ type filter hook prerouting priority raw - 10; }' && \
+         nft add rule inet quiet pre iifname \"b*\" meta l4proto udp drop",
+    );
+    let began = Instant::now();
+    let mut sent = 0;
+    while began.elapsed() < Duration::from_secs(5) {
+        socket.send_to(b"hello", target).unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let now = entry();
+    assert!(
+        now.contains("dport=80") && !now.contains("UNREPLIED"),
+        "the answered entry expired under forwarded datagrams: {now}"
+    );
+    let timeout: u64 = now
+        .split_whitespace()
+        .nth(2)
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no timeout in {now}"));
+    assert!(timeout <= 3, "timeout {timeout} s, not the namespace's 3: {now}");
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    let forwarded = counted(&log, "UDP datagrams forwarded here past the stack");
+    assert!(forwarded >= sent, "forwarded {forwarded} of {sent}: {log:?}");
+}
+
 #[test]
 fn existing_conntrack_and_nat_hooks_are_used_and_left_alone() {
     if !kernel::require(Feature::CtNat) {
