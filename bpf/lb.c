@@ -243,8 +243,8 @@ static __always_inline bool answered_translation(struct nf_conn *ct, const struc
  * A datagram answered_translation() let through: translated here as conntrack's NAT would,
  * its TTL counted down as forwarding does, and sent to the next hop of the translated
  * destination. What the stack would handle otherwise (no neighbour entry yet, larger than the
- * route's MTU, a TTL running out, a destination on this node, forwarding off, a VLAN tag in
- * the frame) passes to the stack untouched, where conntrack translates it as before.
+ * route's MTU, a TTL running out, a destination on this node, forwarding off, a VLAN tag)
+ * passes to the stack untouched, where conntrack translates it as before.
  */
 static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
 {
@@ -258,7 +258,9 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 	__be32 old_ports, new_ports;
 	__s64 diff;
 
-	if (pkt->l3_off != sizeof(struct ethhdr) || pkt->fragment)
+	/* a VLAN tag, in the frame or taken off by the driver, belongs to a VLAN device the
+	 * stack hands the packet to: this lookup would route it as the link's own */
+	if (pkt->l3_off != sizeof(struct ethhdr) || skb->vlan_present || pkt->fragment)
 		return TC_PASS_ON;
 	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
 	if (!fwd)
@@ -359,8 +361,11 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 }
 
 /* A new flow to a service without a usable backend: answered as a host without a listener
- * would (include/reject.h), out the interface it came in; dropped when not answerable. */
-static __always_inline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
+ * would (include/reject.h), out the interface it came in; dropped when not answerable. A
+ * subprogram: inlined, its bounds checks went through stack slots that 6.1's verifier
+ * refills without the bounds ("math between pkt pointer and register with unbounded min
+ * value"). */
+static __noinline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
 {
 	struct reject_info info;
 	__u32 pull;
