@@ -505,12 +505,14 @@ fn an_answered_udp_flow_forwarded_past_the_stack_keeps_its_entry_alive() {
              nft add rule inet quiet pre iifname \"b*\" meta l4proto udp drop",
         );
         std::thread::sleep(Duration::from_secs(5));
+        // listed while the flow still goes on: the entry has 3 s after its last datagram
+        let now = lab
+            .lb
+            .exec(&format!("conntrack -L -p udp --orig-port-src {port} 2>/dev/null"));
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        sender.join().unwrap()
+        (sender.join().unwrap(), now)
     });
-    let now = lab
-        .lb
-        .exec(&format!("conntrack -L -p udp --orig-port-src {port} 2>/dev/null"));
+    let (sent, now) = sent;
     assert!(
         now.contains("dport=80") && !now.contains("UNREPLIED"),
         "the answered entry expired under forwarded datagrams: {now}"
