@@ -215,7 +215,7 @@ static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
  * datagram it sees. An IPv6 datagram only where bpf_l4_csum_replace knows IPv6 (the
  * checksum of a CHECKSUM_COMPLETE packet would go wrong before: csum.h).
  */
-static __always_inline bool answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
+static __always_inline struct lb_forward *answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
 {
 	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT;
 	const unsigned long refuse = IPS_EXPECTED | IPS_DYING | IPS_HELPER | IPS_UNTRACKED;
@@ -225,45 +225,42 @@ static __always_inline bool answered_translation(struct nf_conn *ct, const struc
 	__u32 zero = 0;
 
 	if ((status & want) != want || (status & refuse))
-		return false;
+		return NULL;
 	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
-		return false;
+		return NULL;
 	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
 	if (!fwd)
-		return false;
+		return NULL;
 	__builtin_memcpy(fwd->src, reply->dst.u3.all, sizeof(fwd->src));
 	__builtin_memcpy(fwd->dst, reply->src.u3.all, sizeof(fwd->dst));
 	fwd->sport = reply->dst.u.udp.port;
 	fwd->dport = reply->src.u.udp.port;
 	bpf_ct_change_timeout(ct, (status & IPS_ASSURED) ? udp_stream_timeout_ms : udp_timeout_ms);
-	return true;
+	return fwd;
 }
 
 /*
- * A datagram answered_translation() let through: translated here as conntrack's NAT would,
+ * A datagram answered_translation() let through, with its translation in `fwd`: translated here as conntrack's NAT would,
  * its TTL counted down as forwarding does, and sent to the next hop of the translated
  * destination. What the stack would handle otherwise (no neighbour entry yet, larger than the
  * route's MTU, a TTL running out, a destination on this node, forwarding off, a VLAN tag)
  * passes to the stack untouched, where conntrack translates it as before.
  */
-static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
+static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_forward *fwd,
+				     struct lb_counters *count)
 {
 	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
 	struct bpf_fib_lookup *fib;
 	void *data, *data_end;
-	struct lb_forward *fwd;
 	struct udphdr *udp;
 	struct ethhdr *eth;
-	__u32 l4_off, csum_off, zero = 0;
+	__u32 l4_off, csum_off;
 	__be32 old_ports, new_ports;
 	__s64 diff;
 
 	/* a VLAN tag, in the frame or taken off by the driver, belongs to a VLAN device the
 	 * stack hands the packet to: this lookup would route it as the link's own */
 	if (pkt->l3_off != sizeof(struct ethhdr) || skb->vlan_present || pkt->fragment)
-		return TC_PASS_ON;
-	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
-	if (!fwd)
 		return TC_PASS_ON;
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
@@ -439,7 +436,7 @@ int lb_ingress(struct __sk_buff *skb)
 		 */
 		bool reopened = pkt.proto == IPPROTO_TCP && ct->proto.tcp.state >= TCP_CONNTRACK_TIME_WAIT &&
 				ct->proto.tcp.state <= TCP_CONNTRACK_CLOSE;
-		bool forward = false;
+		struct lb_forward *forward = NULL;
 
 		if (reopened)
 			bpf_ct_change_timeout(ct, 0);
@@ -448,7 +445,7 @@ int lb_ingress(struct __sk_buff *skb)
 		bpf_ct_release(ct);
 		if (!reopened) {
 			count->known_flows++;
-			return forward ? forward_known(skb, &pkt, count) : TC_PASS_ON;
+			return forward ? forward_known(skb, &pkt, forward, count) : TC_PASS_ON;
 		}
 		count->reopened++;
 		ct_opts(&opts, pkt.proto);
