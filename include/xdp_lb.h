@@ -40,8 +40,9 @@
 #define XDP_LB_DEFAULT_FLOOD_RATE 40000
 
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
- * backend -> this node (the reverse table's key). */
-struct xdp_lb_tuple {
+ * backend -> this node (the reverse table's key). 8-byte aligned: xdp_lb.c writes the
+ * packet's tuple in 8-byte stores (tuple_of). */
+struct __attribute__((aligned(8))) xdp_lb_tuple {
 	__u32 src[4];
 	__u32 dst[4];
 	__be16 sport;

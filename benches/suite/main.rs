@@ -36,6 +36,9 @@ pub struct Settings {
     pub net_rounds: usize,
     pub bulk_rounds: usize,
     pub control_rounds: usize,
+    /// the packet-rate section's rounds: its paths drift apart by up to 30% between rounds on
+    /// a shared VM, and its verdicts (lb vs nftables) sit close to the line
+    pub rate_rounds: usize,
     pub connect_secs: f64,
     pub warmup_secs: f64,
     pub iperf_secs: u32,
@@ -49,6 +52,7 @@ impl Settings {
             net_rounds: 7,
             bulk_rounds: 5,
             control_rounds: 3,
+            rate_rounds: 9,
             connect_secs: 0.3,
             warmup_secs: 0.05,
             iperf_secs: 2,
@@ -62,6 +66,7 @@ impl Settings {
             net_rounds: 1,
             bulk_rounds: 1,
             control_rounds: 1,
+            rate_rounds: 2,
             connect_secs: 0.1,
             warmup_secs: 0.02,
             iperf_secs: 1,

@@ -198,6 +198,18 @@ impl Path {
         }
     }
 
+    fn short(self) -> &'static str {
+        match self {
+            Path::MacSwap => "mac-swap",
+            Path::XdpLbKnown => "xdp-lb-known",
+            Path::XdpLbNew => "xdp-lb-new",
+            Path::XdpLbReply => "xdp-lb-reply",
+            Path::Direct => "direct",
+            Path::Lb => "lb",
+            Path::Nft => "nft",
+        }
+    }
+
     /// What is set up on the load balancer for this path.
     fn group(self) -> Group {
         match self {
@@ -458,9 +470,38 @@ fn measure(skel: &mut NoopSkel<'_>, lab: &Lab, path: Path, frames: u32) -> (f64,
     (got as f64 / secs / 1e6, got as f64 / f64::from(frames))
 }
 
+/// `EBPF_NET_RATE_ONLY=xdp-lb-known,lb` (paths: mac-swap, xdp-lb-known, xdp-lb-reply,
+/// xdp-lb-new, direct, lb, nft): only those paths, their rates and bpf_stats printed, no report
+/// written (for a profiler run beside it, or two builds compared; `EBPF_NET_RATE_ROUNDS=N`).
+fn chosen_paths() -> Vec<Path> {
+    let Ok(only) = std::env::var("EBPF_NET_RATE_ONLY") else {
+        return Path::ALL.to_vec();
+    };
+    let chosen: Vec<Path> = Path::ALL
+        .into_iter()
+        .filter(|p| only.split(',').any(|name| name == p.short()))
+        .collect();
+    assert!(
+        !chosen.is_empty(),
+        "EBPF_NET_RATE_ONLY={only}: none of {}",
+        Path::ALL.map(Path::short).join(", ")
+    );
+    chosen
+}
+
 pub fn run(report: &mut Report, settings: &Settings) {
     // a thread of its own: it moves between namespaces and pins itself to a CPU
     let section = std::thread::scope(|scope| scope.spawn(|| measure_all(settings)).join().unwrap());
+    if std::env::var_os("EBPF_NET_RATE_ONLY").is_some() {
+        for (path, rounds) in &section.stats {
+            for round in rounds {
+                for (prog, (ns, cnt)) in round {
+                    eprintln!("rate: {}: {prog} {:.1} ns", path.name(), *ns as f64 / *cnt as f64);
+                }
+            }
+        }
+        return;
+    }
     write_report(report, &section);
 }
 
@@ -477,8 +518,17 @@ struct Measured {
 }
 
 fn measure_all(settings: &Settings) -> Measured {
-    let frames: u32 = if settings.rounds >= 5 { 2_000_000 } else { 200_000 };
-    let rounds = settings.rounds.max(2);
+    let frames: u32 = if settings.rate_rounds >= 5 {
+        2_000_000
+    } else {
+        200_000
+    };
+    // EBPF_NET_RATE_ROUNDS: more rounds for a comparison of two builds (with EBPF_NET_RATE_ONLY)
+    let rounds = std::env::var("EBPF_NET_RATE_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(settings.rate_rounds)
+        .max(2);
     // the last CPU: the first takes most of the machine's interrupts
     let cpu = std::thread::available_parallelism().map_or(0, |n| n.get() - 1);
     // the run, and the NAPI work it triggers, stay on it
@@ -499,13 +549,18 @@ fn measure_all(settings: &Settings) -> Measured {
     let cl0 = Interface::by_name("cl0").unwrap();
     let client_sink = XdpAttachment::attach(&skel.progs.rate_sink, &cl0, XdpMode::Native).unwrap();
 
+    let paths = chosen_paths();
+    let groups: Vec<Group> = GROUPS
+        .into_iter()
+        .filter(|g| paths.iter().any(|p| p.group() == *g))
+        .collect();
     let mut mpps: BTreeMap<Path, Vec<f64>> = BTreeMap::new();
     let mut delivered: BTreeMap<Path, Vec<f64>> = BTreeMap::new();
     for round in 0..rounds {
-        for k in 0..GROUPS.len() {
-            let group = GROUPS[(k + round) % GROUPS.len()];
+        for k in 0..groups.len() {
+            let group = groups[(k + round) % groups.len()];
             let done = setup(&lab, &skel, group);
-            for path in Path::ALL.into_iter().filter(|p| p.group() == group) {
+            for path in paths.iter().copied().filter(|p| p.group() == group) {
                 let (rate, share) = measure(&mut skel, &lab, path, frames);
                 eprintln!(
                     "rate: {}: {rate:.2} Mpps, {:.1}% arrived",
@@ -524,10 +579,10 @@ fn measure_all(settings: &Settings) -> Measured {
     {
         let _on = RunTimeStats::enable();
         for round in 0..rounds {
-            for k in 0..GROUPS.len() {
-                let group = GROUPS[(k + round) % GROUPS.len()];
+            for k in 0..groups.len() {
+                let group = groups[(k + round) % groups.len()];
                 let done = setup(&lab, &skel, group);
-                for path in Path::ALL.into_iter().filter(|p| p.group() == group) {
+                for path in paths.iter().copied().filter(|p| p.group() == group) {
                     let before = prog_stats();
                     measure(&mut skel, &lab, path, frames / 2);
                     stats
