@@ -307,8 +307,8 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 					BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR | l4_csum_ipv6_flag))
 			return TC_ACT_SHOT;
 	}
-	old_ports = (__u32)pkt->sport | (__u32)pkt->dport << 16;
-	new_ports = (__u32)fwd->sport | (__u32)fwd->dport << 16;
+	old_ports = ports_word(pkt->sport, pkt->dport);
+	new_ports = ports_word(fwd->sport, fwd->dport);
 	if (bpf_l4_csum_replace(skb, csum_off, old_ports, new_ports, BPF_F_MARK_MANGLED_0 | sizeof(__be32)))
 		return TC_ACT_SHOT;
 

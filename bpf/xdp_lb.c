@@ -485,7 +485,7 @@ struct rewrite {
 
 /* Rewrites addresses, ports and MACs of the packet parsed into `pkt`, fixing the IPv4 header
  * and L4 checksums; the new source MAC is the one the packet was sent to (ours), the new
- * destination `dst_mac` (a MAC_ALIGNED field of a map value). The old
+ * destination `dst_mac` (a 4-byte aligned field of a map value: xdp_lb.h). The old
  * words come from `pkt` and the packet, the new from `to`, and the ports are written and
  * summed as one word made in a register: no header word is read back after a narrower
  * write to it (a store-forwarding stall, measured on the known-flow path). */
@@ -522,7 +522,6 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 	}
 	old_ports = *(__u32 *)l4;
 	new_ports = ports_word(to->sport, to->dport);
-	*(__u32 *)l4 = new_ports;
 
 	if (pkt->family == AF_INET) {
 		struct iphdr *ip = data + l3_off;
@@ -531,6 +530,7 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 
 		if ((void *)(ip + 1) > data_end)
 			return false;
+		*(__u32 *)l4 = new_ports;
 		ip->saddr = new_words[0];
 		ip->daddr = new_words[1];
 		ip->check = csum_replace(ip->check, old_words, new_words, 2);
@@ -548,6 +548,7 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 
 		if ((void *)(ip6 + 1) > data_end)
 			return false;
+		*(__u32 *)l4 = new_ports;
 		__builtin_memcpy(&ip6->saddr, to->src, 16);
 		__builtin_memcpy(&ip6->daddr, to->dst, 16);
 		sum = csum_words(csum_start(*l4_check), pkt->saddr, to->src, 4);
@@ -559,7 +560,7 @@ static __always_inline bool rewrite_packet(struct xdp_md *ctx, const struct l4_p
 	}
 
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
-	/* in a word and a half: dst_mac lies 4-byte aligned in its map value (xdp_lb.h) */
+	/* in a word and a half: dst_mac lies 4-byte aligned in its map value (asserted in xdp_lb.h) */
 	*(__u32 *)eth->h_dest = *(const __u32 *)dst_mac;
 	*(__u16 *)&eth->h_dest[4] = *(const __u16 *)&dst_mac[4];
 	return true;

@@ -39,12 +39,6 @@
  * needs the flow), so the first packet is dropped. */
 #define XDP_LB_DEFAULT_FLOOD_RATE 40000
 
-/* A MAC address field's alignment, as its offset already has it: xdp_lb.c's rewrite_packet
- * reads a next hop's MAC as a 4-byte and a 2-byte word, not six single bytes (every packet
- * reads one). The layout stays as it was (pinned tables carry it across restarts): the
- * asserts at the end. */
-#define MAC_ALIGNED(n) __attribute__((aligned(n)))
-
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
  * backend -> this node (the reverse table's key). 8-byte aligned: xdp_lb.c writes the
  * packet's tuple in 8-byte stores (tuple_of). */
@@ -64,7 +58,7 @@ struct xdp_lb_reply {
 	struct xdp_lb_tuple client; /* the flow's key, client -> VIP; first: readers see a tuple */
 	__u64 last_seen;	    /* ns of the backend's latest packet (the flow's: the client's) */
 	__u32 slot;		    /* the flow's backend slot, for its counters */
-	__u8 client_mac[6] MAC_ALIGNED(4); /* the flow's */
+	__u8 client_mac[6];	    /* the flow's */
 	__u8 state;		    /* XDP_LB_REPLIED once the flow knows the backend answered */
 	__u8 pad;
 };
@@ -72,7 +66,7 @@ struct xdp_lb_reply {
 struct xdp_lb_backend {
 	struct service_endpoint endpoint; /* first: service.h readers see an endpoint */
 	__u32 lb_addr[4];		  /* this node's address towards the backend */
-	__u8 mac[6] MAC_ALIGNED(4);	  /* next hop towards the backend on the interface */
+	__u8 mac[6];			  /* next hop towards the backend on the interface */
 	__u8 pad[2];
 };
 
@@ -92,7 +86,7 @@ struct xdp_lb_flow {
 	__u64 last_seen; /* ns of the client's latest packet (the backend's: in its xdp_lb_reply) */
 	__u32 slot;	 /* backend slot for counters; checked against the backend each packet */
 	__be16 lb_port;
-	__u8 client_mac[6] MAC_ALIGNED(2); /* where replies go: the client or the router it came through */
+	__u8 client_mac[6]; /* where replies go: the client or the router it came through */
 	__u8 state;
 	__u8 pad[3];
 	__u32 clock_slot; /* its slot in the flow clock, which names it back */
@@ -151,9 +145,7 @@ struct xdp_lb_event {
 	__u8 pad;
 };
 
-_Static_assert(__builtin_offsetof(struct xdp_lb_reply, client_mac) == 52 && sizeof(struct xdp_lb_reply) == 64,
-	       "xdp_lb_reply's layout");
-_Static_assert(__builtin_offsetof(struct xdp_lb_backend, mac) == 36 && sizeof(struct xdp_lb_backend) == 44,
-	       "xdp_lb_backend's layout");
-_Static_assert(__builtin_offsetof(struct xdp_lb_flow, client_mac) == 54 && sizeof(struct xdp_lb_flow) == 72,
-	       "xdp_lb_flow's layout");
+/* xdp_lb.c's rewrite_packet reads the next hop's MAC as a 4-byte and a 2-byte word (not six
+ * single bytes, every packet): these two fields must stay 4-byte aligned in their values. */
+_Static_assert(__builtin_offsetof(struct xdp_lb_reply, client_mac) % 4 == 0, "xdp_lb_reply.client_mac aligned");
+_Static_assert(__builtin_offsetof(struct xdp_lb_backend, mac) % 4 == 0, "xdp_lb_backend.mac aligned");
