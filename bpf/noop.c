@@ -79,8 +79,9 @@ int rate_source(struct xdp_md *ctx)
 }
 
 /* Where the benchmark's frames end: counted and dropped. With rate_sink_keep, the first
- * RATE_FRAME_LEN bytes of the last frame are kept (the benchmark reads the port a load
- * balancer chose off them to write its backend's reply). */
+ * RATE_FRAME_LEN bytes of the last IPv4 UDP frame are kept (the benchmark reads the port a
+ * load balancer chose off them to write its backend's reply; the veth's own IPv6 router
+ * solicitations arrive here too). */
 __u64 rate_sink_frames;
 __u32 rate_sink_keep;
 __u8 rate_sink_last[RATE_FRAME_LEN];
@@ -92,7 +93,9 @@ int rate_sink(struct xdp_md *ctx)
 	void *data_end = (void *)(long)ctx->data_end;
 
 	__sync_fetch_and_add(&rate_sink_frames, 1);
-	if (rate_sink_keep && data + RATE_FRAME_LEN <= data_end)
+	if (rate_sink_keep && data + RATE_FRAME_LEN <= data_end &&
+	    ((struct ethhdr *)data)->h_proto == bpf_htons(ETH_P_IP) &&
+	    ((struct iphdr *)(data + sizeof(struct ethhdr)))->protocol == IPPROTO_UDP)
 		__builtin_memcpy(rate_sink_last, data, RATE_FRAME_LEN);
 	return XDP_DROP;
 }

@@ -128,6 +128,37 @@ struct {
 	__type(value, struct xdp_lb_counters);
 } xdp_lb_counters SEC(".maps");
 
+/* Per-CPU room for the ICMP error path's structs: its frame stays small enough to be called
+ * from the programs' own, which hold the balancing path (512 bytes for a whole call chain). */
+struct xdp_lb_icmp_scratch {
+	struct icmp_error err;
+	struct icmp_error_rewrite to;
+	struct xdp_lb_tuple rev;
+	struct xdp_lb_tuple key;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_icmp_scratch);
+} xdp_lb_icmp_scratch SEC(".maps");
+
+/* this CPU's clock as of its latest tick (now_ns), and the tick it last woke the events'
+ * reader in (emit) */
+struct xdp_lb_now {
+	__u64 tick; /* jiffies */
+	__u64 ns;
+	__u64 woke;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xdp_lb_now);
+} xdp_lb_now SEC(".maps");
+
 /* session affinity: (service, client address) -> the backend it got (include/service.h) */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -219,6 +250,26 @@ static __always_inline void copy_addr(__u32 *to, const __u32 *from)
 	to[3] = from[3];
 }
 
+/* Whether this event may wake the reader: once a tick per CPU at most. The ring wakes its
+ * reader for every event it finds caught up, and a reader keeping up with a flood of new
+ * flows is always caught up: each wakeup is an interrupt the CPU sends itself (on KVM, an exit
+ * to the host each). The reader picks up what waits without one at its next wakeup or poll
+ * timeout (100 ms). */
+static __always_inline __u64 wakeup_flags(void)
+{
+	struct xdp_lb_now *cpu;
+	__u64 tick = bpf_jiffies64();
+	__u32 zero = 0;
+
+	cpu = bpf_map_lookup_elem(&xdp_lb_now, &zero);
+	if (!cpu)
+		return 0;
+	if (cpu->woke == tick)
+		return BPF_RB_NO_WAKEUP;
+	cpu->woke = tick;
+	return 0;
+}
+
 static __always_inline void emit(__u8 kind, const struct xdp_lb_tuple *flow, const struct xdp_lb_flow *state,
 				 const struct service_endpoint *previous, __u32 len)
 {
@@ -242,7 +293,7 @@ static __always_inline void emit(__u8 kind, const struct xdp_lb_tuple *flow, con
 	event->len = len;
 	event->lb_port = state->lb_port;
 	event->kind = kind;
-	bpf_ringbuf_submit(event, 0);
+	bpf_ringbuf_submit(event, wakeup_flags());
 }
 
 struct find_ctx {
@@ -291,13 +342,34 @@ static __always_inline __u32 find_backend(const struct service_range *range,
 	return ~0U;
 }
 
-/* Now: from the coarse clock (5.11); xdp_lb_compat takes the precise one where the kernel
- * lacks it (chosen at load: the verifier drops the other branch). */
-static __always_inline __u64 now_ns(const bool compat)
+/* The clock, read: from the coarse clock (5.11); xdp_lb_compat takes the precise one where
+ * the kernel lacks it (chosen at load: the verifier drops the other branch). */
+static __always_inline __u64 clock_ns(const bool compat)
 {
 	if (!compat || bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_ktime_get_coarse_ns))
 		return bpf_ktime_get_coarse_ns();
 	return bpf_ktime_get_ns();
+}
+
+/* Now, to a tick: the clock read once per tick per CPU. A helper call costs more than the
+ * rest of a known flow's rewrite on some hosts (about 19 ns of a 29 ns test_run on AMD with
+ * SRSO's safe RET); jiffies are an inlined load, and so is this per-CPU entry from 6.10 on
+ * (before, one helper call as the clock was). A CPU that read the tick before the clock moved
+ * keeps a value one tick old until its next tick: every timeout here allows a tick. */
+static __always_inline __u64 now_ns(const bool compat)
+{
+	struct xdp_lb_now *cached;
+	__u64 tick = bpf_jiffies64();
+	__u32 zero = 0;
+
+	cached = bpf_map_lookup_elem(&xdp_lb_now, &zero);
+	if (!cached)
+		return clock_ns(compat);
+	if (cached->tick != tick) {
+		cached->ns = clock_ns(compat);
+		cached->tick = tick;
+	}
+	return cached->ns;
 }
 
 /* The flow's backend in the service's current list (its slot, refreshed when the list was
@@ -1104,64 +1176,71 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
 	void *data_end = (void *)(long)ctx->data_end;
-	struct icmp_error_rewrite to = {};
 	struct xdp_lb_backend *backend;
-	struct xdp_lb_tuple rev, key;
+	struct icmp_error_rewrite *to;
 	struct xdp_lb_reply *owner;
+	struct xdp_lb_icmp_scratch *s;
 	struct xdp_lb_counters *c;
 	struct xdp_lb_flow *flow;
-	struct icmp_error err;
+	struct icmp_error *err;
 	struct ethhdr *eth;
 	const __u8 *dst_mac;
+	__u32 zero = 0;
 
-	if (!parse_icmp_error(data, data_end, &err))
+	s = bpf_map_lookup_elem(&xdp_lb_icmp_scratch, &zero);
+	if (!s)
+		return XDP_PASS;
+	err = &s->err;
+	to = &s->to;
+	__builtin_memset(to, 0, sizeof(*to));
+	if (!parse_icmp_error(data, data_end, err))
 		return XDP_PASS;
 
 	/* backend leg: the quote is this node:lb_port -> backend, a reverse entry swapped */
-	__builtin_memset(&rev, 0, sizeof(rev));
-	copy_addr(rev.src, err.inner_dst);
-	copy_addr(rev.dst, err.inner_src);
-	rev.sport = err.inner_dport;
-	rev.dport = err.inner_sport;
-	rev.proto = err.inner_proto;
-	rev.family = err.family;
-	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &rev);
+	__builtin_memset(&s->rev, 0, sizeof(s->rev));
+	copy_addr(s->rev.src, err->inner_dst);
+	copy_addr(s->rev.dst, err->inner_src);
+	s->rev.sport = err->inner_dport;
+	s->rev.dport = err->inner_sport;
+	s->rev.proto = err->inner_proto;
+	s->rev.family = err->family;
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &s->rev);
 	if (owner) {
-		key = owner->client;
-		flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
-		if (!flow || !flow_owns(flow, &rev))
+		s->key = owner->client;
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &s->key);
+		if (!flow || !flow_owns(flow, &s->rev))
 			return XDP_PASS;
-		copy_addr(to.outer_src, key.dst);
-		copy_addr(to.outer_dst, key.src);
-		copy_addr(to.inner_src, key.src);
-		copy_addr(to.inner_dst, key.dst);
-		to.inner_sport = key.sport;
-		to.inner_dport = key.dport;
+		copy_addr(to->outer_src, s->key.dst);
+		copy_addr(to->outer_dst, s->key.src);
+		copy_addr(to->inner_src, s->key.src);
+		copy_addr(to->inner_dst, s->key.dst);
+		to->inner_sport = s->key.sport;
+		to->inner_dport = s->key.dport;
 		dst_mac = flow->client_mac;
 		c = counters();
 		if (c)
 			c->icmp_to_client++;
 	} else {
 		/* client leg: the quote is VIP -> client, a flow key swapped */
-		__builtin_memset(&key, 0, sizeof(key));
-		copy_addr(key.src, err.inner_dst);
-		copy_addr(key.dst, err.inner_src);
-		key.sport = err.inner_dport;
-		key.dport = err.inner_sport;
-		key.proto = err.inner_proto;
-		key.family = err.family;
-		flow = bpf_map_lookup_elem(&xdp_lb_flows, &key);
+		__builtin_memset(&s->key, 0, sizeof(s->key));
+		copy_addr(s->key.src, err->inner_dst);
+		copy_addr(s->key.dst, err->inner_src);
+		s->key.sport = err->inner_dport;
+		s->key.dport = err->inner_sport;
+		s->key.proto = err->inner_proto;
+		s->key.family = err->family;
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &s->key);
 		if (!flow)
 			return XDP_PASS;
 		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);
 		if (!backend || !endpoint_equal(&backend->endpoint, &flow->backend))
 			return XDP_PASS;
-		copy_addr(to.outer_src, flow->lb_addr);
-		copy_addr(to.outer_dst, flow->backend.addr);
-		copy_addr(to.inner_src, flow->backend.addr);
-		copy_addr(to.inner_dst, flow->lb_addr);
-		to.inner_sport = flow->backend.port;
-		to.inner_dport = flow->lb_port;
+		copy_addr(to->outer_src, flow->lb_addr);
+		copy_addr(to->outer_dst, flow->backend.addr);
+		copy_addr(to->inner_src, flow->backend.addr);
+		copy_addr(to->inner_dst, flow->lb_addr);
+		to->inner_sport = flow->backend.port;
+		to->inner_dport = flow->lb_port;
 		dst_mac = backend->mac;
 		c = counters();
 		if (c)
@@ -1170,7 +1249,7 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	eth = data;
 	if ((void *)(eth + 1) > data_end)
 		return XDP_PASS;
-	if (!rewrite_icmp_error(data, data_end, &err, &to))
+	if (!rewrite_icmp_error(data, data_end, err, to))
 		return XDP_PASS;
 	__builtin_memcpy(eth->h_source, eth->h_dest, ETH_ALEN);
 	__builtin_memcpy(eth->h_dest, dst_mac, ETH_ALEN);
@@ -1234,23 +1313,14 @@ static __always_inline int balance(struct xdp_md *ctx, const bool compat)
 	return XDP_PASS;
 }
 
-/* The program and its parts, each a subprogram with a frame of its own: kernels before 6.11
- * (6.1, 5.10) add up the frames of a call chain, each rounded up to 32 bytes, against the
- * 512 bytes of stack. The balancing path (about 330 bytes) and the ICMP path (about 370) are
- * called one after the other, never one inside the other, and the balancing path leaves
- * the subprograms it calls 128 (scripts/check-stack -v prints every chain). The balancing
- * path is two subprograms so that xdp_lb_compat holds no bpf_loop (5.10 refuses a program
- * with its callback in it, even where it is never called). */
-static __noinline int balance_with_loop(struct xdp_md *ctx)
-{
-	return balance(ctx, false);
-}
-
-static __noinline int balance_without_loop(struct xdp_md *ctx)
-{
-	return balance(ctx, true);
-}
-
+/* The programs: the balancing path in their own frame (a call and its return cost about 8 ns
+ * a packet on hosts with return thunks, a twelfth of a known flow's), the ICMP path a
+ * subprogram beside it. Kernels before 6.11 (6.1, 5.10) add up the frames of a call chain,
+ * each rounded up to 32 bytes, against the 512 bytes of stack: the balancing path (about 300
+ * bytes) leaves the ICMP path and the subprograms it calls about 200 (the ICMP path keeps its
+ * structs in a per-CPU map for that; scripts/check-stack -v prints every chain). xdp_lb_compat
+ * holds no bpf_loop (5.10 refuses a program with its callback in it, even where it is never
+ * called). */
 static __noinline int icmp_error(struct xdp_md *ctx)
 {
 	return icmp_error_of_flow(ctx);
@@ -1259,7 +1329,7 @@ static __noinline int icmp_error(struct xdp_md *ctx)
 SEC("xdp")
 int xdp_lb(struct xdp_md *ctx)
 {
-	int verdict = balance_with_loop(ctx);
+	int verdict = balance(ctx, false);
 
 	return verdict == NOT_L4 ? icmp_error(ctx) : verdict;
 }
@@ -1268,7 +1338,7 @@ int xdp_lb(struct xdp_md *ctx)
 SEC("xdp")
 int xdp_lb_compat(struct xdp_md *ctx)
 {
-	int verdict = balance_without_loop(ctx);
+	int verdict = balance(ctx, true);
 
 	return verdict == NOT_L4 ? icmp_error(ctx) : verdict;
 }

@@ -407,13 +407,59 @@ fn six_hundred_connections(lab: Lab, mode: Mode) {
     }
 }
 
+/// A burst of new flows: every flow's event is printed while the daemon runs, within a
+/// second. The program wakes its reader at most once a tick per CPU (a wakeup per event costs
+/// a flood an interrupt a packet), so the events that follow the reader's last read in that
+/// tick wait for its poll timeout.
+#[test]
+fn a_burst_of_new_flows_prints_every_event_while_it_runs() {
+    let lab = Lab::new("xlb-e2e9");
+    let daemon = lab.start(&[]);
+    let vip = sock(VIP4);
+    let sockets: Vec<UdpSocket> = (0..60).map(|i| udp_from(&lab, CLIENTS4[i % 3])).collect();
+    for socket in &sockets {
+        socket.send_to(b"burst", vip).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let new_flows = |stdout: Vec<String>| stdout.iter().filter(|line| line.starts_with("new flow")).count();
+    while new_flows(daemon.stdout()) < sockets.len() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let printed = new_flows(daemon.stdout());
+    let (code, stdout, stderr) = daemon.stop_with_output();
+    assert_eq!(code, Some(0), "{stderr:?}");
+    assert_eq!(
+        printed,
+        sockets.len(),
+        "new-flow events printed within 1 s of the burst (all {} by the exit)",
+        new_flows(stdout)
+    );
+}
+
 #[test]
 fn json_trace_persist_status_and_down() {
     let lab = Lab::new("xlb-e2e3");
     let daemon = lab.start(&["--json", "--trace"]);
     let socket = udp_from(&lab, CLIENTS6[1]);
     let (greeting, _) = udp_request(&socket, Some(sock(VIP6)));
-    std::thread::sleep(Duration::from_millis(300));
+    // printed while it runs, within a second: the program wakes its reader at most once a
+    // tick, and the reader takes what came without a wakeup at its next poll timeout
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let printed = |stdout: &[String]| {
+        ["new_flow", "to_backend", "to_client"].iter().all(|kind| {
+            stdout
+                .iter()
+                .any(|line| line.contains(&format!("\"event\":\"{kind}\"")))
+        })
+    };
+    while !printed(&daemon.stdout()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        printed(&daemon.stdout()),
+        "the flow's events not printed within 1 s: {:?}",
+        daemon.stdout()
+    );
     let (_, stdout, _) = daemon.stop_with_output();
     let events: Vec<Value> = stdout
         .iter()

@@ -931,6 +931,8 @@ impl Datapath for XdpLb {
                     return Err(err).context("reading events");
                 }
             }
+            // events written without a wakeup (at most one a tick per CPU wakes this reader)
+            events.consume().context("reading events")?;
             match shutdown.next_timeout(Duration::ZERO) {
                 Some(run::Request::Stop) => break,
                 Some(request @ (run::Request::Reload | run::Request::Health)) => {

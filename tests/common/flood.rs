@@ -78,6 +78,9 @@ pub fn syn_frame(
     frame
 }
 
+/// Frames a flood hands the kernel in one system call.
+const FLOOD_BATCH: usize = 32;
+
 /// What a flood sent.
 #[derive(Debug, Clone, Copy)]
 pub struct FloodReport {
@@ -144,35 +147,64 @@ pub fn syn_flood_paced(
         let mut rng: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(std::process::id());
         let start = Instant::now();
         let mut sent = 0;
+        // in batches of sendmmsg: a system call a frame holds the flood to a third of the
+        // rate on hosts whose kernel pays for every return (AMD with SRSO's safe RET)
+        let mut frames: Vec<Vec<u8>> = Vec::with_capacity(FLOOD_BATCH);
         while sent < count && start.elapsed() < limit {
+            let mut room = (count - sent).min(FLOOD_BATCH as u64);
             if let Some(spread) = spread {
                 let due = (count as f64 * start.elapsed().as_secs_f64() / spread.as_secs_f64()) as u64;
                 if sent > due + 200 {
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
+                room = room.min(due + 201 - sent);
             }
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            let src = SocketAddrV4::new(
-                Ipv4Addr::new(subnet[0], subnet[1], (rng >> 8) as u8, (rng >> 16) as u8 | 1),
-                1024 + (rng >> 24) as u16 % 60000,
-            );
-            let frame = syn_frame(src_mac, dst_mac, src, vip, (rng >> 32) as u32);
-            // SAFETY: the frame and address live across the call.
+            frames.clear();
+            for _ in 0..room {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let src = SocketAddrV4::new(
+                    Ipv4Addr::new(subnet[0], subnet[1], (rng >> 8) as u8, (rng >> 16) as u8 | 1),
+                    1024 + (rng >> 24) as u16 % 60000,
+                );
+                frames.push(syn_frame(src_mac, dst_mac, src, vip, (rng >> 32) as u32));
+            }
+            let mut iovecs: Vec<libc::iovec> = frames
+                .iter_mut()
+                .map(|frame| libc::iovec {
+                    iov_base: frame.as_mut_ptr().cast(),
+                    iov_len: frame.len(),
+                })
+                .collect();
+            let mut messages: Vec<libc::mmsghdr> = iovecs
+                .iter_mut()
+                .map(|iov| {
+                    // SAFETY: a zeroed msghdr is a valid empty one; filled in below.
+                    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+                    header.msg_name = (&mut addr as *mut libc::sockaddr_ll).cast();
+                    header.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
+                    header.msg_iov = iov;
+                    header.msg_iovlen = 1;
+                    libc::mmsghdr {
+                        msg_hdr: header,
+                        msg_len: 0,
+                    }
+                })
+                .collect();
+            // SAFETY: the headers point at the frames, iovecs and address, which live across
+            // the call.
             let n = unsafe {
-                libc::sendto(
+                libc::sendmmsg(
                     socket.as_raw_fd(),
-                    frame.as_ptr().cast(),
-                    frame.len(),
+                    messages.as_mut_ptr(),
+                    messages.len() as u32,
                     0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
                 )
             };
             if n > 0 {
-                sent += 1;
+                sent += n as u64;
             }
         }
         FloodReport {
