@@ -133,7 +133,7 @@ struct {
 struct xdp_lb_icmp_scratch {
 	struct icmp_error err;
 	struct icmp_error_rewrite to;
-	struct xdp_lb_tuple rev;
+	struct xdp_lb_tuple quote; /* the quoted packet's tuple, swapped */
 	struct xdp_lb_tuple key;
 };
 
@@ -1191,24 +1191,24 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 	if (!s)
 		return XDP_PASS;
 	err = &s->err;
-	to = &s->to;
-	__builtin_memset(to, 0, sizeof(*to));
+	to = &s->to; /* every field written below, in either leg */
 	if (!parse_icmp_error(data, data_end, err))
 		return XDP_PASS;
 
-	/* backend leg: the quote is this node:lb_port -> backend, a reverse entry swapped */
-	__builtin_memset(&s->rev, 0, sizeof(s->rev));
-	copy_addr(s->rev.src, err->inner_dst);
-	copy_addr(s->rev.dst, err->inner_src);
-	s->rev.sport = err->inner_dport;
-	s->rev.dport = err->inner_sport;
-	s->rev.proto = err->inner_proto;
-	s->rev.family = err->family;
-	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &s->rev);
+	/* the quote swapped: a reverse entry's key if the error is about the backend leg (the
+	 * quote is this node:lb_port -> backend), else a flow's key (the quote is VIP -> client) */
+	__builtin_memset(&s->quote, 0, sizeof(s->quote));
+	copy_addr(s->quote.src, err->inner_dst);
+	copy_addr(s->quote.dst, err->inner_src);
+	s->quote.sport = err->inner_dport;
+	s->quote.dport = err->inner_sport;
+	s->quote.proto = err->inner_proto;
+	s->quote.family = err->family;
+	owner = bpf_map_lookup_elem(&xdp_lb_reverse, &s->quote);
 	if (owner) {
 		s->key = owner->client;
 		flow = bpf_map_lookup_elem(&xdp_lb_flows, &s->key);
-		if (!flow || !flow_owns(flow, &s->rev))
+		if (!flow || !flow_owns(flow, &s->quote))
 			return XDP_PASS;
 		copy_addr(to->outer_src, s->key.dst);
 		copy_addr(to->outer_dst, s->key.src);
@@ -1221,15 +1221,7 @@ static __always_inline int icmp_error_of_flow(struct xdp_md *ctx)
 		if (c)
 			c->icmp_to_client++;
 	} else {
-		/* client leg: the quote is VIP -> client, a flow key swapped */
-		__builtin_memset(&s->key, 0, sizeof(s->key));
-		copy_addr(s->key.src, err->inner_dst);
-		copy_addr(s->key.dst, err->inner_src);
-		s->key.sport = err->inner_dport;
-		s->key.dport = err->inner_sport;
-		s->key.proto = err->inner_proto;
-		s->key.family = err->family;
-		flow = bpf_map_lookup_elem(&xdp_lb_flows, &s->key);
+		flow = bpf_map_lookup_elem(&xdp_lb_flows, &s->quote);
 		if (!flow)
 			return XDP_PASS;
 		backend = bpf_map_lookup_elem(&xdp_lb_backends, &flow->slot);

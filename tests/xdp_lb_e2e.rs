@@ -420,19 +420,16 @@ fn a_burst_of_new_flows_prints_every_event_while_it_runs() {
     for socket in &sockets {
         socket.send_to(b"burst", vip).unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    let new_flows = |stdout: Vec<String>| stdout.iter().filter(|line| line.starts_with("new flow")).count();
-    while new_flows(daemon.stdout()) < sockets.len() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let printed = new_flows(daemon.stdout());
+    let new_flows = |stdout: &[String]| stdout.iter().filter(|line| line.starts_with("new flow")).count();
+    let printed =
+        new_flows(&daemon.wait_stdout(|lines| new_flows(lines) == sockets.len(), Duration::from_secs(1)));
     let (code, stdout, stderr) = daemon.stop_with_output();
     assert_eq!(code, Some(0), "{stderr:?}");
     assert_eq!(
         printed,
         sockets.len(),
         "new-flow events printed within 1 s of the burst (all {} by the exit)",
-        new_flows(stdout)
+        new_flows(&stdout)
     );
 }
 
@@ -444,7 +441,6 @@ fn json_trace_persist_status_and_down() {
     let (greeting, _) = udp_request(&socket, Some(sock(VIP6)));
     // printed while it runs, within a second: the program wakes its reader at most once a
     // tick, and the reader takes what came without a wakeup at its next poll timeout
-    let deadline = Instant::now() + Duration::from_secs(1);
     let printed = |stdout: &[String]| {
         ["new_flow", "to_backend", "to_client"].iter().all(|kind| {
             stdout
@@ -452,13 +448,10 @@ fn json_trace_persist_status_and_down() {
                 .any(|line| line.contains(&format!("\"event\":\"{kind}\"")))
         })
     };
-    while !printed(&daemon.stdout()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let lines = daemon.wait_stdout(printed, Duration::from_secs(1));
     assert!(
-        printed(&daemon.stdout()),
-        "the flow's events not printed within 1 s: {:?}",
-        daemon.stdout()
+        printed(&lines),
+        "the flow's events not printed within 1 s: {lines:?}"
     );
     let (_, stdout, _) = daemon.stop_with_output();
     let events: Vec<Value> = stdout

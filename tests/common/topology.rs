@@ -208,6 +208,18 @@ impl Daemon {
         None
     }
 
+    /// Waits (bounded) until its stdout so far satisfies `done`; returns the lines then.
+    pub fn wait_stdout(&self, done: impl Fn(&[String]) -> bool, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.stdout();
+            if done(&lines) || Instant::now() >= deadline {
+                return lines;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether it has exited by now (without waiting).
     pub fn has_exited(&mut self) -> bool {
         match self.child.as_mut() {
