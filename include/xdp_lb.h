@@ -40,8 +40,9 @@
 #define XDP_LB_DEFAULT_FLOOD_RATE 40000
 
 /* One direction of a flow as it arrives: client -> VIP (the flow table's key), or
- * backend -> this node (the reverse table's key). 8-byte aligned: xdp_lb.c writes the
- * packet's tuple in 8-byte stores (tuple_of). */
+ * backend -> this node (the reverse table's key); the IPv4 tables take it as a struct
+ * xdp_lb_tuple4. 8-byte aligned: xdp_lb.c writes the packet's tuple in 8-byte stores
+ * (tuple_of). */
 struct __attribute__((aligned(8))) xdp_lb_tuple {
 	__u32 src[4];
 	__u32 dst[4];
@@ -50,6 +51,18 @@ struct __attribute__((aligned(8))) xdp_lb_tuple {
 	__u8 proto;
 	__u8 family;
 	__u16 pad;
+};
+
+/* An IPv4 tuple as the IPv4 flow and reverse tables' key (xdp_lb_flows4, xdp_lb_reverse4):
+ * 16 bytes, where struct xdp_lb_tuple takes 40 for IPv6's addresses. 8-byte aligned: xdp_lb.c
+ * writes it in 8-byte stores (key4_of). */
+struct __attribute__((aligned(8))) xdp_lb_tuple4 {
+	__be32 src;
+	__be32 dst;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 pad[3];
 };
 
 /* The reverse table's value: what a backend's reply needs to reach its client without a

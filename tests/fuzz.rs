@@ -800,7 +800,7 @@ fn every_packet_program_keeps_its_invariants_under_fuzzed_frames() {
         }
         let mut must_translate = Vec::new();
         let mut foreign = Vec::new();
-        for flow in xdp_lb::flows(&xdp.maps.xdp_lb_flows).unwrap() {
+        for flow in xdp_lb::all_flows(&xdp).unwrap() {
             let (client, vip) = (flow.client.to_string(), flow.vip.to_string());
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port).to_string();
             let never = SocketAddr::new(flow.lb_addr, 30000).to_string();
@@ -943,7 +943,19 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             .unwrap()
             .return_value as i32
         };
-        let decode = |bytes: &[u8]| -> xdp_lb_tuple { from_bytes("tuple", bytes).unwrap() };
+        let decode = |bytes: &[u8]| -> xdp_lb_tuple { xdp_lb::tuple_of_key(bytes).unwrap() };
+        // every (key, value) of the tables of both families
+        let entries = |tables: &[&libbpf_rs::Map<'_>]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            tables
+                .iter()
+                .flat_map(|table| {
+                    table.keys().filter_map(|key| {
+                        let value = table.lookup(&key, MapFlags::ANY).unwrap()?;
+                        Some((key, value))
+                    })
+                })
+                .collect()
+        };
         let mut rng = Rng(seed() ^ 0x57a7e);
         // per client: 0 nothing, 1 SYN sent, 2 answered, 3 established, 4 closed
         let clients: Vec<SocketAddr> = (0..150u32)
@@ -961,7 +973,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
         while started < sequences {
             let i = rng.below(clients.len());
             let client = clients[i];
-            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let flows = xdp_lb::all_flows(&skel).unwrap();
             let flow = flows.iter().find(|f| f.client == client).cloned();
             let from_backend = |f: &xdp_lb::Flow, flags: &str, data: &[u8]| {
                 tcp(BACKEND_MAC, f.backend, SocketAddr::new(f.lb_addr, f.lb_port), flags, data)
@@ -1003,7 +1015,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             frames += 1;
             // the handshake's ACK went through: established from here on
             if stage[i] == 3 && verdict == XDP_TX && !established.contains_key(&client) {
-                if let Some(f) = xdp_lb::flows(&skel.maps.xdp_lb_flows)
+                if let Some(f) = xdp_lb::all_flows(&skel)
                     .unwrap()
                     .into_iter()
                     .find(|f| f.client == client)
@@ -1015,13 +1027,10 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
                 stage[i] = 0;
             }
             // invariants
-            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let flows = xdp_lb::all_flows(&skel).unwrap();
             // client -> the flow's backend slot
             let mut slots = HashMap::new();
-            for key in skel.maps.xdp_lb_flows.keys() {
-                let Some(value) = skel.maps.xdp_lb_flows.lookup(&key, MapFlags::ANY).unwrap() else {
-                    continue;
-                };
+            for (key, value) in entries(&[&skel.maps.xdp_lb_flows4, &skel.maps.xdp_lb_flows6]) {
                 let (k, v): (xdp_lb_tuple, xdp_lb_flow) = (decode(&key), from_bytes("flow", &value).unwrap());
                 let client = SocketAddr::new(
                     ebpf_net::kernel::addr::ip_from_words(k.family, k.src),
@@ -1031,10 +1040,7 @@ fn xdp_lb_stateful_sequences_keep_the_tables_consistent() {
             }
             // (backend, port) -> what a reply of that flow is rewritten with
             let mut reverse = HashMap::new();
-            for key in skel.maps.xdp_lb_reverse.keys() {
-                let Some(value) = skel.maps.xdp_lb_reverse.lookup(&key, MapFlags::ANY).unwrap() else {
-                    continue;
-                };
+            for (key, value) in entries(&[&skel.maps.xdp_lb_reverse4, &skel.maps.xdp_lb_reverse6]) {
                 let (k, v): (xdp_lb_tuple, xdp_lb_reply) = (decode(&key), from_bytes("reply", &value).unwrap());
                 let backend = SocketAddr::new(
                     ebpf_net::kernel::addr::ip_from_words(k.family, k.src),

@@ -695,22 +695,22 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
         echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
         stderr
     };
-    // the reverse table pinned by an earlier version (v2: its values were the client tuple
-    // alone): said so, and no setting offered that could bring it back
-    std::fs::rename(format!("{dir}/reverse_v3"), format!("{dir}/reverse_v2")).unwrap();
-    let said = refused("an older reverse table", &["reverse_v2", "earlier version"]);
+    // the reverse table pinned by an earlier version (v3: IPv4's and IPv6's in one): said
+    // so, and no setting offered that could bring it back
+    std::fs::rename(format!("{dir}/reverse_v4"), format!("{dir}/reverse_v3")).unwrap();
+    let said = refused("an older reverse table", &["reverse_v3", "earlier version"]);
     assert!(!said.contains("--max-flows"), "{said}");
-    std::fs::rename(format!("{dir}/reverse_v2"), format!("{dir}/reverse_v3")).unwrap();
+    std::fs::rename(format!("{dir}/reverse_v3"), format!("{dir}/reverse_v4")).unwrap();
 
-    // someone else's map where the flow table's pin was
-    std::fs::remove_file(format!("{dir}/flows_v2")).unwrap();
+    // someone else's map where the (IPv4) flow table's pin was
+    std::fs::remove_file(format!("{dir}/flows4_v1")).unwrap();
     let made = Command::new("bpftool")
-        .args(["map", "create", &format!("{dir}/flows_v2"), "type", "hash"])
+        .args(["map", "create", &format!("{dir}/flows4_v1"), "type", "hash"])
         .args(["key", "8", "value", "8", "entries", "64", "name", "foreign"])
         .output()
         .unwrap();
     assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    refused("a foreign flow table", &["flows_v2"]);
+    refused("a foreign flow table", &["flows4_v1"]);
     let down = lab.ebpf_net(&["down", "xdp-lb"]);
     assert!(down.status.success(), "{}", String::from_utf8_lossy(&down.stderr));
     assert!(!lab.xdp_attached());

@@ -203,7 +203,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
                 let input = frame(client_mac, LB_MAC, client, vip, l4);
                 let (verdict, _) = run(prog, &input);
                 assert_eq!(verdict, XDP_TX, "{name} {client}");
-                let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+                let flows = xdp_lb::all_flows(&skel).unwrap();
                 let flow = flow_of(&flows, client, vip, proto_of(l4));
                 assert_eq!(flow.lb_addr, lb_addr(vip), "{name}");
                 assert_eq!(flow.client_mac, client_mac, "{name}");
@@ -232,7 +232,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
                     &to_client,
                 );
             }
-            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let flows = xdp_lb::all_flows(&skel).unwrap();
             let a = flow_of(&flows, client, vip, proto_of(l4));
             let b = flow_of(&flows, other_client, vip, proto_of(l4));
             assert!(
@@ -240,7 +240,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
                 "{name}: two clients on one source port share {a:?}"
             );
         }
-        assert_eq!(xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(), 8);
+        assert_eq!(xdp_lb::all_flows(&skel).unwrap().len(), 8);
 
         // untouched: other ports of a VIP, unknown replies, frames that are not ours
         let client = sock("10.0.0.1:40000");
@@ -308,7 +308,7 @@ fn clients_go_to_backends_and_replies_come_back_rewritten() {
             }
         }
         assert_eq!(
-            xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().len(),
+            xdp_lb::all_flows(&skel).unwrap().len(),
             8,
             "no flow from bad frames"
         );
@@ -330,7 +330,7 @@ fn header_variants_keep_their_shape_and_checksums() {
         let client = sock("10.0.0.1:1111");
         let input = zero_udp_checksum(frame(CLIENT_MAC, LB_MAC, client, vip, L4::Udp));
         run(prog, &input);
-        let flow = flow_of(&xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(), client, vip, 17);
+        let flow = flow_of(&xdp_lb::all_flows(&skel).unwrap(), client, vip, 17);
         let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
         let output = zero_udp_checksum(frame(LB_MAC, backend_mac(backend), lb, backend, L4::Udp));
         expect(prog, "udp without checksum", &input, XDP_TX, &output);
@@ -348,7 +348,7 @@ fn header_variants_keep_their_shape_and_checksums() {
         let backend80 = sock("10.1.0.2:8080");
         let input = with_vlan(&with_options(client, vip80, CLIENT_MAC, LB_MAC));
         run(prog, &input);
-        let flow = flow_of(&xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(), client, vip80, 6);
+        let flow = flow_of(&xdp_lb::all_flows(&skel).unwrap(), client, vip80, 6);
         let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
         let output = with_vlan(&with_options(lb, backend80, LB_MAC, backend_mac(backend80)));
         expect(prog, "vlan + ip options", &input, XDP_TX, &output);
@@ -382,7 +382,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Tcp));
             assert_eq!(verdict, XDP_TX, "{client}");
         }
-        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let flows = xdp_lb::all_flows(&skel).unwrap();
         assert!(
             flows.len() <= 256 && flows.len() >= 128,
             "{} flows in a table of 256",
@@ -413,7 +413,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
             let (got, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client, vip, L4::Tcp));
             assert_eq!(got, verdict, "client {client}");
         }
-        let mut ports: Vec<u16> = xdp_lb::flows(&skel.maps.xdp_lb_flows)
+        let mut ports: Vec<u16> = xdp_lb::all_flows(&skel)
             .unwrap()
             .iter()
             .map(|flow| flow.lb_port)
@@ -421,7 +421,7 @@ fn a_full_flow_table_makes_room_and_sources_ports_run_out_cleanly() {
         ports.sort();
         assert_eq!(ports, vec![20000, 20001, 20002, 20003]);
         // four clients on one source port, one backend: each reply finds its own client
-        for flow in xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap() {
+        for flow in xdp_lb::all_flows(&skel).unwrap() {
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
             let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Tcp);
             let to_client = frame(LB_MAC, CLIENT_MAC, vip, flow.client, L4::Tcp);
@@ -457,21 +457,21 @@ fn a_flow_keeps_its_backend_until_that_backend_leaves() {
         }
         // established (the backend answered, the client spoke again): a half-open flow may
         // lose its port to a new flow after a second, which a slow VM's test reaches
-        for flow in xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap() {
+        for flow in xdp_lb::all_flows(&skel).unwrap() {
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
             let reply = frame(backend_mac(flow.backend), LB_MAC, flow.backend, lb, L4::Udp);
             assert_eq!(run(prog, &reply).0, XDP_TX, "reply of {flow:?}");
             let again = frame(CLIENT_MAC, LB_MAC, flow.client, vip, L4::Udp);
             assert_eq!(run(prog, &again).0, XDP_TX, "{flow:?} again");
         }
-        let before = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let before = xdp_lb::all_flows(&skel).unwrap();
         let removed = all[0].backends[0].addr;
         let fewer = services(&["10.96.0.10:80=10.1.0.3:8080,10.1.0.4:8080"]);
         xdp_lb::sync(&tables, &fewer, &backends_of(&all)).unwrap();
         for client in &clients {
             run(prog, &frame(CLIENT_MAC, LB_MAC, *client, vip, L4::Udp));
         }
-        let after = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let after = xdp_lb::all_flows(&skel).unwrap();
         let mut moved = 0;
         for old in &before {
             let new = flow_of(&after, old.client, vip, 17);
@@ -548,12 +548,7 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
             .map(|i| {
                 let (verdict, _) = run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
                 assert_eq!(verdict, XDP_TX);
-                let flow = flow_of(
-                    &xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(),
-                    client(i),
-                    vip,
-                    6,
-                );
+                let flow = flow_of(&xdp_lb::all_flows(&skel).unwrap(), client(i), vip, 6);
                 assert_eq!(run(prog, &reply_of(&flow)).0, XDP_TX);
                 let ack = as_ack(frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp));
                 assert_eq!(run(prog, &ack).0, XDP_TX);
@@ -564,11 +559,11 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
             if run(prog, &frame(CLIENT_MAC, LB_MAC, client(*i), vip, L4::Tcp)).0 != XDP_TX {
                 return false;
             }
-            let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+            let flows = xdp_lb::all_flows(&skel).unwrap();
             run(prog, &reply_of(&flow_of(&flows, client(*i), vip, 6))).0 == XDP_TX
         });
         assert!(floods.count() > 2900, "half-open flows make room for each other");
-        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let flows = xdp_lb::all_flows(&skel).unwrap();
         assert!(flows.len() <= 16, "{} flows in a table of 16", flows.len());
         for flow in &established {
             assert_eq!(&flow_of(&flows, flow.client, vip, 6), flow);
@@ -585,7 +580,7 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
         // a table full of established flows takes no new one: dropped and counted
         for i in 4000..4200 {
             if run(prog, &frame(CLIENT_MAC, LB_MAC, client(i), vip, L4::Tcp)).0 == XDP_TX {
-                let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+                let flows = xdp_lb::all_flows(&skel).unwrap();
                 assert_eq!(
                     run(prog, &reply_of(&flow_of(&flows, client(i), vip, 6))).0,
                     XDP_TX
@@ -594,7 +589,7 @@ fn established_flows_outlive_a_flood_and_the_detector_admits_clients_that_ask_ag
                 assert_eq!(run(prog, &ack).0, XDP_TX);
             }
         }
-        let flows = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap();
+        let flows = xdp_lb::all_flows(&skel).unwrap();
         assert_eq!(flows.len(), 16);
         for flow in &established {
             assert_eq!(&flow_of(&flows, flow.client, vip, 6), flow);
@@ -691,12 +686,7 @@ fn icmp_errors_of_flows_reach_the_other_side_translated() {
             let request = frame(ROUTER_MAC, LB_MAC, client, vip, l4);
             let (verdict, _) = run(prog, &request);
             assert_eq!(verdict, XDP_TX);
-            let flow = flow_of(
-                &xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap(),
-                client,
-                vip,
-                proto_of(l4),
-            );
+            let flow = flow_of(&xdp_lb::all_flows(&skel).unwrap(), client, vip, proto_of(l4));
             let lb = SocketAddr::new(flow.lb_addr, flow.lb_port);
             let backend = flow.backend;
             let bmac = backend_mac(backend);

@@ -278,7 +278,7 @@ fn xdp_rows(settings: &Settings) -> Vec<Row> {
         let request = l4_frame(client, vip, L4::Tcp);
         let prog = xdp_lb::program(&skel);
         run_once(prog, &request);
-        let flow = xdp_lb::flows(&skel.maps.xdp_lb_flows).unwrap().remove(0);
+        let flow = xdp_lb::all_flows(&skel).unwrap().remove(0);
         let reply = l4_frame(flow.backend, SocketAddr::new(flow.lb_addr, flow.lb_port), L4::Tcp);
         let other = l4_frame(client, sock("10.0.0.2:80"), L4::Tcp);
         let cases: Vec<Case<'_>> = vec![

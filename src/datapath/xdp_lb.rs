@@ -27,7 +27,7 @@ use crate::kernel::neigh;
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::xdp_lb::types::{
     service_endpoint, xdp_lb_backend, xdp_lb_counters, xdp_lb_event, xdp_lb_flow, xdp_lb_reply, xdp_lb_stats,
-    xdp_lb_tuple,
+    xdp_lb_tuple, xdp_lb_tuple4,
 };
 use crate::kernel::skel::xdp_lb::{XdpLbSkel, XdpLbSkelBuilder};
 
@@ -95,20 +95,36 @@ const PIN_STATS: MapPin = MapPin {
     on_change: OnChange::Rebuild,
 };
 /// Flows survive a change of --max-flows: copied into the new tables.
-// v2: plain hashes with a flow clock instead of LRUs
+// v2: plain hashes with a flow clock instead of LRUs; v3: IPv6 flows only (IPv4's: flows4)
 const PIN_FLOWS: MapPin = MapPin {
-    map: "xdp_lb_flows",
+    map: "xdp_lb_flows6",
     name: "flows",
-    version: 2,
+    version: 3,
     on_change: OnChange::Copy {
         setting: "--max-flows",
     },
 };
-// v3: values carry what a reply needs (struct xdp_lb_reply)
+const PIN_FLOWS4: MapPin = MapPin {
+    map: "xdp_lb_flows4",
+    name: "flows4",
+    version: 1,
+    on_change: OnChange::Copy {
+        setting: "--max-flows",
+    },
+};
+// v3: values carry what a reply needs (struct xdp_lb_reply); v4: IPv6 only (IPv4's: reverse4)
 const PIN_REVERSE: MapPin = MapPin {
-    map: "xdp_lb_reverse",
+    map: "xdp_lb_reverse6",
     name: "reverse",
-    version: 3,
+    version: 4,
+    on_change: OnChange::Copy {
+        setting: "--max-flows",
+    },
+};
+const PIN_REVERSE4: MapPin = MapPin {
+    map: "xdp_lb_reverse4",
+    name: "reverse4",
+    version: 1,
     on_change: OnChange::Copy {
         setting: "--max-flows",
     },
@@ -144,6 +160,7 @@ unsafe impl plain::Plain for xdp_lb_backend {}
 unsafe impl plain::Plain for xdp_lb_event {}
 unsafe impl plain::Plain for xdp_lb_flow {}
 unsafe impl plain::Plain for xdp_lb_tuple {}
+unsafe impl plain::Plain for xdp_lb_tuple4 {}
 unsafe impl plain::Plain for xdp_lb_reply {}
 
 crate::endpoint_conversions!(service_endpoint);
@@ -462,8 +479,10 @@ pub fn load<'obj>(
     let compat = needs_compat();
     open.progs.xdp_lb.set_autoload(!compat);
     open.progs.xdp_lb_compat.set_autoload(compat);
-    open.maps.xdp_lb_flows.set_max_entries(options.max_flows)?;
-    open.maps.xdp_lb_reverse.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_flows4.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_flows6.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_reverse4.set_max_entries(options.max_flows)?;
+    open.maps.xdp_lb_reverse6.set_max_entries(options.max_flows)?;
     open.maps.xdp_lb_clock.set_max_entries(options.max_flows)?;
     if let Some(pins) = pins {
         pins.prepare(open.open_object_mut(), SUBCOMMAND, PINS)?;
@@ -709,7 +728,9 @@ const PINS: &[MapPin] = &[
     PIN_WEIGHTS,
     PIN_STATS,
     PIN_RINGS,
+    PIN_FLOWS4,
     PIN_FLOWS,
+    PIN_REVERSE4,
     PIN_REVERSE,
     PIN_CLOCK,
     PIN_COUNTERS,
@@ -720,7 +741,8 @@ const PINS: &[MapPin] = &[
 pub struct View {
     tables: Tables,
     counters: MapHandle,
-    flows: MapHandle,
+    /// IPv4's flow table and IPv6's
+    flows: [MapHandle; 2],
 }
 
 impl Datapath for XdpLb {
@@ -850,21 +872,23 @@ impl Datapath for XdpLb {
         Ok(View {
             tables: Tables::of(&loaded.skel)?,
             counters: MapHandle::try_from(&loaded.skel.maps.xdp_lb_counters)?,
-            flows: MapHandle::try_from(&loaded.skel.maps.xdp_lb_flows)?,
+            flows: [
+                MapHandle::try_from(&loaded.skel.maps.xdp_lb_flows4)?,
+                MapHandle::try_from(&loaded.skel.maps.xdp_lb_flows6)?,
+            ],
         })
     }
     fn view_pinned(pins: &PinDir) -> Result<View> {
         Ok(View {
             tables: Tables::pinned(pins)?,
             counters: pins.open_map(&PIN_COUNTERS)?,
-            flows: pins.open_map(&PIN_FLOWS)?,
+            flows: [pins.open_map(&PIN_FLOWS4)?, pins.open_map(&PIN_FLOWS)?],
         })
     }
     fn report(view: &View) -> Result<Report> {
         let services: Vec<ServiceReport<xdp_lb_stats>> = service::service_report(&view.tables.services)?;
         let totals: xdp_lb_counters = maps::sum_percpu_counters(&view.counters, 0)?;
-        // an LRU table can briefly hold more keys than its size while CPUs evict
-        let flows = (view.flows.keys().count() as u64).min(u64::from(view.flows.max_entries()));
+        let flows: u64 = view.flows.iter().map(|table| table.keys().count() as u64).sum();
         let mut families = counters::service_families(SUBCOMMAND, &services);
         families.extend(crate::control::health::families(SUBCOMMAND));
         let all = service::grand_total(&services);
@@ -885,7 +909,8 @@ impl Datapath for XdpLb {
             .map(|service| service.summary(backend_words))
             .collect();
         exit.push(describe_counters(&totals));
-        let max_flows = view.flows.max_entries();
+        // the flow clock's size: both tables' flows together
+        let max_flows = view.flows[0].max_entries();
         Ok(Report {
             on_detach: None,
             summary: format!(
@@ -1057,14 +1082,14 @@ pub struct Flow {
     pub client_mac: [u8; 6],
 }
 
-/// Every flow of a flow table.
+/// Every flow of a flow table (IPv4's or IPv6's: told apart by their keys' size).
 pub fn flows(map: &impl MapCore) -> Result<Vec<Flow>> {
     let mut flows = Vec::new();
     for key in map.keys() {
         let Some(value) = map.lookup(&key, MapFlags::ANY)? else {
             continue;
         };
-        let tuple: xdp_lb_tuple = maps::from_bytes("flow key", &key)?;
+        let tuple = tuple_of_key(&key)?;
         let flow: xdp_lb_flow = maps::from_bytes("flow", &value)?;
         let (client, vip) = tuple_ends(&tuple);
         flows.push(Flow {
@@ -1078,6 +1103,31 @@ pub fn flows(map: &impl MapCore) -> Result<Vec<Flow>> {
         });
     }
     Ok(flows)
+}
+
+/// Every flow of a loaded program, IPv4's and IPv6's.
+pub fn all_flows(skel: &XdpLbSkel<'_>) -> Result<Vec<Flow>> {
+    let mut all = flows(&skel.maps.xdp_lb_flows4)?;
+    all.extend(flows(&skel.maps.xdp_lb_flows6)?);
+    Ok(all)
+}
+
+/// A flow or reverse table's key as a tuple: an IPv4 table's 16 bytes (struct
+/// xdp_lb_tuple4) or an IPv6 table's whole tuple.
+pub fn tuple_of_key(key: &[u8]) -> Result<xdp_lb_tuple> {
+    if key.len() != size_of::<xdp_lb_tuple4>() {
+        return maps::from_bytes("flow key", key);
+    }
+    let key4: xdp_lb_tuple4 = maps::from_bytes("IPv4 flow key", key)?;
+    Ok(xdp_lb_tuple {
+        src: [key4.src, 0, 0, 0],
+        dst: [key4.dst, 0, 0, 0],
+        sport: key4.sport,
+        dport: key4.dport,
+        proto: key4.proto,
+        family: libc::AF_INET as u8,
+        ..Default::default()
+    })
 }
 
 #[cfg(test)]
