@@ -632,6 +632,45 @@ fn bad_input_gets_one_line_and_leaves_nothing_attached() {
     assert!(attached.is_empty(), "{attached:?}");
 }
 
+/// Makes the table an earlier version pinned as `earlier` (both families in one, keyed by
+/// 40-byte tuples) of today's IPv4 and IPv6 `tables` in `dir`, and removes those.
+fn merge_into_earlier(dir: &str, tables: [&str; 2], earlier: &str) {
+    use ebpf_net::kernel::maps::as_bytes;
+    use libbpf_rs::{MapCore, MapFlags, MapHandle, MapType};
+    let [v4, v6] = tables.map(|name| MapHandle::from_pinned_path(format!("{dir}/{name}")).unwrap());
+    let opts = libbpf_sys::bpf_map_create_opts {
+        sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
+        ..Default::default()
+    };
+    let merged = MapHandle::create(
+        MapType::Hash,
+        Some("earlier"),
+        40,
+        v4.value_size(),
+        v4.max_entries(),
+        &opts,
+    )
+    .unwrap();
+    let mut count = 0;
+    for table in [&v4, &v6] {
+        for key in table.keys() {
+            let value = table.lookup(&key, MapFlags::ANY).unwrap().unwrap();
+            let tuple = ebpf_net::datapath::xdp_lb::tuple_of_key(&key).unwrap();
+            merged.update(as_bytes(&tuple), &value, MapFlags::ANY).unwrap();
+            count += 1;
+        }
+    }
+    assert!(
+        count >= 2,
+        "{tables:?}: {count} entries, want an IPv4 and an IPv6 flow"
+    );
+    let mut merged = merged;
+    merged.pin(format!("{dir}/{earlier}")).unwrap();
+    for name in tables {
+        std::fs::remove_file(format!("{dir}/{name}")).unwrap();
+    }
+}
+
 /// One round on an open connection: `data` out, the same bytes echoed back.
 fn echo_round(stream: &TcpStream, data: &[u8]) -> std::io::Result<()> {
     let mut writer = stream;
@@ -682,6 +721,42 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
     assert!(entry["details"]["flows"].as_u64().unwrap() >= 1, "{entry}");
 
     let dir = entry["path"].as_str().unwrap().to_string();
+
+    // an upgrade from the version whose tables both families shared (flows_v2, reverse_v3):
+    // those tables made of today's, with an IPv6 connection open beside the IPv4 one; the
+    // re-run takes their entries over by family and both connections keep their way
+    let stream6 = connect_from(&lab, CLIENTS6[0], sock(VIP6)).expect("connect to the IPv6 VIP");
+    stream6.set_read_timeout(Some(TIMEOUT)).unwrap();
+    greeting(&stream6);
+    echo_round(&stream6, b"before the upgrade").unwrap();
+    merge_into_earlier(&dir, ["flows4_v1", "flows_v3"], "flows_v2");
+    merge_into_earlier(&dir, ["reverse4_v1", "reverse_v4"], "reverse_v3");
+    let upgrade = persist("2048");
+    let stderr = String::from_utf8_lossy(&upgrade.stderr);
+    assert!(upgrade.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("flows_v2 on") && stderr.contains("taken over by flows4_v1"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("reverse_v3 on") && stderr.contains("taken over by reverse_v4"),
+        "{stderr}"
+    );
+    echo_round(&stream, b"after the upgrade").expect("the IPv4 connection survived the upgrade");
+    echo_round(&stream6, b"after the upgrade").expect("the IPv6 connection survived the upgrade");
+    for gone in ["flows_v2", "reverse_v3"] {
+        assert!(
+            !std::path::Path::new(&format!("{dir}/{gone}")).exists(),
+            "{gone} left behind"
+        );
+    }
+    for kept in ["flows4_v1", "flows_v3", "reverse4_v1", "reverse_v4"] {
+        assert!(
+            std::path::Path::new(&format!("{dir}/{kept}")).exists(),
+            "{kept} not pinned"
+        );
+    }
+
     // a re-run refused: one line naming what and the way out, and the old state still serving
     let refused = |what: &str, names: &[&str]| -> String {
         let out = persist("2048");
@@ -695,12 +770,12 @@ fn persist_rerun_with_another_max_flows_keeps_open_connections_and_a_foreign_lay
         echo_round(&stream, b"old state still serving").expect("the refused run broke the connection");
         stderr
     };
-    // the reverse table pinned by an earlier version (v3: IPv4's and IPv6's in one): said
-    // so, and no setting offered that could bring it back
-    std::fs::rename(format!("{dir}/reverse_v4"), format!("{dir}/reverse_v3")).unwrap();
-    let said = refused("an older reverse table", &["reverse_v3", "earlier version"]);
+    // the reverse table pinned by an earlier version with no way to today's (v2: its values
+    // were the client tuple alone): said so, and no setting offered that could bring it back
+    std::fs::rename(format!("{dir}/reverse_v4"), format!("{dir}/reverse_v2")).unwrap();
+    let said = refused("an older reverse table", &["reverse_v2", "earlier version"]);
     assert!(!said.contains("--max-flows"), "{said}");
-    std::fs::rename(format!("{dir}/reverse_v3"), format!("{dir}/reverse_v4")).unwrap();
+    std::fs::rename(format!("{dir}/reverse_v2"), format!("{dir}/reverse_v4")).unwrap();
 
     // someone else's map where the (IPv4) flow table's pin was
     std::fs::remove_file(format!("{dir}/flows4_v1")).unwrap();

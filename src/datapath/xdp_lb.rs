@@ -24,7 +24,7 @@ use crate::kernel::addr::{ip_from_words, ip_to_words, Interface};
 use crate::kernel::attach::{self, XdpAttachment, XdpMode};
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh;
-use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
+use crate::kernel::pin::{Earlier, MapPin, OnChange, PinDir, PinSet};
 use crate::kernel::skel::xdp_lb::types::{
     service_endpoint, xdp_lb_backend, xdp_lb_counters, xdp_lb_event, xdp_lb_flow, xdp_lb_reply, xdp_lb_stats,
     xdp_lb_tuple, xdp_lb_tuple4,
@@ -94,22 +94,31 @@ const PIN_STATS: MapPin = MapPin {
     version: 1,
     on_change: OnChange::Rebuild,
 };
-/// Flows survive a change of --max-flows: copied into the new tables.
+/// Flows survive a change of --max-flows: copied into the new tables; and an upgrade from
+/// the tables both families shared (flows_v2, reverse_v3): taken over by family.
 // v2: plain hashes with a flow clock instead of LRUs; v3: IPv6 flows only (IPv4's: flows4)
 const PIN_FLOWS: MapPin = MapPin {
     map: "xdp_lb_flows6",
     name: "flows",
     version: 3,
-    on_change: OnChange::Copy {
+    on_change: OnChange::Split {
         setting: "--max-flows",
+        earlier: Earlier {
+            file: "flows_v2",
+            convert: ipv6_entry,
+        },
     },
 };
 const PIN_FLOWS4: MapPin = MapPin {
     map: "xdp_lb_flows4",
     name: "flows4",
     version: 1,
-    on_change: OnChange::Copy {
+    on_change: OnChange::Split {
         setting: "--max-flows",
+        earlier: Earlier {
+            file: "flows_v2",
+            convert: ipv4_entry,
+        },
     },
 };
 // v3: values carry what a reply needs (struct xdp_lb_reply); v4: IPv6 only (IPv4's: reverse4)
@@ -117,18 +126,51 @@ const PIN_REVERSE: MapPin = MapPin {
     map: "xdp_lb_reverse6",
     name: "reverse",
     version: 4,
-    on_change: OnChange::Copy {
+    on_change: OnChange::Split {
         setting: "--max-flows",
+        earlier: Earlier {
+            file: "reverse_v3",
+            convert: ipv6_entry,
+        },
     },
 };
 const PIN_REVERSE4: MapPin = MapPin {
     map: "xdp_lb_reverse4",
     name: "reverse4",
     version: 1,
-    on_change: OnChange::Copy {
+    on_change: OnChange::Split {
         setting: "--max-flows",
+        earlier: Earlier {
+            file: "reverse_v3",
+            convert: ipv4_entry,
+        },
     },
 };
+
+/// An entry of a table both families shared (40-byte tuple keys; values as today's) as an
+/// IPv4 table's: its key the tuple's 16 bytes (struct xdp_lb_tuple4).
+fn ipv4_entry(key: &[u8], value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let tuple: xdp_lb_tuple = maps::from_bytes("flow key", key).ok()?;
+    if i32::from(tuple.family) != libc::AF_INET {
+        return None;
+    }
+    let key4 = xdp_lb_tuple4 {
+        src: tuple.src[0],
+        dst: tuple.dst[0],
+        sport: tuple.sport,
+        dport: tuple.dport,
+        proto: tuple.proto,
+        ..Default::default()
+    };
+    Some((as_bytes(&key4).to_vec(), value.to_vec()))
+}
+
+/// The same for an IPv6 table: the entry as it was.
+fn ipv6_entry(key: &[u8], value: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let tuple: xdp_lb_tuple = maps::from_bytes("flow key", key).ok()?;
+    (i32::from(tuple.family) == libc::AF_INET6).then(|| (key.to_vec(), value.to_vec()))
+}
+
 const PIN_CLOCK: MapPin = MapPin {
     map: "xdp_lb_clock",
     name: "clock",

@@ -280,13 +280,27 @@ pub struct MapPin {
 }
 
 /// What a re-run does when a pinned map's shape differs from the one about to load.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub enum OnChange {
     /// filled from the desired state by every run: a fresh map takes its place
     Rebuild,
     /// state the datapath made (flows, counters): copied into the fresh map when only its
     /// size changed; refused, naming `setting` and the way out, when its layout changed
     Copy { setting: &'static str },
+    /// as Copy, and an earlier version's table (one that split into this and others) is
+    /// taken over: its entries, converted, fill this map in place of a refusal
+    Split { setting: &'static str, earlier: Earlier },
+}
+
+/// An entry of an earlier table as this map's (key, value), or None: not this map's.
+pub type Convert = fn(&[u8], &[u8]) -> Option<(Vec<u8>, Vec<u8>)>;
+
+/// The pin of an earlier version's table whose entries a map takes over.
+#[derive(Debug, Clone, Copy)]
+pub struct Earlier {
+    /// its file name: `flows_v2`
+    pub file: &'static str,
+    pub convert: Convert,
 }
 
 impl MapPin {
@@ -335,6 +349,8 @@ struct Replaced {
     spec: MapPin,
     old: Option<libbpf_rs::MapHandle>,
     stale: Option<PathBuf>,
+    /// the old map is an earlier version's, its entries converted
+    convert: Option<Convert>,
     why: String,
 }
 
@@ -483,9 +499,43 @@ impl PinSet {
                     None => (None, None),
                 }
             };
+            let earlier = match spec.on_change {
+                OnChange::Split { earlier, .. } => Some(earlier),
+                _ => None,
+            };
+            let taken_over = |stale: &Option<PathBuf>| {
+                earlier.filter(|earlier| {
+                    stale
+                        .as_deref()
+                        .is_some_and(|stale| file_name(stale) == earlier.file)
+                })
+            };
+            // a table split off an earlier one: the earlier one's pin, if still there
+            let (old, stale) = match (old, earlier) {
+                (None, Some(earlier)) if self.dir.file(earlier.file).exists() => {
+                    let path = self.dir.file(earlier.file);
+                    (Some(path.clone()), Some(path))
+                }
+                other => (other.0, stale),
+            };
             let Some(old_path) = old else { continue };
             let handle = libbpf_rs::MapHandle::from_pinned_path(&old_path)
                 .with_context(|| format!("opening {}", old_path.display()))?;
+            if let Some(earlier) = taken_over(&stale) {
+                self.replaced.push(Replaced {
+                    spec: *spec,
+                    old: Some(handle),
+                    stale,
+                    convert: Some(earlier.convert),
+                    why: format!(
+                        "pinned {} on {} is an earlier version's table: its entries taken over by {}",
+                        earlier.file,
+                        self.dir.target_display(),
+                        spec.file_name()
+                    ),
+                });
+                continue;
+            }
             let have = shape_of_handle(&handle)?;
             if have == wanted && stale.is_none() {
                 map.reuse_fd(handle.as_fd())
@@ -505,22 +555,25 @@ impl PinSet {
             );
             let why = match spec.on_change {
                 OnChange::Rebuild => format!("{what}: rebuilt from the desired state"),
-                OnChange::Copy { .. } if layout_same => format!("{what}: entries copied over"),
+                OnChange::Copy { .. } | OnChange::Split { .. } if layout_same => {
+                    format!("{what}: entries copied over")
+                }
                 // an upgrade's new layout: no setting brings the old one back
-                OnChange::Copy { .. } if stale.is_some() => bail!(
+                OnChange::Copy { .. } | OnChange::Split { .. } if stale.is_some() => bail!(
                     "{subcommand}: the {what}, the layout of an earlier version; run `ebpf-net down {subcommand} {}` and start afresh (its entries are dropped)",
                     self.dir.down_args()
                 ),
-                OnChange::Copy { setting } => bail!(
+                OnChange::Copy { setting } | OnChange::Split { setting, .. } => bail!(
                     "{subcommand}: the {what}; keep {setting} as it was, or run `ebpf-net down {subcommand} {}` and start afresh (its entries are dropped)",
                     self.dir.down_args()
                 ),
             };
-            let copy = matches!(spec.on_change, OnChange::Copy { .. });
+            let copy = !matches!(spec.on_change, OnChange::Rebuild);
             self.replaced.push(Replaced {
                 spec: *spec,
                 old: copy.then_some(handle),
                 stale,
+                convert: None,
                 why,
             });
         }
@@ -566,7 +619,7 @@ impl PinSet {
             match replaced {
                 Some(replaced) => {
                     if let Some(old) = &replaced.old {
-                        copy_entries(old, &map)?;
+                        copy_entries(old, &map, replaced.convert)?;
                     }
                 }
                 None if !path.exists() => {
@@ -589,7 +642,7 @@ impl PinSet {
         for replaced in mine {
             let mut map = handle_of(object, replaced.spec.map)?;
             if let Some(old) = &replaced.old {
-                copy_entries(old, &map)?;
+                copy_entries(old, &map, replaced.convert)?;
             }
             let path = self.path(&replaced.spec);
             for old_path in [Some(path.clone()), replaced.stale].into_iter().flatten() {
@@ -615,8 +668,8 @@ fn handle_of(object: &libbpf_rs::Object, name: &str) -> Result<libbpf_rs::MapHan
 }
 
 /// Copies every entry of `from` that `to` lacks (hash tables) or every slot (arrays), as far
-/// as `to` has room.
-fn copy_entries(from: &libbpf_rs::MapHandle, to: &impl MapCore) -> Result<()> {
+/// as `to` has room; through `convert` when `from` is an earlier version's table.
+fn copy_entries(from: &libbpf_rs::MapHandle, to: &impl MapCore, convert: Option<Convert>) -> Result<()> {
     use libbpf_rs::MapFlags;
     let percpu = from.map_type().is_percpu();
     let room = to.max_entries() as usize;
@@ -630,9 +683,15 @@ fn copy_entries(from: &libbpf_rs::MapHandle, to: &impl MapCore) -> Result<()> {
                 None => continue,
             }
         } else {
-            match from.lookup(&key, MapFlags::ANY)? {
-                Some(value) => to.update(&key, &value, MapFlags::ANY),
-                None => continue,
+            let Some(value) = from.lookup(&key, MapFlags::ANY)? else {
+                continue;
+            };
+            match convert {
+                None => to.update(&key, &value, MapFlags::ANY),
+                Some(convert) => match convert(&key, &value) {
+                    Some((key, value)) => to.update(&key, &value, MapFlags::ANY),
+                    None => continue,
+                },
             }
         };
         // a full hash table or a key beyond a smaller array ends the copy
