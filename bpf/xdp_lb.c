@@ -283,68 +283,70 @@ static __always_inline void key4_of(struct xdp_lb_tuple4 *key4, const struct xdp
 	words[1] = words_pair(ports_word(tuple->sport, tuple->dport), rest);
 }
 
-static __always_inline struct xdp_lb_flow *flow_find(const struct xdp_lb_tuple *key)
+/* `key`'s entry of a pair of tables, IPv4's (`v4`, keyed by struct xdp_lb_tuple4) or
+ * IPv6's (`v6`, keyed by the tuple). Always inlined, so each call site names its maps
+ * itself: the verifier inlines a lookup only where one map reaches it. */
+static __always_inline void *table_find(void *v4, void *v6, const struct xdp_lb_tuple *key)
 {
 	struct xdp_lb_tuple4 key4;
 
 	if (key->family != AF_INET)
-		return bpf_map_lookup_elem(&xdp_lb_flows6, key);
+		return bpf_map_lookup_elem(v6, key);
 	key4_of(&key4, key);
-	return bpf_map_lookup_elem(&xdp_lb_flows4, &key4);
+	return bpf_map_lookup_elem(v4, &key4);
 }
 
-static __always_inline long flow_put(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow, __u64 flags)
+static __always_inline long table_put(void *v4, void *v6, const struct xdp_lb_tuple *key, const void *value,
+				      __u64 flags)
 {
 	struct xdp_lb_tuple4 key4;
 
 	if (key->family != AF_INET)
-		return bpf_map_update_elem(&xdp_lb_flows6, key, flow, flags);
+		return bpf_map_update_elem(v6, key, value, flags);
 	key4_of(&key4, key);
-	return bpf_map_update_elem(&xdp_lb_flows4, &key4, flow, flags);
+	return bpf_map_update_elem(v4, &key4, value, flags);
 }
 
-static __always_inline void flow_remove(const struct xdp_lb_tuple *key)
+static __always_inline void table_remove(void *v4, void *v6, const struct xdp_lb_tuple *key)
 {
 	struct xdp_lb_tuple4 key4;
 
 	if (key->family != AF_INET) {
-		bpf_map_delete_elem(&xdp_lb_flows6, key);
+		bpf_map_delete_elem(v6, key);
 		return;
 	}
 	key4_of(&key4, key);
-	bpf_map_delete_elem(&xdp_lb_flows4, &key4);
+	bpf_map_delete_elem(v4, &key4);
+}
+
+static __always_inline struct xdp_lb_flow *flow_find(const struct xdp_lb_tuple *key)
+{
+	return table_find(&xdp_lb_flows4, &xdp_lb_flows6, key);
+}
+
+static __always_inline long flow_put(const struct xdp_lb_tuple *key, const struct xdp_lb_flow *flow, __u64 flags)
+{
+	return table_put(&xdp_lb_flows4, &xdp_lb_flows6, key, flow, flags);
+}
+
+static __always_inline void flow_remove(const struct xdp_lb_tuple *key)
+{
+	table_remove(&xdp_lb_flows4, &xdp_lb_flows6, key);
 }
 
 static __always_inline struct xdp_lb_reply *reply_find(const struct xdp_lb_tuple *rev)
 {
-	struct xdp_lb_tuple4 key4;
-
-	if (rev->family != AF_INET)
-		return bpf_map_lookup_elem(&xdp_lb_reverse6, rev);
-	key4_of(&key4, rev);
-	return bpf_map_lookup_elem(&xdp_lb_reverse4, &key4);
+	return table_find(&xdp_lb_reverse4, &xdp_lb_reverse6, rev);
 }
 
 static __always_inline long reply_put(const struct xdp_lb_tuple *rev, const struct xdp_lb_reply *reply, __u64 flags)
 {
-	struct xdp_lb_tuple4 key4;
-
-	if (rev->family != AF_INET)
-		return bpf_map_update_elem(&xdp_lb_reverse6, rev, reply, flags);
-	key4_of(&key4, rev);
-	return bpf_map_update_elem(&xdp_lb_reverse4, &key4, reply, flags);
+	return table_put(&xdp_lb_reverse4, &xdp_lb_reverse6, rev, reply, flags);
 }
 
 static __always_inline void reply_remove(const struct xdp_lb_tuple *rev)
 {
-	struct xdp_lb_tuple4 key4;
-
-	if (rev->family != AF_INET) {
-		bpf_map_delete_elem(&xdp_lb_reverse6, rev);
-		return;
-	}
-	key4_of(&key4, rev);
-	bpf_map_delete_elem(&xdp_lb_reverse4, &key4);
+	table_remove(&xdp_lb_reverse4, &xdp_lb_reverse6, rev);
 }
 
 /* The flow's client side decides its backend. */
