@@ -404,8 +404,7 @@ int lb_ingress(struct __sk_buff *skb)
 	int kept;
 	__u64 now;
 
-	linearize_headers(skb);
-	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
+	if (!parse_skb_l4(skb, &pkt))
 		return TC_PASS_ON;
 	/* only a packet that can open a flow: a TCP SYN, any UDP datagram; conntrack knows
 	 * every later TCP packet by itself */

@@ -258,8 +258,7 @@ int proxy_egress(struct __sk_buff *skb)
 	struct proxy_stats *stats;
 	struct l4_packet pkt = {};
 
-	linearize_headers(skb);
-	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
+	if (!parse_skb_l4(skb, &pkt))
 		return icmp_error_egress(skb);
 	__builtin_memcpy(from.addr, pkt.daddr, sizeof(from.addr));
 	from.port = pkt.dport;
@@ -300,8 +299,7 @@ int proxy_ingress(struct __sk_buff *skb)
 	struct proxy_flow *flow;
 	struct l4_packet pkt = {};
 
-	linearize_headers(skb);
-	if (!parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, &pkt))
+	if (!parse_skb_l4(skb, &pkt))
 		return icmp_error_ingress(skb);
 	__builtin_memcpy(reply.saddr, pkt.saddr, sizeof(reply.saddr));
 	__builtin_memcpy(reply.daddr, pkt.daddr, sizeof(reply.daddr));

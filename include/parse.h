@@ -248,3 +248,21 @@ static __always_inline bool parse_l4_packet(void *data, void *data_end, struct l
 	}
 	return true;
 }
+
+/*
+ * parse_l4_packet on a tc program's skb, pulling headers into the linear area only when they
+ * are not all there: a packet whose payload sits in pages (a TCP segment its sender built,
+ * most of a bulk transfer) has a linear part that ends with its headers, shorter than
+ * MAX_HDR_PULL, and linearize_headers would pull payload in for every such packet (a copy,
+ * often a new head). Packet pointers taken before are stale after it.
+ */
+static __noinline __attribute__((unused)) bool parse_skb_l4(struct __sk_buff *skb, struct l4_packet *pkt)
+{
+	__u32 want = skb->len < MAX_HDR_PULL ? skb->len : MAX_HDR_PULL;
+
+	if (parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, pkt))
+		return true;
+	if ((__u32)(skb->data_end - skb->data) >= want || bpf_skb_pull_data(skb, want))
+		return false;
+	return parse_l4_packet((void *)(long)skb->data, (void *)(long)skb->data_end, pkt);
+}
