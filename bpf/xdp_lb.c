@@ -316,7 +316,6 @@ static __always_inline long table_put(void *v4, void *v6, const struct xdp_lb_tu
 static __always_inline void table_remove(void *v4, void *v6, const struct xdp_lb_tuple *key)
 {
 	struct xdp_lb_tuple4 key4;
-
 	long err;
 
 	if (key->family != AF_INET) {

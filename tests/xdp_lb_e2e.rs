@@ -642,7 +642,7 @@ fn merge_into_earlier(dir: &str, tables: [&str; 2], earlier: &str) {
         sz: size_of::<libbpf_sys::bpf_map_create_opts>() as _,
         ..Default::default()
     };
-    let merged = MapHandle::create(
+    let mut merged = MapHandle::create(
         MapType::Hash,
         Some("earlier"),
         40,
@@ -664,7 +664,6 @@ fn merge_into_earlier(dir: &str, tables: [&str; 2], earlier: &str) {
         count >= 2,
         "{tables:?}: {count} entries, want an IPv4 and an IPv6 flow"
     );
-    let mut merged = merged;
     merged.pin(format!("{dir}/{earlier}")).unwrap();
     for name in tables {
         std::fs::remove_file(format!("{dir}/{name}")).unwrap();

@@ -491,37 +491,30 @@ impl PinSet {
                 map_flags: map.map_flags(),
             };
             let path = self.path(spec);
-            let (old, stale) = if path.exists() {
-                (Some(path.clone()), None)
-            } else {
-                match self.stale_versions(spec).into_iter().next() {
-                    Some(stale) => (Some(stale.clone()), Some(stale)),
-                    None => (None, None),
-                }
-            };
             let earlier = match spec.on_change {
                 OnChange::Split { earlier, .. } => Some(earlier),
                 _ => None,
             };
-            let taken_over = |stale: &Option<PathBuf>| {
-                earlier.filter(|earlier| {
-                    stale
-                        .as_deref()
-                        .is_some_and(|stale| file_name(stale) == earlier.file)
-                })
-            };
-            // a table split off an earlier one: the earlier one's pin, if still there
-            let (old, stale) = match (old, earlier) {
-                (None, Some(earlier)) if self.dir.file(earlier.file).exists() => {
-                    let path = self.dir.file(earlier.file);
-                    (Some(path.clone()), Some(path))
-                }
-                other => (other.0, stale),
+            let (old, stale) = if path.exists() {
+                (Some(path.clone()), None)
+            } else {
+                // an older version of this pin, else the table this one split off
+                let older = self.stale_versions(spec).into_iter().next().or_else(|| {
+                    earlier
+                        .map(|earlier| self.dir.file(earlier.file))
+                        .filter(|path| path.exists())
+                });
+                (older.clone(), older)
             };
             let Some(old_path) = old else { continue };
             let handle = libbpf_rs::MapHandle::from_pinned_path(&old_path)
                 .with_context(|| format!("opening {}", old_path.display()))?;
-            if let Some(earlier) = taken_over(&stale) {
+            let taken_over = earlier.filter(|earlier| {
+                stale
+                    .as_deref()
+                    .is_some_and(|stale| file_name(stale) == earlier.file)
+            });
+            if let Some(earlier) = taken_over {
                 self.replaced.push(Replaced {
                     spec: *spec,
                     old: Some(handle),
