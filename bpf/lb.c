@@ -15,8 +15,12 @@
 #define BPF_F_CURRENT_NETNS (-1)
 /* opts__sz the conntrack kfuncs accept on every kernel that has them (6.1+) */
 #define CT_OPTS_SZ 12
+#define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
+#define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
+/* include/uapi/linux/netfilter/nf_conntrack_tcp.h */
+#define IP_CT_TCP_FLAG_BE_LIBERAL 0x08
 
 struct nf_conn___init *bpf_skb_ct_alloc(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
 					struct bpf_ct_opts *opts, __u32 opts__sz) __ksym;
@@ -36,6 +40,8 @@ volatile const __u32 flood_rate = LB_DEFAULT_FLOOD_RATE;
 /* the namespace's conntrack UDP timeouts (include/lb.h), read by user space at start */
 volatile const __u32 udp_timeout_ms = LB_UDP_TIMEOUT_MS;
 volatile const __u32 udp_stream_timeout_ms = LB_UDP_STREAM_TIMEOUT_MS;
+/* and its established TCP timeout */
+volatile const __u32 tcp_established_timeout_ms = LB_TCP_ESTABLISHED_TIMEOUT_MS;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -128,6 +134,16 @@ struct {
 	__type(value, struct lb_forward);
 } lb_forward SEC(".maps");
 
+/* Established TCP flows that ask user space to stop conntrack checking their windows
+ * (include/lb.h LB_ASK_EVERY); the foreground run answers. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 64 * 1024);
+} lb_asks SEC(".maps");
+
+/* names struct lb_ask in the skeleton's types, for user space to read asks with */
+struct lb_ask *lb_ask_layout __attribute__((unused));
+
 /* The flow's client side decides its backend. */
 static __always_inline __u32 flow_hash(const struct l4_packet *pkt)
 {
@@ -215,44 +231,101 @@ static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
  * datagram it sees. An IPv6 datagram only where bpf_l4_csum_replace knows IPv6 (the
  * checksum of a CHECKSUM_COMPLETE packet would go wrong before: csum.h).
  */
-static __always_inline struct lb_forward *answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
+/* The translation of a flow's original direction, conntrack's reply tuple turned around,
+ * in lb_forward; the entry's timeout refreshed to `timeout_ms` as conntrack refreshes it for
+ * a packet it sees. */
+static __always_inline struct lb_forward *translation(struct nf_conn *ct, __u32 timeout_ms)
 {
-	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT;
-	const unsigned long refuse = IPS_EXPECTED | IPS_DYING | IPS_HELPER | IPS_UNTRACKED;
 	const struct nf_conntrack_tuple *reply = &ct->tuplehash[IP_CT_DIR_REPLY].tuple;
-	unsigned long status = ct->status;
 	struct lb_forward *fwd;
 	__u32 zero = 0;
 
-	if ((status & want) != want || (status & refuse))
-		return NULL;
-	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
-		return NULL;
 	fwd = bpf_map_lookup_elem(&lb_forward, &zero);
 	if (!fwd)
 		return NULL;
 	__builtin_memcpy(fwd->src, reply->dst.u3.all, sizeof(fwd->src));
 	__builtin_memcpy(fwd->dst, reply->src.u3.all, sizeof(fwd->dst));
-	fwd->sport = reply->dst.u.udp.port;
-	fwd->dport = reply->src.u.udp.port;
-	bpf_ct_change_timeout(ct, (status & IPS_ASSURED) ? udp_stream_timeout_ms : udp_timeout_ms);
+	/* the ports of TCP and UDP sit alike */
+	fwd->sport = reply->dst.u.all;
+	fwd->dport = reply->src.u.all;
+	bpf_ct_change_timeout(ct, timeout_ms);
 	return fwd;
 }
 
+static __always_inline struct lb_forward *answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
+{
+	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT;
+	const unsigned long refuse = IPS_EXPECTED | IPS_DYING | IPS_HELPER | IPS_UNTRACKED;
+	unsigned long status = ct->status;
+
+	if ((status & want) != want || (status & refuse))
+		return NULL;
+	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
+		return NULL;
+	return translation(ct, (status & IPS_ASSURED) ? udp_stream_timeout_ms : udp_timeout_ms);
+}
+
 /*
- * A datagram answered_translation() let through, with its translation in `fwd`: translated here as conntrack's NAT would,
- * its TTL counted down as forwarding does, and sent to the next hop of the translated
- * destination. What the stack would handle otherwise (no neighbour entry yet, larger than the
+ * Whether lb sends this segment of an established TCP flow on itself, past the stack: as
+ * for UDP, conntrack holds a destination NAT for the flow and has seen it both ways, the
+ * handshake is done (established, assured), and conntrack checks neither direction's
+ * window (IP_CT_TCP_FLAG_BE_LIBERAL both ways, as the kernel's own flow offload leaves an
+ * entry whose packets it no longer sees): the segments it does not see cannot make the
+ * ones it does see look out of window. A segment with SYN, FIN or RST never gets here: it
+ * passes to the stack, which keeps the flow's state. A flow conntrack still checks asks
+ * user space, now and then, to stop that (an ask, include/lb.h) and passes.
+ */
+static __always_inline struct lb_forward *offloaded_translation(struct nf_conn *ct, const struct l4_packet *pkt,
+								struct lb_counters *count)
+{
+	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT | IPS_ASSURED;
+	const unsigned long refuse = IPS_EXPECTED | IPS_DYING | IPS_HELPER | IPS_UNTRACKED | IPS_SEQ_ADJUST;
+	unsigned long status = ct->status;
+	struct lb_ask *ask;
+
+	if ((status & want) != want || (status & refuse) || ct->proto.tcp.state != TCP_CONNTRACK_ESTABLISHED)
+		return NULL;
+	if (!(ct->proto.tcp.seen[0].flags & ct->proto.tcp.seen[1].flags & IP_CT_TCP_FLAG_BE_LIBERAL)) {
+		count->tcp_tracked++;
+		if (count->tcp_tracked & (LB_ASK_EVERY - 1))
+			return NULL;
+		ask = bpf_ringbuf_reserve(&lb_asks, sizeof(*ask), 0);
+		if (!ask) {
+			count->asks_lost++;
+			return NULL;
+		}
+		__builtin_memcpy(ask->saddr, pkt->saddr, sizeof(ask->saddr));
+		__builtin_memcpy(ask->daddr, pkt->daddr, sizeof(ask->daddr));
+		ask->sport = pkt->sport;
+		ask->dport = pkt->dport;
+		ask->family = pkt->family;
+		ask->proto = pkt->proto;
+		ask->pad[0] = ask->pad[1] = 0;
+		bpf_ringbuf_submit(ask, 0);
+		count->asked++;
+		return NULL;
+	}
+	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
+		return NULL;
+	return translation(ct, tcp_established_timeout_ms);
+}
+
+/*
+ * A datagram answered_translation() or a segment offloaded_translation() let through, with
+ * its translation in `fwd`: translated here as conntrack's NAT would, its TTL counted down
+ * as forwarding does, and sent to the next hop of the translated destination. What the stack would handle otherwise (no neighbour entry yet, larger than the
  * route's MTU, a TTL running out, a destination on this node, forwarding off, a VLAN tag)
  * passes to the stack untouched, where conntrack translates it as before.
  */
 static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_forward *fwd,
 				     struct lb_counters *count)
 {
-	__u64 l4_flags = BPF_F_MARK_MANGLED_0;
+	/* a UDP checksum of zero means none and stays zero; TCP's is always there */
+	__u64 mangled = pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	__u64 l4_flags = mangled;
 	struct bpf_fib_lookup *fib;
 	void *data, *data_end;
-	struct udphdr *udp;
+	__be16 *ports;
 	struct ethhdr *eth;
 	__u32 l4_off, csum_off;
 	__be32 old_ports, new_ports;
@@ -267,7 +340,7 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 	fib = &fwd->fib;
 	__builtin_memset(fib, 0, sizeof(*fib));
 	fib->family = pkt->family;
-	fib->l4_protocol = IPPROTO_UDP;
+	fib->l4_protocol = pkt->proto;
 	fib->sport = fwd->sport;
 	fib->dport = fwd->dport;
 	fib->ifindex = skb->ingress_ifindex;
@@ -292,8 +365,8 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 	if (bpf_fib_lookup(skb, fib, sizeof(*fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 		return TC_PASS_ON;
 
-	/* the UDP checksum by the helper, which knows the packet's checksum state (a partial
-	 * checksum covers the pseudo-header only); zero ("none") stays zero */
+	/* the checksum by the helper, which knows the packet's checksum state (a partial
+	 * checksum covers the pseudo-header only) */
 	csum_off = pkt->l4_csum_off;
 	if (pkt->family == AF_INET) {
 		l4_flags |= BPF_F_PSEUDO_HDR | sizeof(__be32);
@@ -303,13 +376,12 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 	} else {
 		/* saddr and daddr follow each other in both */
 		diff = bpf_csum_diff((__be32 *)pkt->saddr, 32, (__be32 *)fwd->src, 32, 0);
-		if (bpf_l4_csum_replace(skb, csum_off, 0, diff,
-					BPF_F_MARK_MANGLED_0 | BPF_F_PSEUDO_HDR | l4_csum_ipv6_flag))
+		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, mangled | BPF_F_PSEUDO_HDR | l4_csum_ipv6_flag))
 			return TC_ACT_SHOT;
 	}
 	old_ports = ports_word(pkt->sport, pkt->dport);
 	new_ports = ports_word(fwd->sport, fwd->dport);
-	if (bpf_l4_csum_replace(skb, csum_off, old_ports, new_ports, BPF_F_MARK_MANGLED_0 | sizeof(__be32)))
+	if (bpf_l4_csum_replace(skb, csum_off, old_ports, new_ports, mangled | sizeof(__be32)))
 		return TC_ACT_SHOT;
 
 	/* the helpers may have moved the packet */
@@ -319,8 +391,8 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 	asm volatile("" : "+r"(l4_off));
 	l4_off &= 0x1ff;
 	eth = data;
-	udp = data + l4_off;
-	if ((void *)(udp + 1) > data_end)
+	ports = data + l4_off;
+	if ((void *)(ports + 2) > data_end)
 		return TC_ACT_SHOT;
 	if (pkt->family == AF_INET) {
 		struct iphdr *ip = data + sizeof(struct ethhdr);
@@ -349,11 +421,14 @@ static __noinline int forward_known(struct __sk_buff *skb, const struct l4_packe
 		__builtin_memcpy(&ip6->daddr, fwd->dst, sizeof(ip6->daddr));
 		ip6->hop_limit--;
 	}
-	udp->source = fwd->sport;
-	udp->dest = fwd->dport;
+	ports[0] = fwd->sport;
+	ports[1] = fwd->dport;
 	__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
 	__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
-	count->forwarded++;
+	if (pkt->proto == IPPROTO_UDP)
+		count->forwarded++;
+	else
+		count->tcp_forwarded++;
 	return bpf_redirect(fib->ifindex, 0);
 }
 
@@ -383,6 +458,26 @@ static __noinline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt,
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* A segment of an established TCP flow to a service: sent on here when conntrack has let
+ * go of the flow's windows (offloaded_translation), else passed to the stack. */
+static __noinline int tcp_established(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
+{
+	struct bpf_sock_tuple tuple;
+	struct bpf_ct_opts opts;
+	struct lb_forward *forward;
+	struct nf_conn *ct;
+	__u32 tuple_sz;
+
+	tuple_sz = fill_tuple(pkt, &tuple);
+	ct_opts(&opts, IPPROTO_TCP);
+	ct = bpf_skb_ct_lookup(skb, &tuple, tuple_sz, &opts, CT_OPTS_SZ);
+	if (!ct)
+		return TC_PASS_ON;
+	forward = offloaded_translation(ct, pkt, count);
+	bpf_ct_release(ct);
+	return forward ? forward_known(skb, pkt, forward, count) : TC_PASS_ON;
+}
+
 SEC("tc/ingress")
 int lb_ingress(struct __sk_buff *skb)
 {
@@ -400,15 +495,17 @@ int lb_ingress(struct __sk_buff *skb)
 	struct lb_port_use *use = NULL;
 	struct affinity_key client;
 	__u32 tuple_sz, slot, hash;
-	bool nat_ok = true, remembered = false;
+	bool nat_ok = true, remembered = false, opener;
 	int kept;
 	__u64 now;
 
 	if (!parse_skb_l4(skb, &pkt))
 		return TC_PASS_ON;
-	/* only a packet that can open a flow: a TCP SYN, any UDP datagram; conntrack knows
-	 * every later TCP packet by itself */
-	if (pkt.proto == IPPROTO_TCP && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) != TCP_FLAG_SYN)
+	/* a packet that can open a flow: a TCP SYN, any UDP datagram. Of the later TCP
+	 * segments lb may send on those of an established flow (tcp_established); the ones
+	 * that change the flow's state are conntrack's. */
+	opener = pkt.proto != IPPROTO_TCP || (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+	if (!opener && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
 		return TC_PASS_ON;
 	__builtin_memcpy(vip.addr, pkt.daddr, sizeof(vip.addr));
 	vip.port = pkt.dport;
@@ -423,6 +520,8 @@ int lb_ingress(struct __sk_buff *skb)
 	count = counters();
 	if (!count)
 		return TC_PASS_ON;
+	if (!opener)
+		return tcp_established(skb, &pkt, count);
 
 	tuple_sz = fill_tuple(&pkt, &tuple);
 	ct_opts(&opts, pkt.proto);

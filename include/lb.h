@@ -69,4 +69,28 @@ struct lb_counters {
 	__u64 ports_low_admitted; /* new flows made with ports low for a client that asked again */
 	__u64 refused; /* new flows to a service without a usable backend: RST / ICMP unreachable */
 	__u64 forwarded; /* datagrams of UDP flows answered both ways, translated and sent on here */
+	__u64 tcp_forwarded; /* segments of established TCP flows translated and sent on here */
+	__u64 tcp_tracked;   /* segments of established TCP flows conntrack still checks: passed on */
+	__u64 asked;	     /* of those, the ones that asked user space to hand the flow to lb */
+	__u64 asks_lost;     /* asks the ring buffer had no room for */
 };
+
+/* A segment of one in LB_ASK_EVERY of established flows' segments that conntrack still
+ * checks asks user space to hand its flow to lb (a power of two): a long flow asks within
+ * its first few dozen segments, a short one seldom or never. */
+#define LB_ASK_EVERY 16
+
+/* The ask: the flow's original tuple (client -> VIP), as conntrack keys it. */
+struct lb_ask {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__be16 sport;
+	__be16 dport;
+	__u8 family;
+	__u8 proto;
+	__u8 pad[2];
+};
+
+/* conntrack's default established TCP timeout (5 days), for a namespace where user space
+ * cannot read it */
+#define LB_TCP_ESTABLISHED_TIMEOUT_MS (432000U * 1000U)

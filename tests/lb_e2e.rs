@@ -467,6 +467,60 @@ fn a_long_connection_survives_updates_removing_another_backend_and_its_own() {
     assert_eq!(lab.lb.exec("sysctl -n net.ipv4.ip_forward").trim(), "0");
 }
 
+/// An established TCP flow asks lb's foreground run to make conntrack stop checking its
+/// windows, and its segments then go past the stack, translated by lb (both families where
+/// the checksum helper knows IPv6); replies and FINs still pass conntrack, which closes the
+/// entry as usual.
+#[test]
+fn established_tcp_segments_go_past_the_stack_and_the_flow_closes_through_conntrack() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
+    let lab = Lab::new("lbo");
+    let daemon = lab.start(&lab.args(&lab.backends4, &[]));
+    let bulk: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 253) as u8).collect();
+    let families = if ebpf_net::kernel::probe::l4_csum_ipv6_flag() != 0 {
+        2
+    } else {
+        1
+    };
+    for vip_text in [VIP4, VIP6] {
+        let target = vip(vip_text);
+        let stream = lab
+            .client
+            .enter(|| TcpStream::connect_timeout(&target, TIMEOUT))
+            .unwrap_or_else(|err| panic!("connect {target}: {err}"));
+        let port = stream.local_addr().unwrap().port();
+        // the echo comes back whole, then the server's FIN after the client's
+        let greeting = tcp_talk(&stream, &bulk);
+        assert_eq!(greeting.seen.ip(), lb_side(greeting.server), "{vip_text}");
+        // conntrack saw both FINs and the last ACK: TIME_WAIT (the ACK may take a moment)
+        let family = if target.is_ipv4() { "-f ipv4" } else { "-f ipv6" };
+        let list = format!("conntrack -L {family} -p tcp --orig-port-src {port} 2>/dev/null");
+        let began = Instant::now();
+        let mut entry = lab.lb.exec(&list);
+        while !entry.contains("TIME_WAIT") && began.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(100));
+            entry = lab.lb.exec(&list);
+        }
+        assert!(
+            entry.contains("TIME_WAIT"),
+            "{vip_text}: the entry did not see the flow close: {entry}"
+        );
+    }
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    let sent_on = counted(&log, "sent on here past the stack");
+    let handed = counted(&log, "(asks for entries already gone");
+    eprintln!("{sent_on} segments sent on past the stack, {handed} flows handed over");
+    // 8 MiB is about 5,800 full segments a family; most of them go past the stack
+    assert!(
+        sent_on >= families * 4000,
+        "{sent_on} segments sent on past the stack, {handed} flows handed over: {log:?}"
+    );
+    assert!(handed >= families, "{handed} flows handed over: {log:?}");
+}
+
 /// Datagrams lb forwards past the stack keep their conntrack entry alive as conntrack's own
 /// refresh would, by the namespace's UDP timeouts: with those at 3 s and the backend's replies
 /// dropped before conntrack sees them, only lb's refresh can keep it for 5 s.

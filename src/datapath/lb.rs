@@ -20,13 +20,13 @@ use crate::control::lifecycle::{Applied, Datapath, Details, Report, Storage, Tar
 use crate::control::run::{self, Request, Shutdown};
 use crate::control::service::{self, Limits, Service, ServiceReport, ServiceTables, SyncReport};
 
-use crate::kernel::addr::{ip_to_words, Interface};
+use crate::kernel::addr::{ip_from_words, ip_to_words, Interface};
 use crate::kernel::attach::{prepare_tcx, TcDirection};
 use crate::kernel::maps::{self, as_bytes};
 use crate::kernel::neigh::Routes;
-use crate::kernel::netlink::NftablesEvents;
+use crate::kernel::netlink::{Ctnetlink, FlowTuple, NftablesEvents};
 use crate::kernel::pin::{MapPin, OnChange, PinDir, PinSet};
-use crate::kernel::skel::lb::types::{lb_backend, lb_counters, lb_stats, service_endpoint};
+use crate::kernel::skel::lb::types::{lb_ask, lb_backend, lb_counters, lb_stats, service_endpoint};
 use crate::kernel::skel::lb::{LbSkel, LbSkelBuilder};
 use crate::kernel::{netns, nft, probe};
 
@@ -77,8 +77,8 @@ const PIN_STATS: MapPin = MapPin {
 const PIN_COUNTERS: MapPin = MapPin {
     map: "lb_counters",
     name: "counters",
-    // v2, v3, v4 (refused), v5 (forwarded): more counters (include/lb.h)
-    version: 5,
+    // v2, v3, v4 (refused), v5 (forwarded), v6 (TCP sent on): more counters (include/lb.h)
+    version: 6,
     on_change: OnChange::Rebuild,
 };
 /// Session affinity: (service, client address) -> backend; an LRU of the program's own.
@@ -90,9 +90,11 @@ const PIN_AFFINITY: MapPin = MapPin {
 };
 /// include/lb.h LB_DEFAULT_FLOOD_RATE
 pub const DEFAULT_FLOOD_RATE: u32 = 40_000;
-/// include/lb.h LB_UDP_TIMEOUT_MS, LB_UDP_STREAM_TIMEOUT_MS: conntrack's defaults
+/// include/lb.h LB_UDP_TIMEOUT_MS, LB_UDP_STREAM_TIMEOUT_MS, LB_TCP_ESTABLISHED_TIMEOUT_MS:
+/// conntrack's defaults
 const LB_UDP_TIMEOUT_MS: u32 = 30_000;
 const LB_UDP_STREAM_TIMEOUT_MS: u32 = 120_000;
+const LB_TCP_ESTABLISHED_TIMEOUT_MS: u32 = 432_000_000;
 /// include/lb.h LB_HALF_OPEN_S: conntrack's SYN_SENT and SYN_RECV timeouts in the namespace
 /// while lb runs, when they were longer.
 pub const HALF_OPEN_S: u32 = 60;
@@ -113,6 +115,8 @@ pub const NFT_TABLE: &str = "ebpf_net_lb";
 
 // SAFETY: a plain C struct of integers from include/lb.h.
 unsafe impl plain::Plain for lb_backend {}
+// SAFETY: a plain C struct of integers from include/lb.h.
+unsafe impl plain::Plain for lb_ask {}
 
 crate::declare_counters!(
     lb_stats,
@@ -176,6 +180,26 @@ crate::declare_counters!(
             forwarded,
             Event,
             "datagrams of UDP flows answered both ways, translated and sent to the next hop by lb itself"
+        ),
+        (
+            tcp_forwarded,
+            Traffic,
+            "segments of established TCP flows translated and sent to the next hop by lb itself"
+        ),
+        (
+            tcp_tracked,
+            Traffic,
+            "segments of established TCP flows whose windows conntrack still checks: passed to the stack"
+        ),
+        (
+            asked,
+            Event,
+            "asks to stop conntrack checking an established TCP flow's windows"
+        ),
+        (
+            asks_lost,
+            Error,
+            "asks the ring buffer had no room for (the flow asks again)"
         ),
     ]
 );
@@ -334,9 +358,10 @@ fn load<'obj>(
         .expect("lb.c declares constants");
     rodata.hash_seed = crate::kernel::random_seed()?;
     rodata.flood_rate = flood_rate;
-    let (udp, stream) = udp_timeouts_ms();
+    let (udp, stream, established) = timeouts_ms();
     rodata.udp_timeout_ms = udp;
     rodata.udp_stream_timeout_ms = stream;
+    rodata.tcp_established_timeout_ms = established;
     // IPv6 datagrams are forwarded past the stack only where the checksum helper knows IPv6
     rodata.l4_csum_ipv6_flag = probe::l4_csum_ipv6_flag();
     prepare_tcx(&mut open.progs.lb_ingress, TcDirection::Ingress);
@@ -346,10 +371,11 @@ fn load<'obj>(
     open.load().context("loading the lb program")
 }
 
-/// This namespace's conntrack timeouts of a UDP flow that saw a reply and of a stream, in ms:
-/// lb refreshes them on the datagrams it forwards itself, as conntrack does on those it sees.
-/// The kernel's defaults where conntrack is not loaded yet or the sysctls cannot be read.
-fn udp_timeouts_ms() -> (u32, u32) {
+/// This namespace's conntrack timeouts of a UDP flow that saw a reply, of a stream and of an
+/// established TCP flow, in ms: lb refreshes them on the packets it sends on itself, as
+/// conntrack does on those it sees. The kernel's defaults where conntrack is not loaded yet
+/// or the sysctls cannot be read.
+fn timeouts_ms() -> (u32, u32, u32) {
     let read = |name: &str, default: u32| {
         std::fs::read_to_string(format!("/proc/sys/net/netfilter/{name}"))
             .ok()
@@ -359,6 +385,10 @@ fn udp_timeouts_ms() -> (u32, u32) {
     (
         read("nf_conntrack_udp_timeout", LB_UDP_TIMEOUT_MS),
         read("nf_conntrack_udp_timeout_stream", LB_UDP_STREAM_TIMEOUT_MS),
+        read(
+            "nf_conntrack_tcp_timeout_established",
+            LB_TCP_ESTABLISHED_TIMEOUT_MS,
+        ),
     )
 }
 
@@ -899,7 +929,8 @@ impl Datapath for Lb {
     }
     /// Serves signals; each second logs a line when a flood or low source ports dropped
     /// first packets. Puts the nft table back the moment someone removes it (nftables'
-    /// notifications), and checks it every CHECK_PERIOD besides.
+    /// notifications), and checks it every CHECK_PERIOD besides. Answers the asks of
+    /// established TCP flows (conntrack stops checking their windows: [`Handoff`]).
     fn serve(
         skel: &LbSkel<'_>,
         shutdown: &Shutdown,
@@ -911,17 +942,41 @@ impl Datapath for Lb {
         let watched = netns_key.clone();
         std::thread::spawn(move || watch_table(&watched, &watch));
         let _stop = StopRepairs(repairs.clone());
+        let handoff = RefCell::new(Handoff::open());
+        let mut builder = libbpf_rs::RingBufferBuilder::new();
+        builder.add(&skel.maps.lb_asks, |data: &[u8]| {
+            if let Ok(ask) = maps::from_bytes::<lb_ask>("ask", data) {
+                handoff.borrow_mut().answer(&ask);
+            }
+            0
+        })?;
+        let asks = builder.build()?;
         let mut last = lb_counters::default();
+        let mut next_second = Instant::now();
         let mut next_check = Instant::now() + CHECK_PERIOD;
         loop {
-            match shutdown.next_timeout(Duration::from_secs(1)) {
-                Some(Request::Stop) => return Ok(()),
+            // poll returns early on asks; the signal is checked between polls
+            if let Err(err) = asks.poll(Duration::from_millis(100)) {
+                if err.kind() != libbpf_rs::ErrorKind::Interrupted {
+                    return Err(err).context("reading asks");
+                }
+            }
+            match shutdown.next_timeout(Duration::ZERO) {
+                Some(Request::Stop) => {
+                    let _ = asks.consume();
+                    eprintln!("{SUBCOMMAND}: {}", handoff.borrow().summary());
+                    return Ok(());
+                }
                 Some(request @ (Request::Reload | Request::Health)) => {
                     let _one = repairs.lock();
                     run::log_reload(SUBCOMMAND, request, reload(request))
                 }
                 None => {}
             }
+            if Instant::now() < next_second {
+                continue;
+            }
+            next_second = Instant::now() + Duration::from_secs(1);
             let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
             if let Some(line) = pressure_line(&last, &now) {
                 eprintln!("{SUBCOMMAND}: {line}");
@@ -933,6 +988,81 @@ impl Datapath for Lb {
                 log_repair(repair_namespace(&netns_key));
             }
         }
+    }
+}
+
+/// The answers to established TCP flows' asks: conntrack stops checking each one's windows
+/// (ctnetlink), and lb sends its segments on past the stack from then on (bpf/lb.c
+/// offloaded_translation). A flow asks again until that happens; one answer a second each.
+struct Handoff {
+    conntrack: Option<Ctnetlink>,
+    answered: HashMap<FlowTuple, Instant>,
+    handed: u64,
+    gone: u64,
+    failed: u64,
+}
+
+impl Handoff {
+    fn open() -> Self {
+        let conntrack = Ctnetlink::open()
+            .map_err(|err| {
+                eprintln!(
+                    "{SUBCOMMAND}: no conntrack netlink socket ({err}): conntrack keeps every TCP flow's segments"
+                )
+            })
+            .ok();
+        Self {
+            conntrack,
+            answered: HashMap::new(),
+            handed: 0,
+            gone: 0,
+            failed: 0,
+        }
+    }
+
+    fn answer(&mut self, ask: &lb_ask) {
+        let Some(conntrack) = self.conntrack.as_mut() else {
+            return;
+        };
+        let flow = FlowTuple {
+            src: SocketAddr::new(ip_from_words(ask.family, ask.saddr), u16::from_be(ask.sport)),
+            dst: SocketAddr::new(ip_from_words(ask.family, ask.daddr), u16::from_be(ask.dport)),
+            proto: ask.proto,
+        };
+        let now = Instant::now();
+        if self
+            .answered
+            .get(&flow)
+            .is_some_and(|at| now.duration_since(*at) < Duration::from_secs(1))
+        {
+            return;
+        }
+        if self.answered.len() >= 4096 {
+            self.answered
+                .retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
+        }
+        self.answered.insert(flow, now);
+        match conntrack.be_liberal(&flow) {
+            Ok(()) => self.handed += 1,
+            // closed meanwhile
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => self.gone += 1,
+            Err(err) => {
+                if self.failed == 0 {
+                    eprintln!(
+                        "{SUBCOMMAND}: conntrack refused to stop checking the windows of {} -> {}: {err} (conntrack keeps its segments)",
+                        flow.src, flow.dst
+                    );
+                }
+                self.failed += 1;
+            }
+        }
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "TCP flows handed over by conntrack {} (asks for entries already gone {}, refused {})",
+            self.handed, self.gone, self.failed
+        )
     }
 }
 
@@ -1028,11 +1158,15 @@ fn backend_words(stats: &lb_stats) -> String {
 
 fn describe_counters(totals: &lb_counters) -> String {
     format!(
-        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {} ({} UDP datagrams forwarded here past the stack), failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again); source ports low dropped {} ({} admitted on asking again)",
+        "conntrack entries created {} ({} replacing a closed connection's), flow openers already tracked {} ({} UDP datagrams forwarded here past the stack), established TCP segments {} sent on here past the stack ({} still checked by conntrack, {} asks, {} lost), failed and dropped: alloc {} nat {} insert {}; insert raced {}; under flood dropped {} ({} admitted on asking again); source ports low dropped {} ({} admitted on asking again)",
         totals.new_flows,
         totals.reopened,
         totals.known_flows,
         totals.forwarded,
+        totals.tcp_forwarded,
+        totals.tcp_tracked,
+        totals.asked,
+        totals.asks_lost,
         totals.alloc_failed,
         totals.nat_failed,
         totals.insert_failed,

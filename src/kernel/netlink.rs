@@ -131,3 +131,148 @@ impl NftablesEvents {
         false
     }
 }
+
+/// A connection as conntrack keys its original direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub src: std::net::SocketAddr,
+    pub dst: std::net::SocketAddr,
+    /// IPPROTO_TCP, IPPROTO_UDP
+    pub proto: u8,
+}
+
+/// A NETLINK_NETFILTER socket for conntrack's entries (ctnetlink) of the namespace the
+/// opening thread is in.
+pub struct Ctnetlink {
+    socket: Socket,
+    sequence: u32,
+    buffer: Vec<u8>,
+}
+
+/// include/uapi/linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h, nf_conntrack_tcp.h
+const NFNL_SUBSYS_CTNETLINK: u16 = 1;
+const IPCTNL_MSG_CT_NEW: u16 = 0;
+const CTA_TUPLE_ORIG: u16 = 1;
+const CTA_PROTOINFO: u16 = 4;
+const CTA_TUPLE_IP: u16 = 1;
+const CTA_TUPLE_PROTO: u16 = 2;
+const CTA_IP_V4_SRC: u16 = 1;
+const CTA_IP_V4_DST: u16 = 2;
+const CTA_IP_V6_SRC: u16 = 3;
+const CTA_IP_V6_DST: u16 = 4;
+const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
+const CTA_PROTO_DST_PORT: u16 = 3;
+const CTA_PROTOINFO_TCP: u16 = 1;
+const CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: u16 = 4;
+const CTA_PROTOINFO_TCP_FLAGS_REPLY: u16 = 5;
+const IP_CT_TCP_FLAG_BE_LIBERAL: u8 = 0x08;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_ACK: u16 = 4;
+
+/// Netlink attributes written into a message under construction.
+struct Attributes<'a>(&'a mut Vec<u8>);
+
+impl Attributes<'_> {
+    fn put(&mut self, kind: u16, payload: &[u8]) {
+        let length = 4 + payload.len();
+        self.0.extend_from_slice(&(length as u16).to_ne_bytes());
+        self.0.extend_from_slice(&kind.to_ne_bytes());
+        self.0.extend_from_slice(payload);
+        self.0.resize(self.0.len().next_multiple_of(4), 0);
+    }
+
+    /// A nested attribute holding what `fill` puts.
+    fn nest(&mut self, kind: u16, fill: impl FnOnce(&mut Attributes<'_>)) {
+        let start = self.0.len();
+        self.put(kind | NLA_F_NESTED, &[]);
+        fill(&mut Attributes(self.0));
+        let length = (self.0.len() - start) as u16;
+        self.0[start..start + 2].copy_from_slice(&length.to_ne_bytes());
+    }
+}
+
+impl Ctnetlink {
+    pub fn open() -> io::Result<Self> {
+        let mut socket = Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+        socket.bind_auto()?;
+        socket.connect(&SocketAddr::new(0, 0))?;
+        Ok(Self {
+            socket,
+            sequence: 0,
+            buffer: Vec::with_capacity(RECEIVE_BUFFER),
+        })
+    }
+
+    /// Stops conntrack checking the TCP windows of `flow`'s entry, both ways (what the
+    /// kernel's flow offload does for an entry whose packets it takes over): its segments
+    /// may then pass this node without conntrack seeing them. ENOENT: no such entry.
+    pub fn be_liberal(&mut self, flow: &FlowTuple) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
+        let family = if flow.src.is_ipv4() {
+            libc::AF_INET
+        } else {
+            libc::AF_INET6
+        };
+        let mut message = Vec::with_capacity(128);
+        message.extend_from_slice(&0u32.to_ne_bytes()); // length, below
+        message.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW).to_ne_bytes());
+        message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+        message.extend_from_slice(&self.sequence.to_ne_bytes());
+        message.extend_from_slice(&0u32.to_ne_bytes());
+        // nfgenmsg: family, NFNETLINK_V0, resource id
+        message.extend_from_slice(&[family as u8, 0, 0, 0]);
+        let mut attributes = Attributes(&mut message);
+        attributes.nest(CTA_TUPLE_ORIG, |tuple| {
+            tuple.nest(CTA_TUPLE_IP, |ip| match (flow.src.ip(), flow.dst.ip()) {
+                (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => {
+                    ip.put(CTA_IP_V4_SRC, &src.octets());
+                    ip.put(CTA_IP_V4_DST, &dst.octets());
+                }
+                (std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => {
+                    ip.put(CTA_IP_V6_SRC, &src.octets());
+                    ip.put(CTA_IP_V6_DST, &dst.octets());
+                }
+                // one family in a tuple: nothing to name
+                _ => {}
+            });
+            tuple.nest(CTA_TUPLE_PROTO, |proto| {
+                proto.put(CTA_PROTO_NUM, &[flow.proto]);
+                proto.put(CTA_PROTO_SRC_PORT, &flow.src.port().to_be_bytes());
+                proto.put(CTA_PROTO_DST_PORT, &flow.dst.port().to_be_bytes());
+            });
+        });
+        attributes.nest(CTA_PROTOINFO, |info| {
+            info.nest(CTA_PROTOINFO_TCP, |tcp| {
+                // struct nf_ct_tcp_flags: the flags, the mask of those to change
+                let liberal = [IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL];
+                tcp.put(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+                tcp.put(CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+            });
+        });
+        let length = message.len() as u32;
+        message[0..4].copy_from_slice(&length.to_ne_bytes());
+        self.socket.send(&message, 0)?;
+        loop {
+            self.buffer.clear();
+            self.socket.recv(&mut self.buffer, 0)?;
+            let answer = &self.buffer[..];
+            if answer.len() < 20 {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "short netlink answer"));
+            }
+            let kind = u16::from_ne_bytes(answer[4..6].try_into().unwrap());
+            let sequence = u32::from_ne_bytes(answer[8..12].try_into().unwrap());
+            // an answer to an earlier request that gave up part way is not ours
+            if kind != NLMSG_ERROR || sequence != self.sequence {
+                continue;
+            }
+            let code = i32::from_ne_bytes(answer[16..20].try_into().unwrap());
+            return if code == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::from_raw_os_error(-code))
+            };
+        }
+    }
+}
