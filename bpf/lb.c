@@ -141,6 +141,16 @@ struct {
 	__uint(max_entries, 64 * 1024);
 } lb_asks SEC(".maps");
 
+/* Until when (bpf_ktime_get_ns) a foreground run answers asks: it moves this on every
+ * second and clears it when it stops. Past it no flow asks, and an established flow's
+ * segments pass to the stack at once, as before there were asks (a persisted lb). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} lb_answered_until SEC(".maps");
+
 /* names struct lb_ask in the skeleton's types, for user space to read asks with */
 struct lb_ask *lb_ask_layout __attribute__((unused));
 
@@ -458,6 +468,15 @@ static __noinline int refuse(struct __sk_buff *skb, const struct l4_packet *pkt,
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* Whether a foreground run answers asks now. */
+static __always_inline bool answered(void)
+{
+	__u32 zero = 0;
+	__u64 *until = bpf_map_lookup_elem(&lb_answered_until, &zero);
+
+	return until && *until > bpf_ktime_get_ns();
+}
+
 /* A segment of an established TCP flow to a service: sent on here when conntrack has let
  * go of the flow's windows (offloaded_translation), else passed to the stack. */
 static __noinline int tcp_established(struct __sk_buff *skb, const struct l4_packet *pkt, struct lb_counters *count)
@@ -505,7 +524,7 @@ int lb_ingress(struct __sk_buff *skb)
 	 * segments lb may send on those of an established flow (tcp_established); the ones
 	 * that change the flow's state are conntrack's. */
 	opener = pkt.proto != IPPROTO_TCP || (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
-	if (!opener && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)))
+	if (!opener && ((pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_FIN | TCP_FLAG_RST)) || !answered()))
 		return TC_PASS_ON;
 	__builtin_memcpy(vip.addr, pkt.daddr, sizeof(vip.addr));
 	vip.port = pkt.dport;

@@ -519,6 +519,31 @@ fn established_tcp_segments_go_past_the_stack_and_the_flow_closes_through_conntr
         "{sent_on} segments sent on past the stack, {handed} flows handed over: {log:?}"
     );
     assert!(handed >= families, "{handed} flows handed over: {log:?}");
+
+    // persisted, nobody answers asks: every segment after the SYN goes to the stack at once
+    let persisted = lab.ebpf_net(&lab.args(&lab.backends4, &["--persist"]));
+    assert!(persisted.status.success(), "{persisted:?}");
+    let (greeting, _) = lab.tcp(vip(VIP4), &bulk[..1024 * 1024]);
+    assert!(lab.backends4.contains(&greeting.server));
+    let output = lab.ebpf_net(&["status".into(), "--json".into()]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let entry = report["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["subcommand"] == "lb" && e["netns"] == lab.lb.name.as_str())
+        .cloned()
+        .expect("lb in status");
+    let counters = &entry["details"]["counters"];
+    assert_eq!(counters["new_flows"], 1, "{counters}");
+    for unused in ["tcp_forwarded", "tcp_tracked", "asked"] {
+        assert_eq!(
+            counters[unused], 0,
+            "a persisted lb looked up established segments: {counters}"
+        );
+    }
+    let down = lab.ebpf_net(&["down".into(), "lb".into()]);
+    assert!(down.status.success(), "{down:?}");
 }
 
 /// Datagrams lb forwards past the stack keep their conntrack entry alive as conntrack's own

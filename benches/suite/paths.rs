@@ -323,10 +323,29 @@ impl Topology {
             // the services were loaded before the rounds (see `preload_nft`): hook them up
             Path::NftClient => load_rules(&self.client, "nft", &nft_hooks("ebnbench", NftHook::Output)),
             Path::IptablesClient => load_rules(&self.client, "iptables", &kube_proxy_iptables(services)),
-            Path::Lb | Path::XdpLb => {
-                // persisted: no event reader competes with the traffic
-                let sub = if path == Path::Lb { "lb" } else { "xdp-lb" };
-                let mut args = vec![sub.to_string(), "-i".into(), "eth0".into(), "--persist".into()];
+            // in the foreground, as an operator runs it: the run answers established TCP
+            // flows' asks (their segments then go past the stack: bpf/lb.c)
+            Path::Lb => {
+                let mut args = vec![
+                    "--netns".to_string(),
+                    self.lb.name.clone(),
+                    "lb".into(),
+                    "-i".into(),
+                    "eth0".into(),
+                ];
+                args.extend(service_args(services));
+                daemon = Some(Daemon::start(
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                ));
+            }
+            // persisted: no event reader competes with the traffic
+            Path::XdpLb => {
+                let mut args = vec![
+                    "xdp-lb".to_string(),
+                    "-i".into(),
+                    "eth0".into(),
+                    "--persist".into(),
+                ];
                 args.extend(service_args(services));
                 ebpf_net(&self.lb, &args);
             }
@@ -352,7 +371,6 @@ impl Topology {
                 self.client
                     .exec("iptables -t nat -F && iptables -t nat -X && nft delete table ip nat");
             }
-            Path::Lb => ebpf_net(&self.lb, &["down".into(), "lb".into()]),
             Path::XdpLb => ebpf_net(&self.lb, &["down".into(), "xdp-lb".into()]),
             Path::NftNode => {
                 self.lb.exec(

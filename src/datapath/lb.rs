@@ -943,6 +943,8 @@ impl Datapath for Lb {
         std::thread::spawn(move || watch_table(&watched, &watch));
         let _stop = StopRepairs(repairs.clone());
         let handoff = RefCell::new(Handoff::open());
+        let answering = Answering(&skel.maps.lb_answered_until);
+        answering.renew()?;
         let mut builder = libbpf_rs::RingBufferBuilder::new();
         builder.add(&skel.maps.lb_asks, |data: &[u8]| {
             if let Ok(ask) = maps::from_bytes::<lb_ask>("ask", data) {
@@ -977,6 +979,7 @@ impl Datapath for Lb {
                 continue;
             }
             next_second = Instant::now() + Duration::from_secs(1);
+            answering.renew()?;
             let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
             if let Some(line) = pressure_line(&last, &now) {
                 eprintln!("{SUBCOMMAND}: {line}");
@@ -1063,6 +1066,39 @@ impl Handoff {
             "TCP flows handed over by conntrack {} (asks for entries already gone {}, refused {})",
             self.handed, self.gone, self.failed
         )
+    }
+}
+
+/// How long an answer to asks is promised ahead: a run that stops answering (killed) leaves
+/// flows asking this long at most.
+const ANSWER_AHEAD: Duration = Duration::from_secs(3);
+
+/// The promise of a foreground run to answer asks (bpf/lb.c lb_answered_until): renewed every
+/// second, withdrawn when the run ends however it ends.
+struct Answering<'a>(&'a libbpf_rs::Map<'a>);
+
+impl Answering<'_> {
+    fn write(&self, until_ns: u64) -> Result<()> {
+        use libbpf_rs::MapCore as _;
+        self.0
+            .update(
+                &0u32.to_ne_bytes(),
+                &until_ns.to_ne_bytes(),
+                libbpf_rs::MapFlags::ANY,
+            )
+            .context("updating lb_answered_until")
+    }
+
+    fn renew(&self) -> Result<()> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+        let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        self.write(now_ns + ANSWER_AHEAD.as_nanos() as u64)
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        let _ = self.write(0);
     }
 }
 
