@@ -518,6 +518,23 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
             "{vip}: {answers:?}"
         );
     }
+    // the agent answers lb's asks: an established flow's segments go on past the stack
+    let bulk: Vec<u8> = (0..4 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let stream = lab
+        .client
+        .enter(|| std::net::TcpStream::connect_timeout(&lb_vip, TIMEOUT).expect("TCP connect"));
+    tcp_talk(&stream, &bulk);
+    let status = status_json();
+    let driven = status["persisted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["subcommand"] == "lb" && p["netns"] == lab.node.name.as_str())
+        .cloned()
+        .expect("the agent's lb in status");
+    let sent_on = driven["details"]["counters"]["tcp_forwarded"].as_u64().unwrap();
+    // 4 MiB is about 2,900 full segments
+    assert!(sent_on >= 2000, "{}", driven["details"]["counters"]);
     // Local: this node's endpoint only, and a healthCheckNodePort that says so
     let service = lab.api.apply_service(
         "front",
@@ -578,6 +595,13 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
     );
     let (code, log) = agent.stop();
     assert_eq!(code, Some(0), "{log:?}");
+    // at least the bulk flow (short ones may have asked too)
+    let handed: u64 = log
+        .iter()
+        .find_map(|l| l.split("TCP flows handed over by conntrack ").nth(1))
+        .and_then(|rest| rest.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no handover line: {log:?}"));
+    assert!(handed >= 1, "{log:?}");
     let cgroup_name = lab.cgroup.path_str().rsplit('/').next().unwrap().to_string();
     let pinned = |status: &Value| {
         status["persisted"]

@@ -271,6 +271,12 @@ pub trait Datapath: 'static {
     fn attached_elsewhere() -> Vec<AttachedElsewhere> {
         Vec::new()
     }
+    /// What a run the Kubernetes agent drives does beside its updates, for as long as it
+    /// drives the loaded programs (lb answers established TCP flows' asks); it ends when the
+    /// returned value drops. Nothing by default.
+    fn beside_driven(_loaded: &Self::Loaded<'_>) -> Result<Option<Box<dyn std::any::Any>>> {
+        Ok(None)
+    }
     /// Runs between `ready` and the stop: by default it serves signals (SIGHUP reloads).
     fn serve(
         _loaded: &Self::Loaded<'_>,
@@ -614,6 +620,10 @@ fn persist_run<D: Datapath>(
                 D::describe(desired, target, plan),
                 counted(&applied)
             );
+            let _beside = D::beside_driven(&loaded).unwrap_or_else(|err| {
+                eprintln!("{}: {err:#}", D::NAME);
+                None
+            });
             drive_updates::<D>(&loaded, target, pins, first, next);
         }
         Ok((updated, applied))

@@ -183,12 +183,12 @@ crate::declare_counters!(
         ),
         (
             tcp_forwarded,
-            Traffic,
+            Event,
             "segments of established TCP flows translated and sent to the next hop by lb itself"
         ),
         (
             tcp_tracked,
-            Traffic,
+            Event,
             "segments of established TCP flows whose windows conntrack still checks: passed to the stack"
         ),
         (
@@ -927,6 +927,9 @@ impl Datapath for Lb {
     fn release(netns_key: &str) -> Result<Vec<String>> {
         release_namespace(netns_key)
     }
+    fn beside_driven(skel: &LbSkel<'_>) -> Result<Option<Box<dyn std::any::Any>>> {
+        Ok(Some(Box::new(DrivenAnswers::start(skel)?)))
+    }
     /// Serves signals; each second logs a line when a flood or low source ports dropped
     /// first packets. Puts the nft table back the moment someone removes it (nftables'
     /// notifications), and checks it every CHECK_PERIOD besides. Answers the asks of
@@ -942,31 +945,16 @@ impl Datapath for Lb {
         let watched = netns_key.clone();
         std::thread::spawn(move || watch_table(&watched, &watch));
         let _stop = StopRepairs(repairs.clone());
-        let handoff = RefCell::new(Handoff::open());
-        let answering = Answering(&skel.maps.lb_answered_until);
-        answering.renew()?;
-        let mut builder = libbpf_rs::RingBufferBuilder::new();
-        builder.add(&skel.maps.lb_asks, |data: &[u8]| {
-            if let Ok(ask) = maps::from_bytes::<lb_ask>("ask", data) {
-                handoff.borrow_mut().answer(&ask);
-            }
-            0
-        })?;
-        let asks = builder.build()?;
+        let mut answerer = Answerer::new(&skel.maps.lb_asks, &skel.maps.lb_answered_until)?;
         let mut last = lb_counters::default();
         let mut next_second = Instant::now();
         let mut next_check = Instant::now() + CHECK_PERIOD;
         loop {
-            // poll returns early on asks; the signal is checked between polls
-            if let Err(err) = asks.poll(Duration::from_millis(100)) {
-                if err.kind() != libbpf_rs::ErrorKind::Interrupted {
-                    return Err(err).context("reading asks");
-                }
-            }
+            // returns early on asks; the signal is checked between polls
+            answerer.poll(Duration::from_millis(100))?;
             match shutdown.next_timeout(Duration::ZERO) {
                 Some(Request::Stop) => {
-                    let _ = asks.consume();
-                    eprintln!("{SUBCOMMAND}: {}", handoff.borrow().summary());
+                    eprintln!("{SUBCOMMAND}: {}", answerer.finish());
                     return Ok(());
                 }
                 Some(request @ (Request::Reload | Request::Health)) => {
@@ -979,7 +967,6 @@ impl Datapath for Lb {
                 continue;
             }
             next_second = Instant::now() + Duration::from_secs(1);
-            answering.renew()?;
             let now: lb_counters = maps::sum_percpu_counters(&skel.maps.lb_counters, 0)?;
             if let Some(line) = pressure_line(&last, &now) {
                 eprintln!("{SUBCOMMAND}: {line}");
@@ -996,14 +983,22 @@ impl Datapath for Lb {
 
 /// The answers to established TCP flows' asks: conntrack stops checking each one's windows
 /// (ctnetlink), and lb sends its segments on past the stack from then on (bpf/lb.c
-/// offloaded_translation). A flow asks again until that happens; one answer a second each.
+/// offloaded_translation). A flow asks again until that happens; one answer a second each,
+/// and at most [`ANSWERS_PER_SECOND`] in all (many connections asking at once cost this run
+/// one netlink round trip each: past that their segments stay conntrack's a while longer).
 struct Handoff {
     conntrack: Option<Ctnetlink>,
     answered: HashMap<FlowTuple, Instant>,
+    window: Instant,
+    in_window: u64,
     handed: u64,
     gone: u64,
     failed: u64,
+    over_budget: u64,
 }
+
+/// Answers to asks a second at most.
+const ANSWERS_PER_SECOND: u64 = 20_000;
 
 impl Handoff {
     fn open() -> Self {
@@ -1017,9 +1012,12 @@ impl Handoff {
         Self {
             conntrack,
             answered: HashMap::new(),
+            window: Instant::now(),
+            in_window: 0,
             handed: 0,
             gone: 0,
             failed: 0,
+            over_budget: 0,
         }
     }
 
@@ -1040,10 +1038,18 @@ impl Handoff {
         {
             return;
         }
-        if self.answered.len() >= 4096 {
+        if now.duration_since(self.window) >= Duration::from_secs(1) {
+            // a new second: the answers of the one before may be given again
+            self.window = now;
+            self.in_window = 0;
             self.answered
                 .retain(|_, at| now.duration_since(*at) < Duration::from_secs(1));
         }
+        if self.in_window >= ANSWERS_PER_SECOND {
+            self.over_budget += 1;
+            return;
+        }
+        self.in_window += 1;
         self.answered.insert(flow, now);
         match conntrack.be_liberal(&flow) {
             Ok(()) => self.handed += 1,
@@ -1063,9 +1069,109 @@ impl Handoff {
 
     fn summary(&self) -> String {
         format!(
-            "TCP flows handed over by conntrack {} (asks for entries already gone {}, refused {})",
-            self.handed, self.gone, self.failed
+            "TCP flows handed over by conntrack {} (asks for entries already gone {}, refused {}, past {ANSWERS_PER_SECOND} a second {})",
+            self.handed, self.gone, self.failed, self.over_budget
         )
+    }
+}
+
+/// A run's answers to asks: reads the ring buffer, hands each asking flow over, renews the
+/// promise to answer every second and withdraws it when dropped.
+struct Answerer<'a> {
+    asks: libbpf_rs::RingBuffer<'a>,
+    handoff: std::rc::Rc<RefCell<Handoff>>,
+    answering: Answering<'a>,
+    renew_at: Instant,
+}
+
+impl<'a> Answerer<'a> {
+    fn new(asks: &'a dyn libbpf_rs::MapCore, until: &'a dyn libbpf_rs::MapCore) -> Result<Self> {
+        let handoff = std::rc::Rc::new(RefCell::new(Handoff::open()));
+        let answers = handoff.clone();
+        let mut builder = libbpf_rs::RingBufferBuilder::new();
+        builder.add(asks, move |data: &[u8]| {
+            if let Ok(ask) = maps::from_bytes::<lb_ask>("ask", data) {
+                answers.borrow_mut().answer(&ask);
+            }
+            0
+        })?;
+        let answering = Answering(until);
+        answering.renew()?;
+        Ok(Self {
+            asks: builder.build()?,
+            handoff,
+            answering,
+            renew_at: Instant::now() + Duration::from_secs(1),
+        })
+    }
+
+    /// Answers what asks within `timeout` (returning early on asks or a signal).
+    fn poll(&mut self, timeout: Duration) -> Result<()> {
+        if let Err(err) = self.asks.poll(timeout) {
+            // a signal interrupts the wait; anything else is a real failure
+            if err.kind() != libbpf_rs::ErrorKind::Interrupted {
+                return Err(err).context("reading asks");
+            }
+        }
+        if Instant::now() >= self.renew_at {
+            self.renew_at = Instant::now() + Duration::from_secs(1);
+            self.answering.renew()?;
+        }
+        Ok(())
+    }
+
+    /// Answers what is left; the line that says what was handed over.
+    fn finish(&self) -> String {
+        let _ = self.asks.consume();
+        self.handoff.borrow().summary()
+    }
+}
+
+/// The answers of a run the Kubernetes agent drives, on a thread of their own beside the
+/// driver's updates (lifecycle::Datapath::beside_driven), stopped and joined when dropped.
+struct DrivenAnswers {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DrivenAnswers {
+    fn start(skel: &LbSkel<'_>) -> Result<Self> {
+        let asks = MapHandle::try_from(&skel.maps.lb_asks)?;
+        let until = MapHandle::try_from(&skel.maps.lb_answered_until)?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        // a new thread starts in its creator's network namespace: the driven one
+        let thread = std::thread::Builder::new()
+            .name("lb answers".into())
+            .spawn(move || {
+                let result = (|| -> Result<String> {
+                    let mut answerer = Answerer::new(&asks, &until)?;
+                    while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                        answerer.poll(Duration::from_millis(200))?;
+                    }
+                    Ok(answerer.finish())
+                })();
+                match result {
+                    Ok(line) => eprintln!("{SUBCOMMAND}: {line}"),
+                    Err(err) => eprintln!(
+                        "{SUBCOMMAND}: answering established TCP flows' asks: {err:#} (conntrack keeps their segments)"
+                    ),
+                }
+            })
+            .context("starting the thread that answers asks")?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for DrivenAnswers {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -1075,11 +1181,10 @@ const ANSWER_AHEAD: Duration = Duration::from_secs(3);
 
 /// The promise of a foreground run to answer asks (bpf/lb.c lb_answered_until): renewed every
 /// second, withdrawn when the run ends however it ends.
-struct Answering<'a>(&'a libbpf_rs::Map<'a>);
+struct Answering<'a>(&'a dyn libbpf_rs::MapCore);
 
 impl Answering<'_> {
     fn write(&self, until_ns: u64) -> Result<()> {
-        use libbpf_rs::MapCore as _;
         self.0
             .update(
                 &0u32.to_ne_bytes(),
