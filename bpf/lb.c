@@ -2,7 +2,9 @@
 /* lb: an L4 load balancer on the kernel's conntrack. The first packet of a flow to a service
  * VIP:PORT gets a conntrack entry made here, with destination NAT to a backend chosen by a
  * hash of the flow and, by default, source NAT to this node's address towards that backend;
- * from then on conntrack and NAT translate every packet of the flow, both ways. */
+ * from then on conntrack and NAT translate the flow, both ways, but for the client's packets
+ * of an answered UDP flow and of an established TCP flow conntrack has let go of
+ * (answered_translation, offloaded_translation), which lb translates and sends on itself. */
 #include "common.h"
 #include "parse.h"
 #include "hash.h"
@@ -232,15 +234,6 @@ static __always_inline bool ports_low(struct lb_port_use *use, __u64 now)
 	return held >= LB_PORT_BUDGET;
 }
 
-/*
- * Whether lb sends this datagram of a UDP flow on itself, past the stack: conntrack has seen
- * the flow both ways (its first datagram and a reply passed the node's hooks and firewall),
- * holds a destination NAT for it, and nothing else works on it (no helper, no expectation,
- * not dying, not a NAT clash). Then its translation, conntrack's reply tuple turned around,
- * goes to lb_forward, and the entry's timeout is refreshed as conntrack refreshes it for a
- * datagram it sees. An IPv6 datagram only where bpf_l4_csum_replace knows IPv6 (the
- * checksum of a CHECKSUM_COMPLETE packet would go wrong before: csum.h).
- */
 /* The translation of a flow's original direction, conntrack's reply tuple turned around,
  * in lb_forward; the entry's timeout refreshed to `timeout_ms` as conntrack refreshes it for
  * a packet it sees. */
@@ -262,6 +255,15 @@ static __always_inline struct lb_forward *translation(struct nf_conn *ct, __u32 
 	return fwd;
 }
 
+/*
+ * Whether lb sends this datagram of a UDP flow on itself, past the stack: conntrack has seen
+ * the flow both ways (its first datagram and a reply passed the node's hooks and firewall),
+ * holds a destination NAT for it, and nothing else works on it (no helper, no expectation,
+ * not dying, not a NAT clash). Then its translation, conntrack's reply tuple turned around,
+ * goes to lb_forward, and the entry's timeout is refreshed as conntrack refreshes it for a
+ * datagram it sees. An IPv6 datagram only where bpf_l4_csum_replace knows IPv6 (the
+ * checksum of a CHECKSUM_COMPLETE packet would go wrong before: csum.h).
+ */
 static __always_inline struct lb_forward *answered_translation(struct nf_conn *ct, const struct l4_packet *pkt)
 {
 	const unsigned long want = IPS_SEEN_REPLY | IPS_CONFIRMED | IPS_DST_NAT;
@@ -295,6 +297,9 @@ static __always_inline struct lb_forward *offloaded_translation(struct nf_conn *
 
 	if ((status & want) != want || (status & refuse) || ct->proto.tcp.state != TCP_CONNTRACK_ESTABLISHED)
 		return NULL;
+	/* (nor asks where it could not send the segment on) */
+	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
+		return NULL;
 	if (!(ct->proto.tcp.seen[0].flags & ct->proto.tcp.seen[1].flags & IP_CT_TCP_FLAG_BE_LIBERAL)) {
 		count->tcp_tracked++;
 		if (count->tcp_tracked & (LB_ASK_EVERY - 1))
@@ -315,8 +320,6 @@ static __always_inline struct lb_forward *offloaded_translation(struct nf_conn *
 		count->asked++;
 		return NULL;
 	}
-	if (pkt->family == AF_INET6 && !l4_csum_ipv6_flag)
-		return NULL;
 	return translation(ct, tcp_established_timeout_ms);
 }
 

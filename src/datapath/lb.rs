@@ -1,6 +1,8 @@
 //! `ebpf-net lb`: an L4 load balancer on the kernel's conntrack. tc ingress creates a
 //! conntrack entry with destination NAT (and by default source NAT) for the first packet of
-//! each flow to a service; conntrack translates the rest of the flow both ways.
+//! each flow to a service; conntrack translates the rest of the flow both ways, but for
+//! the client's packets of answered UDP flows and of established TCP flows handed over by
+//! conntrack ([`Handoff`]), which lb translates and sends on itself.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
