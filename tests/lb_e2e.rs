@@ -301,16 +301,21 @@ fn without_source_nat_backends_see_the_client() {
     assert_eq!(from, vip(VIP6));
 }
 
-fn status_backends(lab: &Lab) -> Vec<(SocketAddr, u64)> {
+/// The persisted lb of the lab's namespace in `status --json`.
+fn persisted_lb(lab: &Lab) -> Value {
     let output = lab.ebpf_net(&["status".into(), "--json".into()]);
     let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let entry = report["persisted"]
+    report["persisted"]
         .as_array()
         .unwrap()
         .iter()
         .find(|e| e["subcommand"] == "lb" && e["netns"] == lab.lb.name.as_str())
         .cloned()
-        .expect("lb in status");
+        .expect("lb in status")
+}
+
+fn status_backends(lab: &Lab) -> Vec<(SocketAddr, u64)> {
+    let entry = persisted_lb(lab);
     assert_eq!(entry["state"], "active", "{entry}");
     let service = entry["details"]["services"]
         .as_array()
@@ -525,15 +530,7 @@ fn established_tcp_segments_go_past_the_stack_and_the_flow_closes_through_conntr
     assert!(persisted.status.success(), "{persisted:?}");
     let (greeting, _) = lab.tcp(vip(VIP4), &bulk[..1024 * 1024]);
     assert!(lab.backends4.contains(&greeting.server));
-    let output = lab.ebpf_net(&["status".into(), "--json".into()]);
-    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
-    let entry = report["persisted"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["subcommand"] == "lb" && e["netns"] == lab.lb.name.as_str())
-        .cloned()
-        .expect("lb in status");
+    let entry = persisted_lb(&lab);
     let counters = &entry["details"]["counters"];
     assert_eq!(counters["new_flows"], 1, "{counters}");
     for unused in ["tcp_forwarded", "tcp_tracked", "asked"] {

@@ -18,13 +18,18 @@ pub struct Rtnetlink {
     buffer: Vec<u8>,
 }
 
+/// A netlink socket of `protocol` that talks to the kernel.
+fn kernel_socket(protocol: isize) -> io::Result<Socket> {
+    let mut socket = Socket::new(protocol)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
 impl Rtnetlink {
     pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(NETLINK_ROUTE)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Self {
-            socket,
+            socket: kernel_socket(NETLINK_ROUTE)?,
             sequence: 0,
             buffer: Vec::with_capacity(RECEIVE_BUFFER),
         })
@@ -195,11 +200,8 @@ impl Attributes<'_> {
 
 impl Ctnetlink {
     pub fn open() -> io::Result<Self> {
-        let mut socket = Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
-        socket.bind_auto()?;
-        socket.connect(&SocketAddr::new(0, 0))?;
         Ok(Self {
-            socket,
+            socket: kernel_socket(netlink_sys::protocols::NETLINK_NETFILTER)?,
             sequence: 0,
             buffer: Vec::with_capacity(RECEIVE_BUFFER),
         })
