@@ -581,6 +581,8 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
     ];
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     let mut gbits: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    // the backend sending (iperf3 -R): its data is the flow's reply direction
+    let mut gbits_down: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     topo.preload_nft(&client_services, &node_services);
     for round in 0..settings.bulk_rounds {
         for k in 0..paths.len() {
@@ -599,6 +601,14 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
                 &addr.to_string(),
                 BULK_PORT,
                 settings.iperf_secs,
+                false,
+            ));
+            gbits_down[i].push(iperf3(
+                &topo.client,
+                &addr.to_string(),
+                BULK_PORT,
+                settings.iperf_secs,
+                true,
             ));
             topo.teardown(path, setup);
         }
@@ -617,14 +627,16 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
             format!("{:.0}", median(rates(i))),
             format!("{:.1}", median(samples[i].iter().map(|s| s.p50).collect())),
             format!("{:.2}", median(gbits[i].clone())),
+            format!("{:.2}", median(gbits_down[i].clone())),
             format!("{:.2}", paired_ratio(&gbits[i], &gbits[0])),
             if *path == Path::Direct {
                 "-".into()
             } else {
                 format!(
-                    "{:.2} / {:.2} ({})",
+                    "{:.2} / {:.2} / {:.2} ({})",
                     paired_ratio(&rates(i), &rates(r)),
                     paired_ratio(&gbits[i], &gbits[r]),
+                    paired_ratio(&gbits_down[i], &gbits_down[r]),
                     if r == idx(paths, Path::NftClient) {
                         "client-node nft"
                     } else {
@@ -636,7 +648,7 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
     }
     let mut md = format!(
         "## Bulk TCP throughput through one service\n\n\
-         Same topology; iperf3 for {} s (one backend behind the VIP: iperf3's two connections must meet one server) and the connection rate to a 3-backend service on the same path, {} rounds, order rotated. \
+         Same topology; iperf3 for {} s each way (one backend behind the VIP: iperf3's two connections must meet one server; \"down\": the backend sends, `iperf3 -R`, its data the flow's reply direction) and the connection rate to a 3-backend service on the same path, {} rounds, order rotated. \
          proxy and its nftables twin rewrite on the client; lb, xdp-lb and nftables DNAT + masquerade on the load-balancer node. Ratios are paired per round against the nftables path in the same place.\n\n",
         settings.iperf_secs, settings.bulk_rounds
     );
@@ -646,8 +658,9 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
             "connections/s",
             "connect p50 µs",
             "TCP Gbit/s",
+            "TCP Gbit/s down",
             "Gbit/s vs direct",
-            "vs nftables: conn/s / Gbit/s",
+            "vs nftables: conn/s / Gbit/s / down",
         ],
         &rows,
     ));
@@ -656,6 +669,7 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
         paired_ratio(&values(idx(paths, path)), &values(reference(path)))
     };
     let gbit_of = |i: usize| gbits[i].clone();
+    let down_of = |i: usize| gbits_down[i].clone();
     let proxy_rate = ratio(Path::Proxy, &rates);
     let proxy_bulk = ratio(Path::Proxy, &gbit_of);
     report.goal(
@@ -670,6 +684,13 @@ pub fn bulk_section(report: &mut Report, settings: &Settings, topo: &Topology, c
         "throughput at least that of nftables DNAT (same node)",
         format!("{lb_bulk:.2}x Gbit/s"),
         Some(lb_bulk >= 1.0),
+    );
+    let lb_down = ratio(Path::Lb, &down_of);
+    report.goal(
+        "lb",
+        "throughput with the backend sending vs nftables DNAT (same node; no goal set, reported)",
+        format!("{lb_down:.2}x Gbit/s"),
+        None,
     );
     let xdp_bulk = ratio(Path::XdpLb, &gbit_of);
     report.goal(

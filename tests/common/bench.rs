@@ -55,11 +55,13 @@ pub fn connect_rate(client: &Netns, target: SocketAddr, secs: f64) -> Sample {
 }
 
 /// Gbit/s the server received over one iperf3 run of `secs` from `client` to `addr`.
-pub fn iperf3(client: &Netns, addr: &str, port: u16, secs: u32) -> f64 {
+/// Gbit/s of one iperf3 run from `client`; `download`: the server sends (`-R`).
+pub fn iperf3(client: &Netns, addr: &str, port: u16, secs: u32, download: bool) -> f64 {
     let output = Command::new("ip")
         .args(["netns", "exec", &client.name, "iperf3", "-c", addr, "-p"])
         .arg(port.to_string())
         .args(["-t", &secs.to_string(), "-J"])
+        .args(download.then_some("-R"))
         .output()
         .expect("iperf3");
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("iperf3 JSON");
