@@ -1097,7 +1097,11 @@ impl<'a> Answerer<'a> {
             }
             0
         })?;
-        let answering = Answering(until);
+        // without a conntrack socket nothing could be answered: no promise, and flows do not ask
+        let answering = Answering {
+            until,
+            able: handoff.borrow().conntrack.is_some(),
+        };
         answering.renew()?;
         Ok(Self {
             asks: builder.build()?,
@@ -1181,13 +1185,16 @@ impl Drop for DrivenAnswers {
 /// flows asking this long at most.
 const ANSWER_AHEAD: Duration = Duration::from_secs(3);
 
-/// The promise of a foreground run to answer asks (bpf/lb.c lb_answered_until): renewed every
-/// second, withdrawn when the run ends however it ends.
-struct Answering<'a>(&'a dyn libbpf_rs::MapCore);
+/// The promise of a run to answer asks (bpf/lb.c lb_answered_until): renewed every second,
+/// withdrawn when the run ends however it ends; never made by a run that cannot answer.
+struct Answering<'a> {
+    until: &'a dyn libbpf_rs::MapCore,
+    able: bool,
+}
 
 impl Answering<'_> {
     fn write(&self, until_ns: u64) -> Result<()> {
-        self.0
+        self.until
             .update(
                 &0u32.to_ne_bytes(),
                 &until_ns.to_ne_bytes(),
@@ -1197,6 +1204,9 @@ impl Answering<'_> {
     }
 
     fn renew(&self) -> Result<()> {
+        if !self.able {
+            return Ok(());
+        }
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
         let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         self.write(now_ns + ANSWER_AHEAD.as_nanos() as u64)
