@@ -4,8 +4,8 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::kernel::{self, Feature};
@@ -23,7 +23,7 @@ struct Lab {
     lb: Netns,
     backends4: Vec<SocketAddr>,
     backends6: Vec<SocketAddr>,
-    _backends: EchoBackends,
+    backends: EchoBackends,
 }
 
 impl Lab {
@@ -42,7 +42,7 @@ impl Lab {
             lb,
             backends4: backends.v4.clone(),
             backends6: backends.v6.clone(),
-            _backends: backends,
+            backends,
         }
     }
 
@@ -541,6 +541,79 @@ fn established_tcp_segments_go_past_the_stack_and_the_flow_closes_through_conntr
     }
     let down = lab.ebpf_net(&["down".into(), "lb".into()]);
     assert!(down.status.success(), "{down:?}");
+}
+
+/// A download's client segments are bare ACKs: they pass to the stack without a conntrack
+/// lookup (bpf/lb.c carries_data). Only the request, which carries data, is looked up, so a
+/// download through a foreground lb costs it nothing per ACK.
+#[test]
+fn a_downloads_bare_acks_pass_to_the_stack_without_a_lookup() {
+    if !kernel::require(Feature::CtNat) {
+        return;
+    }
+    let lab = Lab::new("lbd");
+    let bulk: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 247) as u8).collect();
+    // a server that sends `bulk` to whoever asks, in the first backend's namespace
+    let senders: Vec<SocketAddr> = [lab.backends4[0], lab.backends6[0]]
+        .iter()
+        .map(|echo| SocketAddr::new(echo.ip(), 8081))
+        .collect();
+    let listeners: Vec<TcpListener> = senders
+        .iter()
+        .map(|addr| {
+            lab.backends.namespaces[0]
+                .enter(|| TcpListener::bind(addr))
+                .unwrap()
+        })
+        .collect();
+    let (vip_sender4, vip_sender6) = ("10.96.0.1:81", "[fd96::1]:81");
+    let extra = [
+        "--service".to_string(),
+        service_arg(vip_sender4, &senders[..1]),
+        "--service".to_string(),
+        service_arg(vip_sender6, &senders[1..]),
+    ];
+    let mut args = lab.args(&lab.backends4, &[]);
+    args.extend(extra);
+    let daemon = lab.start(&args);
+    std::thread::scope(|scope| {
+        for listener in &listeners {
+            let bulk = &bulk;
+            scope.spawn(move || {
+                let (mut stream, _) = listener.accept().unwrap();
+                stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+                let mut request = [0u8; 4];
+                stream.read_exact(&mut request).unwrap();
+                stream.write_all(bulk).unwrap();
+            });
+        }
+        for target in [vip_sender4, vip_sender6] {
+            let mut stream = lab
+                .client
+                .enter(|| TcpStream::connect_timeout(&vip(target), TIMEOUT))
+                .unwrap_or_else(|err| panic!("connect {target}: {err}"));
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            stream.write_all(b"get\n").unwrap();
+            let mut got = Vec::with_capacity(bulk.len());
+            stream.read_to_end(&mut got).unwrap();
+            assert!(
+                got == bulk,
+                "{target}: {} of {} bytes came down",
+                got.len(),
+                bulk.len()
+            );
+        }
+    });
+    let (code, log) = daemon.stop();
+    assert_eq!(code, Some(0), "{log:?}");
+    let looked_up =
+        counted(&log, "sent on here past the stack") + counted(&log, "still checked by conntrack");
+    eprintln!("{looked_up} client segments of two 8 MiB downloads looked up");
+    // each download's request is one segment carrying data; 8 MiB down is hundreds of ACKs
+    assert!(
+        looked_up <= 4,
+        "{looked_up} client segments of two downloads looked up: {log:?}"
+    );
 }
 
 /// Datagrams lb forwards past the stack keep their conntrack entry alive as conntrack's own

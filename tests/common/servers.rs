@@ -259,7 +259,8 @@ pub struct EchoBackends {
     pub v4: Vec<SocketAddr>,
     pub v6: Vec<SocketAddr>,
     _servers: Vec<(TcpEchoServer, UdpEchoServer)>,
-    _namespaces: Vec<Netns>,
+    /// The backends' namespaces, in the order of `v4` and `v6`.
+    pub namespaces: Vec<Netns>,
 }
 
 impl EchoBackends {
@@ -289,7 +290,7 @@ impl EchoBackends {
             v4,
             v6,
             _servers: servers,
-            _namespaces: namespaces,
+            namespaces,
         }
     }
 }
