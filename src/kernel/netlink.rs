@@ -157,6 +157,7 @@ pub struct Ctnetlink {
 /// include/uapi/linux/netfilter/nfnetlink.h, nfnetlink_conntrack.h, nf_conntrack_tcp.h
 const NFNL_SUBSYS_CTNETLINK: u16 = 1;
 const IPCTNL_MSG_CT_NEW: u16 = 0;
+const IPCTNL_MSG_CT_GET_STATS: u16 = 5;
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_PROTOINFO: u16 = 4;
 const CTA_TUPLE_IP: u16 = 1;
@@ -199,60 +200,73 @@ impl Attributes<'_> {
 }
 
 impl Ctnetlink {
+    /// Opens the socket and makes a first request of conntrack's netlink subsystem, which
+    /// loads nf_conntrack_netlink where it is a module not yet loaded (measured: a third of a
+    /// second in an emulated VM with Linux 6.1): paid here, not by the first flow handed
+    /// over; and a kernel without ctnetlink refuses here.
     pub fn open() -> io::Result<Self> {
-        Ok(Self {
+        let mut ctnetlink = Self {
             socket: kernel_socket(netlink_sys::protocols::NETLINK_NETFILTER)?,
             sequence: 0,
             buffer: Vec::with_capacity(RECEIVE_BUFFER),
-        })
+        };
+        ctnetlink.request(IPCTNL_MSG_CT_GET_STATS, libc::AF_UNSPEC, |_| {})?;
+        Ok(ctnetlink)
     }
 
     /// Stops conntrack checking the TCP windows of `flow`'s entry, both ways (what the
     /// kernel's flow offload does for an entry whose packets it takes over): its segments
     /// may then pass this node without conntrack seeing them. ENOENT: no such entry.
     pub fn be_liberal(&mut self, flow: &FlowTuple) -> io::Result<()> {
-        self.sequence = self.sequence.wrapping_add(1);
         let family = if flow.src.is_ipv4() {
             libc::AF_INET
         } else {
             libc::AF_INET6
         };
+        self.request(IPCTNL_MSG_CT_NEW, family, |attributes| {
+            attributes.nest(CTA_TUPLE_ORIG, |tuple| {
+                tuple.nest(CTA_TUPLE_IP, |ip| match (flow.src.ip(), flow.dst.ip()) {
+                    (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => {
+                        ip.put(CTA_IP_V4_SRC, &src.octets());
+                        ip.put(CTA_IP_V4_DST, &dst.octets());
+                    }
+                    (std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => {
+                        ip.put(CTA_IP_V6_SRC, &src.octets());
+                        ip.put(CTA_IP_V6_DST, &dst.octets());
+                    }
+                    // one family in a tuple: nothing to name
+                    _ => {}
+                });
+                tuple.nest(CTA_TUPLE_PROTO, |proto| {
+                    proto.put(CTA_PROTO_NUM, &[flow.proto]);
+                    proto.put(CTA_PROTO_SRC_PORT, &flow.src.port().to_be_bytes());
+                    proto.put(CTA_PROTO_DST_PORT, &flow.dst.port().to_be_bytes());
+                });
+            });
+            attributes.nest(CTA_PROTOINFO, |info| {
+                info.nest(CTA_PROTOINFO_TCP, |tcp| {
+                    // struct nf_ct_tcp_flags: the flags, the mask of those to change
+                    let liberal = [IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL];
+                    tcp.put(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
+                    tcp.put(CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
+                });
+            });
+        })
+    }
+
+    /// One ctnetlink request of `kind` for `family`, with the attributes `fill` puts, and its
+    /// acknowledgement: Ok, or the kernel's error. What it answers before that is skipped.
+    fn request(&mut self, kind: u16, family: i32, fill: impl FnOnce(&mut Attributes<'_>)) -> io::Result<()> {
+        self.sequence = self.sequence.wrapping_add(1);
         let mut message = Vec::with_capacity(128);
         message.extend_from_slice(&0u32.to_ne_bytes()); // length, below
-        message.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW).to_ne_bytes());
+        message.extend_from_slice(&(NFNL_SUBSYS_CTNETLINK << 8 | kind).to_ne_bytes());
         message.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
         message.extend_from_slice(&self.sequence.to_ne_bytes());
         message.extend_from_slice(&0u32.to_ne_bytes());
         // nfgenmsg: family, NFNETLINK_V0, resource id
         message.extend_from_slice(&[family as u8, 0, 0, 0]);
-        let mut attributes = Attributes(&mut message);
-        attributes.nest(CTA_TUPLE_ORIG, |tuple| {
-            tuple.nest(CTA_TUPLE_IP, |ip| match (flow.src.ip(), flow.dst.ip()) {
-                (std::net::IpAddr::V4(src), std::net::IpAddr::V4(dst)) => {
-                    ip.put(CTA_IP_V4_SRC, &src.octets());
-                    ip.put(CTA_IP_V4_DST, &dst.octets());
-                }
-                (std::net::IpAddr::V6(src), std::net::IpAddr::V6(dst)) => {
-                    ip.put(CTA_IP_V6_SRC, &src.octets());
-                    ip.put(CTA_IP_V6_DST, &dst.octets());
-                }
-                // one family in a tuple: nothing to name
-                _ => {}
-            });
-            tuple.nest(CTA_TUPLE_PROTO, |proto| {
-                proto.put(CTA_PROTO_NUM, &[flow.proto]);
-                proto.put(CTA_PROTO_SRC_PORT, &flow.src.port().to_be_bytes());
-                proto.put(CTA_PROTO_DST_PORT, &flow.dst.port().to_be_bytes());
-            });
-        });
-        attributes.nest(CTA_PROTOINFO, |info| {
-            info.nest(CTA_PROTOINFO_TCP, |tcp| {
-                // struct nf_ct_tcp_flags: the flags, the mask of those to change
-                let liberal = [IP_CT_TCP_FLAG_BE_LIBERAL, IP_CT_TCP_FLAG_BE_LIBERAL];
-                tcp.put(CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, &liberal);
-                tcp.put(CTA_PROTOINFO_TCP_FLAGS_REPLY, &liberal);
-            });
-        });
+        fill(&mut Attributes(&mut message));
         let length = message.len() as u32;
         message[0..4].copy_from_slice(&length.to_ne_bytes());
         self.socket.send(&message, 0)?;
@@ -265,7 +279,8 @@ impl Ctnetlink {
             }
             let kind = u16::from_ne_bytes(answer[4..6].try_into().unwrap());
             let sequence = u32::from_ne_bytes(answer[8..12].try_into().unwrap());
-            // an answer to an earlier request that gave up part way is not ours
+            // an answer to an earlier request that gave up part way, or this request's own
+            // answer before its acknowledgement
             if kind != NLMSG_ERROR || sequence != self.sequence {
                 continue;
             }
