@@ -136,14 +136,15 @@ test-kernels: setup all
 # attach differently there: the share of the verifier's budget the big programs take there
 # (tests/verifier.rs: 6.1's verifier prunes less than this kernel's); legacy tc's whole
 # lifecycle; lb's conntrack modules, traffic (UDP datagrams it forwards itself), an update
-# under a live connection, forwarding restored, the refresh of a forwarded flow's entry and
-# the refusal below 6.1; xdp-lb's
+# under a live connection, forwarding restored, the refresh of a forwarded flow's entry, the
+# handoff of established TCP flows (nf_conn's TCP fields read through BTF, ctnetlink's module
+# loaded there on first use) and the refusal below 6.1; xdp-lb's
 # traffic and a --persist re-run (the 5.10 compat program); clusterip's refusals (EPERM
 # before 5.18); ipv6-hp, proxy and monitor traffic and --persist. NAME=F1,F2: only those
 # tests of NAME. Every test binary on both kernels: make test-kernels VM_TESTS= (over an hour
 # per kernel here).
 CI_VM_TESTS ?= verifier legacy_tc \
-	lb_e2e=tcp_udp_and_bulk,a_long_connection_survives,forwarding_of_both_families,below_linux_6_1,an_answered_udp_flow \
+	lb_e2e=tcp_udp_and_bulk,a_long_connection_survives,forwarding_of_both_families,below_linux_6_1,an_answered_udp_flow,established_tcp \
 	xdp_lb_e2e=tcp_udp_and_a_10mb,persist_rerun_with_another_max_flows \
 	clusterip_e2e=weights_protocols_and_services_without_a_usable_backend \
 	ipv6_hp_e2e=node_sees_global,persist_survives proxy_e2e=tcp_and_udp_through,persisted_rules \
