@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::apiserver::{endpoint, ApiServer};
 use common::cgroup::{Client, Seen, TestCgroup, HELPER_ENV};
 use common::kernel::{self, scaled, Feature};
-use common::servers::{http, tcp_talk, EchoBackends, TIMEOUT};
+use common::servers::{echo_to_the_end, echo_until, http, read_greeting, tcp_talk, EchoBackends, TIMEOUT};
 use common::topology::{output_within, veth, Daemon, Netns, BIN};
 use serde_json::{json, Value};
 
@@ -523,18 +523,28 @@ fn node_ports_load_balancer_ips_and_external_traffic_policy_local_from_a_client_
     let stream = lab
         .client
         .enter(|| std::net::TcpStream::connect_timeout(&lb_vip, TIMEOUT).expect("TCP connect"));
-    tcp_talk(&stream, &bulk);
-    let status = status_json();
-    let driven = status["persisted"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["subcommand"] == "lb" && p["netns"] == lab.node.name.as_str())
-        .cloned()
-        .expect("the agent's lb in status");
-    let sent_on = driven["details"]["counters"]["tcp_forwarded"].as_u64().unwrap();
+    let driven_counters = || {
+        status_json()["persisted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["subcommand"] == "lb" && p["netns"] == lab.node.name.as_str())
+            .expect("the agent's lb in status")["details"]["counters"]
+            .clone()
+    };
+    read_greeting(&stream);
+    // rounds until the agent has answered (at its own pace: on a loaded machine a whole 4 MiB
+    // echo once went by before it did)
+    let handed = echo_until(&stream, &[7u8; 16 * 1024], scaled(TIMEOUT), || {
+        driven_counters()["tcp_forwarded"].as_u64().unwrap() > 0
+    });
+    assert!(handed, "the agent never answered: {}", driven_counters());
+    let before = driven_counters()["tcp_forwarded"].as_u64().unwrap();
+    echo_to_the_end(&stream, &bulk);
+    let counters = driven_counters();
+    let sent_on = counters["tcp_forwarded"].as_u64().unwrap() - before;
     // 4 MiB is about 2,900 full segments
-    assert!(sent_on >= 2000, "{}", driven["details"]["counters"]);
+    assert!(sent_on >= 2000, "{sent_on} of a 4 MiB echo sent on: {counters}");
     // Local: this node's endpoint only, and a healthCheckNodePort that says so
     let service = lab.api.apply_service(
         "front",

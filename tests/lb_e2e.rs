@@ -9,7 +9,10 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::kernel::{self, Feature};
-use common::servers::{tcp_talk, udp_request, udp_socket_for, EchoBackends, Greeting, TIMEOUT};
+use common::servers::{
+    echo_to_the_end, echo_until, read_greeting, tcp_talk, udp_request, udp_socket_for, EchoBackends,
+    Greeting, TIMEOUT,
+};
 use common::topology::{output_within, service_arg, veth, Daemon, Netns, BIN};
 use serde_json::Value;
 
@@ -314,6 +317,23 @@ fn persisted_lb(lab: &Lab) -> Value {
         .expect("lb in status")
 }
 
+/// A counter of the foreground lb running in the lab, read by `status --json` as an operator
+/// would.
+fn running_lb_counter(lab: &Lab, name: &str) -> u64 {
+    let output = lab.ebpf_net(&["status".into(), "--json".into()]);
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let run = report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["subcommand"] == "lb" && e["netns"] == lab.lb.name.as_str() && e["state"] == "running")
+        .cloned()
+        .unwrap_or_else(|| panic!("no running lb in {report}"));
+    run["details"]["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} in {run}"))
+}
+
 fn status_backends(lab: &Lab) -> Vec<(SocketAddr, u64)> {
     let entry = persisted_lb(lab);
     assert_eq!(entry["state"], "active", "{entry}");
@@ -496,9 +516,22 @@ fn established_tcp_segments_go_past_the_stack_and_the_flow_closes_through_conntr
             .enter(|| TcpStream::connect_timeout(&target, TIMEOUT))
             .unwrap_or_else(|err| panic!("connect {target}: {err}"));
         let port = stream.local_addr().unwrap().port();
-        // the echo comes back whole, then the server's FIN after the client's
-        let greeting = tcp_talk(&stream, &bulk);
+        let greeting = read_greeting(&stream);
         assert_eq!(greeting.seen.ip(), lb_side(greeting.server), "{vip_text}");
+        // rounds until the flow is handed over: the answer comes from user space at its own
+        // pace (a first answer loading nf_conntrack_netlink took 350 ms in a 6.1 VM, longer
+        // than this whole echo), and the test is of what follows
+        let before = running_lb_counter(&lab, "tcp_forwarded");
+        let handed = echo_until(&stream, &[7u8; 16 * 1024], kernel::scaled(TIMEOUT), || {
+            running_lb_counter(&lab, "tcp_forwarded") > before
+        });
+        assert!(
+            handed,
+            "{vip_text}: no segment sent on past the stack after {:?} of echo rounds",
+            kernel::scaled(TIMEOUT)
+        );
+        // the echo comes back whole, then the server's FIN after the client's
+        echo_to_the_end(&stream, &bulk);
         // conntrack saw both FINs and the last ACK: TIME_WAIT (the ACK may take a moment)
         let family = if target.is_ipv4() { "-f ipv4" } else { "-f ipv6" };
         let list = format!("conntrack -L {family} -p tcp --orig-port-src {port} 2>/dev/null");

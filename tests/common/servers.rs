@@ -1,7 +1,7 @@
 //! Echo servers that tell the client which peer address they saw and which address they
 //! answer on; stopped and joined on drop.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -112,11 +112,50 @@ impl std::str::FromStr for Greeting {
 
 /// Reads the greeting of a connected stream, sends `data` and checks it comes back.
 pub fn tcp_talk(stream: &TcpStream, data: &[u8]) -> Greeting {
+    let greeting = read_greeting(stream);
+    echo_to_the_end(stream, data);
+    greeting
+}
+
+/// The greeting an echo server writes first on a connected stream.
+pub fn read_greeting(stream: &TcpStream) -> Greeting {
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("server greeting");
-    let greeting: Greeting = line.parse().expect("greeting format");
+    // byte by byte: nothing after the line is read here
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        (&*stream).read_exact(&mut byte).expect("server greeting");
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap().parse().expect("greeting format")
+}
+
+/// Echoes `chunk` over a stream whose greeting was read, a round at a time, until `done`
+/// says so after a round or `within` has passed; returns whether `done` said so.
+pub fn echo_until(
+    stream: &TcpStream,
+    chunk: &[u8],
+    within: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let began = Instant::now();
+    let mut back = vec![0u8; chunk.len()];
+    while began.elapsed() < within {
+        // a chunk the socket buffers hold both ways: written whole, then read back
+        (&*stream).write_all(chunk).expect("echo round");
+        (&*stream).read_exact(&mut back).expect("echo round back");
+        assert!(back == chunk, "an echo round came back changed");
+        if done() {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends `data` on a stream whose greeting was read, shuts its writing down and checks the
+/// echo comes back whole before the server's end.
+pub fn echo_to_the_end(stream: &TcpStream, data: &[u8]) {
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let to_send = data.to_vec();
     let sender = std::thread::spawn(move || {
@@ -124,7 +163,7 @@ pub fn tcp_talk(stream: &TcpStream, data: &[u8]) -> Greeting {
         writer.shutdown(std::net::Shutdown::Write).unwrap();
     });
     let mut echoed = Vec::with_capacity(data.len());
-    reader.read_to_end(&mut echoed).expect("echo");
+    (&*stream).read_to_end(&mut echoed).expect("echo");
     sender.join().unwrap();
     assert!(
         echoed.len() == data.len() && echoed == data,
@@ -132,7 +171,6 @@ pub fn tcp_talk(stream: &TcpStream, data: &[u8]) -> Greeting {
         data.len(),
         echoed.len()
     );
-    greeting
 }
 
 /// A TCP exchange: connects, reads the peer the server saw, sends `data`, reads it back.
