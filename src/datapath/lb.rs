@@ -1082,7 +1082,8 @@ impl Handoff {
 struct Answerer<'a> {
     asks: libbpf_rs::RingBuffer<'a>,
     handoff: std::rc::Rc<RefCell<Handoff>>,
-    answering: Answering<'a>,
+    /// None: no conntrack socket, so nothing could be answered; no promise, flows do not ask
+    answering: Option<Answering<'a>>,
     renew_at: Instant,
 }
 
@@ -1097,12 +1098,8 @@ impl<'a> Answerer<'a> {
             }
             0
         })?;
-        // without a conntrack socket nothing could be answered: no promise, and flows do not ask
-        let answering = Answering {
-            until,
-            able: handoff.borrow().conntrack.is_some(),
-        };
-        answering.renew()?;
+        let answering = handoff.borrow().conntrack.is_some().then_some(Answering(until));
+        answering.as_ref().map(Answering::renew).transpose()?;
         Ok(Self {
             asks: builder.build()?,
             handoff,
@@ -1121,7 +1118,7 @@ impl<'a> Answerer<'a> {
         }
         if Instant::now() >= self.renew_at {
             self.renew_at = Instant::now() + Duration::from_secs(1);
-            self.answering.renew()?;
+            self.answering.as_ref().map(Answering::renew).transpose()?;
         }
         Ok(())
     }
@@ -1186,15 +1183,12 @@ impl Drop for DrivenAnswers {
 const ANSWER_AHEAD: Duration = Duration::from_secs(3);
 
 /// The promise of a run to answer asks (bpf/lb.c lb_answered_until): renewed every second,
-/// withdrawn when the run ends however it ends; never made by a run that cannot answer.
-struct Answering<'a> {
-    until: &'a dyn libbpf_rs::MapCore,
-    able: bool,
-}
+/// withdrawn when the run ends however it ends.
+struct Answering<'a>(&'a dyn libbpf_rs::MapCore);
 
 impl Answering<'_> {
     fn write(&self, until_ns: u64) -> Result<()> {
-        self.until
+        self.0
             .update(
                 &0u32.to_ne_bytes(),
                 &until_ns.to_ne_bytes(),
@@ -1204,9 +1198,6 @@ impl Answering<'_> {
     }
 
     fn renew(&self) -> Result<()> {
-        if !self.able {
-            return Ok(());
-        }
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
         let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
         self.write(now_ns + ANSWER_AHEAD.as_nanos() as u64)
